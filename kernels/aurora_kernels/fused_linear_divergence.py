@@ -1,0 +1,272 @@
+"""Fused LM head + divergence loss for draft training: the [N, V] logits never exist at once.
+
+`fused_linear_divergence(h, W, target, ...)` computes the draft logits z = h @ W.T / T chunk by chunk
+(cuBLAS, bf16 in, fp32 accumulate), turns each chunk into the gradient of the loss with respect to the
+chunk's logits in place (a Triton row kernel, or plain torch on the CPU), and immediately consumes it:
+dh_c = G @ W and dW += G.T @ h_c (fp32 accumulator). The gradients are therefore computed in the forward
+("gradient in forward", as Liger-Kernel does) and backward only multiplies them by grad_output. Peak extra
+memory: one [chunk, V] workspace in h's dtype, dh, and the fp32 dW accumulator.
+
+Definitions (q = softmax(h W^T / T) is the draft, p the target, both over the draft vocabulary V):
+  fkl = KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0. With a one-hot p this is cross-entropy.
+  rkl = KL(q || p) = sum_v q (log q - max(log p, log_floor)): target zeros are floored at exp(log_floor)
+        (default -20, i.e. p ~ 2e-9), for every target kind, so the loss stays finite.
+  tv  = 0.5 sum_v |p - q|; 1 - tv is the acceptance probability of lossless speculative sampling.
+        Its (sub)gradient uses sign(0) = 0, as torch.abs does.
+Target kinds (M target rows; row i of h uses target row target_index[i], or i without target_index):
+  "probs":  target [M, V] probabilities (exact zeros and one-hot rows allowed), used as given.
+  "logits": target [M, V] logits; p = softmax(target / T). Optional target_lse [M] = logsumexp(target / T).
+  "topk":   target = (ids [M, k] int64, distinct per row; logprobs [M, k]); p = softmax(logprobs / T) over
+            those k ids and 0 elsewhere, i.e. the renormalised top-k target (T = 1: p_k / sum of the k).
+Reduction: loss = sum_i w_i * div_i / sum_i w_i ("mean", default; w = 1 without row_weight, so the mean
+over rows), or sum_i w_i * div_i ("sum"). A batch whose weights sum to 0 gives loss 0.
+
+No host synchronisation on the GPU path: every statistic stays on the device.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["fused_linear_divergence", "DivergenceOutput"]
+
+_MAX_BLOCK_V = 4096  # V tile of the Triton row kernel (tests lower it to exercise the multi-tile path)
+_DEFAULT_CHUNK_BYTES = 512 * 2**20  # workspace budget for one [chunk, V] chunk of logits
+
+
+class DivergenceOutput(NamedTuple):
+    loss: torch.Tensor  # [] fp32, differentiable w.r.t. h and W
+    row_divergence: torch.Tensor  # [N] fp32, unweighted divergence of each row (detached)
+    draft_argmax: torch.Tensor  # [N] int64, argmax of the draft logits
+    target_argmax: torch.Tensor  # [N] int64, argmax of the target row (a draft-vocabulary id)
+    argmax_match: torch.Tensor  # [N] bool, draft_argmax == target_argmax (accuracy = weighted mean)
+
+
+@dataclass
+class _Config:
+    kind: str
+    objective: str
+    target: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+    target_lse: Optional[torch.Tensor]
+    target_index: Optional[torch.Tensor]
+    temperature: float
+    log_floor: float
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_row_op(logits, row_start, cfg, w, scale, div, dam, tam, compute_grad):
+    """Plain-torch twin of the Triton row kernel: same statistics, gradient written over `logits` [C, V]."""
+    C, V = logits.shape
+    rows = torch.arange(row_start, row_start + C, device=logits.device)
+    trows = cfg.target_index[rows] if cfg.target_index is not None else rows
+    inv_t = 1.0 / cfg.temperature
+    z = logits.float() * inv_t
+    logq = torch.log_softmax(z, dim=-1)
+    q = logq.exp()
+    if cfg.kind == "probs":
+        p = cfg.target[trows].float()
+        logp = p.log()
+        t_arg = p.argmax(-1)
+        sp = p.sum(-1, keepdim=True)
+    elif cfg.kind == "logits":
+        t = cfg.target[trows].float() * inv_t
+        lse = cfg.target_lse[trows].float() if cfg.target_lse is not None else torch.logsumexp(t, -1)
+        logp = t - lse[:, None]
+        p = logp.exp()
+        t_arg = t.argmax(-1)
+        sp = 1.0
+    else:
+        ids, lp = cfg.target
+        ids, lpk = ids[trows], torch.log_softmax(lp[trows].float() * inv_t, dim=-1)
+        p = torch.zeros_like(z).scatter_(1, ids, lpk.exp())
+        logp = p.log()
+        t_arg = ids.gather(1, lpk.argmax(-1, keepdim=True)).squeeze(1)
+        sp = p.sum(-1, keepdim=True)
+    if cfg.objective == "fkl":
+        d = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+        g = sp * q - p
+    elif cfg.objective == "rkl":
+        a = logp.clamp_min(cfg.log_floor)
+        d = (q * (logq - a)).sum(-1)
+        g = q * (logq - a - d[:, None])
+    else:
+        d = 0.5 * (p - q).abs().sum(-1)
+        sgn = torch.sign(q - p)
+        g = 0.5 * q * (sgn - (q * sgn).sum(-1, keepdim=True))
+    div[rows] = d
+    dam[rows] = z.argmax(-1)
+    tam[rows] = t_arg
+    if compute_grad:
+        gw = scale * inv_t if w is None else w[rows] * (scale * inv_t)
+        logits.copy_(g * (gw[:, None] if gw.dim() else gw))
+
+
+_addmm_fp32_ok = True  # cuBLAS bf16 x bf16 -> fp32 accumulate (aten addmm.dtype_out) until it fails once
+
+
+def _accumulate_dw(acc, g, hc):
+    """acc [V, H] += g.T [V, C] @ hc [C, H], accumulating in acc's dtype."""
+    global _addmm_fp32_ok
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), hc)
+        return
+    if _addmm_fp32_ok and acc.is_cuda:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, g.t(), hc, acc.dtype, out=acc)
+            return
+        except (RuntimeError, NotImplementedError):
+            _addmm_fp32_ok = False
+    acc.add_(torch.mm(g.t(), hc).to(acc.dtype))
+
+
+def _default_chunk(n_rows, vocab, itemsize):
+    """Rows per chunk: as many as fit the workspace budget (large matmuls), split evenly over the chunks."""
+    cap = max(256, _DEFAULT_CHUNK_BYTES // (vocab * itemsize))
+    n_chunks = -(-n_rows // cap)
+    per = -(-n_rows // max(n_chunks, 1))
+    return max(1, min(n_rows, -(-per // 128) * 128))
+
+
+def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw):
+    N, H = h.shape
+    V = W.shape[0]
+    dev = h.device
+    w = row_weight.float().contiguous() if row_weight is not None else None
+    if reduction == "mean":
+        denom = w.sum() if w is not None else torch.tensor(float(N), device=dev)
+        scale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    else:
+        scale = torch.ones((), device=dev)
+    scale = scale.float().reshape(())
+    chunk = chunk_size or _default_chunk(N, V, h.element_size())
+    chunk = max(1, min(chunk, N))
+    buf = torch.empty(chunk, V, dtype=h.dtype, device=dev)
+    div = torch.empty(N, dtype=torch.float32, device=dev)
+    dam = torch.empty(N, dtype=torch.int64, device=dev)
+    tam = torch.empty(N, dtype=torch.int64, device=dev)
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
+    compute_grad = need_dh or need_dw
+    if backend == "triton":
+        from . import _triton_divergence as tk
+
+        def row_op(lc, s):
+            tk.launch_row_kernel(lc, s, cfg, w, scale, div, dam, tam, compute_grad, _MAX_BLOCK_V)
+    else:
+
+        def row_op(lc, s):
+            _torch_row_op(lc, s, cfg, w, scale, div, dam, tam, compute_grad)
+
+    Wt = W.t()
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        hc = h[s:e]
+        lc = buf[: e - s]
+        torch.mm(hc, Wt, out=lc)  # [c, V] raw draft logits
+        row_op(lc, s)  # lc := d loss / d logits
+        if need_dh:
+            torch.mm(lc, W, out=dh[s:e])  # [c, H]
+        if need_dw:
+            _accumulate_dw(dw, lc, hc)  # [V, H] fp32
+    loss = ((div * w).sum() if w is not None else div.sum()) * scale
+    return loss, div, dam, tam, dh, dw
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, cfg, row_weight, reduction, chunk_size, backend):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, div, dam, tam, dh, dw = _forward(
+            h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw
+        )
+        ctx.backend = backend
+        ctx.consumed = False
+        ctx.w_dtype = W.dtype
+        ctx.save_for_backward(dh, dw)
+        ctx.mark_non_differentiable(div, dam, tam)
+        return loss, div, dam, tam
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.consumed:
+            raise RuntimeError("fused_linear_divergence: backward runs once (gradients are scaled in place)")
+        ctx.consumed = True
+        dh, dw = ctx.saved_tensors
+        go = grad_loss.float().reshape(())
+        if ctx.backend == "triton":
+            from ._triton_divergence import scale_cast
+
+            dh = scale_cast(dh, go, dh.dtype) if dh is not None else None
+            dw = scale_cast(dw, go, ctx.w_dtype) if dw is not None else None
+        else:
+            dh = (dh.float() * go).to(dh.dtype) if dh is not None else None
+            dw = (dw * go).to(ctx.w_dtype) if dw is not None else None
+        return dh, dw, None, None, None, None, None
+
+
+def fused_linear_divergence(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    target: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    kind: str = "probs",
+    objective: str = "fkl",
+    target_lse: Optional[torch.Tensor] = None,
+    row_weight: Optional[torch.Tensor] = None,
+    target_index: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    log_floor: float = -20.0,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> DivergenceOutput:
+    """Divergence between softmax(h @ W.T / temperature) and a target, fused with the LM head.
+
+    h [N, H] and W [V, H] (bf16 on the GPU; any float dtype); target per `kind` (module docstring);
+    row_weight [N] float (0 masks a row); target_index [N] int64 into the target's M rows (all TTT steps in
+    one call: concatenate their h rows and point each at its target row). chunk_size: rows per chunk
+    (default: a ~512 MiB [chunk, V] workspace). backend: "triton", "torch" or "auto" (Triton on CUDA).
+    Returns DivergenceOutput(loss, row_divergence, draft_argmax, target_argmax, argmax_match).
+    """
+    if kind not in ("probs", "logits", "topk"):
+        raise ValueError(f"kind must be probs, logits or topk, not {kind!r}")
+    if objective not in ("fkl", "rkl", "tv"):
+        raise ValueError(f"objective must be fkl, rkl or tv, not {objective!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, not {reduction!r}")
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"need h [N, H] and W [V, H], got {tuple(h.shape)} and {tuple(W.shape)}")
+    if backend == "auto":
+        backend = "triton" if h.is_cuda and _triton_available() else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be triton, torch or auto, not {backend!r}")
+    if kind == "topk":
+        ids, lp = target
+        target = (ids.contiguous(), lp.contiguous())
+    else:
+        if target.shape[-1] != W.shape[0]:
+            raise ValueError(f"target has {target.shape[-1]} columns, the draft vocabulary {W.shape[0]}")
+        target = target.contiguous()
+    cfg = _Config(
+        kind=kind,
+        objective=objective,
+        target=target,
+        target_lse=target_lse.contiguous() if (kind == "logits" and target_lse is not None) else None,
+        target_index=target_index.contiguous() if target_index is not None else None,
+        temperature=float(temperature),
+        log_floor=float(log_floor),
+    )
+    loss, div, dam, tam = _FusedLinearDivergence.apply(
+        h.contiguous(), W.contiguous(), cfg, row_weight, reduction, chunk_size, backend
+    )
+    return DivergenceOutput(loss, div, dam, tam, dam == tam)
