@@ -1,0 +1,48 @@
+"""Slot KV cache: one contiguous region per running sequence, indexed by its batch row.
+
+k, v: [layers, slots, max_len, n_kv, hd]. Running sequences occupy rows 0..B-1 (the scheduler keeps them
+packed), so a decode step attends over a view `k[layer, :B, :S]` with no gather. Rejected draft positions
+need no rollback copy: they lie beyond the sequence's length and are masked out, then overwritten.
+"""
+import torch
+
+from aurora.models.layers import Attend, sdpa
+
+
+class SlotKVCache:
+    def __init__(self, layers: int, slots: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+        shape = (layers, slots, max_len, n_kv, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+
+    def attend(self, row0: int, write_pos: torch.Tensor, mask: torch.Tensor) -> Attend:
+        """Rows row0..row0+B-1; write_pos [B,T] cache positions of the new tokens; mask [B,1,T,S] bool."""
+        B, S = write_pos.shape[0], mask.shape[-1]
+        rows = torch.arange(row0, row0 + B, device=write_pos.device)[:, None]
+
+        def fn(layer: int, q, k, v):
+            kc, vc = self.k[layer], self.v[layer]
+            kc[rows, write_pos] = k.to(kc.dtype)
+            vc[rows, write_pos] = v.to(vc.dtype)
+            return sdpa(q, kc[row0:row0 + B, :S], vc[row0:row0 + B, :S], mask)
+
+        return fn
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy a sequence's whole region to another row (keeps running rows packed when one finishes)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+def block_mask(cache_len: torch.Tensor, tree: torch.Tensor, S: int) -> torch.Tensor:
+    """Visibility for T new tokens written at cache_len..cache_len+T-1.
+
+    cache_len [B] tokens already cached; tree [B,T,T] bool, tree[b,i,j] = token j is token i's ancestor or
+    itself (lower-triangular for a chain). Returns [B,1,T,S]: the cached prefix plus the tree block.
+    """
+    B, T, _ = tree.shape
+    rel = torch.arange(S, device=cache_len.device)[None, :] - cache_len[:, None]  # [B,S]
+    in_block = (rel >= 0) & (rel < T)
+    block = torch.gather(tree, 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))  # [B,T,S]
+    return ((rel < 0)[:, None, :] | (in_block[:, None, :] & block))[:, None]

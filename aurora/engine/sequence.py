@@ -1,0 +1,88 @@
+"""Requests as the engine sees them: sampling parameters, a running sequence, and the output it streams.
+Pure Python: no torch here (the scheduler and server read these without touching the device)."""
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0   # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    capture: bool = True       # False: this request leaves no training sample (opt-out)
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    row: int = -1                  # batch row = KV cache slot while running
+    verify_rounds: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted drafts at depth j, summed
+    # speculative rounds for the training sample: (round_start, proposals, accepted)
+    rounds: list[tuple[int, list[int], int]] = field(default_factory=list)
+    draft_version: int = 0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self):
+        if not self.request_id:
+            self.request_id = f"req-{self.seq_id}"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def accept_length(self) -> float:
+        """SGLang's definition: completion tokens / verify rounds (includes the bonus token)."""
+        return len(self.output_ids) / self.verify_rounds if self.verify_rounds else 0.0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    output_ids: list[int]
+    prompt_tokens: int
+    finished: bool
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    verify_rounds: int = 0
+    accept_length: float = 0.0
+    error: str | None = None

