@@ -1,6 +1,6 @@
 """Aurora's fused GPU kernels. Depends on torch and triton only; triton is imported lazily, so the torch
 paths work on machines without it."""
 
-from .fused_linear_divergence import DivergenceOutput, fused_linear_divergence
+from .linear_divergence import DivergenceOutput, fused_linear_divergence
 
 __all__ = ["fused_linear_divergence", "DivergenceOutput"]

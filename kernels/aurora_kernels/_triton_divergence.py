@@ -34,7 +34,7 @@ def _dense_divergence_kernel(
     dam_ptr,  # [N] int64 out: draft argmax
     tam_ptr,  # [N] int64 out: target argmax
     row_start,
-    V,
+    V: tl.constexpr,  # the draft vocabulary (fixed per model, so one compile)
     inv_t,
     log_floor,
     KIND: tl.constexpr,
@@ -177,7 +177,7 @@ def _topk_divergence_kernel(
     dam_ptr,  # [N] int64 out
     tam_ptr,  # [N] int64 out
     row_start,
-    V,
+    V: tl.constexpr,  # the draft vocabulary (fixed per model, so one compile)
     K,
     inv_t,
     log_floor,
