@@ -1,0 +1,180 @@
+"""Benchmark fused linear + forward-KL (fp32 target probabilities) against the 3-matmul floor and baselines.
+
+For each (H, N) with V = 32000: median ms of forward + backward (triton.testing.do_bench), TFLOP/s on the
+6 N H V of work, and peak extra memory (max_memory_allocated minus what was allocated before the call:
+inputs and target excluded, gradients included) for:
+  floor       3 bare bf16 matmuls: h @ W.T, G @ W, G.T @ h
+  eager       torch: logits in fp32, log_softmax, kl_div(batchmean), autograd
+  compile     torch.compile of the eager function (N marked dynamic: one compile per H)
+  liger       Liger-Kernel 0.8.5 LigerFusedLinearKLDivFunction (batchmean)
+  ours        aurora_kernels.fused_linear_divergence (kind="probs", objective="fkl"), default chunk
+  ours_c4096  the same with chunk_size=4096
+  ours_topk   the same with a top-64 target (ids, logprobs) instead of dense probs
+
+Usage (GPU): python scripts/bench_loss.py --out results/kernels/bench_loss.csv
+"""
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from aurora_kernels import fused_linear_divergence  # noqa: E402
+
+V = 32000
+
+
+def kl_eager(h, W, p):
+    logits = (h @ W.t()).float()
+    return F.kl_div(torch.log_softmax(logits, -1), p, reduction="batchmean")
+
+
+def make_methods(H, compiled, liger_fn):
+    @torch.no_grad()
+    def floor(h, W, p, ids, lps):
+        g = torch.mm(h, W.t())
+        torch.mm(g, W)
+        torch.mm(g.t(), h)
+
+    def autograd_call(loss_fn):
+        def run(h, W, p, ids, lps):
+            h.grad = W.grad = None
+            loss_fn(h, W, p, ids, lps).backward()
+
+        return run
+
+    methods = {"floor": floor}
+    methods["eager"] = autograd_call(lambda h, W, p, ids, lps: kl_eager(h, W, p))
+    methods["compile"] = autograd_call(lambda h, W, p, ids, lps: compiled(h, W, p))
+    if liger_fn is not None:
+        methods["liger"] = autograd_call(
+            lambda h, W, p, ids, lps: liger_fn(h, W, p, None, "batchmean", -100, 1.0, 1e-10, None)
+        )
+    methods["ours"] = autograd_call(lambda h, W, p, ids, lps: fused_linear_divergence(h, W, p).loss)
+    methods["ours_c4096"] = autograd_call(
+        lambda h, W, p, ids, lps: fused_linear_divergence(h, W, p, chunk_size=4096).loss
+    )
+    methods["ours_topk"] = autograd_call(
+        lambda h, W, p, ids, lps: fused_linear_divergence(h, W, (ids, lps), kind="topk").loss
+    )
+    return methods
+
+
+def peak_extra_gib(fn, args):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def check_against_eager(h, W, p):
+    """bf16 sanity check at bench scale: our loss and gradients vs eager torch."""
+    hr, Wr = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    ref = kl_eager(hr, Wr, p)
+    ref.backward()
+    ho, Wo = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    out = fused_linear_divergence(ho, Wo, p)
+    out.loss.backward()
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    import aurora_kernels.linear_divergence as fld
+
+    return dict(fp32_dw_addmm=fld._addmm_fp32_ok, loss_ours=out.loss.item(), loss_eager=ref.item(), dh_rel=rel(ho.grad, hr.grad), dW_rel=rel(Wo.grad, Wr.grad))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, nargs="+", default=[3072, 4096])
+    ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip the slow baselines past this")
+    ap.add_argument("--out", default="results/kernels/bench_loss.csv")
+    args = ap.parse_args()
+    import triton
+    from triton.testing import do_bench
+
+    try:
+        from liger_kernel.ops.fused_linear_kl_div import LigerFusedLinearKLDivFunction
+
+        liger_fn = LigerFusedLinearKLDivFunction.apply
+    except ImportError as e:
+        print(f"liger-kernel not importable ({e}); skipping it")
+        liger_fn = None
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}")
+    t_start = time.time()
+    rows_out = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fields = ["device", "torch", "triton", "H", "V", "N", "method", "ms", "tflops", "frac_of_floor", "peak_extra_gib"]
+    with open(args.out, "w", newline="") as f:
+        csv.writer(f).writerow(fields)
+    for H in args.hidden:
+        compiled = torch.compile(kl_eager)
+        methods = make_methods(H, compiled, liger_fn)
+        if args.methods:
+            methods = {k: v for k, v in methods.items() if k in args.methods}
+        for N in args.rows:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            h = torch.randn(N, H, device="cuda", generator=gen).bfloat16().requires_grad_()
+            W = (torch.randn(V, H, device="cuda", generator=gen) / H**0.5).bfloat16().requires_grad_()
+            p = torch.softmax(torch.randn(N, V, device="cuda", generator=gen) * 2, -1)
+            lps, ids = torch.log(p).topk(64, -1)
+            torch._dynamo.mark_dynamic(h, 0)
+            torch._dynamo.mark_dynamic(p, 0)
+            if N == args.rows[0]:
+                print(f"H={H} N={N} check vs eager:", check_against_eager(h, W, p), flush=True)
+            floor_ms = None
+            for name, fn in methods.items():
+                slow = name in ("eager", "compile")
+                if slow and time.time() - t_start > args.budget_s:
+                    print(f"  {name}: skipped (time budget)")
+                    continue
+                a = (h, W, p, ids, lps)
+                try:
+                    fn(*a)  # warm-up / compile
+                    ms = do_bench(lambda: fn(*a), warmup=5 if slow else 25, rep=40 if slow else 100, return_mode="median")
+                    mem = peak_extra_gib(fn, a)
+                except torch.OutOfMemoryError:
+                    h.grad = W.grad = None
+                    torch.cuda.empty_cache()
+                    print(f"  {name}: OOM")
+                    continue
+                h.grad = W.grad = None
+                if name == "floor":
+                    floor_ms = ms
+                tflops = 6 * N * H * V / ms / 1e9
+                frac = floor_ms / ms if floor_ms else float("nan")
+                row = [dev, torch.__version__, triton.__version__, H, V, N, name, f"{ms:.3f}", f"{tflops:.1f}", f"{frac:.3f}", f"{mem:.3f}"]
+                rows_out.append(row)
+                with open(args.out, "a", newline="") as f:
+                    csv.writer(f).writerow(row)
+                print(f"H={H:5d} N={N:6d} {name:11s} {ms:8.3f} ms {tflops:6.1f} TFLOP/s  floor/t {frac:5.3f}  +{mem:6.3f} GiB", flush=True)
+            del h, W, p, ids, lps
+            torch.cuda.empty_cache()
+    # markdown table: one row per shape, one column per method
+    names = list(dict.fromkeys(r[6] for r in rows_out))
+    print("\n| H | N | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for H in args.hidden:
+        for N in args.rows:
+            cells = []
+            for n in names:
+                r = [r for r in rows_out if r[3] == H and r[5] == N and r[6] == n]
+                cells.append(f"{r[0][7]} ({r[0][10]} GiB)" if r else "-")
+            print(f"| {H} | {N} | " + " | ".join(cells) + " |")
+    print(f"total bench time {time.time() - t_start:.0f} s; csv: {os.path.abspath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
