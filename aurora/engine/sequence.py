@@ -55,6 +55,7 @@ class Sequence:
     # speculative rounds for the training sample: (round_start, proposals, accepted)
     rounds: list[tuple[int, list[int], int]] = field(default_factory=list)
     draft_version: int = 0
+    reported: int = 0              # output tokens already streamed to the caller
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):

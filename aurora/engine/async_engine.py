@@ -1,0 +1,124 @@
+"""AsyncEngine: runs LLMEngine.step() in one background thread and bridges it to asyncio callers.
+
+The engine thread is the only one that touches the device state; other threads hand it requests,
+aborts and draft swaps through thread-safe queues and get tokens back on their own event loops.
+"""
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from aurora.engine.engine import LLMEngine
+from aurora.engine.sequence import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="aurora-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self._stop:
+            raise RuntimeError("engine is shutting down")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        accepted: asyncio.Future = loop.create_future()
+        self._inbox.put((prompt_ids, params, request_id or "", loop, out, accepted))
+        self._wake.set()
+        rid = await accepted  # raises ValueError for a bad request
+        try:
+            while True:
+                o: RequestOutput = await out.get()
+                yield o
+                if o.finished:
+                    return
+        finally:
+            if self._streams.pop(rid, None) is not None:  # caller went away early
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def swap_draft(self, state, version: int) -> threading.Event:
+        done = self.engine.swap_draft(state, version)
+        self._wake.set()
+        return done
+
+    def stats(self) -> dict:
+        s = self.engine.stats.snapshot()
+        sch = self.engine.scheduler
+        s.update(running=len(sch.running), waiting=len(sch.waiting), draft_version=self.engine.draft_version)
+        return s
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        if drain:
+            self._stop = True  # no new requests; the loop finishes the running ones
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            while True:
+                try:
+                    prompt_ids, params, rid, loop, out, accepted = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    seq = eng.add_request(prompt_ids, params, rid)
+                    self._streams[seq.request_id] = (loop, out)
+                    loop.call_soon_threadsafe(_resolve, accepted, seq.request_id, None)
+                except Exception as e:
+                    loop.call_soon_threadsafe(_resolve, accepted, None, e)
+            if not eng.has_work():
+                if self._stop:
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # a broken step fails its requests, never the process
+                log.exception("engine step failed")
+                self.error = f"{type(e).__name__}: {e}"
+                outputs = self._fail_all(str(e))
+            for o in outputs:
+                target = self._streams.get(o.request_id)
+                if target is None:
+                    continue
+                if o.finished:
+                    self._streams.pop(o.request_id, None)
+                target[0].call_soon_threadsafe(target[1].put_nowait, o)
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        eng, outs = self.engine, []
+        for seq in list(eng.scheduler.running) + list(eng.scheduler.waiting):
+            seq.finish_reason = "error"
+            o = eng._finish(seq, [])
+            o.error = message
+            outs.append(o)
+        return outs
+
+
+def _resolve(fut: asyncio.Future, value, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)

@@ -1,0 +1,236 @@
+"""LLMEngine: the step loop of the built-in engine. step() = apply a pending draft swap -> admit and
+prefill -> one decoding round for every running sequence -> append tokens, check stops -> finish.
+
+A finished request leaves a training Sample through `on_sample` (set by the service); the engine
+never imports the trainer. New draft weights arrive through `swap_draft`, copied in place between
+steps, so no request waits for a drain and CUDA graphs stay valid.
+"""
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from aurora.engine.model_runner import ModelRunner
+from aurora.engine.scheduler import Scheduler
+from aurora.engine.sequence import RequestOutput, SamplingParams, Sequence
+from aurora.engine.stats import EngineStats
+from aurora.models.draft import Eagle3Draft
+from aurora.models.target import TargetModel
+from aurora.sample import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    lookahead: int = 4            # draft chain depth per round (SGLang's speculative_num_steps)
+    topk: int = 1                 # branches per draft step; the built-in engine drafts chains
+    num_draft_tokens: int | None = None  # verified per round incl. the root; = lookahead + 1 for a chain
+    max_batch: int = 32
+    max_model_len: int = 2048
+    device: str = "auto"
+    dtype: str = "auto"           # bf16 on CUDA, fp32 on CPU
+    cuda_graphs: bool = True
+    capture: bool = True          # keep aux/final hidden states per position for training samples
+    train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
+
+    def __post_init__(self):
+        if self.lookahead < 1:
+            raise ValueError("lookahead must be >= 1")
+        if self.topk != 1:
+            raise ValueError("the built-in engine drafts chains (topk 1); tree drafting runs with --engine sglang")
+        if self.num_draft_tokens is None:
+            self.num_draft_tokens = self.lookahead + 1
+        if self.num_draft_tokens != self.lookahead + 1:
+            raise ValueError("with topk 1, num_draft_tokens must equal lookahead + 1")
+        if self.max_batch < 1 or self.max_model_len < 16:
+            raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
+
+    def torch_device(self) -> torch.device:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[self.dtype]
+
+
+class LLMEngine:
+    def __init__(self, target_path: str, draft: Eagle3Draft | None, config: EngineConfig, tokenizer=None):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        dev = config.torch_device()
+        dt = config.torch_dtype(dev)
+        self.target = TargetModel.from_pretrained(target_path, dtype=dt, device=dev)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(target_path)
+        tc = self.target.config
+        self.max_model_len = min(config.max_model_len, tc.max_position_embeddings)
+        eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
+        self.eos_ids = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        if draft is not None:
+            draft = draft.to(device=dev, dtype=dt).requires_grad_(False)
+            draft.share_embedding(self.target.embed_tokens)
+        self.draft = draft
+        self.draft_version = 0
+        self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
+                                  config.capture, config.cuda_graphs)
+        self.scheduler = Scheduler(config.max_batch)
+        self.stats = EngineStats(config.lookahead)
+        self.on_sample: Callable[[Sample], None] | None = None
+        self._pending_swap: tuple[dict, int, threading.Event] | None = None
+        self._swap_lock = threading.Lock()
+        self._by_id: dict[str, Sequence] = {}
+        self._aborts: set[str] = set()
+
+    # ------------------------------------------------------------- requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        V = self.target.config.vocab_size
+        if any(not 0 <= t < V for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        limit = self.max_model_len - self.config.lookahead - 2
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; this engine's context allows {limit - 1}")
+        seq = Sequence(list(prompt_ids), params, request_id)
+        seq.draft_version = self.draft_version
+        self._by_id[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.add(request_id)  # applied at the next step, in the engine's own thread
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._pending_swap is not None or bool(self._aborts)
+
+    # ------------------------------------------------------------- draft swap
+    def swap_draft(self, state: dict[str, torch.Tensor], version: int) -> threading.Event:
+        """Queue new draft weights; they are copied in place before the next step. Returns an Event set once live."""
+        if self.draft is None:
+            raise RuntimeError("this engine runs without a draft")
+        own = self.draft.state_dict()
+        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        if bad or set(own) - set(state):
+            raise ValueError(f"draft state does not match the live draft (mismatched {bad[:3]}, "
+                             f"missing {sorted(set(own) - set(state))[:3]})")
+        done = threading.Event()
+        with self._swap_lock:
+            self._pending_swap = (state, version, done)
+        return done
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            pending, self._pending_swap = self._pending_swap, None
+        if pending is None:
+            return
+        state, version, done = pending
+        with torch.no_grad():
+            own = self.draft.state_dict()
+            for name, t in state.items():
+                own[name].copy_(t, non_blocking=True)
+        if self.runner.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        self.draft_version = version
+        log.info("draft version %d is live", version)
+        done.set()
+
+    # ------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        self._apply_swap()
+        outputs: list[RequestOutput] = []
+        for rid in list(self._aborts):
+            self._aborts.discard(rid)
+            seq = self._by_id.get(rid)
+            if seq is not None:
+                seq.finish_reason = "abort"
+                outputs.append(self._finish(seq, []))
+        for seq in self.scheduler.admit():
+            p = seq.params
+            self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
+                                p.seed if p.seed is not None else random.getrandbits(62))
+            tok = self.runner.prefill(seq.row, seq.prompt_ids)
+            outputs.append(self._append(seq, [tok]))
+        running = [s for s in self.scheduler.running if s.finish_reason is None]
+        if running:
+            B = len(self.scheduler.running)
+            max_cached = max(s.num_tokens for s in self.scheduler.running)
+            filtering = any(s.params.top_p < 1.0 or s.params.top_k > 0 for s in self.scheduler.running)
+            tokens, n_acc, props = self.runner.round(B, max_cached, filtering)
+            for seq in running:
+                r = seq.row
+                n = int(n_acc[r])
+                if self.draft is not None:
+                    seq.verify_rounds += 1
+                    seq.rounds.append((seq.num_tokens - 1, props[r].tolist(), n))
+                    for j in range(n):
+                        seq.accepted_per_position[j] += 1
+                outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+        for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
+            outputs.append(self._finish(seq, []))
+        return [o for o in outputs if o is not None]
+
+    def _append(self, seq: Sequence, new: list[int]) -> RequestOutput | None:
+        """Append committed tokens, cut at the first stop; the sequence finishes at the end of the step."""
+        p, kept = seq.params, []
+        if not seq.accepted_per_position:
+            seq.accepted_per_position = [0] * self.config.lookahead
+        for t in new:
+            kept.append(t)
+            seq.output_ids.append(t)
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens + self.config.lookahead + 2 >= self.max_model_len:
+                seq.finish_reason = "length"
+            elif p.stop and self._hit_stop_string(seq):
+                seq.finish_reason = "stop"
+            if seq.finish_reason:
+                break
+        self.stats.on_tokens(len(kept))
+        if seq.finish_reason or not kept:
+            return None  # a finishing sequence is reported by _finish, with its final stats
+        seq.reported = len(seq.output_ids)
+        return RequestOutput(seq.request_id, kept, seq.output_ids, len(seq.prompt_ids), False,
+                             verify_rounds=seq.verify_rounds, accept_length=seq.accept_length)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        tail = self.tokenizer.decode(seq.output_ids[-(longest + 8):], skip_special_tokens=False)
+        return any(s in tail for s in seq.params.stop)
+
+    def _finish(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        rows_used = seq.row >= 0
+        if rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture:
+            try:
+                self.on_sample(self._make_sample(seq))
+            except Exception:  # capture must never take serving down
+                log.exception("capturing a sample from %s failed", seq.request_id)
+        move = self.scheduler.remove(seq)
+        if rows_used:
+            if move is not None:
+                self.runner.move_row(*move)
+            self.runner.release_row(len(self.scheduler.running))
+        self._by_id.pop(seq.request_id, None)
+        self.stats.on_finish(len(seq.output_ids), seq.verify_rounds, seq.accepted_per_position, seq.draft_version)
+        emitted = seq.output_ids[seq.reported:]
+        seq.reported = len(seq.output_ids)
+        return RequestOutput(seq.request_id, emitted, seq.output_ids, len(seq.prompt_ids), True,
+                             seq.finish_reason or "abort", seq.verify_rounds, seq.accept_length)
+
+    def _make_sample(self, seq: Sequence) -> Sample:
+        ids = torch.tensor(seq.all_ids, dtype=torch.long)
+        aux, hid = self.runner.read_capture(seq.row, ids.numel() - 1)
+        mask = torch.ones(ids.numel(), dtype=torch.bool)
+        if not self.config.train_on_prompt:
+            mask[:len(seq.prompt_ids)] = False
+        R = len(seq.rounds)
+        k = self.config.lookahead
+        return Sample(seq.request_id, ids, len(seq.prompt_ids), aux, hid, mask,
+                      round_start=torch.tensor([r[0] for r in seq.rounds], dtype=torch.long),
+                      proposals=torch.tensor([r[1] for r in seq.rounds], dtype=torch.long).view(R, k),
+                      accepted=torch.tensor([r[2] for r in seq.rounds], dtype=torch.long),
+                      draft_version=seq.draft_version, greedy=seq.params.greedy)

@@ -1,0 +1,45 @@
+"""Which sequences run: a FIFO of waiting requests, running ones packed into batch rows 0..B-1.
+Pure Python. When a sequence leaves, the last running one moves into its row, so rows stay packed
+and the model runner can attend over a plain slice of its caches."""
+from collections import deque
+
+from aurora.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, max_prefills_per_step: int = 8):
+        self.max_batch = max_batch
+        self.max_prefills = max_prefills_per_step
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # index = row
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free rows; they are prefilled this step."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch and len(admitted) < self.max_prefills:
+            seq = self.waiting.popleft()
+            seq.row, seq.status = len(self.running), Status.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def remove(self, seq: Sequence) -> tuple[int, int] | None:
+        """Take a finished or aborted sequence out; returns (src_row, dst_row) if a row must move."""
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+            return None
+        row, last = seq.row, len(self.running) - 1
+        seq.status, seq.row = Status.FINISHED, -1
+        moved = self.running.pop()
+        if row == last:
+            return None
+        self.running[row] = moved
+        moved.row = row
+        return last, row
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP service, Prometheus metrics, wandb/JSONL logging and run reports."""

@@ -1,0 +1,232 @@
+"""`create_app(service)`: the OpenAI-compatible HTTP API over a running `Service` (engine + online trainer).
+
+Routes parse, check and format; the work is done by `Generator` (prompt -> engine -> text), the service
+(draft admin) and the metrics collector. Everything the service cannot answer well is refused early with
+OpenAI's error body: malformed or out-of-range input 400, auth 401/403, unknown model 404, body too large
+413, too many requests in flight 429. Streams are Server-Sent Events; a client that disconnects aborts its
+generations in the engine.
+"""
+import hmac
+import json
+import logging
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from aurora import __version__
+from aurora.server.config import ServeConfig
+from aurora.server.generation import Delta, Generator, Prepared, RequestError
+from aurora.server.guard import Guard
+from aurora.server.metrics import ServerMetrics, split_status
+from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger(__name__)
+
+INFERENCE_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class SSEResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # on a disconnect the stream may be parked at a yield: close it so its generations abort
+            await self.body_iterator.aclose()
+
+
+def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
+    cfg = cfg or getattr(service, "config", None) or ServeConfig(wandb="disabled")
+    engine = service.engine
+    generator = Generator(engine, {engine.model_name, cfg.target})
+    metrics = ServerMetrics(service)
+    created = int(time.time())
+    bearer = HTTPBearer(auto_error=False)
+
+    app = FastAPI(title="Aurora", version=__version__,
+                  description="OpenAI-compatible serving with an EAGLE3 draft trained online from the traffic.")
+    app.state.service, app.state.metrics = service, metrics
+    app.add_middleware(Guard, max_body_bytes=cfg.max_body_bytes, max_concurrent=cfg.max_concurrent_requests,
+                       limited_paths=INFERENCE_ROUTES, metrics=metrics)
+
+    # ---- errors: always OpenAI's body -------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err["type"] == "json_invalid" for err in errors):
+            return JSONResponse(error_body("malformed JSON in request body", code="invalid_json"), status_code=400)
+        params = [".".join(str(x) for x in err["loc"] if x != "body") for err in errors]
+        message = "; ".join(f"{p or 'body'}: {err['msg']}" for p, err in list(zip(params, errors))[:5])
+        return JSONResponse(error_body(message, param=params[0] or None, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code,
+                            headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    # ---- auth --------------------------------------------------------------------------------------
+    def api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if cfg.api_key is None:
+            return
+        if credentials is None:
+            raise RequestError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+        if not hmac.compare_digest(credentials.credentials.encode(), cfg.api_key.encode()):
+            raise RequestError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    def admin_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if cfg.admin_key is None:
+            raise RequestError(403, "admin endpoints are disabled: start the server with --admin-key",
+                               type="permission_error", code="admin_disabled")
+        if credentials is None:
+            raise RequestError(401, "admin endpoints need 'Authorization: Bearer <admin key>'",
+                               type="authentication_error", code="invalid_admin_key")
+        if not hmac.compare_digest(credentials.credentials.encode(), cfg.admin_key.encode()):
+            raise RequestError(403, "incorrect admin key", type="permission_error", code="invalid_admin_key")
+
+    # ---- inference ---------------------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=[Depends(api_key)])
+    async def completions(req: CompletionRequest):
+        return await _respond(generator.prepare_completion(req), req, "text_completion", _completion_choice)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(api_key)])
+    async def chat_completions(req: ChatCompletionRequest):
+        return await _respond(generator.prepare_chat(req), req, "chat.completion", _chat_choice)
+
+    async def _respond(p: Prepared, req, kind: str, choice):
+        head = {"id": p.request_id, "created": int(time.time()), "model": engine.model_name}
+        stream = generator.stream(p)
+        try:  # the first delta comes after prefill: errors up to here still get their own status
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        if req.stream:
+            return SSEResponse(_sse(head, kind, choice, p, req.include_usage, first, stream))
+        texts, reasons, finals = {}, {}, {}
+        async for d in _chain(first, stream):
+            texts[d.choice] = texts.get(d.choice, "") + d.text
+            reasons[d.choice], finals[d.choice] = d.finish_reason, d.output
+        choices = [choice(i, texts[i], reasons[i], final=True) for i in sorted(texts)]
+        return {**head, "object": kind, "choices": choices, "usage": _usage(p, finals)}
+
+    async def _sse(head, kind, choice, p, include_usage, first, stream):
+        finals, started = {}, set()
+        try:
+            async for d in _chain(first, stream):
+                finals[d.choice] = d.output
+                if not d.text and d.finish_reason is None and d.choice in started:
+                    continue
+                c = choice(d.choice, d.text, d.finish_reason, final=False, first=d.choice not in started)
+                started.add(d.choice)
+                yield _event({**head, "object": kind + (".chunk" if kind.startswith("chat") else ""),
+                              "choices": [c]})
+            if include_usage:
+                yield _event({**head, "object": kind + (".chunk" if kind.startswith("chat") else ""),
+                              "choices": [], "usage": _usage(p, finals)})
+        except RequestError as e:  # headers are sent: report in-band, as OpenAI does
+            yield _event(error_body(e.message, e.type, e.param, e.code))
+        yield "data: [DONE]\n\n"
+
+    # ---- models, health, metrics, draft ------------------------------------------------------------
+    @app.get("/v1/models", dependencies=[Depends(api_key)])
+    def models():
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(api_key)])
+    def model(model: str):
+        generator.check_model(model)
+        return _model_card()
+
+    def _model_card():
+        return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "aurora",
+                "max_model_len": engine.max_model_len}
+
+    @app.get("/health")
+    def health():
+        """Serving is healthy while the engine answers; the trainer's state is reported, not judged."""
+        try:
+            stats, trainer = split_status(service.draft_status())
+        except Exception as e:
+            return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
+        return {"status": "ok", "model": engine.model_name, "draft_version": stats.get("draft_version"),
+                "running": stats.get("running"), "waiting": stats.get("waiting"),
+                "trainer": None if trainer is None else {"state": trainer.get("state"),
+                                                         "last_error": trainer.get("last_error")}}
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/draft", dependencies=[Depends(api_key)])
+    def draft():
+        return service.draft_status()
+
+    def _admin(action):
+        if service.trainer is None:
+            raise RequestError(409, "no trainer: the server runs without a draft or without online training",
+                               code="no_trainer")
+        try:
+            result = action()
+        except (RuntimeError, ValueError) as e:
+            raise RequestError(409, str(e), code="draft_action_failed")
+        return {"ok": True, "result": result, "draft": service.draft_status()}
+
+    @app.post("/v1/draft/swap", dependencies=[Depends(admin_key)])
+    def draft_swap():
+        return _admin(service.swap_now)
+
+    @app.post("/v1/draft/save", dependencies=[Depends(admin_key)])
+    def draft_save():
+        return _admin(service.save)
+
+    @app.post("/v1/draft/rollback", dependencies=[Depends(admin_key)])
+    def draft_rollback():
+        return _admin(service.rollback)
+
+    return app
+
+
+async def _chain(first: Delta, rest):
+    yield first
+    async for d in rest:
+        yield d
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(p: Prepared, finals: dict) -> dict:
+    completion = sum(len(o.output_ids) for o in finals.values())
+    rounds = sum(o.verify_rounds for o in finals.values())
+    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(p.prompt_ids) + completion,
+            "spec_verify_rounds": rounds, "spec_accept_length": completion / rounds if rounds else 0.0}
+
+
+def _completion_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
+    return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+
+
+def _chat_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
+    if final:
+        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                "logprobs": None}
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}

@@ -1,0 +1,125 @@
+"""`ServeConfig`: every knob of `aurora serve` in one dataclass, checked in `__post_init__`.
+
+Sources, later wins: the defaults below, a YAML file (`--config x.yaml`, keys = field names), CLI flags.
+The whole config is recorded in the run's wandb config and in `<run_dir>/config.yaml`, so a run can be
+reproduced from its directory alone.
+"""
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+ENGINES = ("local", "sglang")
+OBJECTIVES = ("fkl", "rkl", "tv")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _default_wandb() -> str:
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+@dataclass
+class ServeConfig:
+    # what to serve
+    target: str = "smollm2"            # embedded default, a local directory or a hub id
+    draft: str | None = "scratch"      # "scratch" (fresh EAGLE3 head), a checkpoint directory, or None: target only
+    engine: str = "local"              # "local" (built-in engine) or "sglang"
+    # speculative decoding
+    lookahead: int = 4                 # draft steps per verify round
+    topk: int = 1
+    num_draft_tokens: int | None = None  # tokens verified per round; None = lookahead + 1 (chain)
+    max_batch: int = 32
+    max_model_len: int = 2048
+    device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
+    # online training
+    objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
+    lr: float = 1e-4
+    sync_every: int = 800              # finished requests between draft hot-swaps
+    sample_rate: float = 1.0           # fraction of finished requests captured for training
+    buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
+    run_dir: str = field(default_factory=_default_run_dir)  # checkpoints, metrics.jsonl, wandb files
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None         # required as `Authorization: Bearer` on inference routes when set
+    admin_key: str | None = None       # required on /v1/draft/{swap,save,rollback}; those are off when unset
+    wandb: str = field(default_factory=_default_wandb)  # offline without WANDB_API_KEY
+    max_concurrent_requests: int = 256  # in-flight inference requests; more are answered 429
+    max_body_bytes: int = 1 << 20       # larger request bodies are answered 413
+
+    def __post_init__(self):
+        if self.draft is not None and self.draft.lower() in ("", "none", "null"):
+            self.draft = None
+        if self.num_draft_tokens is None:
+            self.num_draft_tokens = self.lookahead + 1
+        _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, not {self.engine!r}")
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        _check(self.wandb in WANDB_MODES, f"wandb must be one of {WANDB_MODES}, not {self.wandb!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples",
+                     "max_concurrent_requests"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                   f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        _check(_is_int(self.max_model_len) and self.max_model_len >= 16,
+               f"max_model_len must be an integer >= 16, got {self.max_model_len!r}")
+        _check(_is_int(self.num_draft_tokens), f"num_draft_tokens must be an integer, got {self.num_draft_tokens!r}")
+        if self.topk == 1:
+            _check(self.num_draft_tokens == self.lookahead + 1,
+                   f"with topk=1 the draft is a chain: num_draft_tokens must be lookahead+1={self.lookahead + 1}, "
+                   f"got {self.num_draft_tokens}")
+        else:
+            _check(self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1,
+                   f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
+                   f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}], got {self.num_draft_tokens}")
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _check(isinstance(self.sample_rate, (int, float)) and 0.0 <= self.sample_rate <= 1.0,
+               f"sample_rate must be in [0, 1], got {self.sample_rate!r}")
+        _check(_is_int(self.port) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port!r}")
+        _check(_is_int(self.max_body_bytes) and self.max_body_bytes >= 1024,
+               f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        _check(bool(self.target), "target must name a model")
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides) -> "ServeConfig":
+        """Defaults <- YAML file at `path` <- `overrides` (CLI flags that were given)."""
+        values = {}
+        if path:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: expected a mapping of ServeConfig fields, got {type(values).__name__}")
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self, redact: bool = True) -> dict:
+        """All fields; keys are replaced by '***' so configs can be logged and uploaded safely."""
+        d = asdict(self)
+        if redact:
+            for k in ("api_key", "admin_key"):
+                if d[k] is not None:
+                    d[k] = "***"
+        return d
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ServeConfig: {message}")

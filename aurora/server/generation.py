@@ -1,0 +1,169 @@
+"""Between the HTTP routes and the engine: prompt -> token ids, n generations -> merged stream of text deltas.
+
+The engine speaks token ids; clients speak text. `TextStream` turns a growing list of ids into text deltas
+that never split a UTF-8 character and never show a stop string (nor a prefix of one that may still
+complete). Stop strings are honoured here as well as in the engine, so the text is right whichever engine
+runs; when the server sees one first it aborts the engine request.
+"""
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+
+DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class RequestError(Exception):
+    """A request the server refuses: becomes an OpenAI error body with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""          # text handed out so far
+        self.stopped = False    # a stop string was found
+
+    def push(self, new_ids: list[int], final: bool) -> str:
+        self.ids += new_ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self.stopped = text[:min(hits)], True
+        elif not final:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next bytes
+            held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        delta = text[len(self.text):] if len(text) > len(self.text) else ""
+        self.text += delta
+        return delta
+
+
+@dataclass
+class Delta:
+    choice: int
+    text: str
+    finish_reason: str | None   # set on the choice's last delta
+    output: RequestOutput       # the engine's latest output for this choice (token counts, spec stats)
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    params: list[SamplingParams]   # one per choice
+
+
+class Generator:
+    def __init__(self, engine, served_models: set[str]):
+        self.engine = engine
+        self.served_models = served_models
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_models:
+            raise RequestError(404, f"The model '{model}' does not exist; this server serves "
+                                    f"{sorted(self.served_models)}", param="model", code="model_not_found")
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        if isinstance(req.prompt, str):
+            ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            vocab = len(self.tokenizer)
+            if max(req.prompt) >= vocab:
+                raise RequestError(400, f"prompt token ids must be < vocabulary size {vocab}", param="prompt")
+            ids = list(req.prompt)
+        return self._prepare(req, ids, req.max_tokens or DEFAULT_COMPLETION_TOKENS, "cmpl")
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # templates raise on conversations they do not support (e.g. role order)
+            raise RequestError(400, f"messages do not fit the model's chat template: {e}", param="messages")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prepare(req, ids, req.max_completion_tokens or req.max_tokens, "chatcmpl")
+
+    def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, kind: str) -> Prepared:
+        self.check_model(req.model)
+        limit = self.engine.max_model_len
+        if not ids:
+            raise RequestError(400, "prompt is empty after tokenization", param="prompt")
+        if len(ids) >= limit:
+            raise RequestError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                    f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise RequestError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                    f"{len(ids)} tokens and max_tokens is {max_tokens}: lower max_tokens to "
+                                    f"at most {limit - len(ids)}", param="max_tokens",
+                               code="context_length_exceeded")
+        try:
+            params = [req.sampling_params(max_tokens, i) for i in range(req.n)]
+        except ValueError as e:
+            raise RequestError(400, str(e))
+        return Prepared(f"{kind}-{uuid.uuid4().hex}", ids, params)
+
+    async def stream(self, p: Prepared) -> AsyncIterator[Delta]:
+        """Deltas of all n choices as they come; cancelling the consumer aborts every unfinished choice."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int):
+            try:
+                async for d in self._choice(p, i):
+                    await queue.put(d)
+                await queue.put(done)
+            except Exception as e:  # handed to the consumer, which re-raises it
+                await queue.put(e)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(p.params))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, p: Prepared, i: int) -> AsyncIterator[Delta]:
+        rid = f"{p.request_id}-{i}"
+        text = TextStream(self.tokenizer, p.params[i].stop)
+        outputs = self.engine.generate(p.prompt_ids, p.params[i], request_id=rid)
+        engine_done = False
+        try:
+            async for out in outputs:
+                engine_done = out.finished
+                if out.finished and out.finish_reason == "error":
+                    raise RequestError(500, f"generation failed: {out.error}", type="server_error")
+                delta = text.push(out.new_token_ids, out.finished)
+                reason = "stop" if text.stopped else (out.finish_reason if out.finished else None)
+                yield Delta(i, delta, reason, out)
+                if reason is not None:
+                    return
+        except ValueError as e:  # the engine refuses the request (e.g. too long for its cache)
+            raise RequestError(400, str(e))
+        finally:
+            if not engine_done:  # client gone, stop string seen here first, or an error
+                self.engine.abort(rid)
+            if hasattr(outputs, "aclose"):
+                await outputs.aclose()

@@ -1,0 +1,66 @@
+"""Loss pieces for draft training: the target distribution over the draft vocabulary, the divergence
+(through aurora_kernels' fused LM head + divergence, one call for all TTT steps), and the rejected-proposal
+term. Pure tensor functions; the TTT module decides which rows they see.
+
+Divergences (p = target restricted to the draft vocabulary and renormalised, q = draft):
+  fkl = KL(p || q)  (Aurora's and SpecForge's soft cross-entropy minus H(p): same gradient), the default
+  rkl = KL(q || p)  (target zeros floored at exp(-20) by the kernel)
+  tv  = 0.5 * sum |p - q|  (1 - tv is the acceptance probability of lossless speculative sampling)
+Rejected-proposal term (the Aurora paper's "learn from rejections", absent from its released code): where the
+target rejected a drafted token x, add -log(1 - q(x)) at the draft row that proposed it, lowering q(x).
+"""
+from dataclasses import dataclass
+
+import torch
+from aurora_kernels import fused_linear_divergence
+
+OBJECTIVES = ("fkl", "rkl", "tv")
+
+
+@dataclass
+class TargetDist:
+    logits: torch.Tensor    # [N, Vd] fp32 target logits at the draft vocabulary's ids (draft-id order)
+    lse_full: torch.Tensor  # [N] fp32 logsumexp over the target's whole vocabulary
+    in_vocab: torch.Tensor  # [N] bool, the target's argmax lies inside the draft vocabulary
+
+    def full_probs(self) -> torch.Tensor:
+        """[N, Vd] target probabilities of the draft-vocabulary tokens under the full softmax (not renormalised):
+        what lossless verification compares the draft against."""
+        return (self.logits - self.lse_full[:, None]).exp()
+
+
+@torch.no_grad()
+def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draft_to_target: torch.Tensor,
+                        chunk_rows: int = 1024) -> TargetDist:
+    """target_hidden [N, H] final normed target states, lm_head [V, H], draft_to_target [Vd] target ids.
+    Chunked so only a [chunk, V] slice of full logits exists at once."""
+    t2d = torch.zeros(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
+    t2d[draft_to_target] = True
+    parts = []
+    for s in range(0, target_hidden.shape[0], chunk_rows):
+        full = (target_hidden[s:s + chunk_rows].to(lm_head.dtype) @ lm_head.t()).float()  # [c, V]
+        parts.append((full[:, draft_to_target], torch.logsumexp(full, -1), t2d[full.argmax(-1)]))
+    if not parts:
+        Vd = draft_to_target.numel()
+        return TargetDist(lm_head.new_zeros(0, Vd, dtype=torch.float32), lm_head.new_zeros(0, dtype=torch.float32),
+                          torch.zeros(0, dtype=torch.bool, device=lm_head.device))
+    return TargetDist(*(torch.cat(p) for p in zip(*parts)))
+
+
+def divergence(h: torch.Tensor, lm_head_weight: torch.Tensor, target_logits: torch.Tensor,
+               target_index: torch.Tensor, row_weight: torch.Tensor, objective: str):
+    """The one adapter to aurora_kernels: h [R, H] normed draft states (rows of every TTT step),
+    lm_head_weight [Vd, H] (the draft's, trainable), target_logits [M, Vd], target_index [R] into M,
+    row_weight [R] (0 masks). Returns (loss = sum_r w_r div_r, per-row divergence [R], argmax match [R])."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    out = fused_linear_divergence(h, lm_head_weight, target_logits, kind="logits", objective=objective,
+                                  row_weight=row_weight, target_index=target_index, reduction="sum")
+    return out.loss, out.row_divergence, out.argmax_match
+
+
+def rejection_term(h: torch.Tensor, lm_head_weight: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """h [R, H] normed draft states of the rows that proposed a rejected token, token [R] its draft id.
+    Returns [R] -log(1 - q(token)) (differentiable), computed as -log(-expm1(log q)) for stability."""
+    logq = torch.log_softmax((h @ lm_head_weight.t()).float(), -1).gather(1, token[:, None]).squeeze(1)
+    return -torch.log(-torch.expm1(logq.clamp_max(-1e-6)))

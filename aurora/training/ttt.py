@@ -1,0 +1,165 @@
+"""Training-time test (TTT): unroll the draft K steps over a padded batch of samples, as SpecForge does.
+
+Alignment (REFERENCE.md §1, aurora/sample.py). A sample of T tokens gives L = T-1 draft positions.
+  step 0, position t: g = fc(aux[t]), input token x[t+1]           -> predicts x[t+2]
+  step k, position t: g = step k-1's pre-norm output at t, input x[t+1+k] -> predicts x[t+2+k]
+Step k at t therefore learns from the target distribution at position t+1+k (target_hidden[t+1+k]), and is
+trained where loss_mask[t+2+k] holds and that target's argmax is inside the draft vocabulary. Rotary
+positions stay t at every step (SpecForge's llama3_eagle: only its mrope path offsets them).
+Attention (SpecForge's cache_hidden path): a query of step k at t sees step-0 keys at positions <= t
+(causal, padding masked) plus the keys of steps 1..k at the same position t (the "diagonal"); one softmax
+over all of them.
+Rejected proposals: round r fed x[s] (s = round_start[r]) then proposals[r]; proposal j guessed token index
+s+1+j; a = accepted[r] < k means x = proposals[r, a] was rejected at token index i = s+1+a. The TTT row that
+reproduces what the serving draft saw is step a at position s-1 (context up to s-1, then the accepted tokens
+as inputs); we penalise x there when a < K, and also at the step-0 row t = i-2 (full true context) when a > 0.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from aurora.models.draft import Eagle3Draft
+from aurora.sample import Sample
+from aurora.training.loss import TargetDist, divergence, rejection_term, target_distribution
+
+
+@dataclass
+class TTTBatch:
+    ids: torch.Tensor            # [B, L+K] ids[b, i] = x[i+1] (step k reads ids[:, k:k+L]), 0 where absent
+    aux: torch.Tensor            # [B, L, 3Ht]
+    positions: torch.Tensor      # [B, L]
+    key_valid: torch.Tensor      # [B, L] bool, t < L_b
+    target_hidden: torch.Tensor  # [B*L, H] flattened: row b*L+i = target state at position i (predicts x[i+1])
+    target_mask: torch.Tensor    # [B, L+K] bool: row i exists and loss_mask[i+1] (in-vocab applied by the loss)
+    reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
+    reject_token: torch.Tensor   # [R] draft id of the rejected token
+    num_tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.aux.shape[0], self.aux.shape[1]
+
+
+def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tensor, device="cpu") -> TTTBatch:
+    """Right-pad samples into a TTTBatch. target_to_draft [V] long: draft id of each target id, -1 if absent."""
+    samples = [s for s in samples if s.num_tokens >= 3]  # need at least one predicted token
+    if not samples:
+        raise ValueError("no sample with >= 3 tokens")
+    K, B = ttt_length, len(samples)
+    L = max(s.num_tokens - 1 for s in samples)
+    s0 = samples[0]
+    ids = torch.zeros(B, L + K, dtype=torch.long)
+    aux = torch.zeros(B, L, s0.aux_hidden.shape[1], dtype=s0.aux_hidden.dtype)
+    th = torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype)
+    key_valid = torch.zeros(B, L, dtype=torch.bool)
+    target_mask = torch.zeros(B, L + K, dtype=torch.bool)
+    rows, toks = [], []
+    for b, s in enumerate(samples):
+        n = s.num_tokens - 1
+        ids[b, :n] = s.token_ids[1:]
+        aux[b, :n] = s.aux_hidden
+        th[b, :n] = s.target_hidden
+        key_valid[b, :n] = True
+        target_mask[b, :n] = s.loss_mask[1:].bool()
+        for start, props, a in zip(s.round_start.tolist(), s.proposals.tolist(), s.accepted.tolist()):
+            if a >= len(props):
+                continue
+            i = start + 1 + a  # token index of the rejected guess
+            x = props[a]
+            if i >= s.num_tokens or x == int(s.token_ids[i]) or target_to_draft[x] < 0:
+                continue  # not a real rejection (or outside the draft vocabulary: q(x) is already 0)
+            cand = [(a, start - 1)] if a < K else []
+            if a > 0:
+                cand.append((0, i - 2))
+            for k, t in cand:
+                if 0 <= t < n and t + 1 + k < n:
+                    rows.append((k, b, t))
+                    toks.append(int(target_to_draft[x]))
+    return TTTBatch(ids=ids.to(device), aux=aux.to(device),
+                    positions=torch.arange(L).expand(B, L).to(device), key_valid=key_valid.to(device),
+                    target_hidden=th.reshape(B * L, -1).to(device), target_mask=target_mask.to(device),
+                    reject_rows=torch.tensor(rows, dtype=torch.long).reshape(-1, 3).to(device),
+                    reject_token=torch.tensor(toks, dtype=torch.long).to(device),
+                    num_tokens=sum(s.num_tokens for s in samples))
+
+
+class TTTAttend:
+    """The `attend` callable for the draft's attention during TTT. Holds the keys/values of earlier steps."""
+
+    def __init__(self, key_valid: torch.Tensor):
+        L = key_valid.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()
+        self.visible = (causal[None] & key_valid[:, None, :])[:, None]  # [B,1,Tq,Tk]
+        self.cache: dict[int, tuple[list, list]] = {}
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [B,T,nh,hd], k/v [B,T,nkv,hd] of the current step
+        keys, values = self.cache.setdefault(layer, ([], []))
+        rep = q.shape[2] // k.shape[2]
+        keys.append(k.repeat_interleave(rep, dim=2).transpose(1, 2))    # [B,nh,T,hd]
+        values.append(v.repeat_interleave(rep, dim=2).transpose(1, 2))
+        q = q.transpose(1, 2) * q.shape[-1] ** -0.5                        # [B,nh,T,hd]
+        scores = (q @ keys[0].transpose(2, 3)).masked_fill(~self.visible, float("-inf"))  # [B,nh,T,T]
+        diag = [(q * kj).sum(-1, keepdim=True) for kj in keys[1:]]          # each [B,nh,T,1]
+        probs = torch.cat([scores, *diag], dim=-1).float().softmax(-1).to(q.dtype)
+        T = q.shape[2]
+        out = probs[..., :T] @ values[0]
+        for j, vj in enumerate(values[1:]):
+            out = out + probs[..., T + j, None] * vj
+        return out.transpose(1, 2)  # [B,T,nh,hd]
+
+
+def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int):
+    """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd])."""
+    B, L = batch.shape
+    attend = TTTAttend(batch.key_valid)
+    g = draft.project(batch.aux)
+    out = []
+    for k in range(ttt_length):
+        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions, attend)
+        out.append((h, logits))
+        g = h
+    return out
+
+
+def step_masks(batch: TTTBatch, tdist: TargetDist, ttt_length: int) -> torch.Tensor:
+    """[K, B, L] bool: step k at t is trained (target row t+1+k valid, in-vocab argmax)."""
+    B, L = batch.shape
+    in_vocab = torch.zeros(B, L + ttt_length, dtype=torch.bool, device=batch.ids.device)
+    in_vocab[:, :L] = tdist.in_vocab.view(B, L)
+    ok = batch.target_mask & in_vocab
+    return torch.stack([ok[:, 1 + k:1 + k + L] for k in range(ttt_length)])
+
+
+def target_rows(batch: TTTBatch, ttt_length: int) -> torch.Tensor:
+    """[K*B*L] index into the flattened target rows (b*L + t+1+k, clamped; masked rows are weighted 0)."""
+    B, L = batch.shape
+    dev = batch.ids.device
+    t = torch.arange(L, device=dev)
+    idx = [torch.arange(B, device=dev)[:, None] * L + (t + 1 + k).clamp_max(L - 1) for k in range(ttt_length)]
+    return torch.stack(idx).reshape(-1)
+
+
+def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objective: str, ttt_length: int,
+             step_decay: float, reject_weight: float):
+    """Returns (loss, loss_per_step [K], acc_per_step [K]) for one batch; the last two detached floats.
+    loss = sum_k decay^k * mean_k(div) + reject_weight * sum(-log(1-q(x))) / (trained step-0 rows)."""
+    K = ttt_length
+    d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
+    tdist = target_distribution(batch.target_hidden, lm_head, d2t_ids)
+    steps = ttt_forward(draft, batch, K)
+    masks = step_masks(batch, tdist, K).float()                         # [K,B,L]
+    counts = masks.flatten(1).sum(1).clamp_min(1.0)                      # [K]
+    decay = step_decay ** torch.arange(K, device=masks.device, dtype=torch.float32)
+    weight = (masks * (decay / counts)[:, None, None]).reshape(-1)       # [K*B*L]
+    h = torch.cat([draft.norm(hk) for hk, _ in steps]).reshape(-1, steps[0][0].shape[-1])  # step-major rows
+    loss, div, match = divergence(h, draft.lm_head.weight, tdist.logits, target_rows(batch, K), weight, objective)
+    flat = masks.reshape(K, -1)
+    loss_per_step = ((div.view(K, -1) * flat).sum(1) / counts).tolist()
+    acc_per_step = ((match.view(K, -1).float() * flat).sum(1) / counts).tolist()
+    if reject_weight > 0 and batch.reject_rows.numel():
+        B, L = batch.shape
+        k, b, t = batch.reject_rows.unbind(1)
+        rej = rejection_term(h[k * B * L + b * L + t], draft.lm_head.weight, batch.reject_token)
+        loss = loss + reject_weight * rej.sum() / counts[0]
+    return loss, loss_per_step, acc_per_step
