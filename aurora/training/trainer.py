@@ -1,0 +1,334 @@
+"""The online trainer: captured samples in, new draft weights out, without ever making serving wait.
+
+Serving threads call `add_sample` (a non-blocking buffer put) and `request_finished` (a counter); a daemon
+thread trains an fp32 master copy of the draft (AdamW, linear warm-up, grad clipping) on buffered samples
+and, every `sync_every` finished requests, publishes a snapshot in the engine's dtype through the
+`publish(state_dict, version)` callback, after a guard (finite weights; simulated acceptance on held-out
+samples not clearly worse than the live draft's). Every publish is checkpointed (see checkpoint.py).
+
+Faults: a step whose loss or gradient norm is non-finite, or that raises, is skipped (no optimiser update),
+counted in `failures` and `last_error`; after `max_consecutive_failures` in a row the thread gives up with
+state "failed". The published draft never changes because of a fault: only a guarded publish changes it.
+
+Threads: torch.set_num_threads is process-global in name, but with the OpenMP backend it sets the calling
+thread's OpenMP/MKL thread count plus a global default read by threads that have not run a parallel op yet.
+The trainer thread sets `torch_threads` for itself, then `start` re-applies the caller's count so threads
+created later (e.g. the engine's) keep the process default (tests/training/test_threads.py checks this).
+"""
+import logging
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from aurora.models.draft import Eagle3Draft
+from aurora.sample import Sample
+from aurora.training.buffer import SampleBuffer
+from aurora.training.checkpoint import read_trainer_state, write_checkpoint
+from aurora.training.guard import finite_state, simulated_acceptance
+from aurora.training.loss import OBJECTIVES
+from aurora.training.ttt import collate, ttt_loss
+
+log = logging.getLogger("aurora.training")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "fkl"
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    ttt_length: int = 4
+    step_decay: float = 0.8
+    reject_weight: float = 0.1
+    batch_tokens: int = 2048
+    sync_every: int = 800                 # finished requests between publishes
+    min_samples_before_train: int = 16
+    guard_margin: float = 0.05            # refuse if candidate accept_length < live's - margin (tokens/round)
+    sample_rate: float = 1.0              # fraction of offered samples kept
+    buffer_samples: int = 4096
+    buffer_bytes: int = 2 << 30
+    buffer_policy: str = "drop_oldest"
+    heldout_every: int = 20
+    heldout_size: int = 32
+    keep_versions: int = 3                # published versions kept in memory for rollback
+    max_consecutive_failures: int = 20
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    torch_threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("lr", "grad_clip", "batch_tokens", "sync_every", "ttt_length", "torch_threads",
+                     "max_consecutive_failures"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("warmup_steps", "weight_decay", "reject_weight", "min_samples_before_train", "guard_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 0 < self.step_decay <= 1 or not 0 < self.sample_rate <= 1:
+            raise ValueError("step_decay and sample_rate must be in (0, 1]")
+        if self.keep_versions < 2:
+            raise ValueError("keep_versions must be >= 2 (rollback needs the previous version)")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+
+class OnlineTrainer:
+    def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor, config: TrainConfig, publish):
+        if draft.embed is None:
+            raise ValueError("draft has no embedding: call draft.share_embedding(target.embed_tokens) first")
+        self.config = c = config
+        self.device = torch.device(c.device)
+        self.engine_dtype = draft.fc.weight.dtype
+        self._publish_fn = publish
+        self.master = self._fp32_copy(draft)
+        self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
+        self.lm_head = target_lm_head.detach().to(self.device)
+        Vd = draft.config.draft_vocab_size
+        self.target_to_draft = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
+        self.target_to_draft[torch.arange(Vd) + draft.d2t.cpu()] = torch.arange(Vd)
+        self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
+        self.buffer = SampleBuffer(c.buffer_samples, c.buffer_bytes, c.buffer_policy, c.heldout_every, c.heldout_size)
+        self._rng = random.Random(c.seed)
+        self._model_lock = threading.RLock()    # master weights + optimiser
+        self._publish_lock = threading.RLock()  # one publish/rollback at a time
+        self._stats_lock = threading.Lock()     # counters read by status()
+        self._stop, self._sync = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self.version, self.steps, self.swaps, self.swaps_refused, self.failures = 0, 0, 0, 0, 0
+        self.requests_since_swap, self.finished_requests, self.samples_invalid = 0, 0, 0
+        self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
+        self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
+        self.tokens_per_second = 0.0
+        self._resumed = bool(c.resume and self._restore())
+        self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
+
+    # ---- serving-side API: cheap, never blocks on training ----
+    def add_sample(self, sample: Sample) -> bool:
+        """Offer a finished request's sample. Returns False if sampled out, invalid, or dropped by the buffer."""
+        if self.config.sample_rate < 1.0 and self._rng.random() >= self.config.sample_rate:
+            return False
+        cfg = self.master.config
+        if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or \
+                sample.target_hidden.shape[-1] != self.lm_head.shape[1]:
+            with self._stats_lock:
+                self.samples_invalid += 1
+            return False
+        return self.buffer.put(sample)
+
+    def request_finished(self) -> None:
+        with self._stats_lock:
+            self.finished_requests += 1
+            self.requests_since_swap += 1
+            if self.requests_since_swap >= self.config.sync_every:
+                self._sync.set()  # the trainer thread publishes between steps
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("trainer already started")
+        if self._resumed:  # the engine may hold other weights: hand it the restored ones first
+            self._publish_fn(self._history[-1][1], self.version)
+        caller_threads, ready = torch.get_num_threads(), threading.Event()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="aurora-trainer", daemon=True)
+        self._thread.start()
+        ready.wait()
+        torch.set_num_threads(caller_threads)  # restore the default for threads created later
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self.buffer.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._state != "failed":
+            self._state = "stopped"
+
+    def _run(self, ready: threading.Event) -> None:
+        torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL pool only
+        ready.set()
+        while not self._stop.is_set():
+            if self._sync.is_set():
+                self._sync.clear()
+                self.swap_now()
+            if self.buffer.captured < self.config.min_samples_before_train:
+                self._state = "idle"
+                self._stop.wait(0.05)
+                continue
+            samples = self.buffer.get_batch(self.config.batch_tokens, timeout=0.1)
+            if not samples:
+                self._state = "idle"
+                continue
+            self._state = "training"
+            try:
+                self.train_step(samples)
+                self._consecutive_failures = 0
+            except Exception as e:  # a bad step must never take serving down
+                self._record_failure(f"step {self.steps}: {e!r}")
+                if self._consecutive_failures >= self.config.max_consecutive_failures:
+                    self._state = "failed"
+                    log.error("trainer stopped after %d consecutive failures", self._consecutive_failures)
+                    return
+
+    def _record_failure(self, msg: str) -> None:
+        log.warning("trainer step skipped: %s", msg)
+        with self._stats_lock:
+            self.failures += 1
+            self._consecutive_failures += 1
+            self.last_error = msg
+
+    # ---- training ----
+    def train_step(self, samples: list[Sample]) -> float:
+        """One optimiser step on these samples; raises (without updating) on a non-finite loss or gradient."""
+        c = self.config
+        t0 = time.perf_counter()
+        batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
+        with self._model_lock:
+            self.master.train()
+            loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
+                                                   c.step_decay, c.reject_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), c.grad_clip)
+            if not torch.isfinite(gnorm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite gradient norm {float(gnorm)}")
+            self.optimizer.step()
+            self.scheduler.step()
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            a = 0.1 if self.steps else 1.0  # EMA, seeded by the first step
+            self.loss_per_step = [(1 - a) * o + a * n for o, n in zip(self.loss_per_step, loss_steps)]
+            self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
+            self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
+            self.steps += 1
+        return float(loss)
+
+    # ---- publishing ----
+    def swap_now(self) -> int | None:
+        """Guard and publish the current master now. Returns the new version, or None if refused/failed."""
+        with self._publish_lock:
+            with self._model_lock:
+                candidate = self._snapshot()
+            with self._stats_lock:
+                self.requests_since_swap = 0
+            verdict = self._guard(candidate)
+            if verdict is not None:
+                log.warning("swap refused: %s", verdict)
+                with self._stats_lock:
+                    self.swaps_refused += 1
+                    self.last_guard = verdict
+                return None
+            return self._publish(candidate)
+
+    def rollback(self) -> int:
+        """Republish the previous good version under a new version number; the master restarts from it with
+        fresh optimiser moments (the moments belong to the trajectory that was rolled back)."""
+        with self._publish_lock:
+            if len(self._history) < 2:
+                raise RuntimeError("no previous version to roll back to")
+            self._history.pop()
+            _, state = self._history.pop()
+            with self._model_lock:
+                self.master.load_state_dict(state, strict=False)
+                self.optimizer.state.clear()
+            version = self._publish(state)
+            if version is None:
+                raise RuntimeError(f"rollback publish failed: {self.last_error}")
+            return version
+
+    def _guard(self, candidate: dict) -> str | None:
+        if not finite_state(candidate):
+            return "candidate has non-finite weights"
+        heldout = self.buffer.heldout()
+        if not heldout:
+            return None
+        cand = self._score(candidate, heldout)
+        live = self._score(self._history[-1][1], heldout)
+        self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
+        if cand < live - self.config.guard_margin:
+            return self.last_guard
+        return None
+
+    def _score(self, state: dict, samples: list[Sample]) -> float:
+        self._scratch.load_state_dict(state, strict=False)
+        return simulated_acceptance(self._scratch, samples, self.lm_head, self.config.ttt_length,
+                                    self.target_to_draft, self.device)["accept_length"]
+
+    def _publish(self, state: dict) -> int | None:
+        version = self.version + 1
+        try:
+            self._publish_fn(state, version)
+        except Exception as e:  # the engine refused the weights: it still serves the previous version
+            self._record_failure(f"publish v{version}: {e!r}")
+            return None
+        with self._stats_lock:
+            self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
+        self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
+        if self.config.checkpoint_dir:
+            try:
+                self.save()
+            except Exception as e:  # serving goes on; the previous checkpoint stays loadable
+                self._record_failure(f"checkpoint v{version}: {e!r}")
+        return version
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """Parameters only, in the engine's dtype (d2t/t2d are fixed on day 0 and never re-sent)."""
+        return {k: v.detach().to(self.engine_dtype, copy=True) for k, v in self.master.named_parameters()}
+
+    # ---- durability ----
+    def save(self, path: str | None = None) -> str:
+        path = path or self.config.checkpoint_dir
+        if not path:
+            raise ValueError("no path and no checkpoint_dir")
+        with self._publish_lock, self._model_lock:
+            state = {"master": self.master.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
+                     "counters": {k: getattr(self, k) for k in ("version", "steps", "swaps", "swaps_refused",
+                                                                 "failures", "finished_requests")}}
+            write_checkpoint(path, self.master, self.engine_dtype, state)
+        return path
+
+    def _restore(self) -> bool:
+        state = read_trainer_state(self.config.checkpoint_dir, self.device)
+        if state is None:
+            log.info("resume: no checkpoint under %s, starting fresh", self.config.checkpoint_dir)
+            return False
+        self.master.load_state_dict(state["master"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        return True
+
+    def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:
+        copy = Eagle3Draft(draft.config)
+        copy.load_state_dict(draft.state_dict())
+        copy = copy.to(device=self.device, dtype=torch.float32)
+        embed = draft.embed
+        if embed.weight.device != self.device:  # a frozen copy where the trainer runs
+            embed = torch.nn.Embedding.from_pretrained(embed.weight.detach().to(self.device), freeze=True)
+        return copy.share_embedding(embed)
+
+    def status(self) -> dict:
+        with self._stats_lock:
+            return {"state": self._state, "version": self.version, "steps": self.steps,
+                    "loss_per_step": list(self.loss_per_step), "acc_per_step": list(self.acc_per_step),
+                    "samples_captured": self.buffer.captured, "samples_dropped": self.buffer.dropped,
+                    "samples_invalid": self.samples_invalid, "buffer_size": self.buffer.size,
+                    "buffer_bytes": self.buffer.bytes, "heldout_size": len(self.buffer.heldout()),
+                    "swaps": self.swaps, "swaps_refused": self.swaps_refused, "failures": self.failures,
+                    "last_error": self.last_error, "last_guard": self.last_guard,
+                    "tokens_per_second": self.tokens_per_second, "requests_since_swap": self.requests_since_swap,
+                    "finished_requests": self.finished_requests, "sync_every": self.config.sync_every}
