@@ -52,7 +52,7 @@ class SamplingRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
-            stop=list(self.stop),
+            stop=list(self.stop or []),  # the validator made a str a list; unset stays None
         )
 
     @property
