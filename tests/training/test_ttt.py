@@ -1,0 +1,115 @@
+"""TTT forward against an independent step-by-step reference written from REFERENCE.md §1/§2."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from aurora.models.draft import DraftConfig, new_draft
+from aurora.sample import Sample
+from aurora.training.ttt import collate, ttt_forward
+
+
+def rms(x, w, eps):
+    return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope(x, pos, inv_freq):
+    # x [nh, hd] at one position; rotate_half convention
+    f = pos * inv_freq
+    cos, sin = torch.cat([f, f]).cos(), torch.cat([f, f]).sin()
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def reference_ttt(draft, samples, K):
+    """Per sample, per step, per position: explicit key lists; no batching, no masks tensors."""
+    c, m = draft.config, draft.midlayer
+    a = m.self_attn
+    nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    W = lambda lin, x: x @ lin.weight.t()  # noqa: E731
+    outs = []
+    for s in samples:
+        x, L = s.token_ids, s.num_tokens - 1
+        g = [W(draft.fc, s.aux_hidden[t]) for t in range(L)]
+        keys, vals, per_step = [], [], []
+        for k in range(K):
+            kk, vv, qq = [], [], []
+            for t in range(L):
+                tok = x[t + 1 + k] if t + 1 + k < s.num_tokens else torch.tensor(0)
+                inp = torch.cat([rms(draft.embed.weight[tok], m.input_layernorm.weight, c.rms_norm_eps),
+                                 rms(g[t], m.hidden_norm.weight, c.rms_norm_eps)])
+                qq.append(rope(W(a.q_proj, inp).view(nh, hd), t, inv_freq))  # position t at every step
+                kk.append(rope(W(a.k_proj, inp).view(nkv, hd), t, inv_freq))
+                vv.append(W(a.v_proj, inp).view(nkv, hd))
+            keys.append(kk)
+            vals.append(vv)
+            hs, logits = [], []
+            for t in range(L):
+                heads = []
+                for h in range(nh):
+                    kv = h // (nh // nkv)
+                    ks = [keys[0][s_][kv] for s_ in range(t + 1)] + [keys[j][t][kv] for j in range(1, k + 1)]
+                    vs = [vals[0][s_][kv] for s_ in range(t + 1)] + [vals[j][t][kv] for j in range(1, k + 1)]
+                    w = torch.softmax(torch.stack([qq[t][h] @ key for key in ks]) / math.sqrt(hd), 0)
+                    heads.append(sum(wi * vi for wi, vi in zip(w, vs)))
+                hcur = g[t] + W(a.o_proj, torch.cat(heads))
+                z = rms(hcur, m.post_attention_layernorm.weight, c.rms_norm_eps)
+                hcur = hcur + W(m.mlp.down_proj, F.silu(W(m.mlp.gate_proj, z)) * W(m.mlp.up_proj, z))
+                hs.append(hcur)
+                logits.append(W(draft.lm_head, rms(hcur, draft.norm.weight, c.rms_norm_eps)))
+            per_step.append((torch.stack(hs), torch.stack(logits)))
+            g = hs  # the next step reads this step's pre-norm output at the same position
+        outs.append(per_step)
+    return outs
+
+
+def tiny_samples(n, lengths, H3, H, V, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, T in zip(range(n), lengths):
+        out.append(Sample(request_id=str(i), token_ids=torch.randint(0, V, (T,), generator=gen), prompt_len=2,
+                          aux_hidden=torch.randn(T - 1, H3, generator=gen),
+                          target_hidden=torch.randn(T - 1, H, generator=gen),
+                          loss_mask=torch.arange(T) >= 2))
+    return out
+
+
+def test_ttt_forward_matches_reference():
+    torch.manual_seed(0)
+    cfg = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=48, vocab_size=50, draft_vocab_size=50, target_hidden_size=24)
+    draft = new_draft(cfg, seed=3)
+    with torch.no_grad():  # non-trivial norms so a swapped norm would show
+        for n, p in draft.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    draft.share_embedding(torch.nn.Embedding(50, 32))
+    K = 3
+    samples = tiny_samples(3, [9, 6, 11], 72, 32, 50)  # unequal lengths: padding must not leak
+    batch = collate(samples, K, torch.arange(50))
+    got = ttt_forward(draft, batch, K)
+    ref = reference_ttt(draft, samples, K)
+    for b, s in enumerate(samples):
+        L = s.num_tokens - 1
+        for k in range(K):
+            torch.testing.assert_close(got[k][0][b, :L], ref[b][k][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[k][1][b, :L], ref[b][k][1], rtol=1e-4, atol=1e-5)
+
+
+def test_collate_alignment_and_reject_rows():
+    V = 20
+    s = tiny_samples(1, [10], 6, 2, V)[0]
+    s.token_ids = torch.arange(10)
+    # round 0 fed x[4], proposals for indices 5,6,7; the first was accepted, the 2nd (guess 99->idx 6) rejected
+    s.round_start = torch.tensor([4, 7])
+    s.proposals = torch.tensor([[5, 13, 7], [8, 9, 3]])  # round 1: all 3 accepted... last is wrong on purpose
+    s.accepted = torch.tensor([1, 3])
+    t2d = torch.arange(V)
+    b = collate([s], 3, t2d)
+    L = 9
+    assert b.ids.shape == (1, L + 3) and b.ids[0, :L].tolist() == list(range(1, 10))
+    assert b.target_mask[0, :L].tolist() == [i + 1 >= 2 for i in range(L)]
+    # rejected 13 at token index 6: exact serving row (step 1, t = 4-1 = 3) and the step-0 row t = 6-2 = 4
+    assert sorted(map(tuple, b.reject_rows.tolist())) == [(0, 0, 4), (1, 0, 3)]
+    assert b.reject_token.tolist() == [13, 13]
