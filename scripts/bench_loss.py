@@ -9,6 +9,7 @@ inputs and target excluded, gradients included) for:
   liger       Liger-Kernel 0.8.5 LigerFusedLinearKLDivFunction (batchmean)
   ours        aurora_kernels.fused_linear_divergence (kind="probs", objective="fkl"), default chunk
   ours_c4096  the same with chunk_size=4096
+  ours_bv2048, ours_bv8192w16  the same with other V tiles / warps of the row kernel
   ours_topk   the same with a top-64 target (ids, logprobs) instead of dense probs
 
 Usage (GPU): python scripts/bench_loss.py --out results/kernels/bench_loss.csv
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+import aurora_kernels.linear_divergence as fld  # noqa: E402
 from aurora_kernels import fused_linear_divergence  # noqa: E402
 
 V = 32000
@@ -60,6 +62,19 @@ def make_methods(H, compiled, liger_fn):
     methods["ours_c4096"] = autograd_call(
         lambda h, W, p, ids, lps: fused_linear_divergence(h, W, p, chunk_size=4096).loss
     )
+    def with_tiles(block_v, warps):
+        def loss_fn(h, W, p, ids, lps):
+            old = fld._MAX_BLOCK_V, fld._NUM_WARPS
+            fld._MAX_BLOCK_V, fld._NUM_WARPS = block_v, warps
+            try:
+                return fused_linear_divergence(h, W, p).loss
+            finally:
+                fld._MAX_BLOCK_V, fld._NUM_WARPS = old
+
+        return autograd_call(loss_fn)
+
+    methods["ours_bv2048"] = with_tiles(2048, 8)
+    methods["ours_bv8192w16"] = with_tiles(8192, 16)
     methods["ours_topk"] = autograd_call(
         lambda h, W, p, ids, lps: fused_linear_divergence(h, W, (ids, lps), kind="topk").loss
     )
@@ -87,8 +102,6 @@ def check_against_eager(h, W, p):
 
     def rel(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-    import aurora_kernels.linear_divergence as fld
 
     return dict(fp32_dw_addmm=fld._addmm_fp32_ok, loss_ours=out.loss.item(), loss_eager=ref.item(), dh_rel=rel(ho.grad, hr.grad), dW_rel=rel(Wo.grad, Wr.grad))
 

@@ -5,7 +5,8 @@ draft log-softmax statistics, the target distribution, the row's divergence and 
 gradient of the weighted, normalised loss with respect to the *raw* logits back over the same row, so the
 chunk needs no second [chunk, V] buffer.
 
-Passes over V per row: fkl 2 (statistics, loss + gradient); rkl and tv 3 (their gradient needs the row's
+Passes over V per row: fkl 2 (draft statistics, then loss + gradient, the only read of a probs target);
+rkl and tv 3 (their gradient needs the row's
 loss, resp. E_q[sign(q - p)], before it can be written). The first pass reads the row from HBM; the later
 ones mostly hit L2 (one row is V * 2 bytes).
 
@@ -54,16 +55,14 @@ def _dense_divergence_kernel(
     lrow = logits_ptr + r * stride_l
     trow_ptr = tgt_ptr + trow * stride_t
 
-    # pass 1: online max / sum-exp of the draft row (and of target logits), argmaxes, sum of target probs
+    # pass 1: online max / sum-exp and argmax of the draft row; target logits' sum-exp when no LSE is given.
+    # Target probabilities are not read here: they are read once, in pass 2 (fkl).
     m = float("-inf")
     s = 0.0
     best = float("-inf")
     best_i = 0
     mt = float("-inf")
     st = 0.0
-    tbest = float("-inf")
-    tbest_i = 0
-    sp = 0.0
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -75,25 +74,13 @@ def _dense_divergence_kernel(
         m_new = tl.maximum(m, bm)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
-        if KIND == 0:
-            p = tl.load(trow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sp += tl.sum(p, 0)
-            pa = tl.where(mask, p, -1.0)
-            tbm = tl.max(pa, 0)
-            tbi = tl.argmax(pa, 0) + v0
-        else:
+        if KIND == 1 and not HAS_LSE:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            tbm = tl.max(t, 0)
-            tbi = tl.argmax(t, 0) + v0
-            if not HAS_LSE:
-                mt_new = tl.maximum(mt, tbm)
-                st = st * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0)
-                mt = mt_new
-        tbest_i = tl.where(tbm > tbest, tbi, tbest_i)
-        tbest = tl.maximum(tbest, tbm)
+            mt_new = tl.maximum(mt, tl.max(t, 0))
+            st = st * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0)
+            mt = mt_new
     lse = m + tl.log(s)
     if KIND == 1:
-        sp = 1.0
         if HAS_LSE:
             tlse = tl.load(tlse_ptr + trow).to(tl.float32)
         else:
@@ -104,9 +91,11 @@ def _dense_divergence_kernel(
     if HAS_W:
         gw = gw * tl.load(w_ptr + row).to(tl.float32)
 
-    # pass 2: the row's divergence; fkl also writes its gradient S_p * q - p here
+    # pass 2: the row's divergence and the target argmax; fkl also writes its gradient q - p here
     acc = 0.0
     esq = 0.0
+    tbest = float("-inf")
+    tbest_i = 0
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -116,14 +105,20 @@ def _dense_divergence_kernel(
         if KIND == 0:
             p = tl.load(trow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             logp = tl.log(p)
+            pa = tl.where(mask, p, -1.0)
         else:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
             logp = t - tlse
             p = tl.exp(logp)
+            pa = t
+        tbm = tl.max(pa, 0)
+        tbi = tl.argmax(pa, 0) + v0
+        tbest_i = tl.where(tbm > tbest, tbi, tbest_i)
+        tbest = tl.maximum(tbest, tbm)
         if OBJ == 0:
             acc += tl.sum(tl.where(p > 0.0, p * (logp - logq), 0.0), 0)
             if COMPUTE_GRAD:
-                g = (sp * q - p) * gw
+                g = (q - p) * gw
                 tl.store(lrow + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
         elif OBJ == 1:
             a = tl.maximum(logp, log_floor)
@@ -234,12 +229,11 @@ def _topk_divergence_kernel(
     logqk = zk - lse
     qk = tl.where(kmask, tl.exp(logqk), 0.0)
     qs = tl.sum(qk, 0)
-    sp = tl.sum(pk, 0)
 
     esq = 0.0
     if OBJ == 0:
         loss = tl.sum(tl.where(pk > 0.0, pk * (logpk - logqk), 0.0), 0)
-        gk = sp * qk - pk
+        gk = qk - pk
     elif OBJ == 1:
         ak = tl.maximum(logpk, log_floor)
         # sum_v q log q - [floor * q(outside support) + sum_k q_k a_k]
@@ -263,7 +257,7 @@ def _topk_divergence_kernel(
             logq = z - lse
             q = tl.exp(logq)
             if OBJ == 0:
-                g = sp * q
+                g = q
             elif OBJ == 1:
                 g = q * (logq - log_floor - loss)
             else:
@@ -293,7 +287,7 @@ def _scale_cast_kernel(
     tl.store(dst_ptr + offs, (x * f).to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_row_kernel(logits, row_start, cfg, w, scale, div, dam, tam, compute_grad, max_block_v):
+def launch_row_kernel(logits, row_start, cfg, w, scale, div, dam, tam, compute_grad, max_block_v, num_warps):
     """Run the row kernel over one chunk `logits` [C, V] (in place)."""
     C, V = logits.shape
     block_v = min(max_block_v, triton.next_power_of_2(V))
@@ -303,7 +297,7 @@ def launch_row_kernel(logits, row_start, cfg, w, scale, div, dam, tam, compute_g
         HAS_W=w is not None,
         COMPUTE_GRAD=compute_grad,
         BLOCK_V=block_v,
-        num_warps=8,
+        num_warps=num_warps,
     )
     obj = {"fkl": FKL, "rkl": RKL, "tv": TV}[cfg.objective]
     dummy = div  # any pointer for the arguments a constexpr switches off

@@ -5,7 +5,7 @@
 chunk's logits in place (a Triton row kernel, or plain torch on the CPU), and immediately consumes it:
 dh_c = G @ W and dW += G.T @ h_c (fp32 accumulator). The gradients are therefore computed in the forward
 ("gradient in forward", as Liger-Kernel does) and backward only multiplies them by grad_output. Peak extra
-memory: one [chunk, V] workspace in h's dtype, dh, and the fp32 dW accumulator.
+memory: one [chunk, V] workspace in h's dtype, dh, and dW (fp32 accumulator when there are several chunks).
 
 Definitions (q = softmax(h W^T / T) is the draft, p the target, both over the draft vocabulary V):
   fkl = KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0. With a one-hot p this is cross-entropy.
@@ -14,7 +14,8 @@ Definitions (q = softmax(h W^T / T) is the draft, p the target, both over the dr
   tv  = 0.5 sum_v |p - q|; 1 - tv is the acceptance probability of lossless speculative sampling.
         Its (sub)gradient uses sign(0) = 0, as torch.abs does.
 Target kinds (M target rows; row i of h uses target row target_index[i], or i without target_index):
-  "probs":  target [M, V] probabilities (exact zeros and one-hot rows allowed), used as given.
+  "probs":  target [M, V] probabilities (exact zeros and one-hot rows allowed), used as given; rows are
+            taken to sum to 1 (the fkl gradient is q - p; a row of all zeros must carry weight 0).
   "logits": target [M, V] logits; p = softmax(target / T). Optional target_lse [M] = logsumexp(target / T).
   "topk":   target = (ids [M, k] int64, distinct per row; logprobs [M, k]); p = softmax(logprobs / T) over
             those k ids and 0 elsewhere, i.e. the renormalised top-k target (T = 1: p_k / sum of the k).
@@ -32,6 +33,7 @@ import torch
 __all__ = ["fused_linear_divergence", "DivergenceOutput"]
 
 _MAX_BLOCK_V = 4096  # V tile of the Triton row kernel (tests lower it to exercise the multi-tile path)
+_NUM_WARPS = 8  # warps per row program
 _DEFAULT_CHUNK_BYTES = 512 * 2**20  # workspace budget for one [chunk, V] chunk of logits
 
 
@@ -75,24 +77,21 @@ def _torch_row_op(logits, row_start, cfg, w, scale, div, dam, tam, compute_grad)
         p = cfg.target[trows].float()
         logp = p.log()
         t_arg = p.argmax(-1)
-        sp = p.sum(-1, keepdim=True)
     elif cfg.kind == "logits":
         t = cfg.target[trows].float() * inv_t
         lse = cfg.target_lse[trows].float() if cfg.target_lse is not None else torch.logsumexp(t, -1)
         logp = t - lse[:, None]
         p = logp.exp()
         t_arg = t.argmax(-1)
-        sp = 1.0
     else:
         ids, lp = cfg.target
         ids, lpk = ids[trows], torch.log_softmax(lp[trows].float() * inv_t, dim=-1)
         p = torch.zeros_like(z).scatter_(1, ids, lpk.exp())
         logp = p.log()
         t_arg = ids.gather(1, lpk.argmax(-1, keepdim=True)).squeeze(1)
-        sp = p.sum(-1, keepdim=True)
     if cfg.objective == "fkl":
         d = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-        g = sp * q - p
+        g = q - p  # p sums to 1 (a probs target is taken as normalised)
     elif cfg.objective == "rkl":
         a = logp.clamp_min(cfg.log_floor)
         d = (q * (logq - a)).sum(-1)
@@ -153,13 +152,15 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     dam = torch.empty(N, dtype=torch.int64, device=dev)
     tam = torch.empty(N, dtype=torch.int64, device=dev)
     dh = torch.empty_like(h) if need_dh else None
-    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw else None
+    n_chunks = -(-N // chunk)
+    # several chunks accumulate dW in fp32; a single chunk writes it once, in W's dtype
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw and n_chunks > 1 else None
     compute_grad = need_dh or need_dw
     if backend == "triton":
         from . import _triton_divergence as tk
 
         def row_op(lc, s):
-            tk.launch_row_kernel(lc, s, cfg, w, scale, div, dam, tam, compute_grad, _MAX_BLOCK_V)
+            tk.launch_row_kernel(lc, s, cfg, w, scale, div, dam, tam, compute_grad, _MAX_BLOCK_V, _NUM_WARPS)
     else:
 
         def row_op(lc, s):
@@ -174,7 +175,9 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
         row_op(lc, s)  # lc := d loss / d logits
         if need_dh:
             torch.mm(lc, W, out=dh[s:e])  # [c, H]
-        if need_dw:
+        if need_dw and dw is None:
+            dw = torch.mm(lc.t(), hc)  # [V, H], the only chunk
+        elif need_dw:
             _accumulate_dw(dw, lc, hc)  # [V, H] fp32
     loss = ((div * w).sum() if w is not None else div.sum()) * scale
     return loss, div, dam, tam, dh, dw
