@@ -1,0 +1,97 @@
+"""`aurora report RUN_DIR`: PNG plots from `<run_dir>/metrics.jsonl` for users without wandb.
+
+accept_length.png  accept length served vs requests finished, a dashed line at each draft hot-swap
+accept_rate.png    acceptance rate per lookahead position over time
+train_loss.png     training loss per TTT step over time
+throughput.png     serving and training tokens per second over time
+"""
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_rows(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+                    continue
+    return rows
+
+
+def _series(rows, x_key, y_key):
+    pts = [(r[x_key], r[y_key]) for r in rows if isinstance(r.get(x_key), (int, float))
+           and isinstance(r.get(y_key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _indexed(rows, prefix):
+    """Keys `prefix/<i>` present in any row, sorted by i."""
+    keys = {k for r in rows for k in r if re.fullmatch(re.escape(prefix) + r"/\d+", k)}
+    return sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1]))
+
+
+def _save(fig, ax, out_dir, name, title, xlabel, ylabel) -> str:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise FileNotFoundError(f"{metrics} not found: is {run_dir!r} the run_dir of an `aurora serve` run?")
+    rows = load_rows(metrics)
+    if not rows:
+        raise ValueError(f"{metrics} has no rows yet")
+    out_dir = out_dir or run_dir
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x, y = _series(rows, "serve/requests_finished", "serve/accept_length")
+    ax.plot(x, y, label="accept length (recent)")
+    prev = None
+    for r in rows:
+        v = r.get("serve/draft_version")
+        if prev is not None and v != prev and isinstance(r.get("serve/requests_finished"), (int, float)):
+            ax.axvline(r["serve/requests_finished"], color="gray", ls="--", lw=1)
+            ax.annotate(f"v{v}", (r["serve/requests_finished"], 1), xycoords=("data", "axes fraction"),
+                        va="top", fontsize=8, color="gray")
+        prev = v
+    paths.append(_save(fig, ax, out_dir, "accept_length.png", "Accept length served (dashed: draft swaps)",
+                       "requests served", "tokens per verify round"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in _indexed(rows, "serve/accept_rate_by_position"):
+        ax.plot(*_series(rows, "elapsed_s", key), label=f"position {key.rsplit('/', 1)[1]}")
+    paths.append(_save(fig, ax, out_dir, "accept_rate.png", "Acceptance rate by draft position",
+                       "seconds", "accept rate"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in _indexed(rows, "train/loss_step"):
+        ax.plot(*_series(rows, "elapsed_s", key), label=f"TTT step {key.rsplit('/', 1)[1]}")
+    paths.append(_save(fig, ax, out_dir, "train_loss.png", "Training loss per TTT step", "seconds", "loss"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(*_series(rows, "elapsed_s", "serve/tokens_per_second"), label="serving (generated tokens/s)")
+    ax.plot(*_series(rows, "elapsed_s", "train/tokens_per_second"), label="training (tokens/s)")
+    paths.append(_save(fig, ax, out_dir, "throughput.png", "Throughput", "seconds", "tokens per second"))
+    return paths
