@@ -1,0 +1,50 @@
+"""ServeConfig: defaults, YAML + CLI precedence, clear errors."""
+import pytest
+
+from aurora.cli import build_parser, main
+from aurora.server.config import ServeConfig
+
+
+def test_defaults():
+    cfg = ServeConfig()
+    assert cfg.target == "smollm2" and cfg.draft == "scratch" and cfg.num_draft_tokens == 5
+    assert cfg.run_dir.startswith("runs") and cfg.wandb in ("offline", "online")
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lookahead: 6\nmax_batch: 8\ndraft: null\nport: 9000\n")
+    args = vars(build_parser().parse_args(["serve", "--config", str(path), "--port", "9100", "--lr", "3e-4"]))
+    overrides = {k: v for k, v in args.items() if k not in ("command", "config")}
+    cfg = ServeConfig.load(str(path), **overrides)
+    assert (cfg.lookahead, cfg.num_draft_tokens, cfg.max_batch, cfg.draft, cfg.port, cfg.lr) == \
+        (6, 7, 8, None, 9100, 3e-4)
+    assert build_parser().parse_args(["serve", "--draft", "none"]).draft is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"engine": "vllm"}, "engine must be one of"),
+    ({"lookahead": 0}, "lookahead must be an integer >= 1"),
+    ({"num_draft_tokens": 3}, "num_draft_tokens must be lookahead+1"),
+    ({"topk": 4, "num_draft_tokens": 30}, "num_draft_tokens must be in"),
+    ({"sample_rate": 1.5}, "sample_rate must be in [0, 1]"),
+    ({"objective": "mse"}, "objective must be one of"),
+    ({"wandb": "yes"}, "wandb must be one of"),
+    ({"port": 70000}, "port must be in"),
+    ({"device": "tpu"}, "device must be"),
+])
+def test_invalid(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        ServeConfig(**kwargs)
+    assert str(e.value).startswith("ServeConfig: ") and message in str(e.value)
+
+
+def test_unknown_yaml_key(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lookahed: 6\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "unknown keys ['lookahed']" in capsys.readouterr().err
+
+
+def test_keys_are_redacted():
+    assert ServeConfig(api_key="sk", admin_key="ad").to_dict()["api_key"] == "***"

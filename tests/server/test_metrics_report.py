@@ -1,0 +1,80 @@
+"""/metrics parses and carries the documented names; the JSONL logger and `aurora report` produce a run record."""
+import json
+import os
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from aurora.cli import main
+from aurora.server.wandb_log import MetricsLogger, flatten_status
+from server_fakes import test_config
+
+NAMES = ["aurora_accept_length", "aurora_accept_length_by_version", "aurora_accept_rate_by_position",
+         "aurora_train_loss", "aurora_samples_captured", "aurora_samples_dropped", "aurora_swaps",
+         "aurora_swaps_refused", "aurora_draft_version", "aurora_trainer_tokens_per_second",
+         "aurora_trainer_failures", "aurora_requests", "aurora_generation_tokens",
+         "aurora_request_latency_seconds"]
+
+
+def test_metrics_endpoint(server):
+    url, _ = server
+    for stream in (False, True):
+        httpx.post(url + "/v1/completions", json={"prompt": "hello there", "max_tokens": 6, "stream": stream})
+    httpx.post(url + "/v1/completions", json={"prompt": "hi", "temperature": 9})
+    text = httpx.get(url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert not [n for n in NAMES if n not in families], sorted(families)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("aurora_requests_total", (("code", "200"), ("route", "/v1/completions")))] == 2
+    assert samples[("aurora_requests_total", (("code", "400"), ("route", "/v1/completions")))] == 1
+    assert samples[("aurora_request_latency_seconds_count", (("route", "/v1/completions"),))] == 3
+    assert samples[("aurora_generation_tokens_total", ())] == 12
+    assert samples[("aurora_train_loss", (("ttt_step", "3"),))] == 3.4
+    assert samples[("aurora_accept_rate_by_position", (("position", "1"),))] == 0.7
+    assert samples[("aurora_accept_length_by_version", (("version", "0"),))] > 1
+    assert samples[("aurora_swaps_refused_total", ())] == 1
+
+
+def test_metrics_without_trainer(service, tokenizer):
+    from aurora.server.app import create_app
+    from server_fakes import live_server
+
+    service.trainer = None
+    with live_server(create_app(service, test_config())) as url:
+        families = {f.name for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+        assert "aurora_accept_length" in families and "aurora_train_loss" not in families
+        assert httpx.get(url + "/health").json()["trainer"] is None
+        assert httpx.post(url + "/v1/draft/swap").status_code == 403
+
+
+def test_logger_writes_jsonl_and_config(service, tmp_path):
+    cfg = test_config(run_dir=str(tmp_path / "run"))
+    logger = MetricsLogger(service, cfg, interval_s=0.05).start()
+    service.swap_now()
+    logger.stop()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows and rows[-1]["serve/draft_version"] == 1 and rows[-1]["train/loss_step/0"] == 2.5
+    assert os.path.exists(tmp_path / "run" / "config.yaml")
+    assert flatten_status(service.draft_status())["serve/accept_rate_by_position/3"] == 0.3
+
+
+def test_report_from_synthetic_jsonl(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for i in range(40):
+            version = i // 15
+            row = {"elapsed_s": 5.0 * i, "serve/requests_finished": 20 * i, "serve/draft_version": version,
+                   "serve/accept_length": 1.5 + 0.4 * version + 0.01 * i, "serve/tokens_per_second": 300 + i,
+                   "train/tokens_per_second": 900.0, "train/state": "training",
+                   **{f"serve/accept_rate_by_position/{j}": 0.8 - 0.15 * j for j in range(4)},
+                   **{f"train/loss_step/{k}": 3.0 - 0.03 * i + 0.2 * k for k in range(4)}}
+            f.write(json.dumps(row) + "\n")
+        f.write('{"torn": ')  # a run killed mid-write
+    assert main(["report", str(run), "--out", str(tmp_path / "plots")]) == 0
+    paths = capsys.readouterr().out.split()
+    assert {os.path.basename(p) for p in paths} == {"accept_length.png", "accept_rate.png", "train_loss.png",
+                                                    "throughput.png"}
+    for p in paths:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
+    assert main(["report", str(tmp_path / "nothing")]) == 1
