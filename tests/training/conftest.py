@@ -27,7 +27,7 @@ def make_target(seed=0) -> TargetModel:
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5)
-    target = TargetModel(cfg).eval().requires_grad_(False)
+    target = TargetModel(cfg, aux_layers=[1, 2, 3]).eval().requires_grad_(False)  # default [2,2,1] repeats at L=4
     with torch.no_grad():
         target.lm_head.weight.mul_(6.0)  # a peaked target, like a trained LM (default init is nearly uniform)
     return target

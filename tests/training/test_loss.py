@@ -1,0 +1,100 @@
+"""Loss per objective against plain-torch formulas; the rejected-proposal term lowers q(x)."""
+import pytest
+import torch
+
+from aurora.training.loss import target_distribution
+from aurora.training.ttt import collate, step_masks, ttt_forward, ttt_loss
+from conftest import make_draft
+
+
+def plain_divergence(p, logq, objective):
+    q = logq.exp()
+    if objective == "fkl":
+        return (torch.where(p > 0, p * (p.log() - logq), torch.zeros_like(p))).sum(-1)
+    if objective == "rkl":
+        return (q * (logq - p.log().clamp_min(-20.0))).sum(-1)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def d2t_ids(draft):
+    return torch.arange(draft.config.draft_vocab_size) + draft.d2t
+
+
+def t2d_index(draft):
+    idx = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
+    idx[d2t_ids(draft)] = torch.arange(draft.config.draft_vocab_size)
+    return idx
+
+
+@pytest.mark.parametrize("objective", ["fkl", "rkl", "tv"])
+def test_loss_matches_plain_formula(target, samples, objective):
+    draft = make_draft(target, samples)
+    K, decay = 3, 0.8
+    lm = target.lm_head.weight
+    batch = collate(samples[:5], K, t2d_index(draft))
+    loss, per_step, acc = ttt_loss(draft, batch, lm, objective, K, decay, reject_weight=0.0)
+    loss.backward()
+    got_grad = draft.fc.weight.grad.clone()
+    draft.zero_grad()
+
+    # plain torch: full target logits, restrict to the draft vocabulary, mask out-of-vocab argmax
+    B, L = batch.shape
+    full = (batch.target_hidden @ lm.t()).view(B, L, -1)
+    in_vocab = draft.t2d[full.argmax(-1)]
+    p = full[..., d2t_ids(draft)].softmax(-1)
+    ref, ref_steps = 0.0, []
+    for k, (_, logits) in enumerate(ttt_forward(draft, batch, K)):
+        rows = torch.zeros(B, L, dtype=torch.bool)
+        pk = torch.zeros_like(p)
+        for b in range(B):
+            for t in range(L):
+                i = t + 1 + k  # the target position step k at t learns from
+                if i < L and batch.target_mask[b, i] and in_vocab[b, i]:
+                    rows[b, t] = True
+                    pk[b, t] = p[b, i]
+        div = plain_divergence(pk[rows], logits[rows].log_softmax(-1), objective)
+        ref_steps.append(div.mean())
+        ref = ref + decay ** k * div.mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(per_step), torch.stack(ref_steps).detach(), rtol=1e-5, atol=1e-6)
+    ref.backward()
+    torch.testing.assert_close(got_grad, draft.fc.weight.grad, rtol=1e-4, atol=1e-7)
+    assert step_masks(batch, target_distribution(batch.target_hidden, lm, d2t_ids(draft)), K).any()
+
+
+def test_reject_term_lowers_q_of_rejected_token(target, samples):
+    """The draft first learns the batch (so it is confident), then a round rejects its favourite guess."""
+    s, K, lm = samples[0], 3, target.lm_head.weight
+    draft = make_draft(target, samples)
+    idx = t2d_index(draft)
+
+    def train(d, batch, weight, steps, lr):
+        opt = torch.optim.AdamW(d.parameters(), lr=lr)
+        for _ in range(steps):
+            loss, _, _ = ttt_loss(d, batch, lm, "fkl", K, 0.8, weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    train(draft, collate([s], K, idx), 0.0, 30, 3e-3)
+    with torch.no_grad():  # serving row: round fed x[12]; step 1 at position 11 guessed token index 14
+        top = ttt_forward(draft, collate([s], K, idx), K)[1][1][0, 11].topk(2).indices
+    y = int(d2t_ids(draft)[top[0]])
+    if y == int(s.token_ids[14]):
+        y = int(d2t_ids(draft)[top[1]])
+    s2 = type(s)(**{**s.__dict__, "round_start": torch.tensor([12]),
+                    "proposals": torch.tensor([[int(s.token_ids[13]), y, 0]]), "accepted": torch.tensor([1])})
+    batch = collate([s2], K, idx)
+    assert sorted(map(tuple, batch.reject_rows.tolist())) == [(0, 0, 12), (1, 0, 11)]
+
+    def q_after(weight):
+        d = make_draft(target, samples)
+        d.load_state_dict(draft.state_dict())
+        train(d, batch, weight, 5, 1e-3)
+        with torch.no_grad():
+            out = ttt_forward(d, batch, K)
+        yd = int(idx[y])
+        return float(out[1][1][0, 11].softmax(-1)[yd]), float(out[0][1][0, 12].softmax(-1)[yd])
+
+    q_off, q_on = q_after(0.0), q_after(1.0)
+    assert q_on[0] < 0.7 * q_off[0] and q_on[1] < 0.7 * q_off[1], (q_off, q_on)
