@@ -81,8 +81,6 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
 
     # ---- auth --------------------------------------------------------------------------------------
     def api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        if cfg.api_key is None:
-            return
         if credentials is None:
             raise RequestError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
@@ -99,12 +97,15 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
         if not hmac.compare_digest(credentials.credentials.encode(), cfg.admin_key.encode()):
             raise RequestError(403, "incorrect admin key", type="permission_error", code="invalid_admin_key")
 
+    # without an API key the schema must not announce a security scheme on these routes
+    authorized = [Depends(api_key)] if cfg.api_key is not None else []
+
     # ---- inference ---------------------------------------------------------------------------------
-    @app.post("/v1/completions", dependencies=[Depends(api_key)])
+    @app.post("/v1/completions", dependencies=authorized)
     async def completions(req: CompletionRequest):
         return await _respond(generator.prepare_completion(req), req, "text_completion", _completion_choice)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(api_key)])
+    @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(req: ChatCompletionRequest):
         return await _respond(generator.prepare_chat(req), req, "chat.completion", _chat_choice)
 
@@ -144,11 +145,11 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     # ---- models, health, metrics, draft ------------------------------------------------------------
-    @app.get("/v1/models", dependencies=[Depends(api_key)])
+    @app.get("/v1/models", dependencies=authorized)
     def models():
         return {"object": "list", "data": [_model_card()]}
 
-    @app.get("/v1/models/{model:path}", dependencies=[Depends(api_key)])
+    @app.get("/v1/models/{model:path}", dependencies=authorized)
     def model(model: str):
         generator.check_model(model)
         return _model_card()
@@ -173,7 +174,7 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
     def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/draft", dependencies=[Depends(api_key)])
+    @app.get("/v1/draft", dependencies=authorized)
     def draft():
         return service.draft_status()
 
