@@ -22,6 +22,30 @@ KIND_PROBS, KIND_LOGITS = 0, 1
 
 
 @triton.jit
+def _lane_online_lse(m_vec, s_vec, x):
+    """Per-lane online max / sum-exp update (no cross-thread reduction inside the V loop)."""
+    m_new = tl.maximum(m_vec, x)
+    dead = m_new == float("-inf")
+    alpha = tl.where(dead, 1.0, tl.exp(m_vec - m_new))
+    e = tl.where(dead, 0.0, tl.exp(x - m_new))
+    return m_new, s_vec * alpha + e, alpha, e
+
+
+@triton.jit
+def _finish_lse(m_vec, s_vec):
+    m = tl.max(m_vec, 0)
+    return m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), 0))
+
+
+@triton.jit
+def _finish_argmax(best_vec, besti_vec):
+    """First index of the maximum, from per-lane (value, first index) pairs."""
+    bm = tl.max(best_vec, 0)
+    return tl.min(tl.where(best_vec == bm, besti_vec, 2147483647), 0)
+
+
+
+@triton.jit
 def _dense_divergence_kernel(
     logits_ptr,  # [C, V] raw draft logits of this chunk; overwritten by d loss / d logits
     stride_l,
@@ -57,34 +81,29 @@ def _dense_divergence_kernel(
 
     # pass 1: online max / sum-exp and argmax of the draft row; target logits' sum-exp when no LSE is given.
     # Target probabilities are not read here: they are read once, in pass 2 (fkl).
-    m = float("-inf")
-    s = 0.0
-    best = float("-inf")
-    best_i = 0
-    mt = float("-inf")
-    st = 0.0
+    m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    best_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    besti_vec = tl.zeros([BLOCK_V], tl.int32)
+    mt_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    st_vec = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         z = tl.load(lrow + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        bm = tl.max(z, 0)
-        bi = tl.argmax(z, 0) + v0
-        best_i = tl.where(bm > best, bi, best_i)
-        best = tl.maximum(best, bm)
-        m_new = tl.maximum(m, bm)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-        m = m_new
+        besti_vec = tl.where(z > best_vec, offs, besti_vec)
+        best_vec = tl.maximum(best_vec, z)
+        m_vec, s_vec, _, _ = _lane_online_lse(m_vec, s_vec, z)
         if KIND == 1 and not HAS_LSE:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            mt_new = tl.maximum(mt, tl.max(t, 0))
-            st = st * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0)
-            mt = mt_new
-    lse = m + tl.log(s)
+            mt_vec, st_vec, _, _ = _lane_online_lse(mt_vec, st_vec, t)
+    lse = _finish_lse(m_vec, s_vec)
+    best_i = _finish_argmax(best_vec, besti_vec)
     if KIND == 1:
         if HAS_LSE:
             tlse = tl.load(tlse_ptr + trow).to(tl.float32)
         else:
-            tlse = mt + tl.log(st)
+            tlse = _finish_lse(mt_vec, st_vec)
     else:
         tlse = 0.0
     gw = tl.load(scale_ptr).to(tl.float32) * inv_t
@@ -92,10 +111,10 @@ def _dense_divergence_kernel(
         gw = gw * tl.load(w_ptr + row).to(tl.float32)
 
     # pass 2: the row's divergence and the target argmax; fkl also writes its gradient q - p here
-    acc = 0.0
-    esq = 0.0
-    tbest = float("-inf")
-    tbest_i = 0
+    acc_vec = tl.zeros([BLOCK_V], tl.float32)
+    esq_vec = tl.zeros([BLOCK_V], tl.float32)
+    tbest_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    tbesti_vec = tl.zeros([BLOCK_V], tl.int32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -105,28 +124,29 @@ def _dense_divergence_kernel(
         if KIND == 0:
             p = tl.load(trow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             logp = tl.log(p)
-            pa = tl.where(mask, p, -1.0)
+            pa = tl.where(mask, p, float("-inf"))
         else:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
             logp = t - tlse
             p = tl.exp(logp)
             pa = t
-        tbm = tl.max(pa, 0)
-        tbi = tl.argmax(pa, 0) + v0
-        tbest_i = tl.where(tbm > tbest, tbi, tbest_i)
-        tbest = tl.maximum(tbest, tbm)
+        tbesti_vec = tl.where(pa > tbest_vec, offs, tbesti_vec)
+        tbest_vec = tl.maximum(tbest_vec, pa)
         if OBJ == 0:
-            acc += tl.sum(tl.where(p > 0.0, p * (logp - logq), 0.0), 0)
+            acc_vec += tl.where(p > 0.0, p * (logp - logq), 0.0)
             if COMPUTE_GRAD:
                 g = (q - p) * gw
                 tl.store(lrow + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
         elif OBJ == 1:
             a = tl.maximum(logp, log_floor)
-            acc += tl.sum(tl.where(mask, q * (logq - a), 0.0), 0)
+            acc_vec += tl.where(mask, q * (logq - a), 0.0)
         else:
-            acc += tl.sum(tl.where(mask, tl.abs(p - q), 0.0), 0)
+            acc_vec += tl.where(mask, tl.abs(p - q), 0.0)
             sgn = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
-            esq += tl.sum(tl.where(mask, q * sgn, 0.0), 0)
+            esq_vec += tl.where(mask, q * sgn, 0.0)
+    acc = tl.sum(acc_vec, 0)
+    esq = tl.sum(esq_vec, 0)
+    tbest_i = _finish_argmax(tbest_vec, tbesti_vec)
     if OBJ == 2:
         acc = 0.5 * acc
 
@@ -192,27 +212,27 @@ def _topk_divergence_kernel(
     lrow = logits_ptr + r * stride_l
 
     # pass 1: draft statistics; rkl also needs E_q[z] (online, rescaled like the sum-exp)
-    m = float("-inf")
-    s = 0.0
-    ez = 0.0
-    best = float("-inf")
-    best_i = 0
+    m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    ez_vec = tl.zeros([BLOCK_V], tl.float32)
+    best_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    besti_vec = tl.zeros([BLOCK_V], tl.int32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         z = tl.load(lrow + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        bm = tl.max(z, 0)
-        bi = tl.argmax(z, 0) + v0
-        best_i = tl.where(bm > best, bi, best_i)
-        best = tl.maximum(best, bm)
-        m_new = tl.maximum(m, bm)
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * alpha + tl.sum(e, 0)
+        besti_vec = tl.where(z > best_vec, offs, besti_vec)
+        best_vec = tl.maximum(best_vec, z)
+        m_vec, s_vec, alpha, e = _lane_online_lse(m_vec, s_vec, z)
         if OBJ == 1:
-            ez = ez * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
-        m = m_new
-    lse = m + tl.log(s)
+            ez_vec = ez_vec * alpha + tl.where(mask, e * z, 0.0)
+    lse = _finish_lse(m_vec, s_vec)
+    best_i = _finish_argmax(best_vec, besti_vec)
+    # E_q[z] * sum-exp, rescaled to the row max like the sum-exp
+    mrow = tl.max(m_vec, 0)
+    resc = tl.exp(m_vec - mrow)
+    s = tl.sum(s_vec * resc, 0)
+    ez = tl.sum(tl.where(m_vec == float("-inf"), 0.0, ez_vec * resc), 0)
 
     # the renormalised top-k target, and the draft at those ids
     ko = tl.arange(0, BLOCK_K)
