@@ -213,7 +213,7 @@ class OnlineTrainer:
             self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
             self.steps += 1
-        return float(loss)
+        return float(loss.detach())
 
     # ---- publishing ----
     def swap_now(self) -> int | None:

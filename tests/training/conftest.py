@@ -7,13 +7,14 @@ import torch
 from transformers import LlamaConfig
 
 from aurora.models.draft import DraftConfig, new_draft
+from aurora.engine.kv_cache import SlotKVCache, block_mask
 from aurora.models.layers import sdpa
 from aurora.models.target import TargetModel
 from aurora.sample import Sample
 from aurora.training import vocab_from_samples
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # shared 2-core CI box: oversubscribed OpenMP spins badly
 
 VOCAB, DRAFT_VOCAB = 512, 256
 
@@ -34,20 +35,31 @@ def make_target(seed=0) -> TargetModel:
 
 
 @torch.no_grad()
-def generate_samples(target: TargetModel, n: int, prompt_len=8, new_tokens=32, seed=0, proposals=None):
-    """Sample completions from the target (temperature 1) and package them as aurora Samples."""
+def generate_samples(target: TargetModel, n: int, prompt_len=8, new_tokens=32, seed=0):
+    """Sample completions from the target (temperature 1) with a slot KV cache; package them as Samples."""
     gen = torch.Generator().manual_seed(seed)
+    c = target.config
+    T = prompt_len + new_tokens
+    cache = SlotKVCache(c.num_hidden_layers, n, T, c.num_key_value_heads, target.head_dim, torch.float32, "cpu")
     ids = torch.randint(0, VOCAB, (n, prompt_len), generator=gen)
-    for _ in range(new_tokens):
-        T = ids.shape[1]
-        hidden, _ = target(ids, torch.arange(T).expand(n, T), causal_attend)
-        probs = target.logits(hidden[:, -1]).softmax(-1)
+    pos = torch.arange(prompt_len).expand(n, prompt_len)
+    tree = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril().expand(n, -1, -1)
+    hidden, aux = target(ids, pos, cache.attend(0, pos, block_mask(torch.zeros(n, dtype=torch.long), tree, prompt_len)))
+    hs, auxs = [hidden], [aux]
+    for p in range(prompt_len, T):
+        probs = target.logits(hs[-1][:, -1]).softmax(-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], 1)
-    T = ids.shape[1]
-    hidden, aux = target(ids, torch.arange(T).expand(n, T), causal_attend)
+        if p == T - 1:
+            break  # the last token is never fed (Sample alignment)
+        wp = torch.full((n, 1), p)
+        mask = block_mask(torch.full((n,), p), torch.ones(n, 1, 1, dtype=torch.bool), p + 1)
+        h, a = target(ids[:, -1:], wp, cache.attend(0, wp, mask))
+        hs.append(h)
+        auxs.append(a)
+    hidden, aux = torch.cat(hs, 1), torch.cat(auxs, 1)  # [n, T-1, .]
     mask = torch.arange(T) >= prompt_len
     return [Sample(request_id=f"s{seed}-{i}", token_ids=ids[i].clone(), prompt_len=prompt_len,
-                   aux_hidden=aux[i, :T - 1].clone(), target_hidden=hidden[i, :T - 1].clone(), loss_mask=mask.clone())
+                   aux_hidden=aux[i].clone(), target_hidden=hidden[i].clone(), loss_mask=mask.clone())
             for i in range(n)]
 
 

@@ -113,3 +113,15 @@ def test_collate_alignment_and_reject_rows():
     # rejected 13 at token index 6: exact serving row (step 1, t = 4-1 = 3) and the step-0 row t = 6-2 = 4
     assert sorted(map(tuple, b.reject_rows.tolist())) == [(0, 0, 4), (1, 0, 3)]
     assert b.reject_token.tolist() == [13, 13]
+
+
+def test_kv_cache_samples_match_full_recompute(target):
+    """The fixture's cached generation gives the same hidden states as one full causal forward."""
+    from conftest import causal_attend, generate_samples
+
+    s = generate_samples(target, 2, prompt_len=4, new_tokens=6, seed=5)
+    ids = torch.stack([x.token_ids for x in s])
+    T = ids.shape[1]
+    hidden, aux = target(ids, torch.arange(T).expand(2, T), causal_attend)
+    torch.testing.assert_close(torch.stack([x.target_hidden for x in s]), hidden[:, :T - 1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack([x.aux_hidden for x in s]), aux[:, :T - 1], rtol=1e-4, atol=1e-5)
