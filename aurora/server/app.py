@@ -167,6 +167,7 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
             return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
         return {"status": "ok", "model": engine.model_name, "draft_version": stats.get("draft_version"),
                 "running": stats.get("running"), "waiting": stats.get("waiting"),
+                "engine_error": getattr(engine, "error", None),  # last failed step, if any (requests were failed)
                 "trainer": None if trainer is None else {"state": trainer.get("state"),
                                                          "last_error": trainer.get("last_error")}}
 

@@ -162,6 +162,8 @@ class Generator:
                     return
         except ValueError as e:  # the engine refuses the request (e.g. too long for its cache)
             raise RequestError(400, str(e))
+        except RuntimeError as e:  # the engine is shutting down: come back to another replica / later
+            raise RequestError(503, f"engine unavailable: {e}", type="server_error", code="engine_unavailable")
         finally:
             if not engine_done:  # client gone, stop string seen here first, or an error
                 self.engine.abort(rid)

@@ -32,6 +32,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False   # vLLM's extension: generate max_tokens even past end-of-sequence (benchmarks)
     user: str | None = None
 
     @field_validator("stop")
@@ -52,7 +53,8 @@ class SamplingRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
-            stop=list(self.stop or []),  # the validator made a str a list; unset stays None
+            stop=list(self.stop or []),
+            ignore_eos=self.ignore_eos,  # the validator made a str a list; unset stays None
         )
 
     @property

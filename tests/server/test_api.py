@@ -236,3 +236,16 @@ def test_engine_value_error_is_400(tokenizer):
         for stream in (False, True):
             r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "stream": stream})
             assert r.status_code == 400 and "KV cache" in error(r)["message"]
+
+
+def test_engine_shutting_down_is_503(tokenizer):
+    service = make_service(tokenizer)
+
+    async def closed(*a, **k):
+        raise RuntimeError("engine is shutting down")
+        yield
+
+    service.engine.generate = closed
+    with live_server(create_app(service, test_config())) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and error(r)["code"] == "engine_unavailable"
