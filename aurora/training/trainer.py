@@ -12,8 +12,9 @@ state "failed". The published draft never changes because of a fault: only a gua
 
 Threads: torch.set_num_threads is process-global in name, but with the OpenMP backend it sets the calling
 thread's OpenMP/MKL thread count plus a global default read by threads that have not run a parallel op yet.
-The trainer thread sets `torch_threads` for itself, then `start` re-applies the caller's count so threads
-created later (e.g. the engine's) keep the process default (tests/training/test_threads.py checks this).
+The trainer thread sets `torch_threads` for itself (after forcing ATen's per-thread lazy init, which would
+otherwise re-apply the global default on the thread's first op), then `start` re-applies the caller's count
+so threads created later (e.g. the engine's) keep the process default (tested in test_guard_faults.py).
 """
 import logging
 import random
@@ -154,7 +155,8 @@ class OnlineTrainer:
             self._state = "stopped"
 
     def _run(self, ready: threading.Event) -> None:
-        torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL pool only
+        torch.get_num_threads()  # runs ATen's once-per-thread lazy init now, so it cannot later undo the next line
+        torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL count only
         ready.set()
         while not self._stop.is_set():
             if self._sync.is_set():
@@ -197,7 +199,7 @@ class OnlineTrainer:
             loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
                                                    c.step_decay, c.reject_weight)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)}")
+                raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), c.grad_clip)

@@ -83,3 +83,22 @@ def samples(target):
 @pytest.fixture(scope="session")
 def heldout(target):
     return generate_samples(target, 16, seed=2)
+
+
+@pytest.fixture(scope="session")
+def trained(target):
+    """A draft trained on 256 samples of the tiny target (3 epochs): (train samples, state dict, record)."""
+    from aurora.training import OnlineTrainer, TrainConfig
+    from aurora.training.guard import simulated_acceptance
+
+    train = generate_samples(target, 256, seed=3)
+    heldout = generate_samples(target, 16, seed=2)
+    tr = OnlineTrainer(make_draft(target, train), target.lm_head.weight,
+                       TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3), lambda sd, v: None)
+    score = lambda: simulated_acceptance(tr.master, heldout, tr.lm_head, 3, tr.target_to_draft)  # noqa: E731
+    before, losses = score(), []
+    for _ in range(3):
+        for i in range(0, len(train), 16):
+            losses.append(tr.train_step(train[i:i + 16]))
+    return train, {k: v.clone() for k, v in tr.master.state_dict().items()}, \
+        {"before": before, "after": score(), "losses": losses, "status": tr.status()}

@@ -1,0 +1,127 @@
+"""Publishing: guard refusals, thread-driven sync, rollback, and fault injection that leaves serving alone."""
+import threading
+import time
+
+import pytest
+import torch
+
+import aurora.training.trainer as trainer_mod
+from aurora.models.draft import new_draft
+from aurora.training import OnlineTrainer, TrainConfig
+from conftest import make_draft
+
+
+class Engine:
+    """Stands in for the engine: copies published weights in place, records versions."""
+
+    def __init__(self, draft):
+        self.draft, self.versions = draft, []
+
+    def __call__(self, state, version):
+        params = dict(self.draft.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+        self.versions.append(version)
+
+
+def make_trainer(target, samples, heldout=(), **kw):
+    draft = make_draft(target, samples).to(torch.bfloat16)
+    engine = Engine(draft)
+    cfg = TrainConfig(ttt_length=3, heldout_every=1 if heldout else 0, heldout_size=16, **kw)
+    tr = OnlineTrainer(draft, target.lm_head.weight, cfg, engine)
+    for s in heldout:
+        tr.add_sample(s)
+    return tr, engine
+
+
+def wait_for(cond, timeout=20.0):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.01)
+
+
+def test_guard_refuses_nan_and_bad_candidates(target, trained, heldout):
+    train, state, _ = trained
+    tr, engine = make_trainer(target, train, heldout)
+    tr.master.load_state_dict(state)
+    tr._history = [(0, tr._snapshot())]  # the trained draft is live
+    assert tr.swap_now() == 1 and engine.versions == [1]
+    with torch.no_grad():
+        tr.master.fc.weight[0, 0] = float("nan")
+    assert tr.swap_now() is None
+    assert tr.status()["swaps_refused"] == 1 and "non-finite" in tr.status()["last_guard"]
+    rnd = new_draft(tr.master.config, seed=7)
+    tr.master.load_state_dict({k: v for k, v in rnd.state_dict().items() if k not in ("d2t", "t2d")}, strict=False)
+    assert tr.swap_now() is None
+    st = tr.status()
+    assert st["swaps_refused"] == 2 and st["version"] == 1 and engine.versions == [1]
+    print("\n" + st["last_guard"])
+    tr.master.load_state_dict(state)
+    assert tr.swap_now() == 2
+
+
+def test_sync_every_publishes_from_thread_and_rollback(target, samples):
+    tr, engine = make_trainer(target, samples, sync_every=3, min_samples_before_train=4, batch_tokens=200)
+    initial = tr._history[-1][1]
+    tr.start()
+    for s in samples[:12]:
+        assert tr.add_sample(s)
+    wait_for(lambda: tr.status()["steps"] >= 2)
+    for _ in range(3):
+        tr.request_finished()
+    wait_for(lambda: engine.versions == [1])
+    for _ in range(3):
+        tr.request_finished()
+    wait_for(lambda: engine.versions == [1, 2])
+    v1 = tr._history[-2][1]
+    assert all(v.dtype == torch.bfloat16 for v in v1.values()) and "d2t" not in v1
+    assert not torch.equal(v1["fc.weight"], initial["fc.weight"])
+    assert tr.rollback() == 3 and engine.versions == [1, 2, 3]
+    torch.testing.assert_close(engine.draft.fc.weight, v1["fc.weight"])  # v3 carries v1's weights
+    tr.stop()
+    st = tr.status()
+    assert st["state"] == "stopped" and st["version"] == 3 and st["failures"] == 0 and st["swaps"] == 3
+    assert st["requests_since_swap"] == 0 and st["sync_every"] == 3
+
+
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+def test_faulty_loss_keeps_published_version(target, samples, monkeypatch, fault):
+    seen_threads = []
+
+    def bad_loss(draft, batch, *a):
+        seen_threads.append(torch.get_num_threads())
+        if fault == "raise":
+            raise RuntimeError("injected")
+        out = (draft.fc.weight.sum() * float("nan"))
+        return out, [0.0] * 3, [0.0] * 3
+
+    monkeypatch.setattr(trainer_mod, "ttt_loss", bad_loss)
+    tr, engine = make_trainer(target, samples, sync_every=2, min_samples_before_train=1, batch_tokens=100,
+                              max_consecutive_failures=4)
+    before = {k: v.clone() for k, v in tr.master.state_dict().items()}
+    torch.set_num_threads(2)
+    try:
+        tr.start()
+        assert torch.get_num_threads() == 2  # the caller keeps its own thread count
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]  # and threads created later (the engine's) get the process default
+        for s in samples[:10]:
+            tr.add_sample(s)
+        for _ in range(2):
+            tr.request_finished()
+        wait_for(lambda: tr.status()["state"] == "failed")
+    finally:
+        torch.set_num_threads(1)
+    tr.stop()
+    st = tr.status()
+    assert st["failures"] == 4 and st["state"] == "failed"
+    assert ("injected" if fault == "raise" else "non-finite loss") in st["last_error"]
+    assert seen_threads and set(seen_threads) == {1}  # the trainer thread ran with torch_threads=1
+    # the sync request published the unchanged weights (the guard passed), nothing half-trained or NaN
+    assert st["version"] <= 1 and all(torch.equal(before[k], v) for k, v in tr.master.state_dict().items())
