@@ -8,6 +8,7 @@ fresh draft. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish, t
 """
 import argparse
 import logging
+import signal
 import sys
 import threading
 import time
@@ -109,6 +110,10 @@ def serve(cfg: ServeConfig) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info"))
     log.info("serving %s on http://%s:%d/v1 (run dir %s)", service.engine.model_name, cfg.host, cfg.port,
              cfg.run_dir)
+    # uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, with the handlers it found in
+    # place: ours only note it, so the process lives on to drain the engine and checkpoint the draft
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: log.info("received %s", signal.Signals(signum).name))
     try:
         server.run()
     finally:
