@@ -84,7 +84,9 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
 
 
 class TTTAttend:
-    """The `attend` callable for the draft's attention during TTT. Holds the keys/values of earlier steps."""
+    """The `attend` callable for the draft's attention during TTT. Holds the keys/values of earlier steps.
+    Plain matmul + softmax with a dense [B, nh, L, L] score tensor: fine on the CPU and for short samples;
+    long contexts on the GPU want a flex-attention block mask instead (same visibility)."""
 
     def __init__(self, key_valid: torch.Tensor):
         L = key_valid.shape[1]
