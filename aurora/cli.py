@@ -39,13 +39,26 @@ _HELP = {
     "buffer_samples": "capture buffer capacity in samples",
     "max_concurrent_requests": "in-flight inference requests beyond which requests get 429",
     "max_body_bytes": "request bodies larger than this get 413",
+    "tp_size": "tensor-parallel ranks (engine sglang)",
+    "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
+    "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
+    "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
+    "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
 }
 
 
 def _flag_type(t):
     if isinstance(t, types.UnionType):  # `int | None` -> int: None comes from the default or 'none'
         t = next(a for a in t.__args__ if a is not type(None))
-    return t
+    return _parse_bool if t is bool else t
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def _none_or(t):

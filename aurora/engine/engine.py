@@ -80,7 +80,8 @@ class LLMEngine:
                                   config.capture, config.cuda_graphs)
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
-        self.on_sample: Callable[[Sample], None] | None = None
+        self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
+        self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
         self._pending_swap: tuple[dict, int, threading.Event] | None = None
         self._swap_lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
@@ -160,7 +161,8 @@ class LLMEngine:
             B = len(self.scheduler.running)
             max_cached = max(s.num_tokens for s in self.scheduler.running)
             filtering = any(s.params.top_p < 1.0 or s.params.top_k > 0 for s in self.scheduler.running)
-            tokens, n_acc, props = self.runner.round(B, max_cached, filtering)
+            greedy_only = all(s.params.greedy for s in self.scheduler.running)
+            tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only)
             for seq in running:
                 r = seq.row
                 n = int(n_acc[r])
@@ -216,6 +218,8 @@ class LLMEngine:
             self.runner.release_row(len(self.scheduler.running))
         self._by_id.pop(seq.request_id, None)
         self.stats.on_finish(len(seq.output_ids), seq.verify_rounds, seq.accepted_per_position, seq.draft_version)
+        if self.on_finished is not None:
+            self.on_finished(seq)
         emitted = seq.output_ids[seq.reported:]
         seq.reported = len(seq.output_ids)
         return RequestOutput(seq.request_id, emitted, seq.output_ids, len(seq.prompt_ids), True,

@@ -13,7 +13,7 @@ import math
 import torch
 
 from aurora.engine.kv_cache import SlotKVCache, block_mask
-from aurora.engine.sampling import probs, sample, uniform, verify_chain
+from aurora.engine.sampling import probs, sample, uniform, verify_chain, verify_greedy
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
 
@@ -139,8 +139,10 @@ class ModelRunner:
         h, _ = self._target(x[:, None], n, tree)
         logits = self.target.logits(h[:, 0])
         temp, top_p, top_k = self.temp[:B], self.top_p[:B], self.top_k[:B]
-        p = probs(logits[:, None], temp, self._tp(top_p), top_k)[:, 0]
-        tok = torch.where(temp > 0, sample(p, uniform(self.seed[:B], n, 3, p.shape[-1])), logits.argmax(-1))
+        tok = logits.argmax(-1)
+        if not self._greedy_only:
+            p = probs(logits[:, None], temp, self._tp(top_p), top_k)[:, 0]
+            tok = torch.where(temp > 0, sample(p, uniform(self.seed[:B], n, 3, p.shape[-1])), tok)
         self.out_tokens[:B, 0] = tok
         self.out_n[:B] = 0
         self.next_tok[:B] = tok
@@ -156,11 +158,12 @@ class ModelRunner:
         h, logits = self.d_hidden[:B], self.d_logits[:B]
         toks, qs = [], []
         for j in range(k):
-            q = self._q(logits, temp, self._tp(top_p), top_k)  # [B,V]
-            t = torch.where(greedy, self.draft.to_target_ids(logits.argmax(-1)),
-                            sample(q, uniform(seed, n + j, 4, q.shape[-1])))
+            t = self.draft.to_target_ids(logits.argmax(-1))
+            if not self._greedy_only:
+                q = self._q(logits, temp, self._tp(top_p), top_k)  # [B,V]
+                t = torch.where(greedy, t, sample(q, uniform(seed, n + j, 4, q.shape[-1])))
+                qs.append(q)
             toks.append(t)
-            qs.append(q)
             if j < k - 1:
                 hh, ll = self._draft(t[:, None], h[:, None], n + j, one)
                 h, logits = hh[:, 0], ll[:, 0]
@@ -169,7 +172,10 @@ class ModelRunner:
         chain = torch.ones(B, k + 1, k + 1, dtype=torch.bool, device=dev).tril_()
         hid, aux = self._target(torch.cat([x[:, None], drafts], 1), n, chain)
         tl = self.target.logits(hid)  # [B,k+1,V]
-        tokens, n_acc = verify_chain(tl, drafts, torch.stack(qs, 1), greedy, temp, self._tp(top_p), top_k, seed, n)
+        if self._greedy_only:
+            tokens, n_acc = verify_greedy(tl, drafts)
+        else:
+            tokens, n_acc = verify_chain(tl, drafts, torch.stack(qs, 1), greedy, temp, self._tp(top_p), top_k, seed, n)
         # 3. draft extend over the verified positions n..n+n_acc (later rows are masked garbage, overwritten)
         dh, dl = self._draft(tokens, self.draft.project(aux), n, chain)
         ar = torch.arange(B, device=dev)
@@ -185,15 +191,16 @@ class ModelRunner:
         return top_p if self._filter else None
 
     @torch.inference_mode()
-    def round(self, B: int, max_cached: int, filtering: bool):
+    def round(self, B: int, max_cached: int, filtering: bool, greedy_only: bool):
         """Run one decoding round for rows 0..B-1. max_cached: longest committed length among them.
         Returns host copies (tokens [B,k+1], n_acc [B], proposals [B,k])."""
         Bp = _bucket(B, self.batch_sizes)
         self._keys = _bucket(max_cached + self.k + 1, self.key_sizes)
         self._filter = filtering
+        self._greedy_only = greedy_only
         fn = self._spec_round if self.draft is not None else self._decode_round
         if self.use_graphs:
-            key = (Bp, self._keys, filtering)
+            key = (Bp, self._keys, filtering, greedy_only)
             if key not in self.graphs:
                 self.graphs[key] = self._capture(fn, Bp)
             self.graphs[key].replay()

@@ -79,3 +79,14 @@ def verify_chain(target_logits, draft_tokens, q_draft, greedy, temp, top_p, top_
     tokens = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
     tokens[ar, n_acc] = last
     return tokens, n_acc
+
+
+def verify_greedy(target_logits, draft_tokens):
+    """All rows greedy: accept drafts while they equal the target's argmax; then the target's token."""
+    top = target_logits.argmax(-1)  # [B,k+1]
+    k = draft_tokens.shape[1]
+    n_acc = torch.cumprod((top[:, :k] == draft_tokens).long(), dim=1).sum(1)
+    tokens = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
+    ar = torch.arange(top.shape[0], device=top.device)
+    tokens[ar, n_acc] = top[ar, n_acc]
+    return tokens, n_acc

@@ -36,12 +36,17 @@ class ServeConfig:
     max_batch: int = 32
     max_model_len: int = 2048
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
+    tp_size: int = 1                   # tensor parallel ranks (engine sglang)
+    trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
     # online training
     objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
     lr: float = 1e-4
     sync_every: int = 800              # finished requests between draft hot-swaps
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
+    reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
+    trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
+    resume: bool = False               # continue from <run_dir>/checkpoint (draft, optimiser, version)
     run_dir: str = field(default_factory=_default_run_dir)  # checkpoints, metrics.jsonl, wandb files
     # HTTP
     host: str = "127.0.0.1"
@@ -62,7 +67,7 @@ class ServeConfig:
         _check(self.wandb in WANDB_MODES, f"wandb must be one of {WANDB_MODES}, not {self.wandb!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples",
+        for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples", "tp_size",
                      "max_concurrent_requests"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
