@@ -116,9 +116,10 @@ class LLMEngine:
             raise RuntimeError("this engine runs without a draft")
         own = self.draft.state_dict()
         bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-        if bad or set(own) - set(state):
+        missing = {n for n, _ in self.draft.named_parameters()} - set(state)
+        if bad or missing:  # buffers (d2t/t2d) may be left out; every weight must be there
             raise ValueError(f"draft state does not match the live draft (mismatched {bad[:3]}, "
-                             f"missing {sorted(set(own) - set(state))[:3]})")
+                             f"missing {sorted(missing)[:3]})")
         done = threading.Event()
         with self._swap_lock:
             self._pending_swap = (state, version, done)

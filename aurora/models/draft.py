@@ -131,15 +131,17 @@ class Eagle3Draft(nn.Module):
         """Step-0 input: aux [B,T,3Ht] (concatenated target hidden states) -> g [B,T,H]."""
         return self.fc(aux.to(self.fc.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, attend: Attend):
-        """input_ids [B,T] (token x_{t+1} at position t), g [B,T,H] -> (pre-norm hidden [B,T,H], logits [B,T,Vd])."""
+    def forward(self, input_ids: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, attend: Attend,
+                with_logits: bool = True):
+        """input_ids [B,T] (token x_{t+1} at position t), g [B,T,H] -> (pre-norm hidden [B,T,H], logits [B,T,Vd]).
+        The trainer passes with_logits=False: its fused loss kernel applies the LM head itself."""
         m = self.midlayer
         emb = self.embed(input_ids).to(g.dtype)
         cos, sin = self.rotary(positions, g.dtype)
         x = torch.cat([m.input_layernorm(emb), m.hidden_norm(g)], dim=-1)
         h = g + m.self_attn(x, cos, sin, attend)
         h = h + m.mlp(m.post_attention_layernorm(h))
-        return h, self.lm_head(self.norm(h))
+        return h, (self.lm_head(self.norm(h)) if with_logits else None)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]

@@ -89,12 +89,15 @@ class MLP(nn.Module):
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B,T,nh,hd], k/v [B,S,nkv,hd], mask [B,1,T,S] bool (True = visible) -> [B,T,nh,hd]."""
-    rep = q.shape[2] // k.shape[2]
-    k = k.transpose(1, 2)
-    v = v.transpose(1, 2)
-    if rep > 1:  # explicit repeat: SDPA's enable_gqa path falls back to slow kernels when a mask is given
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
-    return out.transpose(1, 2)
+    """q [B,T,nh,hd], k/v [B,S,nkv,hd] (any strides), mask [B,1,T,S] bool (True = visible) -> [B,T,nh,hd].
+
+    Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are folded into
+    the query-length axis, so each KV head is read once, straight from the cache view."""
+    B, T, nh, hd = q.shape
+    nkv = k.shape[2]
+    rep = nh // nkv
+    q = q.view(B, T, nkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, rep * T, hd)
+    if mask is not None and rep > 1:
+        mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, rep, 1)  # [B,1,rep*T,S]
+    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.view(B, nkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh, hd)

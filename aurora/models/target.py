@@ -63,12 +63,13 @@ class TargetModel(nn.Module):
         """input_ids, positions [B,T] -> (hidden [B,T,H] after the final norm, aux [B,T,3H])."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        aux = []
+        aux = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:
-                aux.append(x)
+                aux[i] = x
             x = layer(x, cos, sin, attend)
-        return self.norm(x), torch.cat(aux, dim=-1)
+        # small targets repeat a layer in [2, L//2, L-3]; the draft still reads three slices
+        return self.norm(x), torch.cat([aux[i] for i in self.aux_layers], dim=-1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

