@@ -14,6 +14,7 @@ from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
+from aurora.training.checkpoint import load_served_draft
 from aurora.server.config import ServeConfig
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 
@@ -39,8 +40,8 @@ class Service:
         if cfg.draft is not None:
             from transformers import AutoConfig
 
-            if cfg.resume and os.path.exists(os.path.join(ckpt, "model.safetensors")):
-                draft = load_draft(ckpt)
+            if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
+                draft = load_served_draft(ckpt)
                 log.info("resuming the draft from %s", ckpt)
             elif cfg.draft == "scratch":  # day 0: random head, full vocabulary map (no tokens seen yet)
                 draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir)))

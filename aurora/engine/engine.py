@@ -224,7 +224,8 @@ class LLMEngine:
         emitted = seq.output_ids[seq.reported:]
         seq.reported = len(seq.output_ids)
         return RequestOutput(seq.request_id, emitted, seq.output_ids, len(seq.prompt_ids), True,
-                             seq.finish_reason or "abort", seq.verify_rounds, seq.accept_length)
+                             seq.finish_reason or "abort", seq.verify_rounds, seq.accept_length,
+                             draft_version=seq.draft_version)
 
     def _make_sample(self, seq: Sequence) -> Sample:
         ids = torch.tensor(seq.all_ids, dtype=torch.long)

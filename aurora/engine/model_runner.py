@@ -223,7 +223,8 @@ class ModelRunner:
         for t, v in zip(state, saved):
             t.copy_(v)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.graph_pool):
+        # thread_local: the trainer thread keeps launching kernels on its own stream during a capture
+        with torch.cuda.graph(g, pool=self.graph_pool, capture_error_mode="thread_local"):
             fn(Bp)
         self.graph_pool = g.pool()
         return g

@@ -87,3 +87,4 @@ class RequestOutput:
     verify_rounds: int = 0
     accept_length: float = 0.0
     error: str | None = None
+    draft_version: int = 0             # the draft version live when the request was admitted

@@ -21,11 +21,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, like HF Llama, so CPU fp32 results match it exactly and bf16 stays stable
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused kernel on CUDA (statistics in fp32); equals HF Llama's RMSNorm in fp32
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Rotary(nn.Module):
@@ -64,9 +61,27 @@ class Attention(nn.Module):
         # Qwen3-style per-head q/k norm
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps else None
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse() for frozen weights (the target)
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One [q;k;v] GEMM instead of three; q/k/v_proj weights become views of the fused tensor."""
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            if self.q_proj.bias is not None:
+                self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), self.qkv_weight.split([nq, nk, nk])):
+                getattr(self, name).weight = nn.Parameter(part, requires_grad=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         B, T, _ = x.shape
+        if self.qkv_weight is not None and self.q_norm is None:  # rotary on q and k together
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, -1, self.head_dim)
+            nqk = self.n_heads + self.n_kv
+            qk = apply_rotary(qkv[:, :, :nqk], cos, sin)
+            out = attend(self.layer_index, qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, nqk:])
+            return self.o_proj(out.reshape(B, T, -1))
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -83,8 +98,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse() for frozen weights
+
+    def fuse(self) -> None:
+        if self.gate_proj.bias is not None:
+            return
+        with torch.no_grad():
+            self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            g, u = self.gate_up_weight.chunk(2)
+            self.gate_proj.weight = nn.Parameter(g, requires_grad=False)
+            self.up_proj.weight = nn.Parameter(u, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            g, u = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -162,6 +162,8 @@ class OnlineTrainer:
     def _run(self, ready: threading.Event) -> None:
         torch.get_num_threads()  # runs ATen's once-per-thread lazy init now, so it cannot later undo the next line
         torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL count only
+        if self.device.type == "cuda":  # its own stream: serving's syncs never wait on training kernels
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         ready.set()
         while not self._stop.is_set():
             if self._sync.is_set():
@@ -292,7 +294,10 @@ class OnlineTrainer:
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """Parameters only, in the engine's dtype (d2t/t2d are fixed on day 0 and never re-sent)."""
-        return {k: v.detach().to(self.engine_dtype, copy=True) for k, v in self.master.named_parameters()}
+        state = {k: v.detach().to(self.engine_dtype, copy=True) for k, v in self.master.named_parameters()}
+        if self.device.type == "cuda":  # the engine copies these on its own stream: finish them first
+            torch.cuda.current_stream(self.device).synchronize()
+        return state
 
     # ---- durability ----
     def save(self, path: str | None = None) -> str:
