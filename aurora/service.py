@@ -7,6 +7,7 @@ Engine and trainer never import each other; this module is the only place that k
 """
 import logging
 import os
+from typing import Callable
 
 import torch
 
@@ -17,18 +18,39 @@ from aurora.models.draft import DraftConfig, load_draft, new_draft
 from aurora.training.checkpoint import load_served_draft
 from aurora.server.config import ServeConfig
 from aurora.training.trainer import OnlineTrainer, TrainConfig
+from aurora.training.vocab import vocab_from_samples
 
 log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, engine: AsyncEngine, trainer: OnlineTrainer | None, config: ServeConfig | None = None):
+    def __init__(self, engine: AsyncEngine, trainer: OnlineTrainer | None, config: ServeConfig | None = None,
+                 make_trainer: Callable[[list], OnlineTrainer] | None = None, warmup_requests: int = 0):
+        """Pass a trainer, or `make_trainer(first_samples)` to build one once `warmup_requests` samples
+        exist (day 0 with a pruned draft vocabulary: the map comes from the first requests' tokens)."""
         self.engine, self.trainer, self.config = engine, trainer, config
+        self._make_trainer, self._warmup, self._first = make_trainer, warmup_requests, []
         eng = engine.engine
         if trainer is not None:
-            eng.on_sample = trainer.add_sample
-            eng.on_finished = lambda seq: trainer.request_finished()
-            trainer.start()
+            self._attach(trainer)
+        elif make_trainer is not None:
+            eng.on_sample = self._collect_day0
+
+    def _attach(self, trainer: OnlineTrainer) -> None:
+        self.trainer = trainer
+        eng = self.engine.engine
+        eng.on_sample = trainer.add_sample
+        eng.on_finished = lambda seq: trainer.request_finished()
+        trainer.start()
+
+    def _collect_day0(self, sample) -> None:  # engine thread; cheap until the warm-up is complete
+        self._first.append(sample)
+        if len(self._first) >= self._warmup:
+            trainer = self._make_trainer(self._first)
+            for s in self._first:
+                trainer.add_sample(s)
+            self._first = []
+            self._attach(trainer)
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Service":
@@ -36,15 +58,16 @@ class Service:
             raise NotImplementedError("engine 'sglang' is not available in this build: serve with --engine local")
         target_dir = hub.resolve(cfg.target)
         ckpt = os.path.join(cfg.run_dir, "checkpoint")
-        draft = None
+        draft, pruned = None, False
         if cfg.draft is not None:
             from transformers import AutoConfig
 
             if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
                 draft = load_served_draft(ckpt)
                 log.info("resuming the draft from %s", ckpt)
-            elif cfg.draft == "scratch":  # day 0: random head, full vocabulary map (no tokens seen yet)
-                draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir)))
+            elif cfg.draft == "scratch":  # day 0: random head; a pruned vocabulary waits for the first requests
+                draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir), cfg.draft_vocab_size))
+                pruned = draft.config.draft_vocab_size < draft.config.vocab_size
             else:
                 draft = load_draft(hub.resolve(cfg.draft))
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
@@ -53,15 +76,24 @@ class Service:
         engine = LLMEngine(target_dir, draft, econf)
         name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
         aengine = AsyncEngine(engine, name)
-        trainer = None
-        if draft is not None:
-            dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
-            tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
-                                sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
-                                buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
-                                checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
-            trainer = OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft)
-        return cls(aengine, trainer, cfg)
+        if draft is None:
+            return cls(aengine, None, cfg)
+        dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
+        tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
+                            sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
+                            buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
+                            checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
+
+        def make_trainer(first_samples=None) -> OnlineTrainer:
+            if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
+                d2t, t2d = vocab_from_samples(first_samples, draft.config.draft_vocab_size, draft.config.vocab_size)
+                engine.swap_draft({**dict(engine.draft.named_parameters()), "d2t": d2t, "t2d": t2d}, 0)
+                engine._apply_swap()  # we are in the engine thread, between steps
+            return OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft)
+
+        if pruned:
+            return cls(aengine, None, cfg, make_trainer, cfg.vocab_warmup_requests)
+        return cls(aengine, make_trainer(), cfg)
 
     # ------------------------------------------------------------- what the HTTP layer reads and does
     def draft_status(self) -> dict:

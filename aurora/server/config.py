@@ -44,6 +44,9 @@ class ServeConfig:
     sync_every: int = 800              # finished requests between draft hot-swaps
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
+    draft_vocab_size: int | None = None  # scratch drafts: None = the target's vocabulary; N = the N most
+                                         # frequent tokens of the first `vocab_warmup_requests` requests
+    vocab_warmup_requests: int = 64
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
     trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
     resume: bool = False               # continue from <run_dir>/checkpoint (draft, optimiser, version)
