@@ -1,9 +1,11 @@
 """The product's loop on the CPU, end to end: SmolLM2 served from a day-0 (random) draft, samples captured
-from live requests, the trainer thread learning, hot swaps every few requests, and the accept length
-that the engine itself measures on later requests rising clearly above 1.0."""
+from live requests, the trainer thread learning, hot swaps every few requests under concurrent load, and
+the accept length that the engine itself measures on later requests rising clearly above 1.0 — while every
+greedy output stays identical to target-only decoding, before, during and after the swaps."""
 import asyncio
 import time
 
+from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.engine.sequence import SamplingParams
 from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
@@ -19,12 +21,22 @@ def test_accept_length_rises_after_swaps(tmp_path):
     # a small, recurring workload (a service's traffic repeats): 8 coding prompts asked again and again
     prompts = [tok.apply_chat_template([{"role": "user", "content": p[-300:]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in load_prompts("code", 8)]
-    results = []
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    reference_engine = LLMEngine(service.engine.engine.target_path, None, EngineConfig(max_batch=8, max_model_len=512))
+    reference = [reference_engine.add_request(p, params) for p in prompts]
+    while reference_engine.has_work():
+        reference_engine.step()
+    expected = {tuple(p): s.output_ids for p, s in zip(prompts, reference)}
+    results, mismatches, failures = [], [], []
 
     async def one(ids):
-        async for o in service.engine.generate(ids, SamplingParams(max_tokens=32, temperature=0.0)):
+        async for o in service.engine.generate(ids, params):
             if o.finished:
                 results.append((o.draft_version, len(o.output_ids), o.verify_rounds))
+                if o.finish_reason not in ("stop", "length"):
+                    failures.append(o)
+                if o.output_ids != expected[tuple(ids)]:
+                    mismatches.append((o.draft_version, o.output_ids))
 
     async def drive():
         t0 = time.monotonic()
@@ -40,6 +52,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     finally:
         service.shutdown()
     assert status["trainer"]["swaps"] >= 2, status["trainer"]
+    assert not failures and not mismatches, (failures[:1], mismatches[:1])
     first = _recent([r for r in results if r[0] == 0])
     late = _recent(results[-8:])
     print(f"accept length: day-0 draft {first:.3f}, last 8 requests {late:.3f}, versions {status['draft_version']}, "

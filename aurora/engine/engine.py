@@ -62,7 +62,7 @@ class LLMEngine:
     def __init__(self, target_path: str, draft: Eagle3Draft | None, config: EngineConfig, tokenizer=None):
         from transformers import AutoTokenizer
 
-        self.config = config
+        self.config, self.target_path = config, target_path
         dev = config.torch_device()
         dt = config.torch_dtype(dev)
         self.target = TargetModel.from_pretrained(target_path, dtype=dt, device=dev)
