@@ -109,7 +109,7 @@ class AsyncEngine:
         eng, outs = self.engine, []
         for seq in list(eng.scheduler.running) + list(eng.scheduler.waiting):
             seq.finish_reason = "error"
-            o = eng._finish(seq, [])
+            o = eng.finish(seq)
             o.error = message
             outs.append(o)
         return outs

@@ -150,7 +150,7 @@ class LLMEngine:
             seq = self._by_id.get(rid)
             if seq is not None:
                 seq.finish_reason = "abort"
-                outputs.append(self._finish(seq, []))
+                outputs.append(self.finish(seq))
         for seq in self.scheduler.admit():
             p = seq.params
             self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
@@ -174,7 +174,7 @@ class LLMEngine:
                         seq.accepted_per_position[j] += 1
                 outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
-            outputs.append(self._finish(seq, []))
+            outputs.append(self.finish(seq))
         return [o for o in outputs if o is not None]
 
     def _append(self, seq: Sequence, new: list[int]) -> RequestOutput | None:
@@ -205,7 +205,8 @@ class LLMEngine:
         tail = self.tokenizer.decode(seq.output_ids[-(longest + 8):], skip_special_tokens=False)
         return any(s in tail for s in seq.params.stop)
 
-    def _finish(self, seq: Sequence, new: list[int]) -> RequestOutput:
+    def finish(self, seq: Sequence) -> RequestOutput:
+        """Take a sequence out (finished, aborted or failed): capture its sample, free its row, report it."""
         rows_used = seq.row >= 0
         if rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture:
             try:
