@@ -24,7 +24,7 @@ PROMPTS = ["def parse(x):", "import json\nclass Node:", "for i in range(10):", "
 def serve(model, out, log_name, extra):
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", "30000",
            "--attention-backend", "triton", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.3",
-           "--disable-cuda-graph", "--dtype", "float32"] + extra
+           "--disable-cuda-graph", "--dtype", "bfloat16"] + extra  # sgl_kernel has no fp32 RMSNorm
     srv = subprocess.Popen(cmd, stdout=open(os.path.join(out, log_name), "w"), stderr=subprocess.STDOUT,
                            start_new_session=True)
     t0 = time.time()
