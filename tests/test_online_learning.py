@@ -10,6 +10,7 @@ from aurora.engine.sequence import SamplingParams
 from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
+from aurora.training.checkpoint import load_served_draft
 
 
 def test_accept_length_rises_after_swaps(tmp_path):
@@ -60,6 +61,17 @@ def test_accept_length_rises_after_swaps(tmp_path):
     assert first < 1.15
     assert late > 1.5, (late, status["accept_length_by_version"])
     assert (tmp_path / "checkpoint" / "draft" / "model.safetensors").exists()
+    # the trained draft drafting a tree (top-3, 8 nodes): still exactly the target's greedy text, and accepted
+    # paths now run through the tree's KV compaction
+    tree = LLMEngine(service.engine.engine.target_path, load_served_draft(str(tmp_path / "checkpoint")),
+                     EngineConfig(max_batch=8, max_model_len=512, lookahead=3, topk=3, num_draft_tokens=8))
+    seqs = [tree.add_request(p, params) for p in prompts]
+    while tree.has_work():
+        tree.step()
+    assert [s.output_ids for s in seqs] == [expected[tuple(p)] for p in prompts]
+    tree_accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
+    print(f"tree (topk 3, 8 nodes) with the trained draft: accept length {tree_accept:.3f}")
+    assert tree_accept > 1.3
 
 
 def _recent(rows):

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     lookahead: int = 4            # draft chain depth per round (SGLang's speculative_num_steps)
-    topk: int = 1                 # branches per draft step; the built-in engine drafts chains
+    topk: int = 1                 # branches per draft step: 1 = chain, > 1 = tree
     num_draft_tokens: int | None = None  # verified per round incl. the root; = lookahead + 1 for a chain
     max_batch: int = 32
     max_model_len: int = 2048
@@ -40,12 +40,15 @@ class EngineConfig:
     def __post_init__(self):
         if self.lookahead < 1:
             raise ValueError("lookahead must be >= 1")
-        if self.topk != 1:
-            raise ValueError("the built-in engine drafts chains (topk 1); tree drafting runs with --engine sglang")
+        if self.topk < 1:
+            raise ValueError("topk must be >= 1")
         if self.num_draft_tokens is None:
             self.num_draft_tokens = self.lookahead + 1
-        if self.num_draft_tokens != self.lookahead + 1:
-            raise ValueError("with topk 1, num_draft_tokens must equal lookahead + 1")
+        if self.topk == 1 and self.num_draft_tokens != self.lookahead + 1:
+            raise ValueError("with topk 1 (a chain), num_draft_tokens must equal lookahead + 1")
+        if not self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1:
+            raise ValueError(f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
+                             f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}]")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
 
@@ -77,7 +80,7 @@ class LLMEngine:
         self.draft = draft
         self.draft_version = 0
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
-                                  config.capture, config.cuda_graphs)
+                                  config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens)
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
@@ -94,7 +97,7 @@ class LLMEngine:
         V = self.target.config.vocab_size
         if any(not 0 <= t < V for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {V})")
-        limit = self.max_model_len - self.config.lookahead - 2
+        limit = self.max_model_len - self.runner.span - 1
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; this engine's context allows {limit - 1}")
         seq = Sequence(list(prompt_ids), params, request_id)
@@ -187,7 +190,7 @@ class LLMEngine:
             seq.output_ids.append(t)
             if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens + self.config.lookahead + 2 >= self.max_model_len:
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens + self.runner.span + 1 >= self.max_model_len:
                 seq.finish_reason = "length"
             elif p.stop and self._hit_stop_string(seq):
                 seq.finish_reason = "stop"

@@ -36,13 +36,14 @@ class SlotKVCache:
 
 
 def block_mask(cache_len: torch.Tensor, tree: torch.Tensor, S: int) -> torch.Tensor:
-    """Visibility for T new tokens written at cache_len..cache_len+T-1.
+    """Visibility for T new tokens whose block of M cache slots starts at cache_len.
 
-    cache_len [B] tokens already cached; tree [B,T,T] bool, tree[b,i,j] = token j is token i's ancestor or
-    itself (lower-triangular for a chain). Returns [B,1,T,S]: the cached prefix plus the tree block.
+    cache_len [B] tokens already cached; tree [B,T,M] bool, tree[b,i,j] = the token in block slot j is
+    query i's ancestor or itself (a lower-triangular [T,T] for a chain). Returns [B,1,T,S]: the cached
+    prefix plus the visible part of the block.
     """
-    B, T, _ = tree.shape
+    B, T, M = tree.shape
     rel = torch.arange(S, device=cache_len.device)[None, :] - cache_len[:, None]  # [B,S]
-    in_block = (rel >= 0) & (rel < T)
-    block = torch.gather(tree, 2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))  # [B,T,S]
+    in_block = (rel >= 0) & (rel < M)
+    block = torch.gather(tree, 2, rel.clamp(0, M - 1)[:, None, :].expand(B, T, S))  # [B,T,S]
     return ((rel < 0)[:, None, :] | (in_block[:, None, :] & block))[:, None]

@@ -27,8 +27,10 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, target: TargetModel, draft: Eagle3Draft | None, max_batch: int, max_len: int,
-                 lookahead: int, capture: bool, cuda_graphs: bool):
+                 lookahead: int, capture: bool, cuda_graphs: bool, topk: int = 1, num_draft_tokens: int = 0):
         self.target, self.draft, self.k = target, draft, lookahead
+        self.topk, self.n_draft = topk, num_draft_tokens or lookahead + 1
+        self.span = max(self.n_draft, topk * lookahead) + 1  # cache slots a round may write past a row's length
         self.device = dev = target.embed_tokens.weight.device
         self.dtype = dt = target.embed_tokens.weight.dtype
         self.max_len, self.max_batch = max_len, max_batch
@@ -85,11 +87,13 @@ class ModelRunner:
         return self.aux_store[row, :n].cpu(), self.hid_store[row, :n].cpu()
 
     # ---------------------------------------------------------------- forwards
-    def _target(self, ids, n, tree, row0=0):
-        """ids [B,T] at positions n..n+T-1 (n [B]) -> (hidden, aux); writes KV and capture stores."""
+    def _target(self, ids, n, tree, row0=0, depth=None):
+        """ids [B,T] written at cache slots n..n+T-1 (n [B]), RoPE positions n + depth (default: the slot)
+        -> (hidden, aux); writes KV and capture stores."""
         B, T = ids.shape
-        pos = n[:, None] + torch.arange(T, device=ids.device)
-        wpos = pos.clamp_max(self.max_len - 1)
+        slots = torch.arange(T, device=ids.device)
+        pos = n[:, None] + (slots if depth is None else depth)
+        wpos = (n[:, None] + slots).clamp_max(self.max_len - 1)
         S = self._keys
         h, aux = self.target(ids, pos, self.tcache.attend(row0, wpos, block_mask(n, tree, S)))
         if self.capture:
@@ -98,10 +102,13 @@ class ModelRunner:
             self.hid_store[rows, wpos] = h
         return h, aux
 
-    def _draft(self, ids, g, n, tree, row0=0):
+    def _draft(self, ids, g, n, tree, row0=0, offset=0, pos_offset=None):
+        """ids [B,T] written at draft cache slots n+offset.., RoPE positions n+offset.. unless pos_offset is
+        given (tree nodes of one depth share a position); tree [B,T,M] masks the block of M slots from n."""
         B, T = ids.shape
-        pos = n[:, None] + torch.arange(T, device=ids.device)
-        wpos = pos.clamp_max(self.max_len - 1)
+        slots = n[:, None] + offset + torch.arange(T, device=ids.device)
+        pos = slots if pos_offset is None else (n + pos_offset)[:, None].expand(B, T)
+        wpos = slots.clamp_max(self.max_len - 1)
         return self.draft(ids, g, pos, self.dcache.attend(row0, wpos, block_mask(n, tree, self._keys)))
 
     def _q(self, d_logits, temp, top_p, top_k):
@@ -176,16 +183,127 @@ class ModelRunner:
             tokens, n_acc = verify_greedy(tl, drafts)
         else:
             tokens, n_acc = verify_chain(tl, drafts, torch.stack(qs, 1), greedy, temp, self._tp(top_p), top_k, seed, n)
-        # 3. draft extend over the verified positions n..n+n_acc (later rows are masked garbage, overwritten)
+        self._commit(B, tokens, aux, n_acc, drafts)
+
+    def _commit(self, B: int, tokens, aux, n_acc, proposals):
+        """Draft extend over the verified positions n..n+n_acc (tokens [B,k+1], aux [B,k+1,3H] in position
+        order; rows past n_acc are masked garbage, overwritten next round), then advance the row state."""
+        n, k1 = self.cache_len[:B], tokens.shape[1]
+        chain = torch.ones(B, k1, k1, dtype=torch.bool, device=self.device).tril_()
         dh, dl = self._draft(tokens, self.draft.project(aux), n, chain)
-        ar = torch.arange(B, device=dev)
+        ar = torch.arange(B, device=self.device)
         self.d_hidden[:B] = dh[ar, n_acc]
         self.d_logits[:B] = dl[ar, n_acc]
         self.next_tok[:B] = tokens[ar, n_acc]
         self.cache_len[:B] += (n_acc + 1) * self.active[:B].long()
         self.out_tokens[:B] = tokens
         self.out_n[:B] = n_acc
-        self.out_props[:B] = drafts
+        self.out_props[:B] = proposals
+
+    def _tree_round(self, B: int):
+        """topk > 1: grow a draft tree (top-k children per frontier node, the k best paths kept per depth, as
+        SGLang builds it), keep the num_draft_tokens-1 best nodes by path log-probability, verify them in one
+        target forward with a tree mask, walk the accepted path, and move its KV into place.
+
+        Acceptance treats each child as a deterministic proposal: at a node with target distribution p the
+        children are tried in score order, child c accepted with probability p(c), else p <- normalize(p
+        without c); if none is accepted the token is drawn from what is left of p. That keeps sampling
+        exactly distributed as the target; greedy rows accept the child equal to the target's argmax."""
+        K, k, N, dev = self.k, self.topk, self.n_draft, self.device
+        n, x = self.cache_len[:B], self.next_tok[:B]
+        temp, top_p, top_k, seed = self.temp[:B], self.top_p[:B], self.top_k[:B], self.seed[:B]
+        greedy = temp <= 0
+        ar = torch.arange(B, device=dev)
+        M = K * k
+        eye = torch.eye(M, dtype=torch.bool, device=dev)
+        anc = torch.zeros(B, M, M, dtype=torch.bool, device=dev)       # draft-node ancestry (self included)
+        tok = torch.zeros(B, M, dtype=torch.long, device=dev)           # target ids
+        score = torch.zeros(B, M, device=dev)                           # path log-probability
+        parent = torch.full((B, M), -1, dtype=torch.long, device=dev)   # node index, -1 = root
+        logq = torch.log_softmax(self.d_logits[:B].float(), -1)
+        s, d_ids = logq.topk(k, dim=-1)                                 # depth-1 frontier [B,k]
+        par = torch.full((B, k), -1, dtype=torch.long, device=dev)
+        h = self.d_hidden[:B, None].expand(B, k, -1)
+        for j in range(K):
+            idx = j * k + torch.arange(k, device=dev)
+            tok[:, idx] = self.draft.to_target_ids(d_ids)
+            score[:, idx] = s
+            parent[:, idx] = par
+            up = anc.gather(1, par.clamp_min(0)[..., None].expand(B, k, M)) & (par >= 0)[..., None]
+            anc[:, idx] = up | eye[idx]
+            if j == K - 1:
+                break
+            hh, ll = self._draft(tok[:, idx], h, n, anc[:, idx], offset=j * k, pos_offset=j)
+            cs, cid = torch.log_softmax(ll.float(), -1).topk(k, dim=-1)  # [B,k,k]
+            s, best = (s[..., None] + cs).flatten(1).topk(k, dim=-1)
+            d_ids = cid.flatten(1).gather(1, best)
+            par = j * k + best // k
+            h = hh.gather(1, (best // k)[..., None].expand(B, k, hh.shape[-1]))
+        depth = torch.arange(K, device=dev).repeat_interleave(k) + 1
+        # the N-1 best nodes; a parent always outranks its child (ties: the shallower first)
+        sel = (score - depth * 1e-6).topk(N - 1, dim=-1).indices        # [B,N-1]
+        ids_v = torch.cat([x[:, None], tok.gather(1, sel)], 1)          # [B,N]
+        depth_v = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), depth[sel]], 1)
+        par_sel = parent.gather(1, sel)
+        par_v = torch.cat([torch.full((B, 1), -1, dtype=torch.long, device=dev),
+                           torch.where(par_sel < 0, 0, 1 + (sel[:, None, :] == par_sel[..., None]).long().argmax(-1))], 1)
+        tree = torch.ones(B, N, N, dtype=torch.bool, device=dev)
+        tree[:, 1:, 1:] = anc.gather(1, sel[..., None].expand(B, N - 1, M)).gather(2, sel[:, None, :].expand(B, N - 1, N - 1))
+        tree[:, 0, 1:] = False
+        hid, aux = self._target(ids_v, n, tree, depth=depth_v)
+        tl = self.target.logits(hid)                                    # [B,N,V]
+        top = tl.argmax(-1)
+        p_all = None if self._greedy_only else probs(tl, temp, self._tp(top_p), top_k)
+        cur = torch.zeros(B, dtype=torch.long, device=dev)
+        alive = torch.ones(B, dtype=torch.bool, device=dev)
+        n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+        path = torch.zeros(B, K, dtype=torch.long, device=dev)
+        first = torch.zeros(B, K, dtype=torch.long, device=dev)
+        p_cur = None if p_all is None else p_all[:, 0]
+        for d in range(K):
+            taken = torch.zeros(B, dtype=torch.bool, device=dev)
+            chosen = torch.zeros(B, dtype=torch.long, device=dev)
+            seen = torch.zeros(B, dtype=torch.bool, device=dev)
+            for j in range(1, N):
+                child = (par_v[:, j] == cur) & alive & ~taken
+                first[:, d] = torch.where(child & ~seen, j, first[:, d])
+                seen |= child
+                ok = ids_v[:, j] == top[ar, cur]
+                if p_cur is not None:
+                    pj = p_cur[ar, ids_v[:, j]]
+                    s_ok = uniform(seed, n * N + d * N + j, 5, 1)[:, 0] < pj
+                    ok = torch.where(greedy, ok, s_ok)
+                    rejected = child & ~ok & ~greedy
+                    drop = torch.zeros_like(p_cur).scatter_(1, ids_v[:, j, None], 1.0) * rejected[:, None]
+                    p_cur = p_cur * (1 - drop)
+                    p_cur = p_cur / p_cur.sum(-1, keepdim=True).clamp_min(1e-30)
+                take = child & ok
+                chosen = torch.where(take, j, chosen)
+                taken |= take
+            alive &= taken
+            path[:, d] = chosen
+            n_acc += alive.long()
+            cur = torch.where(alive, chosen, cur)
+            if p_cur is not None:
+                p_cur = torch.where(alive[:, None], p_all[ar, cur], p_cur)
+        last = top[ar, cur]
+        if p_cur is not None:
+            last = torch.where(greedy, last, sample(p_cur, uniform(seed, n, 2, p_cur.shape[-1])))
+        steps = torch.arange(K, device=dev)
+        tokens = torch.cat([ids_v.gather(1, path), x[:, None]], 1)
+        tokens[ar, n_acc] = last
+        props = ids_v.gather(1, torch.where(steps[None] < n_acc[:, None], path, first))
+        # the accepted path's KV (and captured states) move from their tree slots to consecutive positions
+        rows = ar[:, None]
+        src, dst = (n[:, None] + path).clamp_max(self.max_len - 1), (n[:, None] + 1 + steps).clamp_max(self.max_len - 1)
+        for store in (self.tcache.k, self.tcache.v):
+            store[:, rows, dst] = store[:, rows, src]
+        if self.capture:
+            for store in (self.aux_store, self.hid_store):
+                store[rows, dst] = store[rows, src]
+        aux_path = aux.gather(1, torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path], 1)[..., None]
+                              .expand(B, K + 1, aux.shape[-1]))
+        self._commit(B, tokens, aux_path, n_acc, props)
 
     def _tp(self, top_p):
         return top_p if self._filter else None
@@ -195,10 +313,10 @@ class ModelRunner:
         """Run one decoding round for rows 0..B-1. max_cached: longest committed length among them.
         Returns host copies (tokens [B,k+1], n_acc [B], proposals [B,k])."""
         Bp = _bucket(B, self.batch_sizes)
-        self._keys = _bucket(max_cached + self.k + 1, self.key_sizes)
+        self._keys = _bucket(max_cached + self.span, self.key_sizes)
         self._filter = filtering
         self._greedy_only = greedy_only
-        fn = self._spec_round if self.draft is not None else self._decode_round
+        fn = self._decode_round if self.draft is None else self._tree_round if self.topk > 1 else self._spec_round
         if self.use_graphs:
             key = (Bp, self._keys, filtering, greedy_only)
             if key not in self.graphs:

@@ -77,8 +77,6 @@ class ServeConfig:
         _check(_is_int(self.max_model_len) and self.max_model_len >= 16,
                f"max_model_len must be an integer >= 16, got {self.max_model_len!r}")
         _check(_is_int(self.num_draft_tokens), f"num_draft_tokens must be an integer, got {self.num_draft_tokens!r}")
-        _check(self.topk == 1 or self.engine == "sglang",
-               f"the local engine drafts chains (topk 1); topk={self.topk} needs engine 'sglang'")
         if self.topk == 1:
             _check(self.num_draft_tokens == self.lookahead + 1,
                    f"with topk=1 the draft is a chain: num_draft_tokens must be lookahead+1={self.lookahead + 1}, "

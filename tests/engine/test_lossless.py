@@ -42,17 +42,19 @@ def test_target_only_equals_hf_generate(smollm2_dir, greedy_setup):
         assert out[0, len(p):].tolist() == ref
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_greedy_lossless_untrained_draft(smollm2_dir, greedy_setup, batch):
+@pytest.mark.parametrize("batch,topk,draft_tokens", [(1, 1, 5), (8, 1, 5), (8, 3, 8)])
+def test_greedy_lossless_untrained_draft(smollm2_dir, greedy_setup, batch, topk, draft_tokens):
     prompts, params, reference = greedy_setup
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(smollm2_dir)), seed=7)
-    eng = LLMEngine(smollm2_dir, draft, EngineConfig(max_batch=batch, max_model_len=1024, lookahead=4))
+    eng = LLMEngine(smollm2_dir, draft, EngineConfig(max_batch=batch, max_model_len=1024, lookahead=4, topk=topk,
+                                                     num_draft_tokens=draft_tokens))
     outs, seqs = run_all(eng, prompts if batch > 1 else prompts[::5], params)
     assert outs == (reference if batch > 1 else reference[::5])
     assert all(s.verify_rounds > 0 for s in seqs)
 
 
-def test_sampling_is_lossless(tiny_target_dir):
+@pytest.mark.parametrize("topk,draft_tokens", [(1, 4), (3, 7)])
+def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens):
     """Marginals of the 2nd and 3rd sampled tokens (the first ones drawn by speculation) against exact
     target marginals computed by enumeration with the Hugging Face model."""
     hf = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float64).eval()
@@ -69,15 +71,17 @@ def test_sampling_is_lossless(tiny_target_dir):
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=3)
     with torch.no_grad():
         draft.lm_head.weight.mul_(5.0)  # a confident draft, often wrong: both accept and reject paths run
-    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False))
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False,
+                                                         topk=topk, num_draft_tokens=draft_tokens))
     N = 2000
     seqs = [eng.add_request(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True))
             for i in range(N)]
     while eng.has_work():
         eng.step()
     o = np.array([s.output_ids for s in seqs])
-    rate = sum(sum(s.accepted_per_position) for s in seqs) / sum(s.verify_rounds * 3 for s in seqs)
-    assert 0.05 < rate < 0.95, rate
+    accepted = sum(sum(s.accepted_per_position) for s in seqs)
+    proposed = sum(s.verify_rounds * 3 for s in seqs)
+    assert accepted > 50 and proposed - accepted > 50, (accepted, proposed)  # both paths ran
     for col, exact in ((1, m1), (2, m2)):
         emp = np.bincount(o[:, col], minlength=V) / N
         tv = 0.5 * np.abs(emp - exact.numpy()).sum()
@@ -92,13 +96,15 @@ def test_sampling_is_lossless(tiny_target_dir):
     assert [s.output_ids for s in again] == o[:5].tolist()
 
 
-def test_greedy_lossless_tiny_batches_and_swaps(tiny_target_dir):
-    """Tiny target: mixed prompt lengths joining and leaving a batch of 8, a draft swap mid-way."""
+@pytest.mark.parametrize("topk,draft_tokens", [(1, 4), (2, 5), (4, 10)])
+def test_greedy_lossless_tiny_batches_and_swaps(tiny_target_dir, topk, draft_tokens):
+    """Tiny target: mixed prompt lengths joining and leaving a batch of 8, a draft swap mid-way; chain and trees."""
     prompts = [[(7 * i + j) % 90 + 1 for j in range(3 + i % 11)] for i in range(40)]
     params = SamplingParams(max_tokens=1 + 3 * (len(prompts) % 7), temperature=0.0, ignore_eos=True)
     ref, _ = run_all(LLMEngine(tiny_target_dir, None, EngineConfig(max_batch=8, max_model_len=128)), prompts, params)
     cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
-    eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=1), EngineConfig(max_batch=8, max_model_len=128, lookahead=3))
+    eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=1),
+                    EngineConfig(max_batch=8, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=draft_tokens))
     seqs = [eng.add_request(p, params) for p in prompts]
     for i in range(6):
         eng.step()

@@ -27,7 +27,7 @@ def test_yaml_then_flags(tmp_path):
     ({"lookahead": 0}, "lookahead must be an integer >= 1"),
     ({"num_draft_tokens": 3}, "num_draft_tokens must be lookahead+1"),
     ({"topk": 4, "num_draft_tokens": 30, "engine": "sglang"}, "num_draft_tokens must be in"),
-    ({"topk": 4}, "topk=4 needs engine 'sglang'"),
+    ({"topk": 0}, "topk must be an integer >= 1"),
     ({"sample_rate": 1.5}, "sample_rate must be in [0, 1]"),
     ({"objective": "mse"}, "objective must be one of"),
     ({"wandb": "yes"}, "wandb must be one of"),
