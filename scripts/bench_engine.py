@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--domain", default="chat", help="prompt set (aurora.prompts): chat, code, math, ...")
     ap.add_argument("--out", default="results/engine/bench.csv")
     a = ap.parse_args()
     target = hub.resolve(a.target)
@@ -59,7 +60,7 @@ def main():
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False))
         tok = eng.tokenizer
         chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)[-400:] for p in load_prompts("chat", 64)]
+                                         tokenize=True, return_dict=False)[-400:] for p in load_prompts(a.domain, 64)]
         for B in a.batch:
             prompts = (chats * (B // len(chats) + 1))[:B]
             run(eng, prompts, a.max_tokens)  # warm-up: graph capture for every bucket the timed run meets
