@@ -87,8 +87,7 @@ class Service:
         def make_trainer(first_samples=None) -> OnlineTrainer:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
                 d2t, t2d = vocab_from_samples(first_samples, draft.config.draft_vocab_size, draft.config.vocab_size)
-                engine.swap_draft({**dict(engine.draft.named_parameters()), "d2t": d2t, "t2d": t2d}, 0)
-                engine._apply_swap()  # we are in the engine thread, between steps
+                engine.draft.set_vocab_map(d2t, t2d)  # in the engine thread (on_sample), never during a round
             return OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft)
 
         if pruned:

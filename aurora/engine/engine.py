@@ -158,13 +158,13 @@ class LLMEngine:
             p = seq.params
             self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
                                 p.seed if p.seed is not None else random.getrandbits(62))
-            tok = self.runner.prefill(seq.row, seq.prompt_ids)
+            tok = self.runner.prefill(seq.row, seq.prompt_ids, p.greedy, p.filters)
             outputs.append(self._append(seq, [tok]))
         running = [s for s in self.scheduler.running if s.finish_reason is None]
         if running:
             B = len(self.scheduler.running)
             max_cached = max(s.num_tokens for s in self.scheduler.running)
-            filtering = any(s.params.top_p < 1.0 or s.params.top_k > 0 for s in self.scheduler.running)
+            filtering = any(s.params.filters for s in self.scheduler.running)
             greedy_only = all(s.params.greedy for s in self.scheduler.running)
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only)
             for seq in running:

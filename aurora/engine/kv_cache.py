@@ -6,7 +6,7 @@ need no rollback copy: they lie beyond the sequence's length and are masked out,
 """
 import torch
 
-from aurora.models.layers import Attend, sdpa
+from aurora.models.layers import Attend, fold_mask, sdpa
 
 
 class SlotKVCache:
@@ -20,12 +20,15 @@ class SlotKVCache:
         """Rows row0..row0+B-1; write_pos [B,T] cache positions of the new tokens; mask [B,1,T,S] bool."""
         B, S = write_pos.shape[0], mask.shape[-1]
         rows = torch.arange(row0, row0 + B, device=write_pos.device)[:, None]
+        folded = {}  # the GQA-folded mask, built at the first layer and shared by all
 
         def fn(layer: int, q, k, v):
             kc, vc = self.k[layer], self.v[layer]
             kc[rows, write_pos] = k.to(kc.dtype)
             vc[rows, write_pos] = v.to(vc.dtype)
-            return sdpa(q, kc[row0:row0 + B, :S], vc[row0:row0 + B, :S], mask)
+            if not folded:
+                folded["mask"] = fold_mask(mask, q.shape[2] // k.shape[2])
+            return sdpa(q, kc[row0:row0 + B, :S], vc[row0:row0 + B, :S], folded["mask"])
 
         return fn
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from aurora.engine.kv_cache import SlotKVCache, block_mask
-from aurora.engine.sampling import probs, sample, uniform, verify_chain, verify_greedy
+from aurora.engine.sampling import pick, probs, sample, uniform, verify_chain, verify_greedy
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
 
@@ -119,8 +119,8 @@ class ModelRunner:
         return torch.zeros(q_d.shape[0], V, device=q_d.device).index_copy_(1, ids, q_d)
 
     @torch.inference_mode()
-    def prefill(self, row: int, prompt: list[int]) -> int:
-        """Fill row's caches with the prompt, sample x[P]; returns it (one sync, at admission only)."""
+    def prefill(self, row: int, prompt: list[int], greedy: bool, filtering: bool) -> int:
+        """Fill row's caches with the prompt, pick x[P]; returns it (one sync, at admission only)."""
         P = len(prompt)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         n0 = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -128,10 +128,9 @@ class ModelRunner:
         tree = torch.ones(1, P, P, dtype=torch.bool, device=self.device).tril_()
         h, aux = self._target(ids, n0, tree, row0=row)
         r = slice(row, row + 1)
-        logits = self.target.logits(h[:, -1])
-        p = probs(logits[:, None], self.temp[r], self.top_p[r], self.top_k[r])[:, 0]
         pos = torch.full((1,), P - 1, dtype=torch.long, device=self.device)
-        tok = torch.where(self.temp[r] > 0, sample(p, uniform(self.seed[r], pos, 3, p.shape[-1])), logits.argmax(-1))
+        tok = pick(self.target.logits(h[:, -1]), self.temp[r], self.top_p[r] if filtering else None, self.top_k[r],
+                   self.seed[r], pos, greedy)
         if self.draft is not None:  # draft position t reads x[t+1]: ids shifted by one, the new token last
             d_ids = torch.cat([ids[:, 1:], tok[:, None]], dim=1)
             dh, dl = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row)
@@ -144,12 +143,8 @@ class ModelRunner:
         n, x = self.cache_len[:B], self.next_tok[:B]
         tree = torch.ones(B, 1, 1, dtype=torch.bool, device=self.device)
         h, _ = self._target(x[:, None], n, tree)
-        logits = self.target.logits(h[:, 0])
-        temp, top_p, top_k = self.temp[:B], self.top_p[:B], self.top_k[:B]
-        tok = logits.argmax(-1)
-        if not self._greedy_only:
-            p = probs(logits[:, None], temp, self._tp(top_p), top_k)[:, 0]
-            tok = torch.where(temp > 0, sample(p, uniform(self.seed[:B], n, 3, p.shape[-1])), tok)
+        tok = pick(self.target.logits(h[:, 0]), self.temp[:B], self._tp(self.top_p[:B]), self.top_k[:B],
+                   self.seed[:B], n, self._greedy_only)
         self.out_tokens[:B, 0] = tok
         self.out_n[:B] = 0
         self.next_tok[:B] = tok

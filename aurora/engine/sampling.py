@@ -59,26 +59,31 @@ def verify_chain(target_logits, draft_tokens, q_draft, greedy, temp, top_p, top_
     B, K1, V = target_logits.shape
     k = K1 - 1
     ar = torch.arange(B, device=target_logits.device)
-    # greedy rows
-    top = target_logits.argmax(-1)  # [B,k+1]
-    g_acc = torch.cumprod((top[:, :k] == draft_tokens).long(), dim=1).sum(1)
-    # sampling rows
+    g_tokens, g_acc = verify_greedy(target_logits, draft_tokens)
+    # sampling rows: accept x with probability min(1, p(x)/q(x))
     p = probs(target_logits, temp, top_p, top_k)  # [B,k+1,V]
     px = p[:, :k].gather(2, draft_tokens[..., None])[..., 0]
     qx = q_draft.gather(2, draft_tokens[..., None])[..., 0]
     u = uniform(seed, position, 1, k)
     ok = u * qx <= px  # u < min(1, p/q) without dividing by a zero q
     s_acc = torch.cumprod(ok.long(), dim=1).sum(1)
-    n_acc = torch.where(greedy, g_acc, s_acc)
-    # token at n_acc: correction from normalize(max(p - q, 0)) if rejected, else bonus from p
+    # token at s_acc: correction from normalize(max(p - q, 0)) if rejected, else bonus from p
     q_pad = torch.cat([q_draft, torch.zeros_like(q_draft[:, :1])], dim=1)  # bonus position has q = 0
-    resid = (p[ar, n_acc] - q_pad[ar, n_acc]).clamp_min(0)
-    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[ar, n_acc])
-    s_tok = sample(resid, uniform(seed, position, 2, V))
-    last = torch.where(greedy, top[ar, n_acc], s_tok)
-    tokens = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
-    tokens[ar, n_acc] = last
-    return tokens, n_acc
+    resid = (p[ar, s_acc] - q_pad[ar, s_acc]).clamp_min(0)
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[ar, s_acc])
+    s_tokens = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
+    s_tokens[ar, s_acc] = sample(resid, uniform(seed, position, 2, V))
+    return torch.where(greedy[:, None], g_tokens, s_tokens), torch.where(greedy, g_acc, s_acc)
+
+
+def pick(logits, temp, top_p, top_k, seed, counter, greedy_only: bool) -> torch.Tensor:
+    """logits [B,V] -> [B] tokens: the argmax for greedy rows, a sample from the filtered distribution for the
+    others. greedy_only (known on the host) skips the probability work altogether."""
+    tok = logits.argmax(-1)
+    if greedy_only:
+        return tok
+    p = probs(logits[:, None], temp, top_p, top_k)[:, 0]
+    return torch.where(temp > 0, sample(p, uniform(seed, counter, 3, p.shape[-1])), tok)
 
 
 def verify_greedy(target_logits, draft_tokens):

@@ -31,6 +31,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def filters(self) -> bool:
+        """top-p or top-k truncates the distribution (costs a sort over the vocabulary)."""
+        return self.top_p < 1.0 or self.top_k > 0
+
 
 class Status(Enum):
     WAITING = "waiting"

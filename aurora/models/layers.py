@@ -117,7 +117,8 @@ class MLP(nn.Module):
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B,T,nh,hd], k/v [B,S,nkv,hd] (any strides), mask [B,1,T,S] bool (True = visible) -> [B,T,nh,hd].
+    """q [B,T,nh,hd], k/v [B,S,nkv,hd] (any strides), mask [B,1,T,S] bool (True = visible) or already folded
+    by fold_mask to [B,1,rep*T,S] -> [B,T,nh,hd].
 
     Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are folded into
     the query-length axis, so each KV head is read once, straight from the cache view."""
@@ -125,7 +126,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     nkv = k.shape[2]
     rep = nh // nkv
     q = q.view(B, T, nkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, rep * T, hd)
-    if mask is not None and rep > 1:
-        mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, rep, 1)  # [B,1,rep*T,S]
+    if mask is not None and mask.shape[2] != rep * T:
+        mask = fold_mask(mask, rep)
     out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.view(B, nkv, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh, hd)
+
+
+def fold_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """[B,1,T,S] -> [B,1,rep*T,S], the layout sdpa folds grouped query heads into (done once per forward)."""
+    return mask.expand(mask.shape[0], 1, *mask.shape[2:]).repeat(1, 1, rep, 1) if rep > 1 else mask
