@@ -3,6 +3,9 @@
 Token alignment (REFERENCE.md §1): draft position t reads (embed(x[t+1]), aux[t]) and predicts x[t+2].
 The target's distribution is kept as its final normed hidden state per position (H values instead of V):
 the trainer recomputes target logits with the frozen target LM head, exactly, at a fraction of the bytes.
+An engine that cannot expose that state (SGLang keeps only the aux states) leaves target_hidden None: the
+trainer then learns from the target's own next tokens (one-hot targets: the argmax under greedy serving,
+a draw from the target's distribution under sampling, so cross-entropy still estimates KL(target||draft)).
 """
 from dataclasses import dataclass, field
 
@@ -15,7 +18,7 @@ class Sample:
     token_ids: torch.Tensor      # [T] int64: prompt + completion
     prompt_len: int
     aux_hidden: torch.Tensor     # [T-1, 3H] target aux hidden states at positions 0..T-2 (the last token was never fed)
-    target_hidden: torch.Tensor  # [T-1, H] target final normed hidden at positions 0..T-2: logits = lm_head(.) predict x[t+1]
+    target_hidden: torch.Tensor | None  # [T-1, H] target final normed hidden at 0..T-2 (lm_head(.) predicts x[t+1]); None: one-hot targets
     loss_mask: torch.Tensor      # [T] bool: token positions whose prediction is trained
     # speculative rounds while serving: round r fed x[round_start[r]] then proposals[r] (target ids) to the
     # target; proposals[r, j] was a guess for token index round_start[r] + 1 + j; the first accepted[r]
@@ -29,9 +32,10 @@ class Sample:
 
     def __post_init__(self):
         T = self.token_ids.numel()
-        if self.aux_hidden.shape[0] != T - 1 or self.target_hidden.shape[0] != T - 1:
+        target_rows = T - 1 if self.target_hidden is None else self.target_hidden.shape[0]
+        if self.aux_hidden.shape[0] != T - 1 or target_rows != T - 1:
             raise ValueError(f"sample {self.request_id}: hidden states must cover T-1={T - 1} positions, got "
-                             f"{self.aux_hidden.shape[0]} aux and {self.target_hidden.shape[0]} target")
+                             f"{self.aux_hidden.shape[0]} aux and {target_rows} target")
         if self.loss_mask.shape != (T,):
             raise ValueError(f"sample {self.request_id}: loss_mask must be [{T}]")
 
@@ -42,4 +46,4 @@ class Sample:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.token_ids, self.aux_hidden, self.target_hidden,
                                                           self.loss_mask, self.round_start, self.proposals,
-                                                          self.accepted))
+                                                          self.accepted) if t is not None)

@@ -30,17 +30,14 @@ class Service:
         exist (day 0 with a pruned draft vocabulary: the map comes from the first requests' tokens)."""
         self.engine, self.trainer, self.config = engine, trainer, config
         self._make_trainer, self._warmup, self._first = make_trainer, warmup_requests, []
-        eng = engine.engine
         if trainer is not None:
             self._attach(trainer)
         elif make_trainer is not None:
-            eng.on_sample = self._collect_day0
+            engine.set_callbacks(on_sample=self._collect_day0)
 
     def _attach(self, trainer: OnlineTrainer) -> None:
         self.trainer = trainer
-        eng = self.engine.engine
-        eng.on_sample = trainer.add_sample
-        eng.on_finished = lambda seq: trainer.request_finished()
+        self.engine.set_callbacks(trainer.add_sample, lambda seq: trainer.request_finished())
         trainer.start()
 
     def _collect_day0(self, sample) -> None:  # engine thread; cheap until the warm-up is complete
@@ -55,7 +52,7 @@ class Service:
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Service":
         if cfg.engine == "sglang":
-            raise NotImplementedError("engine 'sglang' is not available in this build: serve with --engine local")
+            return cls._from_config_sglang(cfg)
         target_dir = hub.resolve(cfg.target)
         ckpt = os.path.join(cfg.run_dir, "checkpoint")
         draft, pruned = None, False
@@ -93,6 +90,62 @@ class Service:
         if pruned:
             return cls(aengine, None, cfg, make_trainer, cfg.vocab_warmup_requests)
         return cls(aengine, make_trainer(), cfg)
+
+    @classmethod
+    def _from_config_sglang(cls, cfg: ServeConfig) -> "Service":
+        """SGLang serves (its own processes, TP ranks); Aurora keeps the HTTP routes, the capture collector
+        and the trainer (on `trainer_device`: cuda = SGLang's first GPU, cuda:N = a GPU of its own)."""
+        import tempfile
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        from aurora.models.draft import save_draft
+        from aurora.sglang_engine.capture import CaptureCollector
+        from aurora.sglang_engine.engine import SGLangEngine
+        from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env
+
+        target_dir = hub.resolve(cfg.target)
+        tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
+        ckpt = os.path.join(cfg.run_dir, "checkpoint")
+        draft, draft_dir = None, None
+        if cfg.draft is not None:
+            tcfg = AutoConfig.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
+            if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
+                draft = load_served_draft(ckpt)
+            elif cfg.draft == "scratch":
+                if cfg.draft_vocab_size is not None:  # SGLang copies the vocabulary map once, at start-up
+                    raise ValueError("engine sglang fixes the draft vocabulary when SGLang starts: a scratch draft "
+                                     "uses the full vocabulary (leave draft_vocab_size unset) or pass a draft")
+                draft = new_draft(DraftConfig.from_target(tcfg))
+            else:
+                draft_dir = hub.resolve(cfg.draft)
+                draft = load_draft(draft_dir)
+            if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
+                draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
+                save_draft(draft, draft_dir)
+        address = os.path.join(tempfile.mkdtemp(prefix="aurora-"), "capture.sock") if draft is not None else None
+        collector = CaptureCollector(address, on_sample=lambda s: None) if address else None
+        port = free_port()
+        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port), server_env(address),
+                              os.path.join(cfg.run_dir, "sglang.log"), port)
+        try:
+            log.info("SGLang ready in %.0f s", server.wait_ready())
+        except BaseException:
+            server.stop()
+            raise
+        name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
+        engine = SGLangEngine(server, tokenizer, name, cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
+                              speculative=draft is not None)
+        if draft is None:
+            return cls(engine, None, cfg)
+        dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)
+        draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
+        draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
+        tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
+                            sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
+                            buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
+                            checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
+        return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
 
     # ------------------------------------------------------------- what the HTTP layer reads and does
     def draft_status(self) -> dict:

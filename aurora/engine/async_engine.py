@@ -49,6 +49,10 @@ class AsyncEngine:
             if self._streams.pop(rid, None) is not None:  # caller went away early
                 self.abort(rid)
 
+    def set_callbacks(self, on_sample=None, on_finished=None) -> None:
+        """on_sample(Sample) per captured finished request; on_finished(seq) per finished request."""
+        self.engine.on_sample, self.engine.on_finished = on_sample, on_finished
+
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self._wake.set()

@@ -10,6 +10,7 @@ import logging
 import os
 
 import torch
+from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +69,21 @@ def embedded_smollm2() -> str:
     tok.save_pretrained(tmp)
     os.replace(tmp, out) if not os.path.exists(out) else None
     return out
+
+
+def load_embedding(model_dir: str) -> torch.nn.Embedding:
+    """The target's input embedding alone (the draft shares it), read from its safetensors without loading the
+    rest: for a 230B target this is one tensor, not the model."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    names = [k for k in weight_map if k.endswith("embed_tokens.weight")]
+    if len(names) != 1:
+        raise ValueError(f"{model_dir}: expected one '*embed_tokens.weight' tensor, found {names}")
+    with safe_open(os.path.join(model_dir, weight_map[names[0]]), "pt") as f:
+        weight = f.get_tensor(names[0])
+    return torch.nn.Embedding.from_pretrained(weight, freeze=True)

@@ -38,6 +38,8 @@ class ServeConfig:
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     tp_size: int = 1                   # tensor parallel ranks (engine sglang)
     trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
+    sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
+                                       # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
     objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
     lr: float = 1e-4
@@ -92,6 +94,10 @@ class ServeConfig:
         _check(_is_int(self.max_body_bytes) and self.max_body_bytes >= 1024,
                f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         _check(bool(self.target), "target must name a model")
+        if self.engine == "sglang":
+            _check(self.topk == 1 or self.draft is None,
+                   "engine sglang captures training samples from chain drafts only: use topk 1")
+            _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "ServeConfig":

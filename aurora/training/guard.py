@@ -10,20 +10,18 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
-from aurora.training.loss import target_distribution
-from aurora.training.ttt import collate, ttt_forward
+from aurora.training.ttt import batch_target, collate, ttt_forward
 
 
 @torch.no_grad()
-def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor, ttt_length: int,
+def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor | None, ttt_length: int,
                          target_to_draft: torch.Tensor, device="cpu") -> dict:
     """Returns accept_length (sampling, expected tokens per round), greedy_accept_length, and step_accept
     (mean a_k per step over trained positions). Positions count where all K steps have a target."""
     K = ttt_length
     batch = collate(samples, K, target_to_draft, device)
     B, L = batch.shape
-    d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
-    tdist = target_distribution(batch.target_hidden, lm_head, d2t_ids)
+    tdist = batch_target(batch, draft, lm_head)
     p = tdist.full_probs().view(B, L, -1)
     p_pad = torch.cat([p, p.new_zeros(B, K, p.shape[-1])], 1)                   # rows beyond L: no target
     # greedy target choice as a draft id, -1 where the target's argmax lies outside the draft vocabulary

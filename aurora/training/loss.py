@@ -47,6 +47,18 @@ def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draf
     return TargetDist(*(torch.cat(p) for p in zip(*parts)))
 
 
+@torch.no_grad()
+def one_hot_distribution(next_ids: torch.Tensor, draft_to_target: torch.Tensor, vocab_size: int) -> TargetDist:
+    """The target distribution as its own next token (samples without target_hidden): next_ids [N] target ids.
+    Logits 0 at the token and -1e4 elsewhere give an exact one-hot softmax in fp32 (fkl = cross-entropy)."""
+    t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_to_target.device)
+    t2d[draft_to_target] = torch.arange(draft_to_target.numel(), device=draft_to_target.device)
+    d = t2d[next_ids.to(t2d.device)]
+    logits = torch.full((next_ids.numel(), draft_to_target.numel()), -1e4, device=t2d.device)
+    logits[d >= 0, d[d >= 0]] = 0.0
+    return TargetDist(logits, torch.zeros(next_ids.numel(), device=t2d.device), d >= 0)
+
+
 def divergence(h: torch.Tensor, lm_head_weight: torch.Tensor, target_logits: torch.Tensor,
                target_index: torch.Tensor, row_weight: torch.Tensor, objective: str):
     """The one adapter to aurora_kernels: h [R, H] normed draft states (rows of every TTT step),

@@ -87,7 +87,8 @@ class TrainConfig:
 
 
 class OnlineTrainer:
-    def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor, config: TrainConfig, publish):
+    def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor | None, config: TrainConfig, publish):
+        """target_lm_head None: samples carry no target_hidden and train on one-hot targets (SGLang backend)."""
         if draft.embed is None:
             raise ValueError("draft has no embedding: call draft.share_embedding(target.embed_tokens) first")
         self.config = c = config
@@ -96,7 +97,7 @@ class OnlineTrainer:
         self._publish_fn = publish
         self.master = self._fp32_copy(draft)
         self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
-        self.lm_head = target_lm_head.detach().to(self.device)
+        self.lm_head = None if target_lm_head is None else target_lm_head.detach().to(self.device)
         Vd = draft.config.draft_vocab_size
         self.target_to_draft = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
         self.target_to_draft[torch.arange(Vd) + draft.d2t.cpu()] = torch.arange(Vd)
@@ -124,8 +125,8 @@ class OnlineTrainer:
         if self.config.sample_rate < 1.0 and self._rng.random() >= self.config.sample_rate:
             return False
         cfg = self.master.config
-        if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or \
-                sample.target_hidden.shape[-1] != self.lm_head.shape[1]:
+        if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or (sample.target_hidden is None) != (
+                self.lm_head is None) or (self.lm_head is not None and sample.target_hidden.shape[-1] != self.lm_head.shape[1]):
             with self._stats_lock:
                 self.samples_invalid += 1
             return False

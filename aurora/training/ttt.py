@@ -20,7 +20,7 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
-from aurora.training.loss import TargetDist, divergence, rejection_term, target_distribution
+from aurora.training.loss import TargetDist, divergence, one_hot_distribution, rejection_term, target_distribution
 
 
 @dataclass
@@ -29,7 +29,8 @@ class TTTBatch:
     aux: torch.Tensor            # [B, L, 3Ht]
     positions: torch.Tensor      # [B, L]
     key_valid: torch.Tensor      # [B, L] bool, t < L_b
-    target_hidden: torch.Tensor  # [B*L, H] flattened: row b*L+i = target state at position i (predicts x[i+1])
+    target_hidden: torch.Tensor | None  # [B*L, H] row b*L+i = target state at position i (predicts x[i+1]);
+                                        # None: one-hot targets from the tokens (see aurora/sample.py)
     target_mask: torch.Tensor    # [B, L+K] bool: row i exists and loss_mask[i+1] (in-vocab applied by the loss)
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
@@ -50,7 +51,8 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     s0 = samples[0]
     ids = torch.zeros(B, L + K, dtype=torch.long)
     aux = torch.zeros(B, L, s0.aux_hidden.shape[1], dtype=s0.aux_hidden.dtype)
-    th = torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype)
+    one_hot = any(s.target_hidden is None for s in samples)
+    th = None if one_hot else torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype)
     key_valid = torch.zeros(B, L, dtype=torch.bool)
     target_mask = torch.zeros(B, L + K, dtype=torch.bool)
     rows, toks = [], []
@@ -58,7 +60,8 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
         n = s.num_tokens - 1
         ids[b, :n] = s.token_ids[1:]
         aux[b, :n] = s.aux_hidden
-        th[b, :n] = s.target_hidden
+        if th is not None:
+            th[b, :n] = s.target_hidden
         key_valid[b, :n] = True
         target_mask[b, :n] = s.loss_mask[1:].bool()
         for start, props, a in zip(s.round_start.tolist(), s.proposals.tolist(), s.accepted.tolist()):
@@ -77,7 +80,7 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     toks.append(int(target_to_draft[x]))
     return TTTBatch(ids=ids.to(device), aux=aux.to(device),
                     positions=torch.arange(L).expand(B, L).to(device), key_valid=key_valid.to(device),
-                    target_hidden=th.reshape(B * L, -1).to(device), target_mask=target_mask.to(device),
+                    target_hidden=None if th is None else th.reshape(B * L, -1).to(device), target_mask=target_mask.to(device),
                     reject_rows=torch.tensor(rows, dtype=torch.long).reshape(-1, 3).to(device),
                     reject_token=torch.tensor(toks, dtype=torch.long).to(device),
                     num_tokens=sum(s.num_tokens for s in samples))
@@ -124,6 +127,16 @@ def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logit
     return out
 
 
+def batch_target(batch: TTTBatch, draft: Eagle3Draft, lm_head: torch.Tensor | None) -> TargetDist:
+    """The target distribution at every row b*L+i: from the target's final states through its LM head, or
+    one-hot at the next token x[i+1] = ids[b, i] when the samples carry no final states."""
+    d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
+    if batch.target_hidden is None:
+        B, L = batch.shape
+        return one_hot_distribution(batch.ids[:, :L].reshape(-1), d2t_ids.to(batch.ids.device), draft.config.vocab_size)
+    return target_distribution(batch.target_hidden, lm_head, d2t_ids)
+
+
 def step_masks(batch: TTTBatch, tdist: TargetDist, ttt_length: int) -> torch.Tensor:
     """[K, B, L] bool: step k at t is trained (target row t+1+k valid, in-vocab argmax)."""
     B, L = batch.shape
@@ -147,8 +160,7 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     """Returns (loss, loss_per_step [K], acc_per_step [K]) for one batch; the last two detached floats.
     loss = sum_k decay^k * mean_k(div) + reject_weight * sum(-log(1-q(x))) / (trained step-0 rows)."""
     K = ttt_length
-    d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
-    tdist = target_distribution(batch.target_hidden, lm_head, d2t_ids)
+    tdist = batch_target(batch, draft, lm_head)
     steps = ttt_forward(draft, batch, K, with_logits=False)
     masks = step_masks(batch, tdist, K).float()                         # [K,B,L]
     counts = masks.flatten(1).sum(1).clamp_min(1.0)                      # [K]

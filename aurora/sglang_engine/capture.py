@@ -1,0 +1,194 @@
+"""Aurora's side of capture from SGLang: wire frames in, one Sample per finished request out.
+
+Rows arrive per request in serving order: prefill chunks (from the first uncached position on: a radix-cache
+hit means the cached prefix was never recomputed, so the sample starts after it; attention in the draft only
+sees relative positions, so the shorter context is the only loss), then one verified block per decode
+round, of which the first accept_len rows are the target's states at accepted tokens. The HTTP side calls
+`finish` with the request's final token ids; the sample is emitted once rows cover every fed position
+(frames can trail the response by a step), or the request is dropped after `timeout_s` and counted.
+Frames lost in the sender (a gap in `seq`) invalidate the requests in flight: dropped, counted.
+
+Samples carry no target_hidden (SGLang keeps only the aux states): the trainer learns from the target's own
+tokens (aurora/sample.py).
+"""
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Listener
+from typing import Callable
+
+import torch
+
+from aurora.sample import Sample
+from aurora.sglang_engine import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Partial:
+    start: int = -1                                   # token index of the first row
+    rows: list = field(default_factory=list)          # tensors [n_i, 3H]
+    n: int = 0
+    rounds: list = field(default_factory=list)        # (round_start relative to start, proposals, accepted)
+    broken: str | None = None
+    touched: float = field(default_factory=time.monotonic)
+    finish: tuple | None = None                       # (token_ids, prompt_len, greedy, draft_version)
+
+
+class CaptureCollector:
+    def __init__(self, address: str, on_sample: Callable[[Sample], None], timeout_s: float = 30.0,
+                 train_on_prompt: bool = False):
+        self.address, self.on_sample, self.timeout_s = address, on_sample, timeout_s
+        self.train_on_prompt = train_on_prompt
+        self._parts: dict[str, _Partial] = {}
+        self._done: OrderedDict = OrderedDict()  # rids already emitted or dropped: trailing frames are ignored
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.counts = {"frames": 0, "samples": 0, "dropped_incomplete": 0, "dropped_gap": 0, "dropped_cached": 0,
+                       "sender_dropped": 0, "bytes": 0}
+        self._listener = Listener(address, family="AF_UNIX")
+        self._stop = False
+        threading.Thread(target=self._accept, name="aurora-capture-rx", daemon=True).start()
+
+    # ------------------------------------------------------------- receiving (one thread per sender)
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._receive, args=(conn,), daemon=True).start()
+
+    def _receive(self, conn) -> None:
+        try:
+            while True:
+                head = conn.recv_bytes()
+                self.feed([head] + [conn.recv_bytes() for _ in range(wire.num_tensors(head))])
+        except (EOFError, OSError):
+            log.info("capture sender disconnected")
+
+    def feed(self, frames: list[bytes]) -> None:
+        header, t = wire.decode(frames)
+        with self._lock:
+            self.counts["frames"] += 1
+            self.counts["bytes"] += sum(len(f) for f in frames)
+            self.counts["sender_dropped"] = header.get("dropped", 0)
+            if self._seq and header["seq"] != self._seq + 1:  # frames were lost: rows in flight are unreliable
+                for p in self._parts.values():
+                    p.broken = p.broken or "gap"
+            self._seq = header["seq"]
+            if header["kind"] == "prefill":
+                self._prefill(header, t["hidden"])
+            else:
+                self._decode(header, t)
+            self._sweep()
+
+    def _part(self, rid: str) -> _Partial | None:
+        if rid in self._done:
+            return None
+        p = self._parts.setdefault(rid, _Partial())
+        p.touched = time.monotonic()
+        return p
+
+    def _prefill(self, h: dict, hidden: torch.Tensor) -> None:
+        off = 0
+        for rid, prefix, n in zip(h["rids"], h["prefix"], h["lens"]):
+            rows, off = hidden[off:off + n], off + n
+            p = self._part(rid)
+            if p is None or p.broken:
+                continue
+            if p.start < 0:
+                p.start = prefix
+            elif prefix != p.start + p.n:
+                p.broken = "gap"
+                continue
+            p.rows.append(rows)
+            p.n += n
+            self._try_emit(rid, p)
+
+    def _decode(self, h: dict, t: dict) -> None:
+        k = h["ndt"]
+        hidden = t["hidden"].view(len(h["rids"]), k, -1)
+        draft = t["draft"].view(len(h["rids"]), k) if "draft" in t else None
+        for b, (rid, a) in enumerate(zip(h["rids"], t["accept"].tolist())):
+            p = self._part(rid)
+            if p is None or p.broken or p.start < 0:
+                continue
+            if draft is not None:
+                p.rounds.append((p.n, draft[b, 1:].tolist(), a - 1))
+            p.rows.append(hidden[b, :a])
+            p.n += a
+            self._try_emit(rid, p)
+
+    # ------------------------------------------------------------- request side
+    def finish(self, rid: str, token_ids: list[int], prompt_len: int, greedy: bool, draft_version: int) -> None:
+        """Called when the HTTP response for `rid` is complete; the sample follows once its rows are in."""
+        with self._lock:
+            p = self._part(rid)
+            if p is None:
+                return
+            p.finish = (token_ids, prompt_len, greedy, draft_version)
+            self._try_emit(rid, p)
+            self._sweep()
+
+    def discard(self, rid: str) -> None:
+        """An aborted or failed request leaves no sample."""
+        with self._lock:
+            self._forget(rid)
+
+    def _try_emit(self, rid: str, p: _Partial) -> None:
+        if p.finish is None:
+            return
+        ids, prompt_len, greedy, version = p.finish
+        need = len(ids) - 1 - p.start  # rows for positions start .. T-2
+        if p.broken:
+            return self._drop(rid, "dropped_gap")
+        if p.start < 0 or p.n < need:
+            return  # rows still on their way (the sweep drops the request after timeout_s)
+        if need < 2:
+            return self._drop(rid, "dropped_cached")
+        tokens = torch.tensor(ids[p.start:], dtype=torch.long)
+        mask = torch.ones(tokens.numel(), dtype=torch.bool)
+        if not self.train_on_prompt:
+            mask[:max(0, prompt_len - p.start)] = False
+        rounds = [r for r in p.rounds if r[0] + 1 + len(r[1]) <= tokens.numel() and r[2] >= 0]
+        k = len(rounds[0][1]) if rounds else 0
+        sample = Sample(rid, tokens, prompt_len - p.start, torch.cat(p.rows)[:need], None, mask,
+                        round_start=torch.tensor([r[0] for r in rounds], dtype=torch.long),
+                        proposals=torch.tensor([r[1] for r in rounds], dtype=torch.long).view(len(rounds), k),
+                        accepted=torch.tensor([r[2] for r in rounds], dtype=torch.long),
+                        draft_version=version, greedy=greedy)
+        self._forget(rid)
+        self.counts["samples"] += 1
+        try:
+            self.on_sample(sample)
+        except Exception:
+            log.exception("on_sample failed")
+
+    def _drop(self, rid: str, why: str) -> None:
+        self.counts[why] += 1
+        self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        self._parts.pop(rid, None)
+        self._done[rid] = None
+        while len(self._done) > 65536:
+            self._done.popitem(last=False)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for rid, p in list(self._parts.items()):
+            if now - p.touched > self.timeout_s:
+                self._drop(rid, "dropped_incomplete")
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._parts)
+
+    def close(self) -> None:
+        self._stop = True
+        self._listener.close()
+

@@ -1,0 +1,220 @@
+"""SGLangEngine: the AsyncEngine interface (generate, abort, swap_draft, stats, shutdown) over a running SGLang
+server, so the HTTP service and the trainer work against SGLang exactly as against the built-in engine.
+
+generate   POST /generate (token ids in, streamed cumulative `output_ids` out) with an Aurora-made request
+           id: "c-..." when the request is captured for training, "n-..." when not (the plugin sends rows
+           only for "c-"); SGLang's per-request spec stats (verify rounds, accept length, correct-draft
+           histogram) feed EngineStats.
+finish     the collector turns the request's captured rows into a Sample -> on_sample (the trainer's buffer).
+swap_draft pause_generation(in_place) -> update_weights_from_tensor(draft-only in-place loader, no cache
+           flush) -> continue_generation, in a thread of its own; requests stay in SGLang's batch throughout.
+           The weights travel as one flat tensor: one CUDA IPC handle (trainer on a GPU of this host) or one
+           shared-memory segment (CPU), whatever the number of weights.
+"""
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from typing import AsyncIterator
+
+import httpx
+
+from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.engine.stats import EngineStats
+from aurora.sglang_engine.capture import CaptureCollector
+from aurora.sglang_engine.launch import LOADER, SGLangServer
+from aurora.sglang_engine.plugin.loader import flatten
+
+log = logging.getLogger(__name__)
+_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def sampling_params(p: SamplingParams) -> dict:
+    sp = {"max_new_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+          "top_k": p.top_k if p.top_k > 0 else -1, "ignore_eos": p.ignore_eos}
+    if p.stop:
+        sp["stop"] = list(p.stop)
+    if p.stop_token_ids:
+        sp["stop_token_ids"] = list(p.stop_token_ids)
+    if p.seed is not None:
+        sp["sampling_seed"] = p.seed
+    return sp
+
+
+def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
+    """SGLang's histogram h[i] = rounds with i correct drafts -> rounds whose draft j was accepted, j < k."""
+    h = histogram or []
+    return [sum(h[i] for i in range(j + 1, len(h))) for j in range(k)]
+
+
+class SGLangEngine:
+    def __init__(self, server: SGLangServer, tokenizer, model_name: str, max_model_len: int, lookahead: int,
+                 tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True):
+        """`collector` must be listening before SGLang starts (its schedulers connect while loading the draft)."""
+        self.server, self.url = server, server.url
+        self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
+        self.lookahead, self.tp_size, self.speculative = lookahead, tp_size, speculative
+        self.stats_ = EngineStats(lookahead)
+        self.draft_version = 0
+        self.on_sample = self.on_finished = None
+        self.collector = collector
+        if collector is not None:
+            collector.on_sample = self._emit
+        self.error: str | None = None
+        self.swaps, self.swap_failures = 0, 0
+        self.swap_ms: deque = deque(maxlen=100)   # pause -> update -> continue, wall time of each swap
+        self._swap_lock = threading.Lock()
+        self._clients: dict = {}                  # event loop -> httpx.AsyncClient
+        self._rids: dict[str, str] = {}           # caller's request id -> SGLang rid
+        self._running = 0
+        self._stop = False
+
+    def set_callbacks(self, on_sample=None, on_finished=None) -> None:
+        self.on_sample, self.on_finished = on_sample, on_finished
+
+    def _emit(self, sample) -> None:
+        if self.on_sample is not None:
+            self.on_sample(sample)
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        c = self._clients.get(loop)
+        if c is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            c = self._clients[loop] = httpx.AsyncClient(base_url=self.url, timeout=None, limits=limits)
+        return c
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self._stop:
+            raise RuntimeError("engine is shutting down")
+        if not self.server.alive():
+            self.error = f"SGLang exited with code {self.server.proc.returncode}"
+            raise RuntimeError(self.error)
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len {self.max_model_len}")
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        capture = self.collector is not None and params.capture and self.on_sample is not None
+        rid = ("c-" if capture else "n-") + request_id
+        self._rids[request_id] = rid
+        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params), "stream": True,
+                "rid": rid}
+        version, reported, finished = self.draft_version, 0, False
+        self._running += 1
+        try:
+            async with self._client().stream("POST", "/generate", json=body) as r:
+                if r.status_code != 200:
+                    detail = (await r.aread()).decode(errors="replace")[:500]
+                    raise (ValueError if r.status_code == 400 else RuntimeError)(f"SGLang {r.status_code}: {detail}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise RuntimeError(f"SGLang: {chunk['error']}")
+                    ids, meta = chunk["output_ids"], chunk["meta_info"]
+                    new, reported = ids[reported:], len(ids)
+                    self.stats_.on_tokens(len(new))
+                    fr = meta.get("finish_reason")
+                    finished = fr is not None
+                    reason = _REASONS.get(fr.get("type"), "stop") if finished else None
+                    rounds = int(meta.get("spec_verify_ct", 0))
+                    out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
+                                        len(ids) / rounds if rounds else 0.0, draft_version=version)
+                    if finished:
+                        self._finished(rid, prompt_ids, ids, params, version, meta, out, capture)
+                    yield out
+                    if finished:
+                        return
+        finally:
+            self._running -= 1
+            self._rids.pop(request_id, None)
+            if not finished and capture:
+                self.collector.discard(rid)
+
+    def _finished(self, rid, prompt_ids, ids, params, version, meta, out, capture) -> None:
+        rounds = int(meta.get("spec_verify_ct", 0))
+        per_pos = accepted_per_position(meta.get("spec_correct_drafts_histogram"), self.lookahead)
+        self.stats_.on_finish(len(ids), rounds, per_pos, version)
+        if capture:
+            if out.finish_reason in ("stop", "length"):
+                self.collector.finish(rid, list(prompt_ids) + list(ids), len(prompt_ids), params.greedy, version)
+            else:
+                self.collector.discard(rid)
+        if self.on_finished is not None:
+            self.on_finished(out)
+
+    def abort(self, request_id: str) -> None:
+        rid = self._rids.get(request_id)
+        if rid is None:
+            return
+        threading.Thread(target=self._post, args=("/abort_request", {"rid": rid}), daemon=True).start()
+
+    def _post(self, path: str, body: dict, timeout: float = 60.0) -> httpx.Response:
+        r = httpx.post(self.url + path, json=body, timeout=timeout)
+        r.raise_for_status()
+        return r
+
+    # ------------------------------------------------------------- hot swap
+    def swap_draft(self, state: dict, version: int) -> threading.Event:
+        """Copy new draft weights into SGLang's running draft worker (every TP rank), in place. Returns an
+        Event set when done; `draft_version` changes only if the update succeeded."""
+        if not self.speculative:
+            raise RuntimeError("this engine runs without a draft")
+        done = threading.Event()
+        threading.Thread(target=self._swap, args=(state, version, done), name="aurora-swap", daemon=True).start()
+        return done
+
+    def _swap(self, state: dict, version: int, done: threading.Event) -> None:
+        from sglang.srt.utils import MultiprocessingSerializer  # the `sglang` extra
+
+        with self._swap_lock:
+            try:
+                named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
+                payload = MultiprocessingSerializer.serialize(flatten(named), output_str=True)
+                t0 = time.perf_counter()
+                self._post("/pause_generation", {"mode": "in_place"})
+                try:
+                    r = self._post("/update_weights_from_tensor", {
+                        "serialized_named_tensors": [payload] * self.tp_size, "load_format": LOADER,
+                        "flush_cache": False}).json()
+                finally:
+                    self._post("/continue_generation", {"torch_empty_cache": False})
+                if not r.get("success", False):
+                    raise RuntimeError(f"update_weights_from_tensor: {r.get('message')}")
+                self.swap_ms.append(1000 * (time.perf_counter() - t0))
+                self.draft_version, self.swaps = version, self.swaps + 1
+            except Exception as e:
+                self.swap_failures += 1
+                self.error = f"draft swap failed: {type(e).__name__}: {e}"
+                log.exception("draft swap to version %d failed", version)
+            finally:
+                done.set()
+
+    # ------------------------------------------------------------- status
+    def stats(self) -> dict:
+        s = self.stats_.snapshot()
+        s.update(running=self._running, waiting=0, draft_version=self.draft_version, engine="sglang",
+                 swaps=self.swaps, swap_failures=self.swap_failures,
+                 swap_ms_last=self.swap_ms[-1] if self.swap_ms else None)
+        if self.collector is not None:
+            s["capture"] = dict(self.collector.counts, pending=self.collector.pending())
+        return s
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        self._stop = True
+        t0 = time.monotonic()
+        while drain and self._running and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+        self.server.stop()
+        if self.collector is not None:
+            self.collector.close()

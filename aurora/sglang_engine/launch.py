@@ -1,0 +1,99 @@
+"""Start and stop SGLang's HTTP server as a managed child process.
+
+Why a server process and not the in-process `sglang.Engine`: SGLang's own processes (tokenizer manager,
+scheduler per TP rank, detokenizer) then live apart from Aurora's event loop, trainer and CUDA context; a
+crashed or hung SGLang is visible and restartable without taking Aurora's HTTP front down; and the process
+is the same `sglang.launch_server` a production deployment runs (its flags pass through `sglang_args`).
+One loopback HTTP hop per request is the price: well under a millisecond beside a decoding round.
+"""
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+log = logging.getLogger(__name__)
+LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
+PLUGIN = "aurora.sglang_engine.plugin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[str]:
+    """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone."""
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", target, "--host", "127.0.0.1",
+            "--port", str(port), "--tp-size", str(cfg.tp_size), "--max-running-requests", str(cfg.max_batch),
+            "--context-length", str(cfg.max_model_len), "--dtype", "bfloat16"]
+    if cfg.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if draft_dir is not None:
+        argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_dir,
+                 "--speculative-num-steps", str(cfg.lookahead), "--speculative-eagle-topk", str(cfg.topk),
+                 "--speculative-num-draft-tokens", str(cfg.num_draft_tokens), "--custom-weight-loader", LOADER]
+    return argv + shlex.split(cfg.sglang_args)
+
+
+def server_env(capture_address: str | None) -> dict:
+    """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given."""
+    env = dict(os.environ)
+    env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    env.pop("AURORA_CAPTURE_ADDR", None)
+    if capture_address:
+        env["AURORA_CAPTURE_ADDR"] = capture_address
+    return env
+
+
+class SGLangServer:
+    def __init__(self, argv: list[str], env: dict, log_path: str, port: int):
+        self.port, self.log_path = port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        log.info("starting SGLang: %s", shlex.join(argv))
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 900.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang exited with code {self.proc.returncode} while starting:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/model_info", timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"SGLang not ready after {timeout_s:.0f} s:\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

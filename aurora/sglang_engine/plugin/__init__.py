@@ -1,0 +1,6 @@
+"""Imported inside SGLang's scheduler processes through SGLANG_EXTERNAL_MODEL_PACKAGE=aurora.sglang_engine.plugin.
+
+eagle3.py registers `LlamaForCausalLMEagle3` (SGLang's own EAGLE3 draft class, subclassed) so that building the
+draft installs Aurora's capture hooks in that process; loader.py is the draft-only weight loader named by
+--custom-weight-loader. No SGLang source file is changed.
+"""

@@ -1,0 +1,48 @@
+"""Draft-only, in-place weight loader for SGLang's update_weights_from_tensor (--custom-weight-loader).
+
+SGLang calls it once for the draft model and once for the target model of every TP rank. It loads the
+draft through the draft's own load_weights (which shards for tensor parallelism and copies into the existing
+parameters, so CUDA graphs keep pointing at valid storage) and leaves the target untouched. It checks that
+no parameter was reallocated.
+"""
+import json
+import logging
+
+FLAT = "aurora.flat:"  # one flat tensor + its layout in the name: one CUDA IPC handle to open instead of one per weight
+log = logging.getLogger("aurora.sglang.loader")
+
+
+def load_draft_only(model, named_tensors) -> None:
+    if "Eagle3" not in type(model).__name__:
+        return  # the target: never touched
+    named_tensors = [(k, v) for k, v in unflatten(named_tensors) if k not in ("d2t", "t2d")]  # the map is fixed
+    before = {k: p.data_ptr() for k, p in model.named_parameters()}
+    model.load_weights(named_tensors)
+    moved = [k for k, p in model.named_parameters() if p.data_ptr() != before[k]]
+    if moved:
+        raise RuntimeError(f"draft parameters were reallocated (CUDA graphs would read stale memory): {moved}")
+    log.info("aurora: draft weights updated in place (%d tensors)", len(named_tensors))
+
+
+def flatten(named: list) -> list:
+    """[(name, tensor)] of one dtype -> [(FLAT + layout, flat tensor)]; `unflatten` inverts it (views, no copy)."""
+    import torch
+
+    layout = [(k, list(v.shape)) for k, v in named]
+    return [(FLAT + json.dumps(layout), torch.cat([v.reshape(-1) for _, v in named]))]
+
+
+def unflatten(named: list) -> list:
+    out = []
+    for name, t in named:
+        if not name.startswith(FLAT):
+            out.append((name, t))
+            continue
+        off = 0
+        for k, shape in json.loads(name[len(FLAT):]):
+            n = 1
+            for d in shape:
+                n *= d
+            out.append((k, t[off:off + n].view(shape)))
+            off += n
+    return out

@@ -1,0 +1,37 @@
+"""Capture frames from SGLang's scheduler to Aurora: a small JSON header, then raw tensor bytes (never JSON).
+
+One message = header frame + one frame per tensor named in header["tensors"], sent over a
+multiprocessing.connection (unix socket). `seq` numbers messages so the receiver can tell a dropped one.
+  kind "prefill": rids, prefix (tokens already cached before this chunk), lens (rows per request); tensor
+                  hidden [sum(lens), 3H]: target aux states of the chunk's tokens, request by request.
+  kind "decode":  rids, ndt (tokens verified per request); tensors hidden [bs*ndt, 3H], draft [bs*ndt] (the
+                  verified block: last token, then the draft's proposals), accept [bs] (accepted + bonus).
+"""
+import json
+
+import torch
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.int64,
+                                                      torch.int32)}
+
+
+def encode(header: dict, tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    meta = dict(header, tensors=[[k, str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors.items()])
+    frames = [json.dumps(meta).encode()]
+    for t in tensors.values():
+        t = t.contiguous()
+        frames.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return frames
+
+
+def num_tensors(header_frame: bytes) -> int:
+    return len(json.loads(header_frame)["tensors"])
+
+
+def decode(frames: list[bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
+    header = json.loads(frames[0])
+    tensors = {}
+    for (name, dtype, shape), raw in zip(header.pop("tensors"), frames[1:]):
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+        tensors[name] = t.view(_DTYPES[dtype]).view(shape)
+    return header, tensors
