@@ -154,7 +154,7 @@ class CaptureCollector:
         mask = torch.ones(tokens.numel(), dtype=torch.bool)
         if not self.train_on_prompt:
             mask[:max(0, prompt_len - p.start)] = False
-        rounds = [r for r in p.rounds if r[0] + 1 + len(r[1]) <= tokens.numel() and r[2] >= 0]
+        rounds = [r for r in p.rounds if r[0] < tokens.numel() - 1 and r[2] >= 0]
         k = len(rounds[0][1]) if rounds else 0
         sample = Sample(rid, tokens, prompt_len - p.start, torch.cat(p.rows)[:need], None, mask,
                         round_start=torch.tensor([r[0] for r in rounds], dtype=torch.long),

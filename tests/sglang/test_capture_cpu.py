@@ -1,0 +1,154 @@
+"""Aurora's side of SGLang capture, on the CPU: wire frames sent over a real unix socket the way the plugin
+sends them (prefill chunks, a radix-cache hit, verified blocks with trailing rows, a lost frame) must turn
+into exactly the Samples the request's tokens define. Plus the launch command and the swap's flat payload."""
+import os
+import time
+from multiprocessing.connection import Client
+
+import torch
+
+from aurora.engine.sequence import SamplingParams
+from aurora.server.config import ServeConfig
+from aurora.sglang_engine import wire
+from aurora.sglang_engine.capture import CaptureCollector
+from aurora.sglang_engine.engine import accepted_per_position, sampling_params
+from aurora.sglang_engine.launch import LOADER, server_command, server_env
+from aurora.sglang_engine.plugin.loader import flatten, unflatten
+
+D = 6  # 3H of a toy target
+
+
+def _rows(first_pos, n, rid_tag):
+    """Row at token index p of request r is filled with a value that names both: p + 1000 * r."""
+    return torch.arange(first_pos, first_pos + n, dtype=torch.float32)[:, None].repeat(1, D) + 1000 * rid_tag
+
+
+class Sender:
+    def __init__(self, address):
+        self.conn, self.seq = Client(address, family="AF_UNIX"), 0
+
+    def send(self, header, tensors, skip=False):
+        self.seq += 1
+        if skip:  # the plugin's queue was full: this frame never leaves
+            return
+        for f in wire.encode(dict(header, seq=self.seq, dropped=0), tensors):
+            self.conn.send_bytes(f)
+
+
+def _wait(cond, timeout=10):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+
+
+def test_frames_become_samples(tmp_path):
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=5)
+    tx = Sender(col.address)
+    # request A: prompt of 7 tokens in two prefill chunks (4 + 3); request B: prompt of 6 with 2 cached
+    tx.send({"kind": "prefill", "rids": ["c-A"], "prefix": [0], "lens": [4]}, {"hidden": _rows(0, 4, 1)})
+    tx.send({"kind": "prefill", "rids": ["c-A", "c-B"], "prefix": [4, 2], "lens": [3, 4]},
+            {"hidden": torch.cat([_rows(4, 3, 1), _rows(2, 4, 2)])})
+    # decode rounds: ndt 3; block rows are positions start.., accept includes the bonus token
+    def block(rid_tag, first, k=3):
+        return _rows(first, k, rid_tag)
+    tx.send({"kind": "decode", "rids": ["c-A", "c-B"], "ndt": 3},
+            {"hidden": torch.cat([block(1, 7), block(2, 6)]), "accept": torch.tensor([3, 1]),
+             "draft": torch.tensor([70, 71, 72, 60, 61, 62])})
+    tx.send({"kind": "decode", "rids": ["c-A", "c-B"], "ndt": 3},
+            {"hidden": torch.cat([block(1, 10), block(2, 7)]), "accept": torch.tensor([2, 2]),
+             "draft": torch.tensor([73, 74, 99, 62, 63, 64])})
+    ids_a = list(range(100, 112))  # 7 prompt + 5 completion tokens: rows needed for positions 0..10
+    col.finish("c-A", ids_a, 7, True, 3)
+    _wait(lambda: col.pending() == 2)  # A's frames are in, but it needs row 11-1=10: one more round
+    assert not got
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": block(1, 12), "accept": torch.tensor([3]), "draft": torch.tensor([1, 2, 3])})
+    _wait(lambda: len(got) == 1)
+    a = got[0]
+    assert a.request_id == "c-A" and a.token_ids.tolist() == ids_a and a.prompt_len == 7 and a.draft_version == 3
+    torch.testing.assert_close(a.aux_hidden, _rows(0, 11, 1))          # trailing rows (12..14) cut
+    assert a.loss_mask.tolist() == [False] * 7 + [True] * 5 and a.target_hidden is None
+    assert a.round_start.tolist() == [7, 10]  # the round fed at token 12 lies past the end
+    assert a.proposals[:2].tolist() == [[71, 72], [74, 99]] and a.accepted[:2].tolist() == [2, 1]
+    # B: cached prefix of 2 -> the sample starts at token 2; 6 prompt + 2 completion tokens -> rows 2..6
+    ids_b = list(range(200, 208))
+    col.finish("c-B", ids_b, 6, False, 3)
+    _wait(lambda: len(got) == 2)
+    b = got[1]
+    assert b.token_ids.tolist() == ids_b[2:] and b.prompt_len == 4 and not b.greedy
+    torch.testing.assert_close(b.aux_hidden, _rows(2, 5, 2))
+    assert b.loss_mask.tolist() == [False] * 4 + [True] * 2
+    # trailing frames for finished requests are ignored, not re-collected
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": block(1, 15), "accept": torch.tensor([1]), "draft": torch.tensor([1, 2, 3])})
+    _wait(lambda: col.counts["frames"] == 6)
+    assert col.pending() == 0 and col.counts["samples"] == 2
+    # a lost frame: the requests in flight are dropped and counted, never assembled with a hole
+    tx.send({"kind": "prefill", "rids": ["c-C"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 3)})
+    tx.send({"kind": "decode", "rids": ["c-C"], "ndt": 3}, {"hidden": block(3, 5), "accept": torch.tensor([3]),
+                                                           "draft": torch.tensor([1, 2, 3])}, skip=True)
+    tx.send({"kind": "decode", "rids": ["c-C"], "ndt": 3}, {"hidden": block(3, 8), "accept": torch.tensor([3]),
+                                                           "draft": torch.tensor([1, 2, 3])})
+    _wait(lambda: col.counts["frames"] == 8)
+    col.finish("c-C", list(range(300, 310)), 5, True, 3)
+    assert col.counts["dropped_gap"] == 1 and len(got) == 2
+    col.close()
+
+
+def test_unfinished_requests_time_out_and_are_counted(tmp_path):
+    col = CaptureCollector(str(tmp_path / "c.sock"), lambda s: None, timeout_s=0.2)
+    tx = Sender(col.address)
+    tx.send({"kind": "prefill", "rids": ["c-X"], "prefix": [0], "lens": [3]}, {"hidden": _rows(0, 3, 1)})
+    _wait(lambda: col.pending() == 1)
+    time.sleep(0.3)
+    col.finish("c-Y", [1, 2, 3], 2, True, 0)  # any later event sweeps
+    assert col.counts["dropped_incomplete"] == 1
+    col.close()
+
+
+def test_wire_round_trip_bf16():
+    t = {"hidden": torch.randn(5, 7).to(torch.bfloat16), "accept": torch.tensor([1, 2]), "e": torch.zeros(0, 3)}
+    header, back = wire.decode(wire.encode({"kind": "x"}, t))
+    assert header == {"kind": "x"}
+    for k in t:
+        assert back[k].dtype == t[k].dtype and torch.equal(back[k], t[k])
+
+
+def test_server_command_and_env():
+    cfg = ServeConfig(engine="sglang", target="x", lookahead=3, tp_size=2, trust_remote_code=True, max_batch=16,
+                      sglang_args="--attention-backend triton --mem-fraction-static 0.5")
+    argv = server_command(cfg, "/m/target", "/m/draft", 31000)
+    joined = " ".join(argv)
+    for part in ("sglang.launch_server", "--model-path /m/target", "--tp-size 2", "--trust-remote-code",
+                 "--speculative-algorithm EAGLE3", "--speculative-draft-model-path /m/draft",
+                 "--speculative-num-steps 3", "--speculative-eagle-topk 1", "--speculative-num-draft-tokens 4",
+                 f"--custom-weight-loader {LOADER}", "--max-running-requests 16", "--port 31000",
+                 "--attention-backend triton --mem-fraction-static 0.5"):
+        assert part in joined, part
+    assert "--speculative-algorithm" not in server_command(cfg, "/m/target", None, 31000)
+    env = server_env("/tmp/a.sock")
+    assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "aurora.sglang_engine.plugin"
+    assert env["AURORA_CAPTURE_ADDR"] == "/tmp/a.sock" and "AURORA_CAPTURE_ADDR" not in server_env(None)
+    assert os.path.isdir(os.path.join(env["PYTHONPATH"].split(os.pathsep)[0], "aurora"))
+
+
+def test_request_mapping_and_stats():
+    sp = sampling_params(SamplingParams(max_tokens=9, temperature=0.5, top_p=0.9, top_k=0, seed=3, stop=["\n\n"],
+                                        stop_token_ids=[7]))
+    assert sp == {"max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "ignore_eos": False,
+                  "stop": ["\n\n"], "stop_token_ids": [7], "sampling_seed": 3}
+    # histogram: 5 rounds with 0 correct drafts, 3 with 1, 2 with 4 -> draft 1 accepted in 5 rounds, 2-4 in 2
+    assert accepted_per_position([5, 3, 0, 0, 2], 4) == [5, 2, 2, 2]
+    assert accepted_per_position(None, 2) == [0, 0]
+
+
+def test_flat_payload_round_trip():
+    named = [("fc.weight", torch.randn(4, 6)), ("norm.weight", torch.randn(4)), ("lm_head.weight", torch.randn(3, 4))]
+    flat = flatten(named)
+    assert len(flat) == 1
+    back = unflatten(flat + [("other", torch.ones(2))])
+    assert [k for k, _ in back] == ["fc.weight", "norm.weight", "lm_head.weight", "other"]
+    for (k, v), (_, w) in zip(named, back):
+        assert torch.equal(v, w)
