@@ -135,14 +135,14 @@ class Service:
             raise
         name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
         engine = SGLangEngine(server, tokenizer, name, cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
-                              speculative=draft is not None)
+                              speculative=draft is not None, sample_rate=cfg.sample_rate)
         if draft is None:
             return cls(engine, None, cfg)
         dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)
         draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
         draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
         tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
-                            sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
+                            sync_every=cfg.sync_every, sample_rate=1.0,  # sampled by the engine at admission
                             buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
                             checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
         return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)

@@ -14,6 +14,7 @@ swap_draft pause_generation(in_place) -> update_weights_from_tensor(draft-only i
 import asyncio
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -52,7 +53,8 @@ def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
 
 class SGLangEngine:
     def __init__(self, server: SGLangServer, tokenizer, model_name: str, max_model_len: int, lookahead: int,
-                 tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True):
+                 tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True,
+                 sample_rate: float = 1.0):
         """`collector` must be listening before SGLang starts (its schedulers connect while loading the draft)."""
         self.server, self.url = server, server.url
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
@@ -60,7 +62,8 @@ class SGLangEngine:
         self.stats_ = EngineStats(lookahead)
         self.draft_version = 0
         self.on_sample = self.on_finished = None
-        self.collector = collector
+        self.collector, self.sample_rate = collector, sample_rate
+        self._rng = random.Random(0)
         if collector is not None:
             collector.on_sample = self._emit
         self.error: str | None = None
@@ -100,7 +103,8 @@ class SGLangEngine:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len {self.max_model_len}")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        capture = self.collector is not None and params.capture and self.on_sample is not None
+        capture = (self.collector is not None and params.capture and self.on_sample is not None
+                   and self._rng.random() < self.sample_rate)  # decided at admission: unsampled rows are never sent
         rid = ("c-" if capture else "n-") + request_id
         self._rids[request_id] = rid
         body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params), "stream": True,
