@@ -33,7 +33,8 @@ from aurora.server.config import ServeConfig  # noqa: E402
 from aurora.service import Service  # noqa: E402
 from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env  # noqa: E402
 
-EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --mem-fraction-static 0.3 --cuda-graph-max-bs 32"
+# prefill graphs off: start-up in ~1 min instead of ~3 (decode graphs, the ones swaps must keep valid, stay on)
+EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
 SYNC, TOKENS, CLIENTS = 40, 64, 16
 RESULTS = os.environ.get("AURORA_RESULTS")  # a directory: measurements are written there as JSON
 
@@ -42,14 +43,16 @@ RESULTS = os.environ.get("AURORA_RESULTS")  # a directory: measurements are writ
 def stack(tmp_path_factory):
     run = tmp_path_factory.mktemp("sglang")
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=SYNC, lr=3e-4, max_batch=32,
-                      max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_args=EXTRA)
+                      max_model_len=2048, run_dir=str(run), wandb="disabled",
+                      sglang_args=EXTRA + " --mem-fraction-static 0.45")
     target_dir = hub.resolve("smollm2")
     port = free_port()
-    ref = SGLangServer(server_command(dataclasses.replace(cfg, draft=None), target_dir, None, port), server_env(None),
+    ref_cfg = dataclasses.replace(cfg, draft=None, sglang_args=EXTRA + " --mem-fraction-static 0.2")
+    ref = SGLangServer(server_command(ref_cfg, target_dir, None, port), server_env(None),
                        str(run / "reference.log"), port)
     t0 = time.time()
+    ref.wait_ready()  # one after the other: SGLang sizes its KV cache from the memory free at start-up
     service = Service.from_config(cfg)  # starts its own SGLang (EAGLE3, capture on) and the trainer
-    ref.wait_ready()
     print(f"\nboth SGLang servers ready in {time.time() - t0:.0f} s")
     service.trainer.config.min_samples_before_train = 8
     captured = []
