@@ -91,7 +91,12 @@ def main():
     ap.add_argument("--sglang-args", default="")
     ap.add_argument("--out", default="results/sglang")
     ap.add_argument("--skip-builtin", action="store_true")
+    ap.add_argument("--quick", type=float, default=0, metavar="SECONDS",
+                    help="short device budget: one Aurora/SGLang server only (prefill graphs off), trained on "
+                         "HumanEval traffic for SECONDS, benched with capture on and off; no target-only/built-in rows")
     a = ap.parse_args()
+    if a.quick:
+        return quick(a)
     os.makedirs(a.out, exist_ok=True)
     run = os.path.join(a.out, "run")
     extra = a.sglang_args + " --mem-fraction-static 0.5 --cuda-graph-max-bs 32"
@@ -167,6 +172,48 @@ def main():
     print("\n| mode | concurrency | tok/s | accept length |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['concurrency']} | {r['tokens_per_s']:,} | {r['accept_length']} |")
+
+
+def quick(a):
+    os.makedirs(a.out, exist_ok=True)
+    cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=a.sync_every, lr=1e-3,
+                      max_batch=32, max_model_len=2048, run_dir=os.path.join(a.out, "run"), wandb="disabled",
+                      sglang_args=a.sglang_args + " --mem-fraction-static 0.5 --cuda-graph-max-bs 32"
+                                                  " --cuda-graph-backend-prefill disabled")
+    out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+
+    def save():
+        with open(os.path.join(a.out, "bench_quick.json"), "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
+    t0 = time.time()
+    service = Service.from_config(cfg)
+    out["start_s"] = time.time() - t0
+    service.trainer.config.min_samples_before_train = 16
+    live = _Live(service, cfg)
+    code = load_prompts("code")
+    t0, n = time.time(), 0
+    while time.time() - t0 < a.quick:  # online training on HumanEval traffic
+        asyncio.run(_chat(live.url, 16, 160, max_tokens=64, ignore_eos=False, prompts=code[n % 160:] + code[:n % 160]))
+        n += 160
+    service.swap_now()
+    st = service.engine.stats()
+    out["training"] = {"requests": n, "seconds": time.time() - t0, "swaps": st["swaps"],
+                       "swap_ms": list(service.engine.swap_ms), "accept_by_version": st["accept_length_by_version"],
+                       "trainer_steps": service.trainer.steps, "capture": st["capture"]}
+    save()
+    for capture in (True, False):
+        service.engine.sample_rate = 1.0 if capture else 0.0
+        for domain, prompts in (("chat", None), ("code", [p for p in code[:64]])):
+            for c in (1, 16):
+                n_req = 8 if c == 1 else 64
+                tps, acc = asyncio.run(_chat(live.url, c, n_req, prompts=prompts[:n_req] if prompts else None))
+                out["rows"].append({"capture": capture, "domain": domain, "concurrency": c, "tokens_per_s": tps,
+                                    "accept_length": acc})
+                print(out["rows"][-1], flush=True)
+                save()
+    live.close()
+    service.shutdown()
 
 
 if __name__ == "__main__":

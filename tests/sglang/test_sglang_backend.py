@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -240,7 +241,8 @@ def test_swaps_under_load_accept_length_rises(stack):
           f"max {1000 * g[-1]:.1f} ms")
     ties = NearTie(tok)
     retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - both sides alike
-    parts = [ties.gap(p, retok(text), retok(tok.decode(expected[p], skip_special_tokens=True))) for p, text in wrong]
+    checked = random.Random(0).sample(wrong, min(len(wrong), 64))  # one HF forward each: a sample suffices
+    parts = [ties.gap(p, retok(text), retok(tok.decode(expected[p], skip_special_tokens=True))) for p, text in checked]
     print(f"outputs != target-only part at (token, fp32 gap): {[(t, round(g, 3)) for t, g in parts]}")
     _save("swap_under_load.json", {"requests": n_requests, "clients": CLIENTS, "seconds": elapsed,
                                    "swaps": engine.swaps - swaps0, "swap_ms": list(engine.swap_ms),
