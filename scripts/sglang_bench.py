@@ -43,14 +43,15 @@ async def _chat(url, conc, n, max_tokens=128, prompts=None, ignore_eos=True):
     async def worker(h):
         for i in it:
             r = await h.post("/v1/chat/completions", json={
-                "model": "x", "messages": [{"role": "user", "content": prompts[i]}], "max_tokens": max_tokens,
+                "model": model, "messages": [{"role": "user", "content": prompts[i]}], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": ignore_eos})
             r.raise_for_status()
             done.append(r.json()["usage"])
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as h:
-        await h.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "hi"}],
-                                                   "max_tokens": 16, "temperature": 0})
+        model = (await h.get("/v1/models")).json()["data"][0]["id"]  # Aurora checks the name; SGLang does not
+        (await h.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 16, "temperature": 0})).raise_for_status()
         t = time.perf_counter()
         await asyncio.gather(*(worker(h) for _ in range(conc)))
         dt = time.perf_counter() - t
