@@ -43,3 +43,10 @@ def test_unsupported_architecture_is_a_clear_error():
 
     with pytest.raises(ValueError, match="not supported"):
         TargetModel(GPT2Config())
+
+
+def test_load_embedding_alone_equals_the_models(smollm2_dir):
+    from aurora.models import hub
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    emb = hub.load_embedding(smollm2_dir)
+    assert torch.equal(emb.weight, hf.get_input_embeddings().weight) and not emb.weight.requires_grad
