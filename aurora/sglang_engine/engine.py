@@ -45,6 +45,13 @@ def sampling_params(p: SamplingParams) -> dict:
     return sp
 
 
+def serialize(named: list) -> str:
+    """SGLang's own tensor serializer (CUDA IPC handles / shared memory), as update_weights_from_tensor expects."""
+    from sglang.srt.utils import MultiprocessingSerializer  # the `sglang` extra
+
+    return MultiprocessingSerializer.serialize(named, output_str=True)
+
+
 def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
     """SGLang's histogram h[i] = rounds with i correct drafts -> rounds whose draft j was accepted, j < k."""
     h = histogram or []
@@ -179,12 +186,10 @@ class SGLangEngine:
         return done
 
     def _swap(self, state: dict, version: int, done: threading.Event) -> None:
-        from sglang.srt.utils import MultiprocessingSerializer  # the `sglang` extra
-
         with self._swap_lock:
             try:
                 named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
-                payload = MultiprocessingSerializer.serialize(flatten(named), output_str=True)
+                payload = serialize(flatten(named))
                 t0 = time.perf_counter()
                 self._post("/pause_generation", {"mode": "in_place"})
                 try:

@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import random
-import statistics
-import sys
 import time
 
 import httpx
@@ -24,8 +22,7 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("sglang") is None,
     reason="needs SGLang 0.5.17 (the `sglang` extra) and a CUDA GPU: run tests/sglang on the GPU machine")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "server"))
-from server_fakes import live_server  # noqa: E402
+from server_fakes import live_server  # noqa: E402 (tests/sglang/conftest.py puts tests/server on the path)
 
 from aurora.models import hub  # noqa: E402
 from aurora.prompts import load_prompts  # noqa: E402

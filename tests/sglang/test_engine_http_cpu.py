@@ -1,0 +1,102 @@
+"""SGLangEngine against a stand-in for SGLang's HTTP API (CPU): the streamed cumulative output_ids become
+token deltas, SGLang's spec stats become Aurora's, a captured request's rid is marked, errors map to the right
+exceptions, and a swap is pause(in_place) -> update(draft-only loader, no flush) -> continue, in that order,
+with one flat tensor. The real server is exercised on the GPU (test_sglang_backend.py)."""
+import asyncio
+import json
+import threading
+
+import pytest
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+import aurora.sglang_engine.engine as sgl_engine
+from aurora.engine.sequence import SamplingParams
+from aurora.sglang_engine.engine import SGLangEngine
+from aurora.sglang_engine.launch import LOADER
+from server_fakes import live_server
+
+
+def fake_sglang(calls: list):
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate(req: Request):
+        body = await req.json()
+        calls.append(("generate", body))
+        if body["sampling_params"]["max_new_tokens"] > 100:
+            return JSONResponse({"error": {"message": "too long"}}, status_code=400)
+        n = body["sampling_params"]["max_new_tokens"]
+
+        async def stream():
+            ids = []
+            for step in range(0, n, 2):  # two tokens per verify round
+                ids = ids + [7, 8][:n - step]
+                done = len(ids) == n
+                meta = {"spec_verify_ct": step // 2 + 1, "finish_reason": {"type": "length"} if done else None}
+                if done:
+                    meta["spec_correct_drafts_histogram"] = [0, step // 2 + 1]
+                yield f"data: {json.dumps({'output_ids': ids, 'meta_info': meta})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    for path in ("/pause_generation", "/continue_generation", "/abort_request"):
+        async def control(req: Request, path=path):
+            calls.append((path, await req.json()))
+            return {"success": True}
+        app.post(path)(control)
+
+    @app.post("/update_weights_from_tensor")
+    async def update(req: Request):
+        calls.append(("/update_weights_from_tensor", await req.json()))
+        return {"success": True, "message": ""}
+    return app
+
+
+class StubServer:
+    def __init__(self, url):
+        self.url, self.proc = url, None
+
+    def alive(self):
+        return True
+
+    def stop(self):
+        pass
+
+
+def test_generate_stats_errors_and_swap(monkeypatch):
+    calls, finished = [], []
+    monkeypatch.setattr(sgl_engine, "serialize", lambda named: json.dumps([[k, list(v.shape)] for k, v in named]))
+    with live_server(fake_sglang(calls)) as url:
+        eng = SGLangEngine(StubServer(url), tokenizer=None, model_name="m", max_model_len=64, lookahead=4, tp_size=2)
+        eng.set_callbacks(on_finished=finished.append)
+
+        async def collect(params):
+            return [o async for o in eng.generate([1, 2, 3], params, request_id="r1")]
+        outs = asyncio.run(collect(SamplingParams(max_tokens=5, temperature=0.0, stop=["\n"])))
+        assert [o.new_token_ids for o in outs] == [[7, 8], [7, 8], [7]] and outs[-1].output_ids == [7, 8, 7, 8, 7]
+        assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].verify_rounds == 3
+        body = calls[0][1]
+        assert body["rid"] == "n-r1" and body["input_ids"] == [1, 2, 3] and body["stream"]  # no collector: not captured
+        assert body["sampling_params"]["stop"] == ["\n"] and body["sampling_params"]["top_k"] == -1
+        assert finished and eng.stats()["accept_length_by_version"] == {0: 5 / 3}
+        assert eng.stats()["accept_rate_by_position"][0] == 1.0  # every round accepted its first draft
+        with pytest.raises(ValueError, match="max_model_len"):
+            asyncio.run(collect(SamplingParams(max_tokens=62)))
+        with pytest.raises(ValueError, match="SGLang 400"):
+            eng.max_model_len = 1000
+            asyncio.run(collect(SamplingParams(max_tokens=101)))
+
+        state = {"fc.weight": torch.ones(2, 3), "norm.weight": torch.ones(2), "d2t": torch.zeros(4, dtype=torch.long)}
+        assert eng.swap_draft(state, 5).wait(10)
+        assert eng.draft_version == 5 and eng.swaps == 1 and eng.swap_failures == 0
+        names = [c[0] for c in calls]
+        i = names.index("/pause_generation")
+        assert names[i:i + 3] == ["/pause_generation", "/update_weights_from_tensor", "/continue_generation"]
+        assert calls[i][1] == {"mode": "in_place"}
+        upd = calls[i + 1][1]
+        assert upd["load_format"] == LOADER and upd["flush_cache"] is False
+        assert len(upd["serialized_named_tensors"]) == 2  # one per TP rank
+        (flat_name, shape), = json.loads(upd["serialized_named_tensors"][0])  # one flat tensor, vocab map left out
+        assert flat_name.startswith("aurora.flat:") and shape == [8] and "d2t" not in flat_name
