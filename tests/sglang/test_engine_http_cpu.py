@@ -100,3 +100,22 @@ def test_generate_stats_errors_and_swap(monkeypatch):
         assert len(upd["serialized_named_tensors"]) == 2  # one per TP rank
         (flat_name, shape), = json.loads(upd["serialized_named_tensors"][0])  # one flat tensor, vocab map left out
         assert flat_name.startswith("aurora.flat:") and shape == [8] and "d2t" not in flat_name
+
+
+def test_capture_drops_and_swap_time_are_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from aurora.server.metrics import StatusCollector
+
+    class Svc:
+        def draft_status(self):
+            return {"draft_version": 3, "swap_failures": 1, "swap_ms_last": 120.0, "trainer": None,
+                    "capture": {"dropped_incomplete": 2, "dropped_gap": 1, "dropped_cached": 0, "sender_dropped": 4,
+                                "bytes": 1000}}
+    reg = CollectorRegistry()
+    reg.register(StatusCollector(Svc()))
+    text = generate_latest(reg).decode()
+    for line in ('aurora_capture_dropped_total{reason="incomplete"} 2.0', 'aurora_capture_dropped_total{reason="gap"} 1.0',
+                 'aurora_capture_dropped_total{reason="sender_queue_full"} 4.0', "aurora_engine_swap_seconds 0.12",
+                 "aurora_engine_swap_failures_total 1.0", "aurora_capture_bytes_total 1000.0"):
+        assert line in text, line
