@@ -1,5 +1,5 @@
 # Production image: SGLang (CUDA) + Aurora. Not built on the development machines (no Docker engine there).
-# docker build -t aurora . && docker run --gpus all -p 8000:8000 aurora --target MODEL --draft DRAFT
+# docker build -t aurora . && docker run --gpus all -p 8000:8000 aurora --engine sglang --target MODEL --draft DRAFT [--tp-size N]
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
     && rm -rf /var/lib/apt/lists/*
