@@ -59,19 +59,19 @@ def test_frames_become_samples(tmp_path):
     tx.send({"kind": "decode", "rids": ["c-A", "c-B"], "ndt": 3},
             {"hidden": torch.cat([block(1, 10), block(2, 7)]), "accept": torch.tensor([2, 2]),
              "draft": torch.tensor([73, 74, 99, 62, 63, 64])})
-    ids_a = list(range(100, 112))  # 7 prompt + 5 completion tokens: rows needed for positions 0..10
+    _wait(lambda: col.counts["frames"] == 4)
+    ids_a = list(range(100, 114))  # 7 prompt + 7 completion tokens: rows needed for positions 0..12
     col.finish("c-A", ids_a, 7, True, 3)
-    _wait(lambda: col.pending() == 2)  # A's frames are in, but it needs row 11-1=10: one more round
-    assert not got
+    assert col.pending() == 2 and not got  # A has rows 0..11 only: it waits for one more round
     tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
             {"hidden": block(1, 12), "accept": torch.tensor([3]), "draft": torch.tensor([1, 2, 3])})
     _wait(lambda: len(got) == 1)
     a = got[0]
     assert a.request_id == "c-A" and a.token_ids.tolist() == ids_a and a.prompt_len == 7 and a.draft_version == 3
-    torch.testing.assert_close(a.aux_hidden, _rows(0, 11, 1))          # trailing rows (12..14) cut
-    assert a.loss_mask.tolist() == [False] * 7 + [True] * 5 and a.target_hidden is None
-    assert a.round_start.tolist() == [7, 10]  # the round fed at token 12 lies past the end
-    assert a.proposals[:2].tolist() == [[71, 72], [74, 99]] and a.accepted[:2].tolist() == [2, 1]
+    torch.testing.assert_close(a.aux_hidden, _rows(0, 13, 1))          # the trailing row (13, 14) is cut
+    assert a.loss_mask.tolist() == [False] * 7 + [True] * 7 and a.target_hidden is None
+    assert a.round_start.tolist() == [7, 10, 12]
+    assert a.proposals.tolist() == [[71, 72], [74, 99], [2, 3]] and a.accepted.tolist() == [2, 1, 2]
     # B: cached prefix of 2 -> the sample starts at token 2; 6 prompt + 2 completion tokens -> rows 2..6
     ids_b = list(range(200, 208))
     col.finish("c-B", ids_b, 6, False, 3)
@@ -83,7 +83,7 @@ def test_frames_become_samples(tmp_path):
     # trailing frames for finished requests are ignored, not re-collected
     tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
             {"hidden": block(1, 15), "accept": torch.tensor([1]), "draft": torch.tensor([1, 2, 3])})
-    _wait(lambda: col.counts["frames"] == 6)
+    _wait(lambda: col.counts["frames"] == 6)  # processed in order: the trailing frame came after A's sample
     assert col.pending() == 0 and col.counts["samples"] == 2
     # a lost frame: the requests in flight are dropped and counted, never assembled with a hole
     tx.send({"kind": "prefill", "rids": ["c-C"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 3)})

@@ -6,10 +6,8 @@ parameters, so CUDA graphs keep pointing at valid storage) and leaves the target
 no parameter was reallocated.
 """
 import json
-import logging
 
 FLAT = "aurora.flat:"  # one flat tensor + its layout in the name: one CUDA IPC handle to open instead of one per weight
-log = logging.getLogger("aurora.sglang.loader")
 
 
 def load_draft_only(model, named_tensors) -> None:
@@ -21,7 +19,10 @@ def load_draft_only(model, named_tensors) -> None:
     moved = [k for k, p in model.named_parameters() if p.data_ptr() != before[k]]
     if moved:
         raise RuntimeError(f"draft parameters were reallocated (CUDA graphs would read stale memory): {moved}")
-    log.info("aurora: draft weights updated in place (%d tensors)", len(named_tensors))
+    from sglang.srt.distributed import get_tensor_model_parallel_rank
+    # a plain line in SGLang's log per rank and swap (SGLang's logging config may hide this logger's INFO)
+    print(f"[aurora] tp rank {get_tensor_model_parallel_rank()}: draft updated in place "
+          f"({len(named_tensors)} tensors)", flush=True)
 
 
 def flatten(named: list) -> list:
