@@ -123,10 +123,12 @@ class Service:
             if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
                 draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
                 save_draft(draft, draft_dir)
-        address = os.path.join(tempfile.mkdtemp(prefix="aurora-"), "capture.sock") if draft is not None else None
+        ipc = tempfile.mkdtemp(prefix="aurora-")  # a short path: unix socket names are limited to ~100 bytes
+        address = os.path.join(ipc, "capture.sock") if draft is not None else None
+        swap_dir = os.path.join(ipc, "swap") if draft is not None and cfg.sglang_swap == "step" else None
         collector = CaptureCollector(address, on_sample=lambda s: None) if address else None
         port = free_port()
-        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port), server_env(address),
+        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port), server_env(address, swap_dir),
                               os.path.join(cfg.run_dir, "sglang.log"), port)
         try:
             log.info("SGLang ready in %.0f s", server.wait_ready())
@@ -135,7 +137,8 @@ class Service:
             raise
         name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
         engine = SGLangEngine(server, tokenizer, name, cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
-                              speculative=draft is not None, sample_rate=cfg.sample_rate)
+                              speculative=draft is not None, sample_rate=cfg.sample_rate,
+                              swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir)
         if draft is None:
             return cls(engine, None, cfg)
         dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)

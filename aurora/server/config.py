@@ -38,6 +38,8 @@ class ServeConfig:
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     tp_size: int = 1                   # tensor parallel ranks (engine sglang)
     trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
+    sglang_swap: str = "pause"         # engine sglang: "pause" (pause in place, update, continue: ~0.1 s stall)
+                                       # or "step" (schedulers copy new weights between two steps; no pause)
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
@@ -98,6 +100,7 @@ class ServeConfig:
             _check(self.topk == 1 or self.draft is None,
                    "engine sglang captures training samples from chain drafts only: use topk 1")
             _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
+        _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "ServeConfig":

@@ -6,8 +6,11 @@ generate   POST /generate (token ids in, streamed cumulative `output_ids` out) w
            only for "c-"); SGLang's per-request spec stats (verify rounds, accept length, correct-draft
            histogram) feed EngineStats.
 finish     the collector turns the request's captured rows into a Sample -> on_sample (the trainer's buffer).
-swap_draft pause_generation(in_place) -> update_weights_from_tensor(draft-only in-place loader, no cache
-           flush) -> continue_generation, in a thread of its own; requests stay in SGLang's batch throughout.
+swap_draft "pause" (default, verified on the GPU): pause_generation(in_place) -> update_weights_from_tensor
+           (draft-only in-place loader, no cache flush) -> continue_generation, in a thread of its own;
+           requests stay in SGLang's batch throughout, but decoding stops for the ~0.1 s the three calls take.
+           "step": no pause at all; SGLang's schedulers copy the new weights in between two steps themselves
+           (plugin/step_swap.py). Not yet run against SGLang on a GPU.
            The weights travel as one flat tensor: one CUDA IPC handle (trainer on a GPU of this host) or one
            shared-memory segment (CPU), whatever the number of weights.
 """
@@ -28,6 +31,7 @@ from aurora.engine.stats import EngineStats
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import LOADER, SGLangServer
 from aurora.sglang_engine.plugin.loader import flatten
+from aurora.sglang_engine.plugin.step_swap import Publisher
 
 log = logging.getLogger(__name__)
 _REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -61,7 +65,7 @@ def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
 class SGLangEngine:
     def __init__(self, server: SGLangServer, tokenizer, model_name: str, max_model_len: int, lookahead: int,
                  tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True,
-                 sample_rate: float = 1.0):
+                 sample_rate: float = 1.0, swap_mode: str = "pause", swap_dir: str | None = None):
         """`collector` must be listening before SGLang starts (its schedulers connect while loading the draft)."""
         self.server, self.url = server, server.url
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
@@ -70,6 +74,10 @@ class SGLangEngine:
         self.draft_version = 0
         self.on_sample = self.on_finished = None
         self.collector, self.sample_rate = collector, sample_rate
+        if swap_mode not in ("pause", "step") or (swap_mode == "step") != (swap_dir is not None):
+            raise ValueError("swap_mode is 'pause', or 'step' with the swap_dir SGLang was started with")
+        self.swap_mode = swap_mode
+        self._publisher = Publisher(swap_dir, tp_size) if swap_mode == "step" else None
         self._rng = random.Random(0)
         if collector is not None:
             collector.on_sample = self._emit
@@ -189,6 +197,19 @@ class SGLangEngine:
         with self._swap_lock:
             try:
                 named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
+                if self._publisher is not None:  # step swap: ranks apply it between two steps, no pause
+                    t0 = time.perf_counter()
+                    v = self._publisher.publish(named)
+                    while True:  # ranks apply at their next step: an idle server applies when traffic returns
+                        try:
+                            self._publisher.wait_applied(v, 1.0)
+                            break
+                        except TimeoutError:
+                            if self._stop or not self.server.alive():
+                                raise
+                    self.swap_ms.append(1000 * (time.perf_counter() - t0))
+                    self.draft_version, self.swaps = version, self.swaps + 1
+                    return
                 payload = serialize(flatten(named))
                 t0 = time.perf_counter()
                 self._post("/pause_generation", {"mode": "in_place"})

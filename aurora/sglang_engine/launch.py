@@ -42,15 +42,19 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[s
     return argv + shlex.split(cfg.sglang_args)
 
 
-def server_env(capture_address: str | None) -> dict:
-    """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given."""
+def server_env(capture_address: str | None, swap_dir: str | None = None) -> dict:
+    """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given,
+    step swaps when a swap directory is."""
     env = dict(os.environ)
     env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     env.pop("AURORA_CAPTURE_ADDR", None)
+    env.pop("AURORA_SWAP_DIR", None)
     if capture_address:
         env["AURORA_CAPTURE_ADDR"] = capture_address
+    if swap_dir:
+        env["AURORA_SWAP_DIR"] = swap_dir
     return env
 
 

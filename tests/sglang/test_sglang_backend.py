@@ -35,13 +35,14 @@ from aurora.sglang_engine.launch import SGLangServer, free_port, server_command,
 EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
 SYNC, TOKENS, CLIENTS = 40, 64, 16
 RESULTS = os.environ.get("AURORA_RESULTS")  # a directory: measurements are written there as JSON
+SWAP = os.environ.get("AURORA_SGLANG_SWAP", "pause")  # "step": no pause; run the file once per mode
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     run = tmp_path_factory.mktemp("sglang")
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=SYNC, lr=1e-3, max_batch=32,
-                      max_model_len=2048, run_dir=str(run), wandb="disabled",
+                      max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_swap=SWAP,
                       sglang_args=EXTRA + " --mem-fraction-static 0.45")
     target_dir = hub.resolve("smollm2")
     port = free_port()
@@ -241,7 +242,7 @@ def test_swaps_under_load_accept_length_rises(stack):
     checked = random.Random(0).sample(wrong, min(len(wrong), 64))  # one HF forward each: a sample suffices
     parts = [ties.gap(p, retok(text), retok(tok.decode(expected[p], skip_special_tokens=True))) for p, text in checked]
     print(f"outputs != target-only part at (token, fp32 gap): {[(t, round(g, 3)) for t, g in parts]}")
-    _save("swap_under_load.json", {"requests": n_requests, "clients": CLIENTS, "seconds": elapsed,
+    _save(f"swap_under_load_{SWAP}.json", {"swap_mode": SWAP, "requests": n_requests, "clients": CLIENTS, "seconds": elapsed,
                                    "swaps": engine.swaps - swaps0, "swap_ms": list(engine.swap_ms),
                                    "failures": len(failures), "not_equal_target_only": len(wrong),
                                    "distinct_prompts": len(prompts), "divergences_token_and_fp32_gap": parts,

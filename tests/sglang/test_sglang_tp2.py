@@ -28,11 +28,12 @@ EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + (" --cuda-graph-max-bs 16 --c
 PROMPTS = [f"def f{i}(x): return x * {i} + {i % 7}" for i in range(16)]
 
 
-def test_tp2_capture_and_swap_on_both_ranks(tmp_path):
+@pytest.mark.parametrize("swap", ["pause", "step"])
+def test_tp2_capture_and_swap_on_both_ranks(tmp_path, swap):
     target = make_tiny_target(str(tmp_path / "tiny"), hidden=256, layers=6)
     cfg = ServeConfig(target=target, draft="scratch", engine="sglang", tp_size=2, sync_every=20, lr=1e-3,
                       max_batch=16, max_model_len=256, run_dir=str(tmp_path / "run"), wandb="disabled",
-                      trainer_device="cuda:1", sglang_args=EXTRA)
+                      trainer_device="cuda:1", sglang_args=EXTRA, sglang_swap=swap)
     service = Service.from_config(cfg)
     service.trainer.config.min_samples_before_train = 4
     failures = []
@@ -58,12 +59,17 @@ def test_tp2_capture_and_swap_on_both_ranks(tmp_path):
             while service.engine.swaps < 4 and time.time() - t0 < 180:
                 asyncio.run(run(80))
             st = service.engine.stats()
+            acks = None if swap == "pause" else service.engine._publisher.ctl[1:3].tolist()
     finally:
         service.shutdown()
     log = open(tmp_path / "run" / "sglang.log").read()
     per_rank = [log.count(f"[aurora] tp rank {r}: draft updated in place") for r in (0, 1)]
-    print(f"\ntp 2: swaps {st['swaps']} ({list(service.engine.swap_ms)} ms), loader lines per rank {per_rank}, "
-          f"capture {st['capture']}, accept length by version {st['accept_length_by_version']}")
+    print(f"\ntp 2, {swap} swaps: {st['swaps']} ({list(service.engine.swap_ms)} ms), loader lines per rank {per_rank}, "
+          f"step acks per rank {acks}, capture {st['capture']}, accept length by version "
+          f"{st['accept_length_by_version']}")
     assert not failures and st["swaps"] >= 4 and st["swap_failures"] == 0
-    assert per_rank[0] == per_rank[1] == st["swaps"]  # every swap reached both ranks' drafts
+    if swap == "pause":
+        assert per_rank[0] == per_rank[1] == st["swaps"]  # every swap reached both ranks' drafts
+    else:
+        assert acks == [st["swaps"], st["swaps"]]  # both ranks applied every published version
     assert st["capture"]["samples"] > 0 and service.trainer.steps > 0

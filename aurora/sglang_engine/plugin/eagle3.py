@@ -1,7 +1,8 @@
 """SGLang's EAGLE3 draft class with Aurora's capture installed (runs inside SGLang's scheduler processes).
 
 SGLang 0.5.17's EAGLEWorkerV2 already moves everything capture needs through two eager methods of its
-draft worker, so capture wraps them instead of touching the CUDA-graphed forwards:
+draft worker, so capture (and the step swap, step_swap.py) wraps them instead of touching the CUDA-graphed
+forwards:
   _draft_extend_for_prefill(batch, target_hidden_states, ...)  aux states of every prefilled token
   _draft_extend_for_decode(batch, batch_result)                 aux states of the verified block, the
                                                                  block's tokens and the accept lengths
@@ -20,10 +21,11 @@ import torch
 from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3 as _SGLangEagle3
 
 from aurora.sglang_engine import wire
+from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
-ADDR_ENV, CAPTURE_PREFIX = "AURORA_CAPTURE_ADDR", "c-"
-_sender = None
+ADDR_ENV, SWAP_ENV, CAPTURE_PREFIX = "AURORA_CAPTURE_ADDR", "AURORA_SWAP_DIR", "c-"
+_sender, _applier, _installed = None, None, False
 
 
 class LlamaForCausalLMEagle3(_SGLangEagle3):
@@ -88,31 +90,36 @@ def _on_decode(batch, result, ndt: int) -> None:
 
 
 def install() -> None:
-    """Wrap the draft worker's two extend methods once per process (TP rank 0, capture address set)."""
-    global _sender
-    address = os.environ.get(ADDR_ENV)
-    if not address or _sender is not None:
+    """Wrap the draft worker's two extend methods once per process: capture on TP rank 0 (capture address
+    set), step swaps on every rank (swap directory set)."""
+    global _sender, _applier, _installed
+    address, swap_dir = os.environ.get(ADDR_ENV), os.environ.get(SWAP_ENV)
+    if _installed or not (address or swap_dir):
         return
     from sglang.srt.distributed import get_tensor_model_parallel_rank
-    if get_tensor_model_parallel_rank() != 0:
-        return
     from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker as W
     for name in ("_draft_extend_for_prefill", "_draft_extend_for_decode"):
         if not hasattr(W, name):
-            raise RuntimeError(f"aurora capture: this SGLang has no EagleDraftWorker.{name} (built for 0.5.17)")
-    if getattr(W, "_aurora_capture", False):
-        return
-    _sender = _Sender(address)
+            raise RuntimeError(f"aurora plugin: this SGLang has no EagleDraftWorker.{name} (built for 0.5.17)")
+    rank = get_tensor_model_parallel_rank()
+    _sender = _Sender(address) if address and rank == 0 else None
+    _applier = Applier(swap_dir, rank) if swap_dir else None
     prefill, decode = W._draft_extend_for_prefill, W._draft_extend_for_decode
 
     def draft_extend_for_prefill(self, batch, target_hidden_states, *args, **kwargs):
-        _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
+        if _sender is not None:
+            _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
+        if _applier is not None:  # between steps, in stream order: the draft forwards below see the new weights
+            _applier.poll(self.draft_runner.model)
         return prefill(self, batch, target_hidden_states, *args, **kwargs)
 
     def draft_extend_for_decode(self, batch, batch_result):
-        _on_decode(batch, batch_result, self.speculative_num_draft_tokens)
+        if _sender is not None:
+            _on_decode(batch, batch_result, self.speculative_num_draft_tokens)
+        if _applier is not None:
+            _applier.poll(self.draft_runner.model)
         return decode(self, batch, batch_result)
 
     W._draft_extend_for_prefill, W._draft_extend_for_decode = draft_extend_for_prefill, draft_extend_for_decode
-    W._aurora_capture = True
-    log.info("aurora capture installed (sending to %s)", address)
+    _installed = True
+    log.info("aurora plugin installed on TP rank %d (capture to %s, step swaps from %s)", rank, address, swap_dir)
