@@ -100,6 +100,7 @@ class Service:
         from transformers import AutoConfig, AutoTokenizer
 
         from aurora.models.draft import save_draft
+        from aurora.models.target import default_aux_layers
         from aurora.sglang_engine.capture import CaptureCollector
         from aurora.sglang_engine.engine import SGLangEngine
         from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env
@@ -110,6 +111,9 @@ class Service:
         draft, draft_dir = None, None
         if cfg.draft is not None:
             tcfg = AutoConfig.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
+            if len(set(default_aux_layers(tcfg.num_hidden_layers))) < 3:  # SGLang captures each layer once
+                raise ValueError(f"engine sglang: a {tcfg.num_hidden_layers}-layer target repeats an EAGLE3 aux layer "
+                                 f"{default_aux_layers(tcfg.num_hidden_layers)}; SGLang would feed the draft 2 states")
             if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
                 draft = load_served_draft(ckpt)
             elif cfg.draft == "scratch":

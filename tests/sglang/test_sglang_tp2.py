@@ -30,7 +30,8 @@ PROMPTS = [f"def f{i}(x): return x * {i} + {i % 7}" for i in range(16)]
 
 @pytest.mark.parametrize("swap", ["pause", "step"])
 def test_tp2_capture_and_swap_on_both_ranks(tmp_path, swap):
-    target = make_tiny_target(str(tmp_path / "tiny"), hidden=256, layers=6)
+    # 8 layers: SGLang's default aux layers [2, L//2, L-3] must be distinct (it captures each layer once)
+    target = make_tiny_target(str(tmp_path / f"tiny-{swap}"), hidden=256, layers=8)
     cfg = ServeConfig(target=target, draft="scratch", engine="sglang", tp_size=2, sync_every=20, lr=1e-3,
                       max_batch=16, max_model_len=256, run_dir=str(tmp_path / "run"), wandb="disabled",
                       trainer_device="cuda:1", sglang_args=EXTRA, sglang_swap=swap)
