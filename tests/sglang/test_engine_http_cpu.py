@@ -119,3 +119,11 @@ def test_capture_drops_and_swap_time_are_metrics():
                  'aurora_capture_dropped_total{reason="sender_queue_full"} 4.0', "aurora_engine_swap_seconds 0.12",
                  "aurora_engine_swap_failures_total 1.0", "aurora_capture_bytes_total 1000.0"):
         assert line in text, line
+
+
+def test_sglang_refuses_targets_with_repeated_aux_layers(tiny_target_dir, tmp_path):
+    from aurora.server.config import ServeConfig
+    from aurora.service import Service
+
+    with pytest.raises(ValueError, match="repeats an EAGLE3 aux layer"):  # before any SGLang process starts
+        Service.from_config(ServeConfig(engine="sglang", target=tiny_target_dir, run_dir=str(tmp_path)))
