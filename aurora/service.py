@@ -78,7 +78,8 @@ class Service:
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
                             sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
-                            buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
+                            buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
+                            reject_weight=cfg.reject_weight,
                             checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
 
         def make_trainer(first_samples=None) -> OnlineTrainer:
@@ -150,7 +151,8 @@ class Service:
         draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
         tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
                             sync_every=cfg.sync_every, sample_rate=1.0,  # sampled by the engine at admission
-                            buffer_samples=cfg.buffer_samples, reject_weight=cfg.reject_weight,
+                            buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
+                            reject_weight=cfg.reject_weight,
                             checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
         return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
 

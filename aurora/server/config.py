@@ -48,6 +48,8 @@ class ServeConfig:
     sync_every: int = 800              # finished requests between draft hot-swaps
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
+    replay_passes: int = 1             # times each captured sample is trained on; >1 uses the trainer's idle
+                                       # time between requests (fresh samples always first)
     draft_vocab_size: int | None = None  # scratch drafts: None = the target's vocabulary; N = the N most
                                          # frequent tokens of the first `vocab_warmup_requests` requests
     vocab_warmup_requests: int = 64
@@ -74,7 +76,7 @@ class ServeConfig:
         _check(self.wandb in WANDB_MODES, f"wandb must be one of {WANDB_MODES}, not {self.wandb!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples", "tp_size",
+        for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples", "tp_size", "replay_passes",
                      "max_concurrent_requests"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -4,6 +4,13 @@ Serving calls `put` and must never wait: the lock is held only for O(1) bookkeep
 a condition that releases it), and a full buffer drops a sample instead of blocking. Every drop is counted.
 Every `heldout_every`-th captured sample goes to a small held-out ring instead of the training queue; the
 trainer's swap guard measures candidate drafts on it, so the guard never scores samples it trained on.
+
+Replay (`replay_passes` > 1): a sample the trainer took goes to a replay ring and is handed out again, up to
+`replay_passes` times in all, whenever no fresh sample waits; fresh samples always come first. The trainer is
+otherwise idle most of the time (on the H100 it trained 9.9k tokens/s while serving produced ~1.8k), so
+replay turns idle time into more optimiser steps per served request. Replay shares `max_bytes` with the
+queue and is evicted first (oldest first) when a fresh sample needs room; that is counted apart from
+`dropped`, since an evicted replay sample was already trained on.
 """
 import threading
 from collections import deque
@@ -15,14 +22,18 @@ POLICIES = ("drop_oldest", "drop_newest")
 
 class SampleBuffer:
     def __init__(self, max_samples: int, max_bytes: int, policy: str = "drop_oldest",
-                 heldout_every: int = 20, heldout_size: int = 32):
+                 heldout_every: int = 20, heldout_size: int = 32, replay_passes: int = 1):
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if heldout_every < 0 or heldout_size < 0:
             raise ValueError("heldout_every and heldout_size must be >= 0 (0 disables the held-out split)")
+        if replay_passes < 1:
+            raise ValueError("replay_passes must be >= 1 (1 = every sample is trained on once)")
         self.max_samples, self.max_bytes, self.policy = max_samples, max_bytes, policy
+        self.replay_passes = replay_passes
+        self._replay: deque[list] = deque()  # [sample, nbytes, passes left], oldest first
         self.heldout_every = heldout_every
         self._queue: deque[tuple[Sample, int]] = deque()  # (sample, nbytes), oldest first
         self._heldout: deque[Sample] = deque(maxlen=max(heldout_size, 1))
@@ -30,6 +41,7 @@ class SampleBuffer:
         self._bytes = 0
         self.captured = 0  # samples offered to put
         self.dropped = 0   # samples lost to the bounds (either policy) or too large to ever fit
+        self.replay_evicted = 0  # replayed samples evicted early for fresh ones (already trained on once)
 
     def put(self, sample: Sample) -> bool:
         """Never blocks. Returns False when this sample was dropped (drop_newest, or larger than max_bytes)."""
@@ -42,6 +54,9 @@ class SampleBuffer:
             if nbytes > self.max_bytes:
                 self.dropped += 1
                 return False
+            while self._replay and self._bytes + nbytes > self.max_bytes:  # fresh samples before replays
+                self._bytes -= self._replay.popleft()[1]
+                self.replay_evicted += 1
             full = len(self._queue) >= self.max_samples or self._bytes + nbytes > self.max_bytes
             if full and self.policy == "drop_newest":
                 self.dropped += 1
@@ -56,16 +71,31 @@ class SampleBuffer:
             return True
 
     def get_batch(self, max_tokens: int, timeout: float | None = 1.0) -> list[Sample]:
-        """Oldest samples up to max_tokens in total (always at least one); [] if none came within timeout."""
+        """Oldest fresh samples up to max_tokens in total (always at least one); with none waiting, the oldest
+        replays; [] if neither came within timeout."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._queue, timeout=timeout):
+            if not self._cond.wait_for(lambda: self._queue or self._replay, timeout=timeout):
                 return []
             batch, tokens = [], 0
-            while self._queue and (not batch or tokens + self._queue[0][0].num_tokens <= max_tokens):
-                sample, nbytes = self._queue.popleft()
-                self._bytes -= nbytes
-                tokens += sample.num_tokens
-                batch.append(sample)
+            if self._queue:
+                while self._queue and (not batch or tokens + self._queue[0][0].num_tokens <= max_tokens):
+                    sample, nbytes = self._queue.popleft()
+                    tokens += sample.num_tokens
+                    batch.append(sample)
+                    if self.replay_passes > 1 and len(self._replay) < self.max_samples:
+                        self._replay.append([sample, nbytes, self.replay_passes - 1])  # bytes stay counted
+                    else:
+                        self._bytes -= nbytes
+                return batch
+            while self._replay and (not batch or tokens + self._replay[0][0].num_tokens <= max_tokens):
+                entry = self._replay.popleft()
+                tokens += entry[0].num_tokens
+                batch.append(entry[0])
+                entry[2] -= 1
+                if entry[2] > 0:
+                    self._replay.append(entry)
+                else:
+                    self._bytes -= entry[1]
             return batch
 
     def heldout(self) -> list[Sample]:
@@ -80,6 +110,10 @@ class SampleBuffer:
     @property
     def size(self) -> int:
         return len(self._queue)
+
+    @property
+    def replay_size(self) -> int:
+        return len(self._replay)
 
     @property
     def bytes(self) -> int:

@@ -58,6 +58,7 @@ class TrainConfig:
     buffer_samples: int = 4096
     buffer_bytes: int = 2 << 30
     buffer_policy: str = "drop_oldest"
+    replay_passes: int = 1                # times each sample is trained on (replays only when no fresh one waits)
     heldout_every: int = 20
     heldout_size: int = 32
     keep_versions: int = 3                # published versions kept in memory for rollback
@@ -72,7 +73,7 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("lr", "grad_clip", "batch_tokens", "sync_every", "ttt_length", "torch_threads",
-                     "max_consecutive_failures"):
+                     "max_consecutive_failures", "replay_passes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("warmup_steps", "weight_decay", "reject_weight", "min_samples_before_train", "guard_margin"):
@@ -104,7 +105,8 @@ class OnlineTrainer:
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
-        self.buffer = SampleBuffer(c.buffer_samples, c.buffer_bytes, c.buffer_policy, c.heldout_every, c.heldout_size)
+        self.buffer = SampleBuffer(c.buffer_samples, c.buffer_bytes, c.buffer_policy, c.heldout_every, c.heldout_size,
+                                   c.replay_passes)
         self._rng = random.Random(c.seed)
         self._model_lock = threading.RLock()    # master weights + optimiser
         self._publish_lock = threading.RLock()  # one publish/rollback at a time
@@ -341,6 +343,7 @@ class OnlineTrainer:
                     "samples_captured": self.buffer.captured, "samples_dropped": self.buffer.dropped,
                     "samples_invalid": self.samples_invalid, "buffer_size": self.buffer.size,
                     "buffer_bytes": self.buffer.bytes, "heldout_size": len(self.buffer.heldout()),
+                    "replay_size": self.buffer.replay_size, "replay_evicted": self.buffer.replay_evicted,
                     "swaps": self.swaps, "swaps_refused": self.swaps_refused, "failures": self.failures,
                     "last_error": self.last_error, "last_guard": self.last_guard,
                     "tokens_per_second": self.tokens_per_second, "requests_since_swap": self.requests_since_swap,
