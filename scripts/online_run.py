@@ -6,6 +6,11 @@ Drives the real service (engine + capture + trainer + hot swap) in-process with 
 Prompts cycle through the domains in blocks of `--block` requests (a domain switch every block). Writes
 requests.csv (one row per finished request: domain, draft version, accept length), accept_length.png
 (rolling mean, swap markers, domain bands) and the final draft checkpoint under <out>/run/checkpoint.
+
+`--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
+is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs (E = 1: the same
+number of tokens) with the same optimiser settings, and both drafts serve the same evaluation requests
+(`--eval-per-domain` new prompts per domain, after the run) in the live engine; offline.json has the result.
 """
 import argparse
 import asyncio
@@ -80,6 +85,68 @@ def plot(rows, out, window=100):
     fig.savefig(os.path.join(out, "accept_length.png"), dpi=120)
 
 
+def offline_compare(service, samples, prompts):
+    """Train a fresh draft offline on the run's own samples; serve the same new requests with both drafts."""
+    import json
+    import random
+
+
+    from aurora.models.draft import new_draft
+    from aurora.training.trainer import OnlineTrainer, TrainConfig
+
+    eng, trainer = service.engine.engine, service.trainer
+    online_version = trainer.swap_now() or trainer.version  # the online draft's latest weights go live ...
+    trainer.stop(timeout=60)                                 # ... and stay: no swap during the evaluation
+    fresh = new_draft(eng.draft.config, dtype=eng.draft.fc.weight.dtype, device=eng.draft.fc.weight.device, seed=1)
+    fresh.set_vocab_map(eng.draft.d2t, eng.draft.t2d)
+    fresh.share_embedding(eng.target.embed_tokens)
+    c = trainer.config
+    off = OnlineTrainer(fresh, eng.target.lm_head.weight,
+                        TrainConfig(lr=c.lr, warmup_steps=c.warmup_steps, ttt_length=c.ttt_length, device=c.device,
+                                    reject_weight=c.reject_weight, batch_tokens=c.batch_tokens), lambda sd, v: None)
+    rng, t0, tokens = random.Random(0), time.perf_counter(), 0
+    for _ in range(args.offline_epochs):
+        order = samples[:]
+        rng.shuffle(order)
+        batch, n = [], 0
+        for s in order + [None]:
+            if s is None or (batch and n + s.num_tokens > c.batch_tokens):
+                off.train_step(batch)
+                tokens += n
+                batch, n = [], 0
+            if s is not None:
+                batch.append(s)
+                n += s.num_tokens
+    train_s = time.perf_counter() - t0
+    tok = eng.tokenizer
+    evals = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)[-384:] for p in prompts[d][-args.eval_per_domain:]]
+             for d in args.domains}
+
+    async def measure():
+        sem, out = asyncio.Semaphore(args.concurrency), {}
+
+        async def one(d, ids):
+            async with sem:
+                async for o in service.engine.generate(ids, SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                                                           capture=False)):
+                    if o.finished:
+                        out.setdefault(d, [0, 0])
+                        out[d][0] += len(o.output_ids)
+                        out[d][1] += o.verify_rounds
+        await asyncio.gather(*(one(d, ids) for d, pool in evals.items() for ids in pool))
+        return {d: round(t / max(1, r), 3) for d, (t, r) in out.items()}
+
+    result = {"samples": len(samples), "offline_tokens_trained": tokens, "offline_epochs": args.offline_epochs,
+              "offline_train_seconds": round(train_s, 1), "online_version": online_version}
+    result["online_accept_length"] = asyncio.run(measure())
+    service.engine.swap_draft(off._snapshot(), 10 ** 6).wait(60)
+    result["offline_accept_length"] = asyncio.run(measure())
+    print("offline comparison:", result, flush=True)
+    with open(os.path.join(args.out, "offline.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main():
     global args
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,19 +161,29 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--replay-passes", type=int, default=1)
+    ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
+    ap.add_argument("--eval-per-domain", type=int, default=100)
     ap.add_argument("--out", default="results/online")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=args.sync_every,
                       lr=args.lr, device=args.device, max_batch=args.concurrency, max_model_len=args.max_model_len,
-                      run_dir=os.path.join(args.out, "run"), wandb="disabled")
+                      run_dir=os.path.join(args.out, "run"), wandb="disabled", replay_passes=args.replay_passes)
     service = Service.from_config(cfg)
+    kept = []
+    if args.offline_epochs:  # keep every captured sample for the offline comparison
+        eng = service.engine.engine
+        to_trainer = eng.on_sample
+        eng.on_sample = lambda s: (kept.append(s), to_trainer(s))
     prompts = {d: load_prompts(d) for d in args.domains}
     rows = []
     t = time.perf_counter()
     asyncio.run(drive(service, prompts, args.domains, args.block, args.concurrency, args.max_tokens, rows))
     wall = time.perf_counter() - t
     status = service.draft_status()
+    if args.offline_epochs:
+        offline_compare(service, kept, prompts)
     service.shutdown()
     rows.sort(key=lambda r: r["request"])
     with open(os.path.join(args.out, "requests.csv"), "w", newline="") as f:
