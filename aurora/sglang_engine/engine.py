@@ -83,7 +83,7 @@ class SGLangEngine:
             collector.on_sample = self._emit
         self.error: str | None = None
         self.swaps, self.swap_failures = 0, 0
-        self.swap_ms: deque = deque(maxlen=100)   # pause -> update -> continue, wall time of each swap
+        self.swap_ms: deque = deque(maxlen=100)   # wall time of each swap (pause..continue, or publish..acks)
         self._swap_lock = threading.Lock()
         self._clients: dict = {}                  # event loop -> httpx.AsyncClient
         self._rids: dict[str, str] = {}           # caller's request id -> SGLang rid
