@@ -232,6 +232,10 @@ class SGLangEngine:
 
     # ------------------------------------------------------------- status
     def stats(self) -> dict:
+        """Raises once SGLang's process is gone: /health then answers 503 with the reason."""
+        if not self.server.alive():
+            self.error = f"SGLang exited with code {self.server.proc.returncode}; see {self.server.log_path}"
+            raise RuntimeError(self.error)
         s = self.stats_.snapshot()
         s.update(running=self._running, waiting=0, draft_version=self.draft_version, engine="sglang",
                  swaps=self.swaps, swap_failures=self.swap_failures,

@@ -56,10 +56,10 @@ def fake_sglang(calls: list):
 
 class StubServer:
     def __init__(self, url):
-        self.url, self.proc = url, None
+        self.url, self.proc, self.log_path, self.up = url, None, "sglang.log", True
 
     def alive(self):
-        return True
+        return self.up
 
     def stop(self):
         pass
@@ -100,6 +100,14 @@ def test_generate_stats_errors_and_swap(monkeypatch):
         assert len(upd["serialized_named_tensors"]) == 2  # one per TP rank
         (flat_name, shape), = json.loads(upd["serialized_named_tensors"][0])  # one flat tensor, vocab map left out
         assert flat_name.startswith("aurora.flat:") and shape == [8] and "d2t" not in flat_name
+
+        class Proc:
+            returncode = -9
+        eng.server.up, eng.server.proc = False, Proc()  # SGLang died: health must say so, requests fail clearly
+        with pytest.raises(RuntimeError, match="SGLang exited with code -9"):
+            eng.stats()
+        with pytest.raises(RuntimeError, match="SGLang exited"):
+            asyncio.run(collect(SamplingParams(max_tokens=5)))
 
 
 def test_capture_drops_and_swap_time_are_metrics():
