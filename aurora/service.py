@@ -96,6 +96,7 @@ class Service:
     def _from_config_sglang(cls, cfg: ServeConfig) -> "Service":
         """SGLang serves (its own processes, TP ranks); Aurora keeps the HTTP routes, the capture collector
         and the trainer (on `trainer_device`: cuda = SGLang's first GPU, cuda:N = a GPU of its own)."""
+        import importlib.util
         import tempfile
 
         from transformers import AutoConfig, AutoTokenizer
@@ -106,6 +107,8 @@ class Service:
         from aurora.sglang_engine.engine import SGLangEngine
         from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env
 
+        if importlib.util.find_spec("sglang") is None:
+            raise RuntimeError("engine sglang needs SGLang: pip install 'aurora-spec[sglang]' (CUDA machines only)")
         target_dir = hub.resolve(cfg.target)
         tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
         ckpt = os.path.join(cfg.run_dir, "checkpoint")

@@ -129,9 +129,17 @@ def test_capture_drops_and_swap_time_are_metrics():
         assert line in text, line
 
 
-def test_sglang_refuses_targets_with_repeated_aux_layers(tiny_target_dir, tmp_path):
+def test_sglang_refuses_clearly_before_starting_anything(tiny_target_dir, tmp_path, monkeypatch):
+    import importlib.util
+
     from aurora.server.config import ServeConfig
     from aurora.service import Service
 
-    with pytest.raises(ValueError, match="repeats an EAGLE3 aux layer"):  # before any SGLang process starts
-        Service.from_config(ServeConfig(engine="sglang", target=tiny_target_dir, run_dir=str(tmp_path)))
+    cfg = ServeConfig(engine="sglang", target=tiny_target_dir, run_dir=str(tmp_path))
+    if importlib.util.find_spec("sglang") is None:
+        with pytest.raises(RuntimeError, match=r"pip install 'aurora-spec\[sglang\]'"):
+            Service.from_config(cfg)
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "sglang" else real(name, *a))
+    with pytest.raises(ValueError, match="repeats an EAGLE3 aux layer"):  # a 4-layer target: aux layers [2, 2, 1]
+        Service.from_config(cfg)
