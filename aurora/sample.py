@@ -18,7 +18,8 @@ class Sample:
     token_ids: torch.Tensor      # [T] int64: prompt + completion
     prompt_len: int
     aux_hidden: torch.Tensor     # [T-1, 3H] target aux hidden states at positions 0..T-2 (the last token was never fed)
-    target_hidden: torch.Tensor | None  # [T-1, H] target final normed hidden at 0..T-2 (lm_head(.) predicts x[t+1]); None: one-hot targets
+    target_hidden: torch.Tensor | None  # [T-1, H] final normed hidden at 0..T-2 (lm_head(.) predicts x[t+1])
+                                        # None: one-hot targets (see above)
     loss_mask: torch.Tensor      # [T] bool: token positions whose prediction is trained
     # speculative rounds while serving: round r fed x[round_start[r]] then proposals[r] (target ids) to the
     # target; proposals[r, j] was a guess for token index round_start[r] + 1 + j; the first accepted[r]

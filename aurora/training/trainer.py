@@ -127,8 +127,9 @@ class OnlineTrainer:
         if self.config.sample_rate < 1.0 and self._rng.random() >= self.config.sample_rate:
             return False
         cfg = self.master.config
-        if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or (sample.target_hidden is None) != (
-                self.lm_head is None) or (self.lm_head is not None and sample.target_hidden.shape[-1] != self.lm_head.shape[1]):
+        one_hot = self.lm_head is None  # then samples must come without final states, else with matching ones
+        if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or (sample.target_hidden is None) != one_hot \
+                or (not one_hot and sample.target_hidden.shape[-1] != self.lm_head.shape[1]):
             with self._stats_lock:
                 self.samples_invalid += 1
             return False

@@ -80,7 +80,8 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     toks.append(int(target_to_draft[x]))
     return TTTBatch(ids=ids.to(device), aux=aux.to(device),
                     positions=torch.arange(L).expand(B, L).to(device), key_valid=key_valid.to(device),
-                    target_hidden=None if th is None else th.reshape(B * L, -1).to(device), target_mask=target_mask.to(device),
+                    target_hidden=None if th is None else th.reshape(B * L, -1).to(device),
+                    target_mask=target_mask.to(device),
                     reject_rows=torch.tensor(rows, dtype=torch.long).reshape(-1, 3).to(device),
                     reject_token=torch.tensor(toks, dtype=torch.long).to(device),
                     num_tokens=sum(s.num_tokens for s in samples))
@@ -133,7 +134,8 @@ def batch_target(batch: TTTBatch, draft: Eagle3Draft, lm_head: torch.Tensor | No
     d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
     if batch.target_hidden is None:
         B, L = batch.shape
-        return one_hot_distribution(batch.ids[:, :L].reshape(-1), d2t_ids.to(batch.ids.device), draft.config.vocab_size)
+        next_ids = batch.ids[:, :L].reshape(-1)
+        return one_hot_distribution(next_ids, d2t_ids.to(batch.ids.device), draft.config.vocab_size)
     return target_distribution(batch.target_hidden, lm_head, d2t_ids)
 
 

@@ -15,10 +15,10 @@ from conftest import DRAFT_VOCAB, VOCAB, generate_samples, make_draft
 def test_one_hot_fkl_is_cross_entropy():
     torch.manual_seed(0)
     d2t_ids = torch.randperm(VOCAB)[:DRAFT_VOCAB].sort().values       # draft id -> target id
-    labels = torch.cat([d2t_ids[torch.randint(0, DRAFT_VOCAB, (9,))],   # in the draft vocabulary ...
-                        torch.tensor([int(torch.tensor([i for i in range(VOCAB) if i not in set(d2t_ids.tolist())][0]))])])
+    outside = next(i for i in range(VOCAB) if i not in set(d2t_ids.tolist()))
+    labels = torch.cat([d2t_ids[torch.randint(0, DRAFT_VOCAB, (9,))], torch.tensor([outside])])  # 9 in, 1 out
     dist = one_hot_distribution(labels, d2t_ids, VOCAB)
-    assert dist.in_vocab.tolist() == [True] * 9 + [False]              # ... and one outside it
+    assert dist.in_vocab.tolist() == [True] * 9 + [False]
     h, W = torch.randn(10, 16), torch.randn(DRAFT_VOCAB, 16)
     weight = dist.in_vocab.float()
     loss, per_row, _ = divergence(h, W, dist.logits, torch.arange(10), weight, "fkl")
