@@ -197,7 +197,7 @@ def quick(a):
     while time.time() - t0 < a.quick:  # online training on HumanEval traffic
         asyncio.run(_chat(live.url, 16, 160, max_tokens=64, ignore_eos=False, prompts=code[n % 160:] + code[:n % 160]))
         n += 160
-    service.swap_now()
+    service.trainer.swap_now()  # None if the guard refuses: the live draft stays
     st = service.engine.stats()
     out["training"] = {"requests": n, "seconds": time.time() - t0, "swaps": st["swaps"],
                        "swap_ms": list(service.engine.swap_ms), "accept_by_version": st["accept_length_by_version"],

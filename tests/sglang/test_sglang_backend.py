@@ -226,7 +226,7 @@ def test_swaps_under_load_accept_length_rises(stack):
     while service.trainer.steps < 250 and time.time() - t0 < 150:  # each sample trains once: more traffic
         asyncio.run(run(320))
         n_requests += 320
-    service.swap_now()                # the latest weights, then every prompt once more on them
+    service.trainer.swap_now()        # the latest weights (unless the guard refuses), then every prompt again
     asyncio.run(run(len(prompts)))
     n_requests += len(prompts)
     elapsed = time.time() - t0
