@@ -21,6 +21,7 @@ from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
 from aurora.sample import Sample
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (batch x longest prompt)
 log = logging.getLogger(__name__)
 
 
@@ -154,12 +155,19 @@ class LLMEngine:
             if seq is not None:
                 seq.finish_reason = "abort"
                 outputs.append(self.finish(seq))
-        for seq in self.scheduler.admit():
+        admitted = self.scheduler.admit()  # consecutive rows: prefilled together, up to a padded-token budget
+        for seq in admitted:
             p = seq.params
             self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
                                 p.seed if p.seed is not None else random.getrandbits(62))
-            tok = self.runner.prefill(seq.row, seq.prompt_ids, p.greedy, p.filters)
-            outputs.append(self._append(seq, [tok]))
+        while admitted:
+            n, longest = 1, len(admitted[0].prompt_ids)
+            while n < len(admitted) and (n + 1) * max(longest, len(admitted[n].prompt_ids)) <= PREFILL_TOKENS:
+                longest, n = max(longest, len(admitted[n].prompt_ids)), n + 1
+            group, admitted = admitted[:n], admitted[n:]
+            toks = self.runner.prefill(group[0].row, [s.prompt_ids for s in group],
+                                       all(s.params.greedy for s in group), any(s.params.filters for s in group))
+            outputs += [self._append(seq, [tok]) for seq, tok in zip(group, toks)]
         running = [s for s in self.scheduler.running if s.finish_reason is None]
         if running:
             B = len(self.scheduler.running)

@@ -119,24 +119,32 @@ class ModelRunner:
         return torch.zeros(q_d.shape[0], V, device=q_d.device).index_copy_(1, ids, q_d)
 
     @torch.inference_mode()
-    def prefill(self, row: int, prompt: list[int], greedy: bool, filtering: bool) -> int:
-        """Fill row's caches with the prompt, pick x[P]; returns it (one sync, at admission only)."""
-        P = len(prompt)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        n0 = torch.zeros(1, dtype=torch.long, device=self.device)
+    def prefill(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool) -> list[int]:
+        """Fill rows row0.. with their prompts in one forward (right-padded; a padded query still sees its own
+        row's real keys, and padded slots are overwritten by decoding before anyone reads them), pick each
+        row's x[P]; returns the tokens (one sync, at admission only)."""
+        B, dev = len(prompts), self.device
+        P = max(len(p) for p in prompts)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        ids = torch.zeros(B, P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids, lens = ids.to(dev), lens.to(dev)
+        n0 = torch.zeros(B, dtype=torch.long, device=dev)
         self._keys = _bucket(P + 1, self.key_sizes)
-        tree = torch.ones(1, P, P, dtype=torch.bool, device=self.device).tril_()
-        h, aux = self._target(ids, n0, tree, row0=row)
-        r = slice(row, row + 1)
-        pos = torch.full((1,), P - 1, dtype=torch.long, device=self.device)
-        tok = pick(self.target.logits(h[:, -1]), self.temp[r], self.top_p[r] if filtering else None, self.top_k[r],
-                   self.seed[r], pos, greedy)
+        ar = torch.arange(P, device=dev)
+        tree = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # causal, own keys
+        h, aux = self._target(ids, n0, tree, row0=row0)
+        r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
+        tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
+                   self.top_k[r], self.seed[r], last, greedy)
         if self.draft is not None:  # draft position t reads x[t+1]: ids shifted by one, the new token last
-            d_ids = torch.cat([ids[:, 1:], tok[:, None]], dim=1)
-            dh, dl = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row)
-            self.d_hidden[row], self.d_logits[row] = dh[0, -1], dl[0, -1]
-        self.cache_len[row], self.next_tok[row], self.active[row] = P, tok[0], True
-        return int(tok[0])
+            d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            d_ids[bi, last] = tok
+            dh, dl = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0)
+            self.d_hidden[r], self.d_logits[r] = dh[bi, last], dl[bi, last]
+        self.cache_len[r], self.next_tok[r], self.active[r] = lens, tok, True
+        return tok.tolist()
 
     def _decode_round(self, B: int):
         """Target-only: feed x[n], sample x[n+1]."""
