@@ -151,3 +151,26 @@ def test_vocab_map_top_n_and_identity():
     assert torch.equal(d2t, torch.zeros(12, dtype=torch.long)) and bool(t2d.all())
     with pytest.raises(ValueError):
         build_vocab_map(counts, 0)
+
+
+def test_minimax_m25_draft_checkpoint_written_as_sglang_loads(tmp_path):
+    """The full-size MiniMax-M2.5 draft (243M parameters, bf16) on disk: SGLang's tensor names and shapes,
+    a pruned 32k vocabulary map, the config fields SGLang reads; the aux layers SGLang captures for L=62
+    are distinct (engine sglang refuses targets where they are not)."""
+    from aurora.models.target import default_aux_layers
+
+    cfg = DraftConfig.from_hf_dict(json.load(open(os.path.join(ROOT, "configs", "minimax-m2.5.draft.json"))))
+    assert default_aux_layers(62) == [2, 31, 59]  # MiniMax M2.5 has 62 decoder layers (REFERENCE.md §4)
+    draft = new_draft(cfg, dtype=torch.bfloat16)
+    d2t, t2d = build_vocab_map(torch.randint(0, 1000, (cfg.vocab_size,)), cfg.draft_vocab_size)
+    draft.set_vocab_map(d2t, t2d)
+    save_draft(draft, str(tmp_path / "minimax-draft"))
+    with safe_open(str(tmp_path / "minimax-draft" / "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert f.get_slice("fc.weight").get_dtype() == "BF16" and f.get_slice("d2t").get_dtype() == "I64"
+    assert shapes == expected_tensors(cfg)
+    hf = json.load(open(tmp_path / "minimax-draft" / "config.json"))
+    assert hf["architectures"] == ["LlamaForCausalLMEagle3"] and hf["draft_vocab_size"] == 32000
+    assert hf["hidden_size"] == 3072 and hf["vocab_size"] == 200064 and hf["num_hidden_layers"] == 1
+    back = load_draft(str(tmp_path / "minimax-draft"), dtype=torch.bfloat16)
+    assert torch.equal(back.d2t, d2t) and torch.equal(back.lm_head.weight, draft.lm_head.weight)
