@@ -6,6 +6,7 @@ parameters, so CUDA graphs keep pointing at valid storage) and leaves the target
 no parameter was reallocated.
 """
 import json
+import math
 
 FLAT = "aurora.flat:"  # one flat tensor + its layout in the name: one CUDA IPC handle to open instead of one per weight
 
@@ -25,25 +26,30 @@ def load_draft_only(model, named_tensors) -> None:
           f"({len(named_tensors)} tensors)", flush=True)
 
 
+def layout_of(named: list) -> list:
+    """[(name, tensor)] -> [(name, shape)]: how `views` cuts the flat concatenation back into weights."""
+    return [(k, list(v.shape)) for k, v in named]
+
+
+def views(flat, layout: list) -> list:
+    """The weights of `layout` as views of one flat tensor (no copy)."""
+    out, off = [], 0
+    for k, shape in layout:
+        n = math.prod(shape)
+        out.append((k, flat[off:off + n].view(shape)))
+        off += n
+    return out
+
+
 def flatten(named: list) -> list:
     """[(name, tensor)] of one dtype -> [(FLAT + layout, flat tensor)]; `unflatten` inverts it (views, no copy)."""
     import torch
 
-    layout = [(k, list(v.shape)) for k, v in named]
-    return [(FLAT + json.dumps(layout), torch.cat([v.reshape(-1) for _, v in named]))]
+    return [(FLAT + json.dumps(layout_of(named)), torch.cat([v.reshape(-1) for _, v in named]))]
 
 
 def unflatten(named: list) -> list:
     out = []
     for name, t in named:
-        if not name.startswith(FLAT):
-            out.append((name, t))
-            continue
-        off = 0
-        for k, shape in json.loads(name[len(FLAT):]):
-            n = 1
-            for d in shape:
-                n *= d
-            out.append((k, t[off:off + n].view(shape)))
-            off += n
+        out += views(t, json.loads(name[len(FLAT):])) if name.startswith(FLAT) else [(name, t)]
     return out

@@ -19,11 +19,13 @@ import json
 import os
 import pickle
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401 - registers tensor reductions with ForkingPickler
-from multiprocessing.reduction import ForkingPickler
+
+from aurora.sglang_engine.plugin.loader import layout_of, views
 
 SLOTS = 64  # control ints: version + up to 63 ranks
 
@@ -45,7 +47,7 @@ class Publisher:
         self.version = 0
 
     def _share(self, named: list) -> None:
-        layout = [(k, list(v.shape)) for k, v in named]
+        layout = layout_of(named)
         n, t = sum(v.numel() for _, v in named), named[0][1]
         self.buffers = [torch.empty(n, dtype=t.dtype, device=t.device) for _ in range(2)]
         if t.device.type == "cpu":  # shared-memory files that any process can open by name
@@ -111,12 +113,8 @@ class Applier:
                 self.layout = json.load(f)
             with open(os.path.join(self.dir, "buffers.pkl"), "rb") as f:
                 self.buffers = pickle.loads(f.read())
-        buf, off, named = self.buffers[v % 2], 0, []
-        for name, shape in self.layout:
-            n = int(np.prod(shape)) if shape else 1
-            named.append((name, buf[off:off + n].view(shape)))
-            off += n
-        model.load_weights(named)  # in place, on this rank's current stream, sharded by its weight loaders
+        buf = self.buffers[v % 2]
+        model.load_weights(views(buf, self.layout))  # in place, on this rank's current stream, sharded by its weight loaders
         event = None
         if buf.is_cuda:
             event = torch.cuda.Event()
