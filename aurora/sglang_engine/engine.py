@@ -150,7 +150,7 @@ class SGLangEngine:
                     out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
                                         len(ids) / rounds if rounds else 0.0, draft_version=version)
                     if finished:
-                        self._finished(rid, prompt_ids, ids, params, version, meta, out, capture)
+                        self._finished(rid, prompt_ids, params, meta, out, capture)
                     yield out
                     if finished:
                         return
@@ -160,13 +160,13 @@ class SGLangEngine:
             if not finished and capture:
                 self.collector.discard(rid)
 
-    def _finished(self, rid, prompt_ids, ids, params, version, meta, out, capture) -> None:
-        rounds = int(meta.get("spec_verify_ct", 0))
+    def _finished(self, rid, prompt_ids, params, meta, out: RequestOutput, capture: bool) -> None:
         per_pos = accepted_per_position(meta.get("spec_correct_drafts_histogram"), self.lookahead)
-        self.stats_.on_finish(len(ids), rounds, per_pos, version)
+        self.stats_.on_finish(len(out.output_ids), out.verify_rounds, per_pos, out.draft_version)
         if capture:
             if out.finish_reason in ("stop", "length"):
-                self.collector.finish(rid, list(prompt_ids) + list(ids), len(prompt_ids), params.greedy, version)
+                self.collector.finish(rid, list(prompt_ids) + out.output_ids, len(prompt_ids), params.greedy,
+                                      out.draft_version)
             else:
                 self.collector.discard(rid)
         if self.on_finished is not None:
@@ -197,31 +197,8 @@ class SGLangEngine:
         with self._swap_lock:
             try:
                 named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
-                if self._publisher is not None:  # step swap: ranks apply it between two steps, no pause
-                    t0 = time.perf_counter()
-                    v = self._publisher.publish(named)
-                    while True:  # ranks apply at their next step: an idle server applies when traffic returns
-                        try:
-                            self._publisher.wait_applied(v, 1.0)
-                            break
-                        except TimeoutError:
-                            if self._stop or not self.server.alive():
-                                raise
-                    self.swap_ms.append(1000 * (time.perf_counter() - t0))
-                    self.draft_version, self.swaps = version, self.swaps + 1
-                    return
-                payload = serialize(flatten(named))
-                t0 = time.perf_counter()
-                self._post("/pause_generation", {"mode": "in_place"})
-                try:
-                    r = self._post("/update_weights_from_tensor", {
-                        "serialized_named_tensors": [payload] * self.tp_size, "load_format": LOADER,
-                        "flush_cache": False}).json()
-                finally:
-                    self._post("/continue_generation", {"torch_empty_cache": False})
-                if not r.get("success", False):
-                    raise RuntimeError(f"update_weights_from_tensor: {r.get('message')}")
-                self.swap_ms.append(1000 * (time.perf_counter() - t0))
+                seconds = self._step_swap(named) if self._publisher is not None else self._pause_swap(named)
+                self.swap_ms.append(1000 * seconds)
                 self.draft_version, self.swaps = version, self.swaps + 1
             except Exception as e:
                 self.swap_failures += 1
@@ -229,6 +206,33 @@ class SGLangEngine:
                 log.exception("draft swap to version %d failed", version)
             finally:
                 done.set()
+
+    def _pause_swap(self, named: list) -> float:
+        """Returns the seconds decoding was paused."""
+        payload = serialize(flatten(named))
+        t0 = time.perf_counter()
+        self._post("/pause_generation", {"mode": "in_place"})
+        try:
+            r = self._post("/update_weights_from_tensor", {
+                "serialized_named_tensors": [payload] * self.tp_size, "load_format": LOADER,
+                "flush_cache": False}).json()
+        finally:
+            self._post("/continue_generation", {"torch_empty_cache": False})
+        if not r.get("success", False):
+            raise RuntimeError(f"update_weights_from_tensor: {r.get('message')}")
+        return time.perf_counter() - t0
+
+    def _step_swap(self, named: list) -> float:
+        """No pause: the ranks apply the weights between two steps. Returns the seconds until all had."""
+        t0 = time.perf_counter()
+        v = self._publisher.publish(named)
+        while True:  # ranks apply at their next step: an idle server applies when traffic returns
+            try:
+                self._publisher.wait_applied(v, 1.0)
+                return time.perf_counter() - t0
+            except TimeoutError:
+                if self._stop or not self.server.alive():
+                    raise
 
     # ------------------------------------------------------------- status
     def stats(self) -> dict:
