@@ -23,6 +23,32 @@ from aurora.training.vocab import vocab_from_samples
 log = logging.getLogger(__name__)
 
 
+def _served_name(cfg: ServeConfig) -> str:
+    return cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
+
+
+def _resuming(cfg: ServeConfig, ckpt: str) -> bool:
+    return cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt"))
+
+
+def _initial_draft(cfg: ServeConfig, target_config, ckpt: str):
+    """The draft served first: resumed from the checkpoint, a day-0 head, or the checkpoint directory given
+    (returned as well, so an engine that loads from disk can use it as is)."""
+    if _resuming(cfg, ckpt):
+        log.info("resuming the draft from %s", ckpt)
+        return load_served_draft(ckpt), None
+    if cfg.draft == "scratch":
+        return new_draft(DraftConfig.from_target(target_config, cfg.draft_vocab_size)), None
+    path = hub.resolve(cfg.draft)
+    return load_draft(path), path
+
+
+def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> TrainConfig:
+    return TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead, sync_every=cfg.sync_every,
+                       sample_rate=sample_rate, buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
+                       reject_weight=cfg.reject_weight, checkpoint_dir=ckpt, resume=cfg.resume, device=str(device))
+
+
 class Service:
     def __init__(self, engine: AsyncEngine, trainer: OnlineTrainer | None, config: ServeConfig | None = None,
                  make_trainer: Callable[[list], OnlineTrainer] | None = None, warmup_requests: int = 0):
@@ -59,28 +85,19 @@ class Service:
         if cfg.draft is not None:
             from transformers import AutoConfig
 
-            if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
-                draft = load_served_draft(ckpt)
-                log.info("resuming the draft from %s", ckpt)
-            elif cfg.draft == "scratch":  # day 0: random head; a pruned vocabulary waits for the first requests
-                draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir), cfg.draft_vocab_size))
-                pruned = draft.config.draft_vocab_size < draft.config.vocab_size
-            else:
-                draft = load_draft(hub.resolve(cfg.draft))
+            draft, _ = _initial_draft(cfg, AutoConfig.from_pretrained(target_dir), ckpt)
+            # a scratch head with a pruned vocabulary waits for the first requests' tokens to fix its map
+            pruned = (cfg.draft == "scratch" and not _resuming(cfg, ckpt)
+                      and draft.config.draft_vocab_size < draft.config.vocab_size)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
                              capture=draft is not None)
         engine = LLMEngine(target_dir, draft, econf)
-        name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
-        aengine = AsyncEngine(engine, name)
+        aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:
             return cls(aengine, None, cfg)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
-        tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
-                            sync_every=cfg.sync_every, sample_rate=cfg.sample_rate,
-                            buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
-                            reject_weight=cfg.reject_weight,
-                            checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
+        tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
 
         def make_trainer(first_samples=None) -> OnlineTrainer:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
@@ -118,16 +135,11 @@ class Service:
             if len(set(default_aux_layers(tcfg.num_hidden_layers))) < 3:  # SGLang captures each layer once
                 raise ValueError(f"engine sglang: a {tcfg.num_hidden_layers}-layer target repeats an EAGLE3 aux layer "
                                  f"{default_aux_layers(tcfg.num_hidden_layers)}; SGLang would feed the draft 2 states")
-            if cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt")):
-                draft = load_served_draft(ckpt)
-            elif cfg.draft == "scratch":
-                if cfg.draft_vocab_size is not None:  # SGLang copies the vocabulary map once, at start-up
-                    raise ValueError("engine sglang fixes the draft vocabulary when SGLang starts: a scratch draft "
-                                     "uses the full vocabulary (leave draft_vocab_size unset) or pass a draft")
-                draft = new_draft(DraftConfig.from_target(tcfg))
-            else:
-                draft_dir = hub.resolve(cfg.draft)
-                draft = load_draft(draft_dir)
+            if cfg.draft == "scratch" and cfg.draft_vocab_size is not None and not _resuming(cfg, ckpt):
+                raise ValueError("engine sglang fixes the draft vocabulary when SGLang starts (it copies the map "
+                                 "once): a scratch draft uses the full vocabulary (leave draft_vocab_size unset) "
+                                 "or pass a draft")
+            draft, draft_dir = _initial_draft(cfg, tcfg, ckpt)
             if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
                 draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
                 save_draft(draft, draft_dir)
@@ -143,8 +155,7 @@ class Service:
         except BaseException:
             server.stop()
             raise
-        name = cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
-        engine = SGLangEngine(server, tokenizer, name, cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
+        engine = SGLangEngine(server, tokenizer, _served_name(cfg), cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
                               speculative=draft is not None, sample_rate=cfg.sample_rate,
                               swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir)
         if draft is None:
@@ -152,11 +163,7 @@ class Service:
         dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)
         draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
         draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
-        tconf = TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead,
-                            sync_every=cfg.sync_every, sample_rate=1.0,  # sampled by the engine at admission
-                            buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
-                            reject_weight=cfg.reject_weight,
-                            checkpoint_dir=ckpt, resume=cfg.resume, device=str(dev))
+        tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
         return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
 
     # ------------------------------------------------------------- what the HTTP layer reads and does
