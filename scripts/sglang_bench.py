@@ -14,6 +14,7 @@ with capture and training on; (3) the same service restarted from the trained dr
 """
 import argparse
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -25,7 +26,7 @@ import torch
 
 from aurora.models import hub
 from aurora.prompts import load_prompts
-from aurora.server.app import create_app
+from aurora.server.app import create_app, serve_in_thread
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env
@@ -65,24 +66,13 @@ def bench(url, concs=(1, 16)):
 
 
 class _Live:
-    """Aurora's HTTP app served by uvicorn in a thread."""
+    """Aurora's HTTP app for `service`, served in a thread until close()."""
     def __init__(self, service, cfg):
-        import socket
-        import threading
-
-        import uvicorn
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service, cfg), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
+        self._stack = contextlib.ExitStack()
+        self.url = self._stack.enter_context(serve_in_thread(create_app(service, cfg)))
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._stack.close()
 
 
 def main():

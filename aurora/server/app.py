@@ -6,6 +6,7 @@ OpenAI's error body: malformed or out-of-range input 400, auth 401/403, unknown 
 413, too many requests in flight 429. Streams are Server-Sent Events; a client that disconnects aborts its
 generations in the engine.
 """
+import contextlib
 import hmac
 import json
 import logging
@@ -232,3 +233,30 @@ def _chat_choice(i: int, text: str, reason: str | None, final: bool, first: bool
                 "logprobs": None}
     delta = {"role": "assistant", "content": text} if first else {"content": text}
     return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, startup_timeout_s: float = 30.0):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL (tests, scripts)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

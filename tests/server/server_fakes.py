@@ -4,17 +4,12 @@ live uvicorn server on a free loopback port so tests go through real HTTP and th
 FakeEngine "generates" by echoing the prompt's token ids (through the real SmolLM2 tokenizer), a few tokens
 per verify round like a speculative engine, honouring max_tokens, stop strings and aborts."""
 import asyncio
-import contextlib
 import os
-import socket
-import threading
-import time
 
 os.environ["WANDB_MODE"] = "disabled"
 
-import uvicorn
-
 from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.server.app import serve_in_thread
 from aurora.server.config import ServeConfig
 
 LOOKAHEAD = 4
@@ -145,22 +140,4 @@ def test_config(**overrides) -> ServeConfig:
 test_config.__test__ = False  # a helper, not a test
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+live_server = serve_in_thread  # the app on a free loopback port in a thread; yields the base URL
