@@ -129,6 +129,8 @@ def main():
     add("SGLang + Aurora draft (online), capture+training on", bench(live.url), f"after {a.train_requests} requests")
     draft_dir = service.save()["path"]
     draft_dir = os.path.join(draft_dir, "draft") if os.path.isdir(os.path.join(draft_dir, "draft")) else draft_dir
+    service.trainer.stop()  # capture alone: samples still flow into the buffer, nothing trains on the GPU
+    add("SGLang + Aurora draft (online), capture on, trainer stopped", bench(live.url))
     live.close()
     service.shutdown()
 

@@ -84,6 +84,7 @@ class SGLangEngine:
         self.error: str | None = None
         self.swaps, self.swap_failures = 0, 0
         self.swap_ms: deque = deque(maxlen=100)   # wall time of each swap (pause..continue, or publish..acks)
+        self.swap_windows: deque = deque(maxlen=1000)  # (start, end) of each swap, time.perf_counter()
         self._swap_lock = threading.Lock()
         self._clients: dict = {}                  # event loop -> httpx.AsyncClient
         self._rids: dict[str, str] = {}           # caller's request id -> SGLang rid
@@ -198,7 +199,9 @@ class SGLangEngine:
             try:
                 named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
                 seconds = self._step_swap(named) if self._publisher is not None else self._pause_swap(named)
+                end = time.perf_counter()
                 self.swap_ms.append(1000 * seconds)
+                self.swap_windows.append((end - seconds, end))
                 self.draft_version, self.swaps = version, self.swaps + 1
             except Exception as e:
                 self.swap_failures += 1

@@ -188,7 +188,7 @@ def test_swaps_under_load_accept_length_rises(stack):
     prompts = _prompts(tok, 0, 164)
     expected = _reference(ref, tok, prompts)
     n_requests = 640
-    gaps, failures, wrong, swap_windows = [], [], [], []
+    gaps, failures, wrong = [], [], []
 
     async def client(h, jobs):
         while not jobs.empty():
@@ -235,8 +235,14 @@ def test_swaps_under_load_accept_length_rises(stack):
     print(f"{n_requests} requests in {elapsed:.0f} s; swaps {engine.swaps - swaps0} ({list(engine.swap_ms)} ms); "
           f"failures {len(failures)}; outputs != target-only {len(wrong)}; accept length by version {by_version}")
     g = sorted(b - a for a, b in gaps)
+    # a stall shows as a gap between two chunks of a stream that overlaps a swap, longer than the gaps without one
+    windows = list(engine.swap_windows)
+    during = sorted(b - a for a, b in gaps if any(a < e and b > s for s, e in windows))
+    outside = sorted(b - a for a, b in gaps if not any(a < e and b > s for s, e in windows))
+    q = lambda xs, f: 1000 * xs[min(len(xs) - 1, int(len(xs) * f))] if xs else None  # noqa: E731
     print(f"inter-chunk gaps: median {1000 * g[len(g) // 2]:.1f} ms, p99 {1000 * g[int(len(g) * .99)]:.1f} ms, "
-          f"max {1000 * g[-1]:.1f} ms")
+          f"max {1000 * g[-1]:.1f} ms; overlapping a swap ({len(during)}): p99 {q(during, .99)} max {q(during, 1)}; "
+          f"no swap ({len(outside)}): p99 {q(outside, .99)} max {q(outside, 1)}")
     ties = NearTie(tok)
     retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - both sides alike
     checked = random.Random(0).sample(wrong, min(len(wrong), 64))  # one HF forward each: a sample suffices
@@ -248,6 +254,8 @@ def test_swaps_under_load_accept_length_rises(stack):
                                    "distinct_prompts": len(prompts), "divergences_token_and_fp32_gap": parts,
                                    "accept_length_by_version": by_version, "gap_ms_median": 1000 * g[len(g) // 2],
                                    "gap_ms_p99": 1000 * g[int(len(g) * .99)], "gap_ms_max": 1000 * g[-1],
+                                   "gap_ms_during_swap_p99_max": [q(during, .99), q(during, 1)],
+                                   "gap_ms_no_swap_p99_max": [q(outside, .99), q(outside, 1)],
                                    "trainer": service.trainer.status(), "capture": stats["capture"]})
     assert not failures, failures[:3]
     assert all(g < TIE for _, g in parts), parts
