@@ -256,6 +256,8 @@ class SGLangEngine:
         t0 = time.monotonic()
         while drain and self._running and time.monotonic() - t0 < timeout:
             time.sleep(0.05)
+        if self._swap_lock.acquire(timeout=max(0.0, timeout - (time.monotonic() - t0))):
+            self._swap_lock.release()  # a swap in flight has finished (or failed) before SGLang goes
         self.server.stop()
         if self.collector is not None:
             self.collector.close()

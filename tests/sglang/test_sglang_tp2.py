@@ -59,10 +59,12 @@ def test_tp2_capture_and_swap_on_both_ranks(tmp_path, swap):
             t0 = time.time()
             while service.engine.swaps < 4 and time.time() - t0 < 180:
                 asyncio.run(run(80))
-            st = service.engine.stats()
-            acks = None if swap == "pause" else service.engine._publisher.ctl[1:3].tolist()
     finally:
-        service.shutdown()
+        service.shutdown()  # waits for a swap in flight, so the counts below are final
+    st = service.engine.stats_.snapshot()  # SGLang has exited: the engine's own counters
+    st.update(swaps=service.engine.swaps, swap_failures=service.engine.swap_failures,
+              capture=dict(service.engine.collector.counts))
+    acks = None if swap == "pause" else service.engine._publisher.ctl[1:3].tolist()
     log = open(tmp_path / "run" / "sglang.log").read()
     per_rank = [log.count(f"[aurora] tp rank {r}: draft updated in place") for r in (0, 1)]
     print(f"\ntp 2, {swap} swaps: {st['swaps']} ({list(service.engine.swap_ms)} ms), loader lines per rank {per_rank}, "
