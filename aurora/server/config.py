@@ -38,8 +38,9 @@ class ServeConfig:
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     tp_size: int = 1                   # tensor parallel ranks (engine sglang)
     trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
-    sglang_swap: str = "pause"         # engine sglang: "pause" (pause in place, update, continue: ~0.1 s stall)
-                                       # or "step" (schedulers copy new weights between two steps; no pause)
+    sglang_swap: str = "step"          # engine sglang: "step" (the schedulers copy new weights in place between
+                                       # two steps; no pause) or "pause" (SGLang's own pause_generation ->
+                                       # update_weights_from_tensor -> continue_generation: ~0.1 s stall)
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training

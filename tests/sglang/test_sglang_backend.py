@@ -35,7 +35,7 @@ from aurora.sglang_engine.launch import SGLangServer, free_port, server_command,
 EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
 SYNC, TOKENS, CLIENTS = 40, 64, 16
 RESULTS = os.environ.get("AURORA_RESULTS")  # a directory: measurements are written there as JSON
-SWAP = os.environ.get("AURORA_SGLANG_SWAP", "pause")  # "step": no pause; run the file once per mode
+SWAP = os.environ.get("AURORA_SGLANG_SWAP", "step")  # or "pause"; run the file once per mode
 
 
 @pytest.fixture(scope="module")
