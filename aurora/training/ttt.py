@@ -17,6 +17,7 @@ as inputs); we penalise x there when a < K, and also at the step-0 row t = i-2 (
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
@@ -87,15 +88,33 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     num_tokens=sum(s.num_tokens for s in samples))
 
 
+ATTN_CHUNK = 1024  # queries per attention chunk: longer samples are attended chunk by chunk, recomputed in backward
+
+
+def _attend_chunk(q, k0, v0, key_valid, q_start: int, *diag):
+    """Queries q [B,nh,C,hd] at positions q_start.. against step-0 keys/values [B,nh,K0,hd] (K0 = q_start + C:
+    later keys are causally invisible) and each later step's key/value at the query's own position (diag:
+    n keys [B,nh,C,hd], then n values). One softmax over all of them (SpecForge's cache_hidden attention)."""
+    n = len(diag) // 2
+    C, K0 = q.shape[2], k0.shape[2]
+    causal = torch.arange(K0, device=q.device)[None, :] <= torch.arange(q_start, q_start + C, device=q.device)[:, None]
+    visible = (causal[None] & key_valid[:, None, :K0])[:, None]          # [B,1,C,K0]
+    scores = (q @ k0.transpose(2, 3)).masked_fill(~visible, float("-inf"))
+    extra = [(q * kj).sum(-1, keepdim=True) for kj in diag[:n]]          # each [B,nh,C,1]
+    probs = torch.cat([scores, *extra], dim=-1).float().softmax(-1).to(q.dtype)
+    out = probs[..., :K0] @ v0
+    for j, vj in enumerate(diag[n:]):
+        out = out + probs[..., K0 + j, None] * vj
+    return out
+
+
 class TTTAttend:
     """The `attend` callable for the draft's attention during TTT. Holds the keys/values of earlier steps.
-    Plain matmul + softmax with a dense [B, nh, L, L] score tensor: fine on the CPU and for short samples;
-    long contexts on the GPU want a flex-attention block mask instead (same visibility)."""
+    Plain matmul + softmax, queries in chunks of `chunk`: a sample longer than one chunk never holds a
+    [L, L] score tensor (each chunk's scores are recomputed in backward), so memory stays O(chunk * L)."""
 
-    def __init__(self, key_valid: torch.Tensor):
-        L = key_valid.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()
-        self.visible = (causal[None] & key_valid[:, None, :])[:, None]  # [B,1,Tq,Tk]
+    def __init__(self, key_valid: torch.Tensor, chunk: int = ATTN_CHUNK):
+        self.key_valid, self.chunk = key_valid, chunk
         self.cache: dict[int, tuple[list, list]] = {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -105,20 +124,22 @@ class TTTAttend:
         keys.append(k.repeat_interleave(rep, dim=2).transpose(1, 2))    # [B,nh,T,hd]
         values.append(v.repeat_interleave(rep, dim=2).transpose(1, 2))
         q = q.transpose(1, 2) * q.shape[-1] ** -0.5                        # [B,nh,T,hd]
-        scores = (q @ keys[0].transpose(2, 3)).masked_fill(~self.visible, float("-inf"))  # [B,nh,T,T]
-        diag = [(q * kj).sum(-1, keepdim=True) for kj in keys[1:]]          # each [B,nh,T,1]
-        probs = torch.cat([scores, *diag], dim=-1).float().softmax(-1).to(q.dtype)
         T = q.shape[2]
-        out = probs[..., :T] @ values[0]
-        for j, vj in enumerate(values[1:]):
-            out = out + probs[..., T + j, None] * vj
-        return out.transpose(1, 2)  # [B,T,nh,hd]
+        recompute = T > self.chunk and torch.is_grad_enabled()
+        outs = []
+        for i0 in range(0, T, self.chunk):
+            i1 = min(T, i0 + self.chunk)
+            args = (q[:, :, i0:i1], keys[0][:, :, :i1], values[0][:, :, :i1], self.key_valid, i0,
+                    *[kj[:, :, i0:i1] for kj in keys[1:]], *[vj[:, :, i0:i1] for vj in values[1:]])
+            outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args))
+        return torch.cat(outs, 2).transpose(1, 2)  # [B,T,nh,hd]
 
 
-def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logits: bool = True):
+def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logits: bool = True,
+                attn_chunk: int = ATTN_CHUNK):
     """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd] or None without with_logits)."""
     B, L = batch.shape
-    attend = TTTAttend(batch.key_valid)
+    attend = TTTAttend(batch.key_valid, attn_chunk)
     g = draft.project(batch.aux)
     out = []
     for k in range(ttt_length):
