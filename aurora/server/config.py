@@ -55,6 +55,8 @@ class ServeConfig:
                                          # frequent tokens of the first `vocab_warmup_requests` requests
     vocab_warmup_requests: int = 64
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
+    train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
+                                       # bigger kernels: worth it when the trainer shares a busy GPU
     trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
     resume: bool = False               # continue from <run_dir>/checkpoint (draft, optimiser, version)
     run_dir: str = field(default_factory=_default_run_dir)  # checkpoints, metrics.jsonl, wandb files
@@ -78,7 +80,7 @@ class ServeConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples", "tp_size", "replay_passes",
-                     "max_concurrent_requests"):
+                     "max_concurrent_requests", "train_batch_tokens"):
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         _check(_is_int(self.max_model_len) and self.max_model_len >= 16,

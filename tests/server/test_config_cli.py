@@ -9,6 +9,7 @@ def test_defaults():
     cfg = ServeConfig()
     assert cfg.target == "smollm2" and cfg.draft == "scratch" and cfg.num_draft_tokens == 5
     assert cfg.run_dir.startswith("runs") and cfg.wandb in ("offline", "online")
+    assert cfg.sglang_swap == "step" and cfg.train_batch_tokens == 2048
 
 
 def test_yaml_then_flags(tmp_path):
@@ -33,6 +34,8 @@ def test_yaml_then_flags(tmp_path):
     ({"wandb": "yes"}, "wandb must be one of"),
     ({"port": 70000}, "port must be in"),
     ({"device": "tpu"}, "device must be"),
+    ({"train_batch_tokens": 0}, "train_batch_tokens must be an integer >= 1"),
+    ({"sglang_swap": "drain"}, "sglang_swap must be pause or step"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:
