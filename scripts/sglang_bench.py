@@ -5,13 +5,15 @@ tokens/s at concurrency 1 and 16 on one card (GPU machine only).
       --sglang-args="--attention-backend triton --sampling-backend pytorch"
 
 Workload (DEVICE.md's SGLang baseline): greedy requests, 128 output tokens, ignore_eos; 8 requests at
-concurrency 1, 64 at 16, after one warm-up request. Two prompt sets: "chat" (8 fixed prompts made unique with
-"(#i)", DEVICE.md's) and "code" (HumanEval prompts 0-63, never seen in training). Aurora's rows go through
+concurrency 1, 64 at 16 (`--requests`), after one warm-up request. Two prompt sets: "chat" (8 fixed prompts
+made unique with "(#i)", DEVICE.md's) and "code" (HumanEval prompts 0-63, never seen in training; reused
+in turn beyond 64 requests). Aurora's rows go through
 Aurora's own HTTP front (/v1/chat/completions), SGLang's through SGLang's.
 Phases, one after another on the same card: (1) SGLang target-only; (2) Aurora on SGLang from a day-0 draft,
 trained online for --train-seconds on HumanEval prompts 64-163 (16 clients, 64 tokens), then benched with
 capture + training on, with capture on and the trainer stopped, and with capture off (sample rate 0: the
-plugin sends nothing); (3) the built-in engine, target-only and with the trained draft (in this process).
+plugin sends nothing), alternated `--capture-rounds` times; (3) the built-in engine, target-only and with
+the trained draft (in this process).
 """
 import argparse
 import asyncio
@@ -84,10 +86,14 @@ def main():
     ap.add_argument("--sync-every", type=int, default=40)
     ap.add_argument("--sglang-args", default="")
     ap.add_argument("--out", default="results/sglang")
+    ap.add_argument("--run-dir", help="server logs and checkpoints (default: <out>/run)")
     ap.add_argument("--skip-builtin", action="store_true")
+    ap.add_argument("--requests", type=int, default=64, help="requests per row at concurrency 16 (8 at 1; x2)")
+    ap.add_argument("--capture-rounds", type=int, default=1,
+                    help="alternate capture on / off this many times (trainer stopped): the overhead needs repeats")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    run = os.path.join(a.out, "run")
+    run = a.run_dir or os.path.join(a.out, "run")
     extra = a.sglang_args + " --mem-fraction-static 0.5 --cuda-graph-max-bs 32"
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=a.sync_every, lr=1e-3,
                       max_batch=32, max_model_len=2048, run_dir=run, wandb="disabled", sglang_args=extra)
@@ -99,8 +105,9 @@ def main():
     def add(name, url, note=""):
         for domain, prompts in domains.items():
             for c in (1, 16):
-                n = 8 if c == 1 else 64
-                tps, acc = asyncio.run(_chat(url, c, n, prompts=prompts[:n] if prompts else None))
+                n = max(8, a.requests // 8) if c == 1 else a.requests
+                cycled = (prompts * (n // len(prompts) + 1))[:n] if prompts else None  # code: 64 prompts, reused
+                tps, acc = asyncio.run(_chat(url, c, n, prompts=cycled))
                 rows.append({"mode": name, "domain": domain, "concurrency": c, "tokens_per_s": round(tps, 1),
                              "accept_length": round(acc, 2) if acc else "", "note": note})
                 print(f"{name:56s} {domain:5s} c={c:<3d} {tps:8.1f} tok/s  accept {acc}", flush=True)
@@ -140,9 +147,11 @@ def main():
     draft_dir = service.save()["path"]
     draft_dir = os.path.join(draft_dir, "draft") if os.path.isdir(os.path.join(draft_dir, "draft")) else draft_dir
     service.trainer.stop()  # capture alone: samples still flow into the buffer, nothing trains on the GPU
-    add("SGLang + Aurora draft (online), capture on, trainer stopped", live.url, note)
-    service.engine.sample_rate = 0.0
-    add("SGLang + Aurora draft (online), capture off", live.url, note)
+    for r in range(a.capture_rounds):
+        service.engine.sample_rate = 1.0
+        add("SGLang + Aurora draft (online), capture on, trainer stopped", live.url, note + f", round {r + 1}")
+        service.engine.sample_rate = 0.0
+        add("SGLang + Aurora draft (online), capture off", live.url, note + f", round {r + 1}")
     live.close()
     service.shutdown()
 
