@@ -5,6 +5,7 @@ A finished request leaves a training Sample through `on_sample` (set by the serv
 never imports the trainer. New draft weights arrive through `swap_draft`, copied in place between
 steps, so no request waits for a drain and CUDA graphs stay valid.
 """
+import importlib.util
 import logging
 import random
 import threading
@@ -37,6 +38,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     capture: bool = True          # keep aux/final hidden states per position for training samples
     train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
+    fused_rope: bool = False      # target rotary + KV-cache write in one Triton kernel per layer (needs triton;
+                                  # off until timed on the GPU: scripts/bench_engine.py --fused-rope)
 
     def __post_init__(self):
         if self.lookahead < 1:
@@ -50,6 +53,8 @@ class EngineConfig:
         if not self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1:
             raise ValueError(f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                              f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}]")
+        if self.fused_rope and importlib.util.find_spec("triton") is None:
+            raise ValueError("fused_rope needs triton (pip install 'aurora-spec[triton]')")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
 
@@ -81,7 +86,8 @@ class LLMEngine:
         self.draft = draft
         self.draft_version = 0
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
-                                  config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens)
+                                  config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
+                                  config.fused_rope)
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample

@@ -5,16 +5,19 @@ packed), so a decode step attends over a view `k[layer, :B, :S]` with no gather.
 need no rollback copy: they lie beyond the sequence's length and are masked out, then overwritten.
 """
 import torch
+from aurora_kernels import rope_cache_write
 
 from aurora.models.layers import Attend, fold_mask, sdpa
 
 
 class SlotKVCache:
-    def __init__(self, layers: int, slots: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+    def __init__(self, layers: int, slots: int, max_len: int, n_kv: int, head_dim: int, dtype, device,
+                 fused_rope: bool = False):
         shape = (layers, slots, max_len, n_kv, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
+        self.fused_rope = fused_rope  # offer attend.rope_qkv: rotary + cache write in one Triton kernel
 
     def attend(self, row0: int, write_pos: torch.Tensor, mask: torch.Tensor) -> Attend:
         """Rows row0..row0+B-1; write_pos [B,T] cache positions of the new tokens; mask [B,1,T,S] bool."""
@@ -30,6 +33,15 @@ class SlotKVCache:
                 folded["mask"] = fold_mask(mask, q.shape[2] // k.shape[2])
             return sdpa(q, kc[row0:row0 + B, :S], vc[row0:row0 + B, :S], folded["mask"])
 
+        def rope_qkv(layer: int, qkv, cos, sin, n_heads: int):
+            """From the fused projection qkv [B,T,nh+2nkv,hd] (not yet rotated): rotate, store k/v, attend."""
+            q = rope_cache_write(qkv, cos, sin, self.k[layer], self.v[layer], row0, write_pos, n_heads)
+            if not folded:
+                folded["mask"] = fold_mask(mask, n_heads // self.k.shape[3])
+            return sdpa(q, self.k[layer, row0:row0 + B, :S], self.v[layer, row0:row0 + B, :S], folded["mask"])
+
+        if self.fused_rope:
+            fn.rope_qkv = rope_qkv
         return fn
 
     def move(self, src: int, dst: int) -> None:

@@ -27,7 +27,8 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, target: TargetModel, draft: Eagle3Draft | None, max_batch: int, max_len: int,
-                 lookahead: int, capture: bool, cuda_graphs: bool, topk: int = 1, num_draft_tokens: int = 0):
+                 lookahead: int, capture: bool, cuda_graphs: bool, topk: int = 1, num_draft_tokens: int = 0,
+                 fused_rope: bool = False):
         self.target, self.draft, self.k = target, draft, lookahead
         self.topk, self.n_draft = topk, num_draft_tokens or lookahead + 1
         self.span = max(self.n_draft, topk * lookahead) + 1  # cache slots a round may write past a row's length
@@ -38,7 +39,8 @@ class ModelRunner:
         S = max_batch
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if b < S} | {S})
         self.key_sizes = sorted({min(max_len, 128 * 2 ** i) for i in range(int(math.log2(max(max_len // 128, 1))) + 2)})
-        self.tcache = SlotKVCache(c.num_hidden_layers, S, max_len, c.num_key_value_heads, target.head_dim, dt, dev)
+        self.tcache = SlotKVCache(c.num_hidden_layers, S, max_len, c.num_key_value_heads, target.head_dim, dt, dev,
+                                  fused_rope=fused_rope)
         self.cache_len = torch.zeros(S, dtype=torch.long, device=dev)
         self.next_tok = torch.zeros(S, dtype=torch.long, device=dev)
         self.active = torch.zeros(S, dtype=torch.bool, device=dev)

@@ -78,6 +78,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.qkv_weight is not None and self.q_norm is None:  # rotary on q and k together
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, -1, self.head_dim)
+            fused = getattr(attend, "rope_qkv", None)
+            if fused is not None:  # the engine's KV cache rotates and stores k/v in one kernel
+                return self.o_proj(fused(self.layer_index, qkv, cos, sin, self.n_heads).reshape(B, T, -1))
             nqk = self.n_heads + self.n_kv
             qk = apply_rotary(qkv[:, :, :nqk], cos, sin)
             out = attend(self.layer_index, qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, nqk:])
