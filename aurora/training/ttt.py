@@ -79,13 +79,22 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 if 0 <= t < n and t + 1 + k < n:
                     rows.append((k, b, t))
                     toks.append(int(target_to_draft[x]))
-    return TTTBatch(ids=ids.to(device), aux=aux.to(device),
-                    positions=torch.arange(L).expand(B, L).to(device), key_valid=key_valid.to(device),
-                    target_hidden=None if th is None else th.reshape(B * L, -1).to(device),
-                    target_mask=target_mask.to(device),
-                    reject_rows=torch.tensor(rows, dtype=torch.long).reshape(-1, 3).to(device),
-                    reject_token=torch.tensor(toks, dtype=torch.long).to(device),
+    to = _uploader(device)
+    return TTTBatch(ids=to(ids), aux=to(aux),
+                    positions=torch.arange(L, device=device).expand(B, L), key_valid=to(key_valid),
+                    target_hidden=None if th is None else to(th.reshape(B * L, -1)),
+                    target_mask=to(target_mask),
+                    reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
+                    reject_token=to(torch.tensor(toks, dtype=torch.long)),
                     num_tokens=sum(s.num_tokens for s in samples))
+
+
+def _uploader(device):
+    """Host -> device copies for a batch. To a GPU from pinned memory without waiting: a copy from pageable
+    memory synchronises the stream first, and under a GPU shared with serving every sync waits its turn."""
+    if torch.device(device).type != "cuda":
+        return lambda t: t.to(device)
+    return lambda t: t.pin_memory().to(device, non_blocking=True)
 
 
 ATTN_CHUNK = 1024  # queries per attention chunk: longer samples are attended chunk by chunk, recomputed in backward
