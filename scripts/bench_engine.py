@@ -46,7 +46,8 @@ def main():
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--fused-rope", action="store_true", help="target rotary + KV write in one Triton kernel")
+    ap.add_argument("--fused-kernels", action="store_true", help="the target's serving kernels in Triton "
+                    "(rotary + KV write, add + RMSNorm, SiLU * up)")
     ap.add_argument("--domain", default="chat", help="prompt set (aurora.prompts): chat, code, math, ...")
     ap.add_argument("--out", default="results/engine/bench.csv")
     a = ap.parse_args()
@@ -59,7 +60,7 @@ def main():
     for mode, d in (("target-only", None), ("eagle3", draft)):
         eng = LLMEngine(target, d, EngineConfig(max_batch=max_b, max_model_len=1024, lookahead=a.lookahead,
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False,
-                                                fused_rope=a.fused_rope))
+                                                fused_kernels=a.fused_kernels))
         tok = eng.tokenizer
         chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False)[-400:] for p in load_prompts(a.domain, 64)]
@@ -68,7 +69,7 @@ def main():
             run(eng, prompts, a.max_tokens)  # warm-up: graph capture for every bucket the timed run meets
             tps, al = run(eng, prompts, a.max_tokens)
             rows.append({"device": dev_name, "mode": mode, "batch": B, "max_tokens": a.max_tokens,
-                         "lookahead": a.lookahead, "fused_rope": a.fused_rope, "tokens_per_s": round(tps, 1),
+                         "lookahead": a.lookahead, "fused_kernels": a.fused_kernels, "tokens_per_s": round(tps, 1),
                          "accept_length": round(al, 3)})
             print(rows[-1], flush=True)
         del eng

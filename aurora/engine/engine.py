@@ -38,8 +38,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     capture: bool = True          # keep aux/final hidden states per position for training samples
     train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
-    fused_rope: bool = False      # target rotary + KV-cache write in one Triton kernel per layer (needs triton;
-                                  # off until timed on the GPU: scripts/bench_engine.py --fused-rope)
+    fused_kernels: bool = False   # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up as
+                                  # Triton kernels (aurora_kernels.serving; needs triton). Off until timed on
+                                  # the GPU: scripts/bench_engine.py --fused-kernels
 
     def __post_init__(self):
         if self.lookahead < 1:
@@ -53,8 +54,8 @@ class EngineConfig:
         if not self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1:
             raise ValueError(f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                              f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}]")
-        if self.fused_rope and importlib.util.find_spec("triton") is None:
-            raise ValueError("fused_rope needs triton (pip install 'aurora-spec[triton]')")
+        if self.fused_kernels and importlib.util.find_spec("triton") is None:
+            raise ValueError("fused_kernels needs triton (pip install 'aurora-spec[triton]')")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
 
@@ -75,6 +76,7 @@ class LLMEngine:
         dev = config.torch_device()
         dt = config.torch_dtype(dev)
         self.target = TargetModel.from_pretrained(target_path, dtype=dt, device=dev)
+        self.target.use_fused_kernels(config.fused_kernels)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(target_path)
         tc = self.target.config
         self.max_model_len = min(config.max_model_len, tc.max_position_embeddings)
@@ -87,7 +89,7 @@ class LLMEngine:
         self.draft_version = 0
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
                                   config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
-                                  config.fused_rope)
+                                  fused_rope=config.fused_kernels)
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from aurora_kernels import serving as fused_ops
 from torch import nn
 
 # attend(layer_index, q [B,T,nh,hd], k [B,T,nkv,hd], v [B,T,nkv,hd]) -> [B,T,nh,hd]
@@ -23,6 +24,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel on CUDA (statistics in fp32); equals HF Llama's RMSNorm in fp32
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm, fused: bool = False):
+    """(x + delta, norm(x + delta)): the residual stream and the next block's input; one Triton kernel if fused."""
+    if fused:
+        return fused_ops.add_rms_norm(x, delta, norm.weight.to(x.dtype), norm.eps)
+    x = x + delta
+    return x, norm(x)
 
 
 class Rotary(nn.Module):
@@ -78,9 +87,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.qkv_weight is not None and self.q_norm is None:  # rotary on q and k together
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, -1, self.head_dim)
-            fused = getattr(attend, "rope_qkv", None)
-            if fused is not None:  # the engine's KV cache rotates and stores k/v in one kernel
-                return self.o_proj(fused(self.layer_index, qkv, cos, sin, self.n_heads).reshape(B, T, -1))
+            rope_qkv = getattr(attend, "rope_qkv", None)
+            if rope_qkv is not None:  # the engine's KV cache rotates and stores k/v in one kernel
+                return self.o_proj(rope_qkv(self.layer_index, qkv, cos, sin, self.n_heads).reshape(B, T, -1))
             nqk = self.n_heads + self.n_kv
             qk = apply_rotary(qkv[:, :, :nqk], cos, sin)
             out = attend(self.layer_index, qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, nqk:])
@@ -102,6 +111,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse() for frozen weights
+        self.fused_act = False  # SiLU(gate) * up in one Triton kernel (serving; after fuse())
 
     def fuse(self) -> None:
         if self.gate_proj.bias is not None:
@@ -114,7 +124,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            g, u = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate_up = F.linear(x, self.gate_up_weight)
+            if self.fused_act:
+                return self.down_proj(fused_ops.silu_mul(gate_up))
+            g, u = gate_up.chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

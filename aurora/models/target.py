@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from aurora.models.layers import MLP, Attend, Attention, RMSNorm, Rotary
+from aurora.models.layers import MLP, Attend, Attention, RMSNorm, Rotary, add_rms_norm
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -33,10 +33,13 @@ class DecoderLayer(nn.Module):
                                    cfg.num_key_value_heads, hd, bias=bias, qk_norm_eps=qk_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(getattr(cfg, "mlp_bias", False)))
+        self.fused = False  # residual add + RMSNorm in one Triton kernel (serving)
 
-    def forward(self, x, cos, sin, attend: Attend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, h, cos, sin, attend: Attend, next_norm: RMSNorm):
+        """x: residual stream (this layer's input), h: input_layernorm(x). Returns the stream after this layer
+        and next_norm of it (the next layer's input norm, or the final norm)."""
+        x, h = add_rms_norm(x, self.self_attn(h, cos, sin, attend), self.post_attention_layernorm, self.fused)
+        return add_rms_norm(x, self.mlp(h), next_norm, self.fused)
 
 
 class TargetModel(nn.Module):
@@ -64,12 +67,20 @@ class TargetModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         aux = {}
+        h = self.layers[0].input_layernorm(x)
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:
                 aux[i] = x
-            x = layer(x, cos, sin, attend)
+            x, h = layer(x, h, cos, sin, attend, self.layers[i + 1].input_layernorm if i + 1 < len(self.layers)
+                         else self.norm)
         # small targets repeat a layer in [2, L//2, L-3]; the draft still reads three slices
-        return self.norm(x), torch.cat([aux[i] for i in self.aux_layers], dim=-1)
+        return h, torch.cat([aux[i] for i in self.aux_layers], dim=-1)
+
+    def use_fused_kernels(self, on: bool = True) -> None:
+        """Serving: residual add + RMSNorm and SiLU * up as single Triton kernels (aurora_kernels.serving)."""
+        for layer in self.layers:
+            layer.fused = on
+            layer.mlp.fused_act = on and layer.mlp.gate_up_weight is not None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

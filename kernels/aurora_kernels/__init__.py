@@ -2,6 +2,6 @@
 paths work on machines without it."""
 
 from .linear_divergence import DivergenceOutput, fused_linear_divergence
-from .rope_cache import rope_cache_write
+from .serving import add_rms_norm, rope_cache_write, silu_mul
 
-__all__ = ["fused_linear_divergence", "DivergenceOutput", "rope_cache_write"]
+__all__ = ["fused_linear_divergence", "DivergenceOutput", "rope_cache_write", "add_rms_norm", "silu_mul"]

@@ -1,9 +1,10 @@
-"""rope_cache_write against the torch form the model uses (apply_rotary, then index-put into the cache).
-On a machine without CUDA it runs in Triton's interpreter (fp32); on the GPU also in bf16."""
+"""The serving kernels against the torch forms the model uses: rope_cache_write vs apply_rotary + index-put into
+the cache, add_rms_norm vs x + d then F.rms_norm, silu_mul vs F.silu(g) * u.
+On a machine without CUDA they run in Triton's interpreter (fp32); on the GPU also in bf16."""
 import pytest
 import torch
-
-from aurora_kernels import rope_cache_write
+import torch.nn.functional as F
+from aurora_kernels import add_rms_norm, rope_cache_write, silu_mul
 
 from aurora.models.layers import apply_rotary
 
@@ -19,8 +20,11 @@ def _rotary(B, T, hd, dtype, device, gen):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not CUDA, reason="bf16 Triton kernels need a CUDA GPU (the CPU interpreter runs fp32 only)"))])
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="bf16 Triton kernels need a CUDA GPU (the CPU interpreter runs fp32 only)"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, nh, nkv, hd, row0", [(3, 5, 6, 2, 16, 2), (1, 1, 9, 3, 64, 0), (2, 7, 4, 4, 24, 1)])
 def test_matches_torch_rotary_and_cache_put(B, T, nh, nkv, hd, row0, dtype):
     dev = "cuda" if CUDA else "cpu"
@@ -59,3 +63,29 @@ def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="kv heads"):
         rope_cache_write(torch.zeros(1, 2, 8, 8), cos, cos, cache[..., :1, :], cache[..., :1, :], 0,
                          torch.zeros(1, 2, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 576), (1, 1, 100), (2, 3, 33)])
+def test_add_rms_norm_matches_torch(shape, dtype):
+    dev = "cuda" if CUDA else "cpu"
+    gen = torch.Generator().manual_seed(shape[-1])
+    x, d = (torch.randn(*shape, generator=gen).to(dev, dtype) for _ in range(2))
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(dev, dtype)
+    total, normed = add_rms_norm(x, d, w, 1e-5)
+    want_total = x + d  # the residual stream rounds to its dtype here, as in the model
+    want = F.rms_norm(want_total.float(), (shape[-1],), w.float(), 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(total, want_total, rtol=0, atol=0)
+    torch.testing.assert_close(normed.float(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 2 * 1536), (1, 1, 2 * 7), (2, 3, 2 * 1100)])
+def test_silu_mul_matches_torch(shape, dtype):
+    dev = "cuda" if CUDA else "cpu"
+    gu = (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1]))).to(dev, dtype)
+    g, u = gu.float().chunk(2, -1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(silu_mul(gu).float(), F.silu(g) * u, **tol)
+
