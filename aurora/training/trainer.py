@@ -22,6 +22,7 @@ trainer (an OpenMP team needs all its cores). So on a CPU host give serving (cor
 threads; on a GPU host the trainer's CPU threads only feed kernel launches and 1-2 suffice.
 """
 import logging
+import math
 import random
 import threading
 import time
@@ -209,14 +210,19 @@ class OnlineTrainer:
             self.master.train()
             loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
                                                    c.step_decay, c.reject_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss.detach())}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), c.grad_clip)
-            if not torch.isfinite(gnorm):
+            # the step's one host sync: loss, gradient norm and per-step statistics together (on a GPU shared
+            # with serving, every sync waits for the GPU's turn)
+            stats = torch.cat([torch.stack([loss.detach().float(), gnorm.float()]), loss_steps.float(),
+                               acc_steps.float()]).tolist()
+            loss_f, gnorm_f = stats[0], stats[1]
+            loss_steps, acc_steps = stats[2:2 + c.ttt_length], stats[2 + c.ttt_length:]
+            if not math.isfinite(loss_f) or not math.isfinite(gnorm_f):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite gradient norm {float(gnorm)}")
+                raise FloatingPointError(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
+                                         else f"non-finite gradient norm {gnorm_f}")
             self.optimizer.step()
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -226,7 +232,7 @@ class OnlineTrainer:
             self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
             self.steps += 1
-        return float(loss.detach())
+        return loss_f
 
     # ---- publishing ----
     def swap_now(self) -> int | None:

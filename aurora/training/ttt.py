@@ -189,7 +189,8 @@ def target_rows(batch: TTTBatch, ttt_length: int) -> torch.Tensor:
 
 def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objective: str, ttt_length: int,
              step_decay: float, reject_weight: float):
-    """Returns (loss, loss_per_step [K], acc_per_step [K]) for one batch; the last two detached floats.
+    """Returns (loss, loss_per_step [K], acc_per_step [K]) for one batch; the last two detached tensors (no
+    host sync here: the trainer reads everything in one).
     loss = sum_k decay^k * mean_k(div) + reject_weight * sum(-log(1-q(x))) / (trained step-0 rows)."""
     K = ttt_length
     tdist = batch_target(batch, draft, lm_head)
@@ -201,8 +202,8 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     h = torch.cat([draft.norm(hk) for hk, _ in steps]).reshape(-1, steps[0][0].shape[-1])  # step-major rows
     loss, div, match = divergence(h, draft.lm_head.weight, tdist.logits, target_rows(batch, K), weight, objective)
     flat = masks.reshape(K, -1)
-    loss_per_step = ((div.view(K, -1) * flat).sum(1) / counts).tolist()
-    acc_per_step = ((match.view(K, -1).float() * flat).sum(1) / counts).tolist()
+    loss_per_step = ((div.view(K, -1) * flat).sum(1) / counts).detach()
+    acc_per_step = ((match.view(K, -1).float() * flat).sum(1) / counts).detach()
     if reject_weight > 0 and batch.reject_rows.numel():
         B, L = batch.shape
         k, b, t = batch.reject_rows.unbind(1)

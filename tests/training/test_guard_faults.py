@@ -96,7 +96,7 @@ def test_faulty_loss_keeps_published_version(target, samples, monkeypatch, fault
         if fault == "raise":
             raise RuntimeError("injected")
         out = (draft.fc.weight.sum() * float("nan"))
-        return out, [0.0] * 3, [0.0] * 3
+        return out, torch.zeros(3), torch.zeros(3)
 
     monkeypatch.setattr(trainer_mod, "ttt_loss", bad_loss)
     tr, engine = make_trainer(target, samples, sync_every=2, min_samples_before_train=1, batch_tokens=100,

@@ -56,7 +56,7 @@ def test_loss_matches_plain_formula(target, samples, objective):
         ref_steps.append(div.mean())
         ref = ref + decay ** k * div.mean()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(per_step), torch.stack(ref_steps).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_step, torch.stack(ref_steps).detach(), rtol=1e-5, atol=1e-6)
     ref.backward()
     torch.testing.assert_close(got_grad, draft.fc.weight.grad, rtol=1e-4, atol=1e-7)
     assert step_masks(batch, target_distribution(batch.target_hidden, lm, d2t_ids(draft)), K).any()
