@@ -25,6 +25,7 @@ over rows), or sum_i w_i * div_i ("sum"). A batch whose weights sum to 0 gives l
 No host synchronisation on the GPU path: every statistic stays on the device.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -134,7 +135,7 @@ def _default_chunk(n_rows, vocab, itemsize):
     return max(1, min(n_rows, -(-per // 128) * 128))
 
 
-def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw):
+def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw, pipeline=1):
     N, H = h.shape
     V = W.shape[0]
     dev = h.device
@@ -167,12 +168,24 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
             _torch_row_op(lc, s, cfg, w, scale, div, dam, tam, compute_grad)
 
     Wt = W.t()
+    # pipeline > 1: a chunk's logits come in that many row blocks, and each block's row kernel runs on a side
+    # stream while the next block's GEMM runs on the main one (the row kernel is memory-bound, the GEMM not)
+    side = torch.cuda.Stream(device=dev) if pipeline > 1 and h.is_cuda else None
+    main = torch.cuda.current_stream(dev) if side is not None else None
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         hc = h[s:e]
         lc = buf[: e - s]
-        torch.mm(hc, Wt, out=lc)  # [c, V] raw draft logits
-        row_op(lc, s)  # lc := d loss / d logits
+        step = -(-(e - s) // max(1, pipeline))
+        for b0 in range(0, e - s, step):
+            b1 = min(b0 + step, e - s)
+            torch.mm(hc[b0:b1], Wt, out=lc[b0:b1])  # [b, V] raw draft logits
+            if side is not None:
+                side.wait_stream(main)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                row_op(lc[b0:b1], s + b0)  # lc := d loss / d logits
+        if side is not None:
+            main.wait_stream(side)  # every row block is done before dh/dW read the chunk (and buf is reused)
         if need_dh:
             torch.mm(lc, W, out=dh[s:e])  # [c, H]
         if need_dw and dw is None:
@@ -185,10 +198,10 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
 
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, cfg, row_weight, reduction, chunk_size, backend):
+    def forward(ctx, h, W, cfg, row_weight, reduction, chunk_size, backend, pipeline):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, div, dam, tam, dh, dw = _forward(
-            h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw
+            h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw, pipeline
         )
         ctx.backend = backend
         ctx.consumed = False
@@ -212,7 +225,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         else:
             dh = (dh.float() * go).to(dh.dtype) if dh is not None else None
             dw = (dw * go).to(ctx.w_dtype) if dw is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def fused_linear_divergence(
@@ -230,6 +243,7 @@ def fused_linear_divergence(
     log_floor: float = -20.0,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    pipeline: int = 1,
 ) -> DivergenceOutput:
     """Divergence between softmax(h @ W.T / temperature) and a target, fused with the LM head.
 
@@ -237,6 +251,8 @@ def fused_linear_divergence(
     row_weight [N] float (0 masks a row); target_index [N] int64 into the target's M rows (all TTT steps in
     one call: concatenate their h rows and point each at its target row). chunk_size: rows per chunk
     (default: a ~512 MiB [chunk, V] workspace). backend: "triton", "torch" or "auto" (Triton on CUDA).
+    pipeline: row blocks per chunk; > 1 overlaps each block's row kernel (on a second CUDA stream) with the
+    next block's logits GEMM. Same results; whether it is faster is the GPU's to say (scripts/bench_loss.py).
     Returns DivergenceOutput(loss, row_divergence, draft_argmax, target_argmax, argmax_match).
     """
     if kind not in ("probs", "logits", "topk"):
@@ -253,6 +269,8 @@ def fused_linear_divergence(
         backend = "triton" if h.is_cuda and _triton_available() else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be triton, torch or auto, not {backend!r}")
+    if not isinstance(pipeline, int) or pipeline < 1:
+        raise ValueError(f"pipeline must be an integer >= 1, got {pipeline!r}")
     if kind == "topk":
         ids, lp = target
         target = (ids.contiguous(), lp.contiguous())
@@ -270,6 +288,6 @@ def fused_linear_divergence(
         log_floor=float(log_floor),
     )
     loss, div, dam, tam = _FusedLinearDivergence.apply(
-        h.contiguous(), W.contiguous(), cfg, row_weight, reduction, chunk_size, backend
+        h.contiguous(), W.contiguous(), cfg, row_weight, reduction, chunk_size, backend, pipeline
     )
     return DivergenceOutput(loss, div, dam, tam, dam == tam)

@@ -118,8 +118,10 @@ def check(ours, ref, rtol=1e-4, atol=2e-6):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_matches_reference(backend, kind, objective):
-    """Odd shapes, ragged chunks, zero-weight rows, zeros in the target, target_index, T != 1, grad_output != 1."""
+@pytest.mark.parametrize("pipeline", [1, 3])
+def test_matches_reference(backend, kind, objective, pipeline):
+    """Odd shapes, ragged chunks, zero-weight rows, zeros in the target, target_index, T != 1, grad_output != 1;
+    pipeline 3: each chunk's rows in three blocks (on a GPU, row kernels on a second stream)."""
     gen = torch.Generator().manual_seed(0)
     N, H, V, M = 37, 24, 300, 23
     h = torch.randn(N, H, generator=gen)
@@ -130,7 +132,7 @@ def test_matches_reference(backend, kind, objective):
     tidx = torch.randint(0, M, (N,), generator=gen)
     kw = dict(row_weight=to_dev(w), target_index=to_dev(tidx), temperature=0.7)
     ours = run_ours(to_dev(h), to_dev(W), to_dev(target), kind, objective, backend, grad_output=1.7,
-                    chunk_size=16, **kw)
+                    chunk_size=16, pipeline=pipeline, **kw)
     ref = reference(to_dev(h), to_dev(W), to_dev(target), kind, objective, grad_output=1.7, **kw)
     check(ours, ref)
 
