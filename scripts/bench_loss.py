@@ -8,6 +8,7 @@ inputs and target excluded, gradients included) for:
   compile     torch.compile of the eager function (N marked dynamic: one compile per H)
   liger       Liger-Kernel 0.8.5 LigerFusedLinearKLDivFunction (batchmean)
   ours        aurora_kernels.fused_linear_divergence (kind="probs", objective="fkl"), default chunk
+  ours_pipe2, ours_pipe4  the same with pipeline=2 / 4 (row kernels on a side stream, overlapping the GEMMs)
   ours_c4096  the same with chunk_size=4096
   ours_bv2048, ours_bv8192w16  the same with other V tiles / warps of the row kernel
   ours_topk   the same with a top-64 target (ids, logprobs) instead of dense probs
@@ -59,6 +60,9 @@ def make_methods(H, compiled, liger_fn):
             lambda h, W, p, ids, lps: liger_fn(h, W, p, None, "batchmean", -100, 1.0, 1e-10, None)
         )
     methods["ours"] = autograd_call(lambda h, W, p, ids, lps: fused_linear_divergence(h, W, p).loss)
+    for n in (2, 4):  # row blocks per chunk, row kernel on a side stream overlapping the next block's GEMM
+        methods[f"ours_pipe{n}"] = autograd_call(
+            lambda h, W, p, ids, lps, n=n: fused_linear_divergence(h, W, p, pipeline=n).loss)
     methods["ours_c4096"] = autograd_call(
         lambda h, W, p, ids, lps: fused_linear_divergence(h, W, p, chunk_size=4096).loss
     )
