@@ -7,6 +7,7 @@ Run there (see README, "GPU machine"):
   AURORA_SGLANG_ARGS="--attention-backend triton --sampling-backend pytorch" python -m pytest tests/sglang -s
 """
 import asyncio
+import bisect
 import dataclasses
 import importlib.util
 import json
@@ -180,6 +181,29 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
                                  "capture": service.engine.stats()["capture"]})
 
 
+def matched_stalls(gaps: list, windows: list) -> dict:
+    """The longest inter-chunk gap overlapping each swap window against the longest overlapping a window of the
+    same length halfway to the next swap (a long gap is likelier to overlap any window: compare like with
+    like). gaps and windows are (start, end) in seconds; returns ms at the median, p90 and max."""
+    by_start = sorted(gaps)
+    starts = [a for a, _ in by_start]
+    longest_gap = max((b - a for a, b in by_start), default=0.0)
+
+    def longest(s0, e0):
+        lo = bisect.bisect_left(starts, s0 - longest_gap)
+        return max((b - a for a, b in by_start[lo:bisect.bisect_left(starts, e0)] if b > s0), default=0.0)
+
+    ws = sorted(windows)
+    controls = [((e + nxt - (e - s)) / 2, (e + nxt + (e - s)) / 2) for (s, e), (nxt, _) in zip(ws, ws[1:])]
+    at_swap = sorted(longest(*w) for w in ws[:-1])
+    at_control = sorted(longest(*c) for c in controls)
+
+    def q(xs, f):
+        return round(1000 * xs[min(len(xs) - 1, int(len(xs) * f))], 1) if xs else None
+    return {"swap_windows": len(controls), "median_ms": [q(at_swap, .5), q(at_control, .5)],
+            "p90_ms": [q(at_swap, .9), q(at_control, .9)], "max_ms": [q(at_swap, 1), q(at_control, 1)]}
+
+
 def test_swaps_under_load_accept_length_rises(stack):
     """16 streaming HTTP clients, a swap every 40 requests: zero failures, outputs equal target-only (up to bf16
     near-ties), and the accept length SGLang reports rises with the draft versions."""
@@ -243,6 +267,8 @@ def test_swaps_under_load_accept_length_rises(stack):
     print(f"inter-chunk gaps: median {1000 * g[len(g) // 2]:.1f} ms, p99 {1000 * g[int(len(g) * .99)]:.1f} ms, "
           f"max {1000 * g[-1]:.1f} ms; overlapping a swap ({len(during)}): p99 {q(during, .99)} max {q(during, 1)}; "
           f"no swap ({len(outside)}): p99 {q(outside, .99)} max {q(outside, 1)}")
+    matched = matched_stalls(gaps, list(engine.swap_windows))
+    print(f"longest chunk gap per swap window vs a same-length window between swaps: {matched}")
     ties = NearTie(tok)
     retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - both sides alike
     checked = random.Random(0).sample(wrong, min(len(wrong), 64))  # one HF forward each: a sample suffices
@@ -256,6 +282,7 @@ def test_swaps_under_load_accept_length_rises(stack):
                                    "gap_ms_p99": 1000 * g[int(len(g) * .99)], "gap_ms_max": 1000 * g[-1],
                                    "gap_ms_during_swap_p99_max": [q(during, .99), q(during, 1)],
                                    "gap_ms_no_swap_p99_max": [q(outside, .99), q(outside, 1)],
+                                   "longest_gap_swap_vs_control": matched,
                                    "trainer": service.trainer.status(), "capture": stats["capture"]})
     assert not failures, failures[:3]
     assert all(g < TIE for _, g in parts), parts
