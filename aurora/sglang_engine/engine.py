@@ -204,6 +204,9 @@ class SGLangEngine:
                 self.swap_windows.append((end - seconds, end))
                 self.draft_version, self.swaps = version, self.swaps + 1
             except Exception as e:
+                if self._stop:  # shutting down: a step swap still waiting for an idle server's next step
+                    log.info("draft swap to version %d abandoned at shutdown (%s)", version, e)
+                    return
                 self.swap_failures += 1
                 self.error = f"draft swap failed: {type(e).__name__}: {e}"
                 log.exception("draft swap to version %d failed", version)

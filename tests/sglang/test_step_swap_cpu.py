@@ -89,3 +89,24 @@ def test_engine_step_swap_needs_no_http(tmp_path):
             assert torch.equal(model.fc.weight, state["fc.weight"]) and torch.equal(model.norm, state["norm.weight"])
     finally:
         stop.set()
+
+
+def test_pending_step_swap_at_shutdown_is_abandoned_not_failed(tmp_path):
+    """An idle server applies a step swap at its next step; shutdown meanwhile neither hangs on it nor counts a
+    failure, and the live version stays the last one applied."""
+    from aurora.sglang_engine.engine import SGLangEngine
+
+    class Stub:
+        url, proc = "http://127.0.0.1:9", None
+
+        def alive(self):
+            return True
+
+        def stop(self):
+            pass
+
+    eng = SGLangEngine(Stub(), None, "m", 64, 4, tp_size=1, swap_mode="step", swap_dir=str(tmp_path))
+    done = eng.swap_draft({"fc.weight": torch.ones(4, 6), "norm.weight": torch.ones(4)}, 1)  # no rank polls
+    assert not done.wait(0.3)
+    eng.shutdown(timeout=10)
+    assert done.wait(5) and eng.swap_failures == 0 and eng.draft_version == 0 and eng.error is None
