@@ -267,7 +267,7 @@ def test_swaps_under_load_accept_length_rises(stack):
     print(f"inter-chunk gaps: median {1000 * g[len(g) // 2]:.1f} ms, p99 {1000 * g[int(len(g) * .99)]:.1f} ms, "
           f"max {1000 * g[-1]:.1f} ms; overlapping a swap ({len(during)}): p99 {q(during, .99)} max {q(during, 1)}; "
           f"no swap ({len(outside)}): p99 {q(outside, .99)} max {q(outside, 1)}")
-    matched = matched_stalls(gaps, list(engine.swap_windows))
+    matched = matched_stalls(gaps, windows)
     print(f"longest chunk gap per swap window vs a same-length window between swaps: {matched}")
     ties = NearTie(tok)
     retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - both sides alike
