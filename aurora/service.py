@@ -45,7 +45,8 @@ def _initial_draft(cfg: ServeConfig, target_config, ckpt: str):
 
 def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> TrainConfig:
     return TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead, sync_every=cfg.sync_every,
-                       sample_rate=sample_rate, buffer_samples=cfg.buffer_samples, replay_passes=cfg.replay_passes,
+                       sample_rate=sample_rate, buffer_samples=cfg.buffer_samples,
+                       buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
                        resume=cfg.resume, device=str(device))
 

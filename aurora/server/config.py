@@ -49,6 +49,7 @@ class ServeConfig:
     sync_every: int = 800              # finished requests between draft hot-swaps
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
+    buffer_gib: float = 2.0            # and its host-memory bound (a 4k-token MiniMax sample holds ~74 MB of states)
     replay_passes: int = 1             # times each captured sample is trained on; >1 uses the trainer's idle
                                        # time between requests (fresh samples always first)
     draft_vocab_size: int | None = None  # scratch drafts: None = the target's vocabulary; N = the N most
@@ -95,6 +96,8 @@ class ServeConfig:
                    f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                    f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}], got {self.num_draft_tokens}")
         _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _check(isinstance(self.buffer_gib, (int, float)) and self.buffer_gib > 0,
+               f"buffer_gib must be > 0, got {self.buffer_gib!r}")
         _check(isinstance(self.sample_rate, (int, float)) and 0.0 <= self.sample_rate <= 1.0,
                f"sample_rate must be in [0, 1], got {self.sample_rate!r}")
         _check(_is_int(self.port) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port!r}")

@@ -35,6 +35,7 @@ def test_yaml_then_flags(tmp_path):
     ({"port": 70000}, "port must be in"),
     ({"device": "tpu"}, "device must be"),
     ({"train_batch_tokens": 0}, "train_batch_tokens must be an integer >= 1"),
+    ({"buffer_gib": 0}, "buffer_gib must be > 0"),
     ({"sglang_swap": "drain"}, "sglang_swap must be pause or step"),
 ])
 def test_invalid(kwargs, message):
@@ -52,3 +53,10 @@ def test_unknown_yaml_key(tmp_path, capsys):
 
 def test_keys_are_redacted():
     assert ServeConfig(api_key="sk", admin_key="ad").to_dict()["api_key"] == "***"
+
+
+def test_training_options_reach_the_trainer_config(tmp_path):
+    from aurora.service import _train_config
+    cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2)
+    t = _train_config(cfg, str(tmp_path), "cpu", 1.0)
+    assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
