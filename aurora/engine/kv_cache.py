@@ -25,20 +25,21 @@ class SlotKVCache:
         rows = torch.arange(row0, row0 + B, device=write_pos.device)[:, None]
         folded = {}  # the GQA-folded mask, built at the first layer and shared by all
 
+        def cached(layer: int, q):  # q against the rows' cached keys/values (the new ones already written)
+            if not folded:
+                folded["mask"] = fold_mask(mask, q.shape[2] // self.k.shape[3])
+            return sdpa(q, self.k[layer, row0:row0 + B, :S], self.v[layer, row0:row0 + B, :S], folded["mask"])
+
         def fn(layer: int, q, k, v):
             kc, vc = self.k[layer], self.v[layer]
             kc[rows, write_pos] = k.to(kc.dtype)
             vc[rows, write_pos] = v.to(vc.dtype)
-            if not folded:
-                folded["mask"] = fold_mask(mask, q.shape[2] // k.shape[2])
-            return sdpa(q, kc[row0:row0 + B, :S], vc[row0:row0 + B, :S], folded["mask"])
+            return cached(layer, q)
 
         def rope_qkv(layer: int, qkv, cos, sin, n_heads: int):
             """From the fused projection qkv [B,T,nh+2nkv,hd] (not yet rotated): rotate, store k/v, attend."""
-            q = rope_cache_write(qkv, cos, sin, self.k[layer], self.v[layer], row0, write_pos, n_heads)
-            if not folded:
-                folded["mask"] = fold_mask(mask, n_heads // self.k.shape[3])
-            return sdpa(q, self.k[layer, row0:row0 + B, :S], self.v[layer, row0:row0 + B, :S], folded["mask"])
+            return cached(layer, rope_cache_write(qkv, cos, sin, self.k[layer], self.v[layer], row0, write_pos,
+                                                  n_heads))
 
         if self.fused_rope:
             fn.rope_qkv = rope_qkv

@@ -6,11 +6,11 @@ generate   POST /generate (token ids in, streamed cumulative `output_ids` out) w
            only for "c-"); SGLang's per-request spec stats (verify rounds, accept length, correct-draft
            histogram) feed EngineStats.
 finish     the collector turns the request's captured rows into a Sample -> on_sample (the trainer's buffer).
-swap_draft "pause" (default, verified on the GPU): pause_generation(in_place) -> update_weights_from_tensor
-           (draft-only in-place loader, no cache flush) -> continue_generation, in a thread of its own;
-           requests stay in SGLang's batch throughout, but decoding stops for the ~0.1 s the three calls take.
-           "step": no pause at all; SGLang's schedulers copy the new weights in between two steps themselves
-           (plugin/step_swap.py). Not yet run against SGLang on a GPU.
+swap_draft "step" (the service's default): no pause at all; SGLang's schedulers copy the new weights in
+           between two steps themselves (plugin/step_swap.py). "pause": pause_generation(in_place) ->
+           update_weights_from_tensor (draft-only in-place loader, no cache flush) -> continue_generation, in a
+           thread of its own; requests stay in SGLang's batch, but decoding stops for the ~0.1 s the three
+           calls take. Both verified on the GPU (1 and 2 TP ranks).
            The weights travel as one flat tensor: one CUDA IPC handle (trainer on a GPU of this host) or one
            shared-memory segment (CPU), whatever the number of weights.
 """
@@ -110,9 +110,7 @@ class SGLangEngine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         if self._stop:
             raise RuntimeError("engine is shutting down")
-        if not self.server.alive():
-            self.error = f"SGLang exited with code {self.server.proc.returncode}"
-            raise RuntimeError(self.error)
+        self._check_alive()
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -241,11 +239,14 @@ class SGLangEngine:
                     raise
 
     # ------------------------------------------------------------- status
-    def stats(self) -> dict:
-        """Raises once SGLang's process is gone: /health then answers 503 with the reason."""
+    def _check_alive(self) -> None:
         if not self.server.alive():
             self.error = f"SGLang exited with code {self.server.proc.returncode}; see {self.server.log_path}"
             raise RuntimeError(self.error)
+
+    def stats(self) -> dict:
+        """Raises once SGLang's process is gone: /health then answers 503 with the reason."""
+        self._check_alive()
         s = self.stats_.snapshot()
         s.update(running=self._running, waiting=0, draft_version=self.draft_version, engine="sglang",
                  swaps=self.swaps, swap_failures=self.swap_failures,
