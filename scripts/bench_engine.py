@@ -37,6 +37,32 @@ def run(engine, prompts, max_tokens):
     return toks / dt, (toks / rounds if rounds else 1.0)
 
 
+def profile(engine, prompts, max_tokens, label):
+    """Where a round's time goes: kernels on the device (inside CUDA graphs too) against wall time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.runner.device.type == "cuda" else [])
+    steps = 0
+    with torch_profile(activities=acts) as prof:
+        seqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+                for p in prompts]
+        t = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+            steps += 1
+        if engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    dev_us = sum(e.self_device_time_total for e in ev)
+    n_kernels = sum(e.count for e in ev)
+    print(f"[profile {label}] {steps} steps, wall {wall / steps * 1e3:.2f} ms/step, device busy "
+          f"{dev_us / steps / 1e3:.2f} ms/step, {n_kernels / steps:.0f} kernels/step "
+          f"({sum(len(s.output_ids) for s in seqs)} tokens)")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"    {e.self_device_time_total / steps:8.1f} us/step {e.count / steps:6.1f}x  {e.key[:90]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="smollm2")
@@ -46,9 +72,11 @@ def main():
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--fused-kernels", action="store_true", help="the target's serving kernels in Triton "
-                    "(rotary + KV write, add + RMSNorm, SiLU * up)")
+    ap.add_argument("--no-fused-kernels", action="store_true", help="the target's serving kernels in plain "
+                    "torch (default on CUDA: Triton rotary + KV write, add + RMSNorm, SiLU * up)")
     ap.add_argument("--domain", default="chat", help="prompt set (aurora.prompts): chat, code, math, ...")
+    ap.add_argument("--profile", action="store_true", help="after each timed run, profile one more and print "
+                    "the device time per round against the wall time, and the costliest kernels")
     ap.add_argument("--out", default="results/engine/bench.csv")
     a = ap.parse_args()
     target = hub.resolve(a.target)
@@ -60,7 +88,7 @@ def main():
     for mode, d in (("target-only", None), ("eagle3", draft)):
         eng = LLMEngine(target, d, EngineConfig(max_batch=max_b, max_model_len=1024, lookahead=a.lookahead,
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False,
-                                                fused_kernels=a.fused_kernels))
+                                                fused_kernels=False if a.no_fused_kernels else None))
         tok = eng.tokenizer
         chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False)[-400:] for p in load_prompts(a.domain, 64)]
@@ -69,9 +97,11 @@ def main():
             run(eng, prompts, a.max_tokens)  # warm-up: graph capture for every bucket the timed run meets
             tps, al = run(eng, prompts, a.max_tokens)
             rows.append({"device": dev_name, "mode": mode, "batch": B, "max_tokens": a.max_tokens,
-                         "lookahead": a.lookahead, "fused_kernels": a.fused_kernels, "tokens_per_s": round(tps, 1),
+                         "lookahead": a.lookahead, "fused_kernels": eng.fused_kernels, "tokens_per_s": round(tps, 1),
                          "accept_length": round(al, 3)})
             print(rows[-1], flush=True)
+            if a.profile:
+                profile(eng, prompts, a.max_tokens, f"{mode} batch {B}")
         del eng
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "target-only"}
     print(f"\n{'mode':12} {'batch':>5} {'tok/s':>10} {'accept len':>10} {'vs target-only':>14}   ({dev_name})")

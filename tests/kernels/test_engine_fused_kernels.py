@@ -37,7 +37,8 @@ def test_fused_kernels_engine_equals_unfused(tiny_target_dir, monkeypatch):
     prompts = [[(5 * i + j) % 90 + 1 for j in range(2 + i % 9)] for i in range(8)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     cfg = dict(max_batch=4, max_model_len=64, lookahead=3, dtype="float32")  # fp32 on a GPU too: exact comparison
-    ref_ids, ref_samples = _serve(LLMEngine(tiny_target_dir, None, EngineConfig(**cfg)), prompts, params)
+    ref_ids, ref_samples = _serve(LLMEngine(tiny_target_dir, None, EngineConfig(**cfg, fused_kernels=False)), prompts,
+                                  params)
     assert not calls
     draft_cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
     for draft in (None, new_draft(draft_cfg, seed=4)):
