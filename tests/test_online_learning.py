@@ -1,7 +1,8 @@
 """The product's loop on the CPU, end to end: SmolLM2 served from a day-0 (random) draft, samples captured
 from live requests, the trainer thread learning, hot swaps every few requests under concurrent load, and
 the accept length that the engine itself measures on later requests rising clearly above 1.0 — while every
-greedy output stays identical to target-only decoding, before, during and after the swaps."""
+greedy output stays identical to target-only decoding, before, during and after the swaps. The trained draft
+then drafts chains and trees at batch 1 and 8 over 50 prompts of two domains, equal to target-only greedy."""
 import asyncio
 import time
 
@@ -11,6 +12,7 @@ from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.training.checkpoint import load_served_draft
+from tests.greedy import run_all, two_domain_prompts
 
 
 def test_accept_length_rises_after_swaps(tmp_path):
@@ -72,6 +74,18 @@ def test_accept_length_rises_after_swaps(tmp_path):
     tree_accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
     print(f"tree (topk 3, 8 nodes) with the trained draft: accept length {tree_accept:.3f}")
     assert tree_accept > 1.3
+    # the trained draft on the two-domain set: chain and tree, batch 1 and 8, token for token target-only greedy
+    many, short = two_domain_prompts(tok), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    target = service.engine.engine.target_path
+    want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024)), many, short)
+    for batch, topk, nodes in ((1, 1, 4), (8, 1, 4), (1, 3, 8), (8, 3, 8)):
+        eng = LLMEngine(target, load_served_draft(str(tmp_path / "checkpoint")),
+                        EngineConfig(max_batch=batch, max_model_len=1024, lookahead=3, topk=topk, num_draft_tokens=nodes))
+        got, seqs = run_all(eng, many, short)
+        assert got == want, (batch, topk)
+        accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
+        print(f"trained draft, 50 prompts, batch {batch}, topk {topk}: accept length {accept:.3f}")
+        assert accept > 1.1  # accepted drafts (and the tree's KV compaction) were exercised
 
 
 def _recent(rows):

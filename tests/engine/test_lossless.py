@@ -8,27 +8,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.engine.sequence import SamplingParams
 from aurora.models.draft import DraftConfig, new_draft
-from aurora.prompts import load_prompts
-
-
-def run_all(engine, prompts, params):
-    seqs = [engine.add_request(p, params) for p in prompts]
-    while engine.has_work():
-        engine.step()
-    return [s.output_ids for s in seqs], seqs
-
-
-def chat_ids(tok, text):
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=False)
+from tests.greedy import run_all, two_domain_prompts
 
 
 @pytest.fixture(scope="module")
 def greedy_setup(smollm2_dir):
     target_only = LLMEngine(smollm2_dir, None, EngineConfig(max_batch=8, max_model_len=1024))
     tok = target_only.tokenizer
-    prompts = [chat_ids(tok, p) for p in load_prompts("chat", 25)] + \
-              [tok(p)["input_ids"][-200:] for p in load_prompts("code", 25)]
+    prompts = two_domain_prompts(tok)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     reference, _ = run_all(target_only, prompts, params)
     return prompts, params, reference
