@@ -24,7 +24,8 @@ class Sample:
     # speculative rounds while serving: round r fed x[round_start[r]] then proposals[r] (target ids) to the
     # target; proposals[r, j] was a guess for token index round_start[r] + 1 + j; the first accepted[r]
     # were accepted, proposals[r, accepted[r]] (if accepted[r] < k) was rejected by the target. A tree round
-    # records its accepted path, then the best-scored child the target rejected at the next depth.
+    # records its accepted path, then the best-scored child the target rejected at the next depth (-1 where
+    # its pruned tree had no child there: nothing was proposed, nothing rejected).
     round_start: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [R]
     proposals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))  # [R, k]
     accepted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))      # [R]

@@ -1,5 +1,8 @@
-"""Greedy-equality helpers shared by the lossless tests: run requests to completion, and the 50-prompt,
-two-domain SmolLM2 set (25 chat, 25 code) every speculative configuration is compared on."""
+"""Helpers shared by the engine's end-to-end tests: run requests to completion, the 50-prompt two-domain
+SmolLM2 set (25 chat, 25 code) every speculative configuration is compared on, and a captured sample checked
+against Hugging Face."""
+import torch
+
 from aurora.prompts import load_prompts
 
 
@@ -18,3 +21,23 @@ def chat_ids(tok, text):
 def two_domain_prompts(tok):
     return [chat_ids(tok, p) for p in load_prompts("chat", 25)] + \
            [tok(p)["input_ids"][-200:] for p in load_prompts("code", 25)]
+
+
+def check_sample(s, hf, aux_layers, atol=1e-4) -> int:
+    """A captured Sample against Hugging Face (fp32) over its own tokens: the aux states at every position are
+    hidden_states[aux_layers], the final state is the last (normed) one; every round's record is truthful (its
+    first `accepted` proposals are the tokens that followed, the next one is not). Returns accepted drafts."""
+    ids, H = s.token_ids, hf.config.hidden_size
+    with torch.no_grad():
+        ref = hf(ids[None, :-1], output_hidden_states=True).hidden_states  # the last token was never fed
+    for i, layer in enumerate(aux_layers):
+        torch.testing.assert_close(s.aux_hidden[:, i * H:(i + 1) * H], ref[layer][0], atol=atol, rtol=1e-4)
+    torch.testing.assert_close(s.target_hidden, ref[-1][0], atol=atol, rtol=1e-4)
+    accepted = 0
+    for start, props, n in zip(s.round_start.tolist(), s.proposals.tolist(), s.accepted.tolist()):
+        after = ids[start + 1:].tolist()  # the committed tokens that followed x[start] (a last round may have
+        assert props[:n][:len(after)] == after[:n]  # been cut short by max_tokens)
+        if n < len(props) and n < len(after) and props[n] >= 0:  # -1: a pruned tree proposed nothing there
+            assert props[n] != after[n]
+        accepted += n
+    return accepted

@@ -6,13 +6,16 @@ then drafts chains and trees at batch 1 and 8 over 50 prompts of two domains, eq
 import asyncio
 import time
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.engine.sequence import SamplingParams
 from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.training.checkpoint import load_served_draft
-from tests.greedy import run_all, two_domain_prompts
+from tests.greedy import check_sample, run_all, two_domain_prompts
 
 
 def test_accept_length_rises_after_swaps(tmp_path):
@@ -78,14 +81,20 @@ def test_accept_length_rises_after_swaps(tmp_path):
     many, short = two_domain_prompts(tok), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     target = service.engine.engine.target_path
     want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024)), many, short)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     for batch, topk, nodes in ((1, 1, 4), (8, 1, 4), (1, 3, 8), (8, 3, 8)):
         eng = LLMEngine(target, load_served_draft(str(tmp_path / "checkpoint")),
                         EngineConfig(max_batch=batch, max_model_len=1024, lookahead=3, topk=topk, num_draft_tokens=nodes))
+        captured = []
+        eng.on_sample = captured.append
         got, seqs = run_all(eng, many, short)
         assert got == want, (batch, topk)
         accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
         print(f"trained draft, 50 prompts, batch {batch}, topk {topk}: accept length {accept:.3f}")
         assert accept > 1.1  # accepted drafts (and the tree's KV compaction) were exercised
+        # what those requests left for the trainer: HF's hidden states, truthful rounds (every 5th sample)
+        assert len(captured) == len(many)
+        assert sum(check_sample(s, hf, eng.target.aux_layers, atol=2e-3) for s in captured[::5]) > 0
 
 
 def _recent(rows):

@@ -237,7 +237,7 @@ class LLMEngine:
         move = self.scheduler.remove(seq)
         if rows_used:
             if move is not None:
-                self.runner.move_row(*move)
+                self.runner.move_row(*move, self.scheduler.running[move[1]].num_tokens)
             self.runner.release_row(len(self.scheduler.running))
         self._by_id.pop(seq.request_id, None)
         self.stats.on_finish(len(seq.output_ids), seq.verify_rounds, seq.accepted_per_position, seq.draft_version)

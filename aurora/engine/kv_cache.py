@@ -23,11 +23,13 @@ class SlotKVCache:
         """Rows row0..row0+B-1; write_pos [B,T] cache positions of the new tokens; mask [B,1,T,S] bool."""
         B, S = write_pos.shape[0], mask.shape[-1]
         rows = torch.arange(row0, row0 + B, device=write_pos.device)[:, None]
-        folded = {}  # the GQA-folded mask, built at the first layer and shared by all
+        folded = {}  # the GQA-folded mask as an additive bias, built at the first layer and shared by all (a bool
+                    # mask would be converted to one inside every layer's attention: 2-3 more kernels a layer)
 
         def cached(layer: int, q):  # q against the rows' cached keys/values (the new ones already written)
             if not folded:
-                folded["mask"] = fold_mask(mask, q.shape[2] // self.k.shape[3])
+                m = fold_mask(mask, q.shape[2] // self.k.shape[3])
+                folded["mask"] = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))
             return sdpa(q, self.k[layer, row0:row0 + B, :S], self.v[layer, row0:row0 + B, :S], folded["mask"])
 
         def fn(layer: int, q, k, v):
@@ -45,10 +47,10 @@ class SlotKVCache:
             fn.rope_qkv = rope_qkv
         return fn
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy a sequence's whole region to another row (keeps running rows packed when one finishes)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's first `length` slots to another row (keeps running rows packed when one finishes)."""
+        self.k[:, dst, :length] = self.k[:, src, :length]
+        self.v[:, dst, :length] = self.v[:, src, :length]
 
 
 def block_mask(cache_len: torch.Tensor, tree: torch.Tensor, S: int) -> torch.Tensor:

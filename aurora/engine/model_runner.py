@@ -69,15 +69,18 @@ class ModelRunner:
     def set_row(self, row: int, temp: float, top_p: float, top_k: int, seed: int) -> None:
         self.temp[row], self.top_p[row], self.top_k[row], self.seed[row] = temp, top_p, top_k, seed
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.tcache.move(src, dst)
-        tensors = [self.cache_len, self.next_tok, self.active, self.temp, self.top_p, self.top_k, self.seed]
-        if self.capture:
-            tensors += [self.aux_store, self.hid_store]
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Row src's sequence moves to row dst; only its first `length` positions (>= its committed tokens) are
+        copied: a whole row is max_len positions of every layer (94 MB for SmolLM2 at 2,048 in fp32)."""
+        self.tcache.move(src, dst, length)
         if self.draft is not None:
-            self.dcache.move(src, dst)
-            tensors += [self.d_hidden, self.d_logits]
-        for t in tensors:
+            self.dcache.move(src, dst, length)
+            for t in (self.d_hidden, self.d_logits):
+                t[dst] = t[src]
+        if self.capture:
+            for t in (self.aux_store, self.hid_store):
+                t[dst, :length] = t[src, :length]
+        for t in (self.cache_len, self.next_tok, self.active, self.temp, self.top_p, self.top_k, self.seed):
             t[dst] = t[src]
         self.active[src] = False
 
@@ -86,7 +89,8 @@ class ModelRunner:
         self.cache_len[row] = 0
 
     def read_capture(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.aux_store[row, :n].cpu(), self.hid_store[row, :n].cpu()
+        """Copies (on a CPU device too, where .cpu() would return a view that the row's next request overwrites)."""
+        return self.aux_store[row, :n].to("cpu", copy=True), self.hid_store[row, :n].to("cpu", copy=True)
 
     # ---------------------------------------------------------------- forwards
     def _target(self, ids, n, tree, row0=0, depth=None):
@@ -263,7 +267,7 @@ class ModelRunner:
         alive = torch.ones(B, dtype=torch.bool, device=dev)
         n_acc = torch.zeros(B, dtype=torch.long, device=dev)
         path = torch.zeros(B, K, dtype=torch.long, device=dev)
-        first = torch.zeros(B, K, dtype=torch.long, device=dev)
+        first = torch.full((B, K), -1, dtype=torch.long, device=dev)  # first child tried per depth (-1: none)
         p_cur = None if p_all is None else p_all[:, 0]
         for d in range(K):
             taken = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -297,7 +301,8 @@ class ModelRunner:
         steps = torch.arange(K, device=dev)
         tokens = torch.cat([ids_v.gather(1, path), x[:, None]], 1)
         tokens[ar, n_acc] = last
-        props = ids_v.gather(1, torch.where(steps[None] < n_acc[:, None], path, first))
+        pick = torch.where(steps[None] < n_acc[:, None], path, first)  # the accepted path, then the first rejected
+        props = torch.where(pick >= 0, ids_v.gather(1, pick.clamp_min(0)), -1)  # -1: the pruned tree had none there
         # the accepted path's KV (and captured states) move from their tree slots to consecutive positions
         rows = ar[:, None]
         src, dst = (n[:, None] + path).clamp_max(self.max_len - 1), (n[:, None] + 1 + steps).clamp_max(self.max_len - 1)

@@ -133,8 +133,8 @@ class MLP(nn.Module):
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B,T,nh,hd], k/v [B,S,nkv,hd] (any strides), mask [B,1,T,S] bool (True = visible) or already folded
-    by fold_mask to [B,1,rep*T,S] -> [B,T,nh,hd].
+    """q [B,T,nh,hd], k/v [B,S,nkv,hd] (any strides), mask [B,1,T,S] (bool, True = visible, or an additive
+    bias) or already folded by fold_mask to [B,1,rep*T,S] -> [B,T,nh,hd].
 
     Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are folded into
     the query-length axis, so each KV head is read once, straight from the cache view."""

@@ -70,8 +70,8 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 continue
             i = start + 1 + a  # token index of the rejected guess
             x = props[a]
-            if i >= s.num_tokens or x == int(s.token_ids[i]) or target_to_draft[x] < 0:
-                continue  # not a real rejection (or outside the draft vocabulary: q(x) is already 0)
+            if x < 0 or i >= s.num_tokens or x == int(s.token_ids[i]) or target_to_draft[x] < 0:
+                continue  # not a real rejection (none proposed there, or outside the draft vocabulary: q(x) is 0)
             cand = [(a, start - 1)] if a < K else []
             if a > 0:
                 cand.append((0, i - 2))

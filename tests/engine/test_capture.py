@@ -1,0 +1,31 @@
+"""What a finished request leaves for the trainer, through the real engine path (batched prefill, speculative
+rounds, rows moving when a neighbour finishes, the tree's KV compaction): the aux and final hidden states at
+every position equal Hugging Face's `output_hidden_states` over the sample's own tokens, and each round's
+record says truthfully which proposals the target accepted (with accepted runs: tests/test_online_learning.py).
+The CPU engine's samples used to be views of its capture store, overwritten by the row's next request."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.sequence import SamplingParams
+from aurora.models.draft import DraftConfig, new_draft
+from tests.greedy import check_sample
+
+
+@pytest.mark.parametrize("topk,nodes", [(1, 4), (3, 7)])
+def test_samples_equal_hf_hidden_states_and_rounds_are_truthful(tiny_target_dir, topk, nodes):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float32).eval()
+    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=5)
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=4, max_model_len=128, lookahead=3, topk=topk,
+                                                         num_draft_tokens=nodes, dtype="float32"))
+    samples = []
+    eng.on_sample = samples.append
+    prompts = [[(3 * i + j) % 90 + 1 for j in range(2 + 5 * i % 13)] for i in range(10)]
+    for i, p in enumerate(prompts):  # different lengths: rows finish at different steps and move
+        eng.add_request(p, SamplingParams(max_tokens=4 + 7 * i % 19, temperature=0.0, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    assert len(samples) == len(prompts)
+    for s in samples:
+        check_sample(s, hf, eng.target.aux_layers)
