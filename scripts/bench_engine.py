@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--topk", type=int, default=1, help="> 1: draft a tree (top-k children per node)")
+    ap.add_argument("--num-draft-tokens", type=int, default=None, help="tree nodes verified per round, root included")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-fused-kernels", action="store_true", help="the target's serving kernels in plain "
@@ -87,6 +89,7 @@ def main():
     dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else platform.processor() or "cpu"
     for mode, d in (("target-only", None), ("eagle3", draft)):
         eng = LLMEngine(target, d, EngineConfig(max_batch=max_b, max_model_len=1024, lookahead=a.lookahead,
+                                                topk=a.topk, num_draft_tokens=a.num_draft_tokens,
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False,
                                                 fused_kernels=False if a.no_fused_kernels else None))
         tok = eng.tokenizer
@@ -97,7 +100,8 @@ def main():
             run(eng, prompts, a.max_tokens)  # warm-up: graph capture for every bucket the timed run meets
             tps, al = run(eng, prompts, a.max_tokens)
             rows.append({"device": dev_name, "mode": mode, "batch": B, "max_tokens": a.max_tokens,
-                         "lookahead": a.lookahead, "fused_kernels": eng.fused_kernels, "tokens_per_s": round(tps, 1),
+                         "lookahead": a.lookahead, "topk": a.topk, "num_draft_tokens": eng.config.num_draft_tokens,
+                         "fused_kernels": eng.fused_kernels, "tokens_per_s": round(tps, 1),
                          "accept_length": round(al, 3)})
             print(rows[-1], flush=True)
             if a.profile:

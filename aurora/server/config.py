@@ -46,7 +46,7 @@ class ServeConfig:
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
     objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
-    lr: float = 1e-4
+    lr: float = 3e-4                   # AdamW peak rate (after warm-up); the GPU online runs used 3e-4
     sync_every: int = 800              # finished requests between draft hot-swaps
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
