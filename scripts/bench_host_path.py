@@ -1,0 +1,84 @@
+"""Ceiling of the host path: Aurora's HTTP server over the real AsyncEngine and LLMEngine, with the device
+work (prefill and the decoding round) stubbed out, so tokens/s measures only what runs in Python around the
+model: the engine step, the engine-thread -> event-loop bridge, FastAPI, detokenization.
+
+  python scripts/bench_host_path.py --concurrency 1 16 32 --requests 128 --max-tokens 128
+
+The server runs in a child process and the clients in this one (they would otherwise share its GIL).
+"""
+import argparse
+import asyncio
+import multiprocessing as mp
+import time
+
+import httpx
+
+
+def serve(target: str, max_batch: int, port_q) -> None:
+    import torch
+
+    from aurora.server.app import create_app, serve_in_thread
+    from aurora.server.config import ServeConfig
+    from aurora.service import Service
+
+    cfg = ServeConfig(target=target, draft=None, max_batch=max_batch, device="cpu", wandb="disabled",
+                      run_dir="/tmp/aurora_bench_host_path")
+    service = Service.from_config(cfg)
+    runner = service.engine.engine.runner
+    k = runner.k
+    tokens = torch.randint(100, 20000, (max_batch, k + 1))  # what a round would have returned
+    none, props = torch.zeros(max_batch, dtype=torch.long), tokens[:, :k]
+    runner.round = lambda B, *a: (tokens[:B], none[:B], props[:B])
+    runner.prefill = lambda row0, prompts, *a: [7] * len(prompts)
+    with serve_in_thread(create_app(service, cfg)) as url:
+        port_q.put(url)
+        while True:
+            time.sleep(3600)
+
+
+async def clients(url: str, conc: int, n: int, max_tokens: int, stream: bool) -> float:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as h:
+        model = (await h.get("/v1/models")).json()["data"][0]["id"]
+        jobs, done = iter(range(n)), []
+
+        async def worker():
+            for i in jobs:
+                body = {"model": model, "messages": [{"role": "user", "content": f"Tell me a story (#{i})"}],
+                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+                if stream:
+                    async with h.stream("POST", "/v1/chat/completions", json=body) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+                    done.append(max_tokens)
+                else:
+                    done.append((await h.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"])
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return sum(done) / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    a = ap.parse_args()
+    q = mp.get_context("spawn").Queue()
+    server = mp.get_context("spawn").Process(target=serve, args=(a.target, max(a.concurrency), q), daemon=True)
+    server.start()
+    url = q.get(timeout=300)
+    print(f"{'concurrency':>11} {'mode':>10} {'tok/s':>10}")
+    try:
+        for c in a.concurrency:
+            for stream in (False, True):
+                n = a.requests if c > 1 else max(8, a.requests // 8)
+                tps = asyncio.run(clients(url, c, n, a.max_tokens, stream))
+                print(f"{c:>11} {'stream' if stream else 'no-stream':>10} {tps:>10.0f}", flush=True)
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()
