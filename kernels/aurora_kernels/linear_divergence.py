@@ -36,6 +36,8 @@ __all__ = ["fused_linear_divergence", "DivergenceOutput"]
 _MAX_BLOCK_V = 4096  # V tile of the Triton row kernel (tests lower it to exercise the multi-tile path)
 _NUM_WARPS = 8  # warps per row program
 _DEFAULT_CHUNK_BYTES = 512 * 2**20  # workspace budget for one [chunk, V] chunk of logits
+_TORCH_CHUNK_BYTES = 32 * 2**20     # the torch row op holds ~12 fp32 [chunk, V] temporaries: 32 MiB each (with
+                                    # 512 MiB a CPU trainer step over SmolLM2's 49k vocabulary peaked at 8 GB)
 
 
 class DivergenceOutput(NamedTuple):
@@ -127,9 +129,9 @@ def _accumulate_dw(acc, g, hc):
     acc.add_(torch.mm(g.t(), hc).to(acc.dtype))
 
 
-def _default_chunk(n_rows, vocab, itemsize):
+def _default_chunk(n_rows, vocab, itemsize, budget):
     """Rows per chunk: as many as fit the workspace budget (large matmuls), split evenly over the chunks."""
-    cap = max(256, _DEFAULT_CHUNK_BYTES // (vocab * itemsize))
+    cap = max(128, budget // (vocab * itemsize))
     n_chunks = -(-n_rows // cap)
     per = -(-n_rows // max(n_chunks, 1))
     return max(1, min(n_rows, -(-per // 128) * 128))
@@ -146,7 +148,8 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     else:
         scale = torch.ones((), device=dev)
     scale = scale.float().reshape(())
-    chunk = chunk_size or _default_chunk(N, V, h.element_size())
+    chunk = chunk_size or _default_chunk(N, V, h.element_size(),
+                                         _DEFAULT_CHUNK_BYTES if backend == "triton" else _TORCH_CHUNK_BYTES)
     chunk = max(1, min(chunk, N))
     buf = torch.empty(chunk, V, dtype=h.dtype, device=dev)
     div = torch.empty(N, dtype=torch.float32, device=dev)

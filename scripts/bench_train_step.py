@@ -1,0 +1,50 @@
+"""Time and peak memory of one trainer step: SmolLM2's EAGLE3 draft over its full 49,152-token vocabulary,
+TTT length 4, a batch of `--tokens` tokens (random states: the cost does not depend on their values).
+
+  python scripts/bench_train_step.py --tokens 2000 [--device cuda]
+
+Peak memory: the process's peak RSS on the CPU; CUDA's max_memory_allocated on a GPU.
+"""
+import argparse
+import resource
+import time
+
+import torch
+from transformers import AutoConfig
+
+from aurora.models import hub
+from aurora.models.draft import DraftConfig, new_draft
+from aurora.models.target import TargetModel
+from aurora.sample import Sample
+from aurora.training.trainer import OnlineTrainer, TrainConfig
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--sample-tokens", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    path = hub.resolve("smollm2")
+    target = TargetModel.from_pretrained(path)
+    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(path)))
+    draft.share_embedding(target.embed_tokens)
+    trainer = OnlineTrainer(draft, target.lm_head.weight, TrainConfig(device=a.device, batch_tokens=a.tokens),
+                            publish=lambda *_: None)
+    H, T = target.config.hidden_size, a.sample_tokens
+    samples = [Sample(f"s{i}", torch.randint(0, target.config.vocab_size, (T,)), T // 4, torch.randn(T - 1, 3 * H),
+                      torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool)) for i in range(a.tokens // T)]
+    cuda = a.device.startswith("cuda")
+    for step in range(a.steps):
+        t = time.perf_counter()
+        trainer.train_step(samples)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(f"step {step}: {dt:.2f} s, {len(samples) * T / dt:,.0f} tokens/s, peak memory {peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
