@@ -209,18 +209,19 @@ def test_concurrency_limit(tokenizer):
         assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_disconnect_aborts_the_stream(tokenizer):
+@pytest.mark.parametrize("n", [1, 2])
+def test_disconnect_aborts_the_stream(tokenizer, n):
     service = make_service(tokenizer, round_delay=0.05)
     with live_server(create_app(service, test_config())) as url:
-        body = {"prompt": PROMPT, "max_tokens": 200, "n": 2, "stream": True}
+        body = {"prompt": PROMPT, "max_tokens": 200, "n": n, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     break
         deadline = time.time() + 5
-        while len(service.engine.aborted) < 2 and time.time() < deadline:
+        while len(service.engine.aborted) < n and time.time() < deadline:
             time.sleep(0.02)
-        assert set(service.engine.aborted) == set(service.engine.started) and len(service.engine.started) == 2
+        assert set(service.engine.aborted) == set(service.engine.started) and len(service.engine.started) == n
         assert service.engine.running == 0 or time.time() < deadline
 
 
