@@ -40,7 +40,7 @@ class EngineConfig:
     train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
-                                  # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/README.md)
+                                  # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/*_s4.*)
 
     def __post_init__(self):
         if self.lookahead < 1:
