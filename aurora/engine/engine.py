@@ -26,6 +26,10 @@ PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (batch x longe
 log = logging.getLogger(__name__)
 
 
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 @dataclass
 class EngineConfig:
     lookahead: int = 4            # draft chain depth per round (SGLang's speculative_num_steps)
@@ -54,13 +58,16 @@ class EngineConfig:
         if not self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1:
             raise ValueError(f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                              f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}]")
-        if self.fused_kernels and importlib.util.find_spec("triton") is None:
+        if self.fused_kernels and not _triton_installed():
             raise ValueError("fused_kernels needs triton (pip install 'aurora-spec[triton]')")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
 
     def torch_device(self) -> torch.device:
         return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
+    def use_fused_kernels(self, device: torch.device) -> bool:
+        return self.fused_kernels if self.fused_kernels is not None else device.type == "cuda" and _triton_installed()
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -76,8 +83,7 @@ class LLMEngine:
         dev = config.torch_device()
         dt = config.torch_dtype(dev)
         self.target = TargetModel.from_pretrained(target_path, dtype=dt, device=dev)
-        self.fused_kernels = (config.fused_kernels if config.fused_kernels is not None
-                              else dev.type == "cuda" and importlib.util.find_spec("triton") is not None)
+        self.fused_kernels = config.use_fused_kernels(dev)
         self.target.use_fused_kernels(self.fused_kernels)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(target_path)
         tc = self.target.config
