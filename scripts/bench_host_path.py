@@ -3,6 +3,7 @@ work (prefill and the decoding round) stubbed out, so tokens/s measures only wha
 model: the engine step, the engine-thread -> event-loop bridge, FastAPI, detokenization.
 
   python scripts/bench_host_path.py --concurrency 1 16 32 --requests 128 --max-tokens 128
+  python scripts/bench_host_path.py --engine-only --concurrency 1 16 32   # LLMEngine.step() alone, no HTTP
 
 The server runs in a child process and the clients in this one (they would otherwise share its GIL).
 """
@@ -14,10 +15,10 @@ import time
 import httpx
 
 
-def serve(target: str, max_batch: int, port_q) -> None:
+def stubbed_service(target: str, max_batch: int):
+    """The target-only service on the CPU, its model runner's prefill and round answering at once."""
     import torch
 
-    from aurora.server.app import create_app, serve_in_thread
     from aurora.server.config import ServeConfig
     from aurora.service import Service
 
@@ -30,6 +31,34 @@ def serve(target: str, max_batch: int, port_q) -> None:
     none, props = torch.zeros(max_batch, dtype=torch.long), tokens[:, :k]
     runner.round = lambda B, *a: (tokens[:B], none[:B], props[:B])
     runner.prefill = lambda row0, prompts, *a: [7] * len(prompts)
+    return service, cfg
+
+
+def engine_steps(target: str, batches: list[int], steps: int = 300) -> None:
+    """Microseconds of Python per LLMEngine.step() with `batch` running sequences."""
+    from aurora.engine.sequence import SamplingParams
+
+    service, _ = stubbed_service(target, max(batches))
+    service.engine.shutdown()  # drive the engine directly, without its thread
+    engine = service.engine.engine
+    print(f"{'batch':>5} {'us per step':>12}")
+    for B in batches:
+        seqs = [engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=10**6, ignore_eos=True))
+                for _ in range(B)]
+        engine.step()  # admission
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        print(f"{B:>5} {(time.perf_counter() - t) / steps * 1e6:>12.0f}", flush=True)
+        for s in seqs:
+            engine.abort(s.request_id)
+        engine.step()
+
+
+def serve(target: str, max_batch: int, port_q) -> None:
+    from aurora.server.app import create_app, serve_in_thread
+
+    service, cfg = stubbed_service(target, max_batch)
     with serve_in_thread(create_app(service, cfg)) as url:
         port_q.put(url)
         while True:
@@ -64,7 +93,10 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--engine-only", action="store_true", help="time LLMEngine.step() in this process, no HTTP")
     a = ap.parse_args()
+    if a.engine_only:
+        return engine_steps(a.target, a.concurrency)
     q = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=serve, args=(a.target, max(a.concurrency), q), daemon=True)
     server.start()

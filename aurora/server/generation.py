@@ -29,7 +29,7 @@ class TextStream:
     """Token ids in, text deltas out, at a cost per push independent of the output's length: only a short
     window of recent tokens is decoded (the previous push's tokens as context, then the new ones), the
     incremental detokenization of vLLM and TGI; decoding the whole output every push made a long stream
-    quadratic (4,096 tokens one at a time on this CPU: 299 us per token, against ~10 us now)."""
+    quadratic (4,096 tokens one at a time on this CPU: ~300 us per token, against ~10 us now)."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
