@@ -12,6 +12,8 @@ inputs and target excluded, gradients included) for:
   ours_c4096  the same with chunk_size=4096
   ours_bv2048, ours_bv8192w16  the same with other V tiles / warps of the row kernel
   ours_topk   the same with a top-64 target (ids, logprobs) instead of dense probs
+  ours_nodefer  the same with a single chunk's gradient GEMMs in forward (dW then scaled in backward)
+`--profile`: after timing each shape, a torch.profiler table of the GPU kernels of every method (5 calls).
 
 Usage (GPU): python scripts/bench_loss.py --out results/kernels/bench_loss.csv
 """
@@ -77,6 +79,14 @@ def make_methods(H, compiled, liger_fn):
 
         return autograd_call(loss_fn)
 
+    def gemms_in_forward(h, W, p, ids, lps):  # the single-chunk path as it was: dW scaled by its own pass
+        fld._DEFER_SINGLE_CHUNK = False
+        try:
+            return fused_linear_divergence(h, W, p).loss
+        finally:
+            fld._DEFER_SINGLE_CHUNK = True
+
+    methods["ours_nodefer"] = autograd_call(gemms_in_forward)
     methods["ours_bv2048"] = with_tiles(2048, 8)
     methods["ours_bv8192w16"] = with_tiles(8192, 16)
     methods["ours_topk"] = autograd_call(
@@ -110,6 +120,24 @@ def check_against_eager(h, W, p):
     return dict(fp32_dw_addmm=fld._addmm_fp32_ok, loss_ours=out.loss.item(), loss_eager=ref.item(), dh_rel=rel(ho.grad, hr.grad), dW_rel=rel(Wo.grad, Wr.grad))
 
 
+def profile_kernels(name, fn, a, calls=5):
+    """The GPU kernels of `calls` calls: total device time per kernel name, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(*a)
+        torch.cuda.synchronize()
+    h, W = a[0], a[1]
+    h.grad = W.grad = None
+    rows = sorted(((e.key, e.self_device_time_total / calls / 1e3, e.count // calls) for e in prof.key_averages()),
+                  key=lambda r: -r[1])
+    print(f"    {name}: {sum(r[1] for r in rows):.3f} ms of kernels per call")
+    for key, ms, n in rows[:10]:
+        print(f"      {ms:7.3f} ms  x{n:<3d} {key[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, nargs="+", default=[3072, 4096])
@@ -117,6 +145,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the slow baselines past this")
     ap.add_argument("--out", default="results/kernels/bench_loss.csv")
+    ap.add_argument("--profile", action="store_true", help="print each method's GPU kernels (torch.profiler)")
     args = ap.parse_args()
     import triton
     from triton.testing import do_bench
@@ -177,6 +206,8 @@ def main():
                 with open(args.out, "a", newline="") as f:
                     csv.writer(f).writerow(row)
                 print(f"H={H:5d} N={N:6d} {name:11s} {ms:8.3f} ms {tflops:6.1f} TFLOP/s  floor/t {frac:5.3f}  +{mem:6.3f} GiB", flush=True)
+                if args.profile:
+                    profile_kernels(name, fn, a)
             del h, W, p, ids, lps
             torch.cuda.empty_cache()
     # markdown table: one row per shape, one column per method

@@ -4,8 +4,10 @@
 (cuBLAS, bf16 in, fp32 accumulate), turns each chunk into the gradient of the loss with respect to the
 chunk's logits in place (a Triton row kernel, or plain torch on the CPU), and immediately consumes it:
 dh_c = G @ W and dW += G.T @ h_c (fp32 accumulator). The gradients are therefore computed in the forward
-("gradient in forward", as Liger-Kernel does) and backward only multiplies them by grad_output. Peak extra
-memory: one [chunk, V] workspace in h's dtype, dh, and dW (fp32 accumulator when there are several chunks).
+("gradient in forward", as Liger-Kernel does) and backward only multiplies them by grad_output. When all rows
+fit one chunk (the trainer's usual step), G is kept instead and both GEMMs run in backward, grad_output
+scaling h and the [N, H] product rather than taking a pass over dW. Peak extra memory: one [chunk, V]
+workspace in h's dtype, dh, and dW (fp32 accumulator when there are several chunks).
 
 Definitions (q = softmax(h W^T / T) is the draft, p the target, both over the draft vocabulary V):
   fkl = KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0. With a one-hot p this is cross-entropy.
@@ -36,6 +38,7 @@ __all__ = ["fused_linear_divergence", "DivergenceOutput"]
 _MAX_BLOCK_V = 4096  # V tile of the Triton row kernel (tests lower it to exercise the multi-tile path)
 _NUM_WARPS = 8  # warps per row program
 _DEFAULT_CHUNK_BYTES = 512 * 2**20  # workspace budget for one [chunk, V] chunk of logits
+_DEFER_SINGLE_CHUNK = True  # one chunk: keep G, do both gradient GEMMs in backward (scaling the small operand)
 _TORCH_CHUNK_BYTES = 32 * 2**20     # the torch row op holds ~12 fp32 [chunk, V] temporaries: 32 MiB each (with
                                     # 512 MiB a CPU trainer step over SmolLM2's 49k vocabulary peaked at 8 GB)
 
@@ -157,9 +160,12 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     tam = torch.empty(N, dtype=torch.int64, device=dev)
     dh = torch.empty_like(h) if need_dh else None
     n_chunks = -(-N // chunk)
+    compute_grad = need_dh or need_dw
+    # a single chunk keeps its gradient G and leaves both GEMMs to backward, where grad_output scales the
+    # small operand (h, or the [N, H] product) instead of costing an extra pass over the [V, H] dW
+    defer = compute_grad and n_chunks == 1 and _DEFER_SINGLE_CHUNK
     # several chunks accumulate dW in fp32; a single chunk writes it once, in W's dtype
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw and n_chunks > 1 else None
-    compute_grad = need_dh or need_dw
     if backend == "triton":
         from . import _triton_divergence as tk
 
@@ -189,6 +195,8 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
                 row_op(lc[b0:b1], s + b0)  # lc := d loss / d logits
         if side is not None:
             main.wait_stream(side)  # every row block is done before dh/dW read the chunk (and buf is reused)
+        if defer:
+            break
         if need_dh:
             torch.mm(lc, W, out=dh[s:e])  # [c, H]
         if need_dw and dw is None:
@@ -196,20 +204,37 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
         elif need_dw:
             _accumulate_dw(dw, lc, hc)  # [V, H] fp32
     loss = ((div * w).sum() if w is not None else div.sum()) * scale
-    return loss, div, dam, tam, dh, dw
+    if defer:  # buf holds G [N, V]; _backward_deferred computes dh and dW from it
+        return loss, div, dam, tam, None, None, buf
+    return loss, div, dam, tam, dh, dw, None
+
+
+def _backward_deferred(G, h, W, go, need_dh, need_dw, backend):
+    """The single-chunk gradients from G = d loss / d logits [N, V], scaled by grad_output go:
+    dh = go * (G @ W) [N, H] and dW = G.T @ (go * h) [V, H], written once in W's dtype."""
+    if backend == "triton":
+        from ._triton_divergence import scale_cast
+    else:
+        def scale_cast(x, f, dtype):
+            return (x.float() * f).to(dtype)
+    dh = scale_cast(torch.mm(G, W), go, h.dtype) if need_dh else None
+    dw = torch.mm(G.t(), scale_cast(h, go, h.dtype)) if need_dw else None
+    return dh, dw
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, cfg, row_weight, reduction, chunk_size, backend, pipeline):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, div, dam, tam, dh, dw = _forward(
+        loss, div, dam, tam, dh, dw, G = _forward(
             h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, need_dw, pipeline
         )
         ctx.backend = backend
         ctx.consumed = False
         ctx.w_dtype = W.dtype
-        ctx.save_for_backward(dh, dw)
+        ctx.deferred = G is not None
+        ctx.needs = need_dh, need_dw
+        ctx.save_for_backward(*((G, h, W) if ctx.deferred else (dh, dw)))
         ctx.mark_non_differentiable(div, dam, tam)
         return loss, div, dam, tam
 
@@ -218,8 +243,12 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("fused_linear_divergence: backward runs once (gradients are scaled in place)")
         ctx.consumed = True
-        dh, dw = ctx.saved_tensors
         go = grad_loss.float().reshape(())
+        if ctx.deferred:
+            G, h, W = ctx.saved_tensors
+            dh, dw = _backward_deferred(G, h, W, go, *ctx.needs, ctx.backend)
+            return dh, dw, None, None, None, None, None, None
+        dh, dw = ctx.saved_tensors
         if ctx.backend == "triton":
             from ._triton_divergence import scale_cast
 

@@ -118,10 +118,11 @@ def check(ours, ref, rtol=1e-4, atol=2e-6):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("pipeline", [1, 3])
-def test_matches_reference(backend, kind, objective, pipeline):
+@pytest.mark.parametrize("pipeline, chunk", [(1, 16), (3, 16), (1, None)])
+def test_matches_reference(backend, kind, objective, pipeline, chunk):
     """Odd shapes, ragged chunks, zero-weight rows, zeros in the target, target_index, T != 1, grad_output != 1;
-    pipeline 3: each chunk's rows in three blocks (on a GPU, row kernels on a second stream)."""
+    pipeline 3: each chunk's rows in three blocks (on a GPU, row kernels on a second stream); chunk None: all
+    rows in one chunk (the gradient GEMMs then run in backward)."""
     gen = torch.Generator().manual_seed(0)
     N, H, V, M = 37, 24, 300, 23
     h = torch.randn(N, H, generator=gen)
@@ -132,7 +133,7 @@ def test_matches_reference(backend, kind, objective, pipeline):
     tidx = torch.randint(0, M, (N,), generator=gen)
     kw = dict(row_weight=to_dev(w), target_index=to_dev(tidx), temperature=0.7)
     ours = run_ours(to_dev(h), to_dev(W), to_dev(target), kind, objective, backend, grad_output=1.7,
-                    chunk_size=16, pipeline=pipeline, **kw)
+                    chunk_size=chunk, pipeline=pipeline, **kw)
     ref = reference(to_dev(h), to_dev(W), to_dev(target), kind, objective, grad_output=1.7, **kw)
     check(ours, ref)
 
@@ -226,7 +227,8 @@ def test_imports_and_runs_without_triton():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_bf16_gpu(backend, kind, objective, monkeypatch):
+@pytest.mark.parametrize("chunk", [384, None])
+def test_bf16_gpu(backend, kind, objective, chunk, monkeypatch):
     monkeypatch.setattr(fld, "_MAX_BLOCK_V", 4096)
     gen = torch.Generator().manual_seed(5)
     N, H, V, M = 1000, 512, 5003, 700
@@ -238,7 +240,7 @@ def test_bf16_gpu(backend, kind, objective, monkeypatch):
     tidx = torch.randint(0, M, (N,), generator=gen)
     kw = dict(row_weight=to_dev(w), target_index=to_dev(tidx), temperature=0.8)
     hb, Wb = to_dev(h, torch.bfloat16), to_dev(W, torch.bfloat16)
-    out, dh, dW = run_ours(hb, Wb, to_dev(target), kind, objective, backend, grad_output=2.0, chunk_size=384, **kw)
+    out, dh, dW = run_ours(hb, Wb, to_dev(target), kind, objective, backend, grad_output=2.0, chunk_size=chunk, **kw)
     loss, rdh, rdW, rd, _, _ = reference(hb, Wb, to_dev(target), kind, objective, grad_output=2.0, **kw)
     assert dh.dtype == torch.bfloat16 and dW.dtype == torch.bfloat16
 
