@@ -43,7 +43,6 @@ _HELP = {
     "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
-    "draft_init": "scratch drafts: random, or target-head (LM head and final norm copied from the target)",
     "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
 }
 

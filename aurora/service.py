@@ -83,14 +83,14 @@ class Service:
             return cls._from_config_sglang(cfg)
         target_dir = hub.resolve(cfg.target)
         ckpt = os.path.join(cfg.run_dir, "checkpoint")
-        draft, pruned, day0 = None, False, False
+        draft, pruned = None, False
         if cfg.draft is not None:
             from transformers import AutoConfig
 
             draft, _ = _initial_draft(cfg, AutoConfig.from_pretrained(target_dir), ckpt)
             # a scratch head with a pruned vocabulary waits for the first requests' tokens to fix its map
-            day0 = cfg.draft == "scratch" and not _resuming(cfg, ckpt)
-            pruned = day0 and draft.config.draft_vocab_size < draft.config.vocab_size
+            pruned = (cfg.draft == "scratch" and not _resuming(cfg, ckpt)
+                      and draft.config.draft_vocab_size < draft.config.vocab_size)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, capture=draft is not None)
@@ -105,8 +105,6 @@ class Service:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
                 d2t, t2d = vocab_from_samples(first_samples, draft.config.draft_vocab_size, draft.config.vocab_size)
                 engine.draft.set_vocab_map(d2t, t2d)  # in the engine thread (on_sample), never during a round
-            if day0 and cfg.draft_init == "target-head":  # after the map: the head's rows follow it
-                engine.draft.init_head_from_target(engine.target.lm_head.weight, engine.target.norm.weight)
             return OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft)
 
         if pruned:

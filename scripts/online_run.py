@@ -100,11 +100,9 @@ def offline_compare(service, samples, prompts):
     fresh = new_draft(eng.draft.config, dtype=eng.draft.fc.weight.dtype, device=eng.draft.fc.weight.device, seed=1)
     fresh.set_vocab_map(eng.draft.d2t, eng.draft.t2d)
     fresh.share_embedding(eng.target.embed_tokens)
-    if args.draft_init == "target-head":
-        fresh.init_head_from_target(eng.target.lm_head.weight, eng.target.norm.weight)
     c = trainer.config
     off = OnlineTrainer(fresh, eng.target.lm_head.weight,
-                        TrainConfig(lr=c.lr, warmup_steps=c.warmup_steps, ttt_length=c.ttt_length, device=c.device,
+                        TrainConfig(objective=c.objective, lr=c.lr, warmup_steps=c.warmup_steps, ttt_length=c.ttt_length, device=c.device,
                                     reject_weight=c.reject_weight, batch_tokens=c.batch_tokens), lambda sd, v: None)
     rng, t0, tokens = random.Random(0), time.perf_counter(), 0
     for _ in range(args.offline_epochs):
@@ -164,7 +162,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--replay-passes", type=int, default=1)
-    ap.add_argument("--draft-init", default="random", choices=["random", "target-head"])
+    ap.add_argument("--objective", default="fkl", choices=["fkl", "rkl", "tv"])
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
     ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
     ap.add_argument("--eval-per-domain", type=int, default=100)
@@ -174,7 +172,8 @@ def main():
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=args.sync_every,
                       lr=args.lr, device=args.device, max_batch=args.concurrency, max_model_len=args.max_model_len,
                       run_dir=os.path.join(args.out, "run"), wandb="disabled", replay_passes=args.replay_passes,
-                      draft_init=args.draft_init, draft_vocab_size=args.draft_vocab_size)
+                      draft_vocab_size=args.draft_vocab_size,
+                      objective=args.objective)
     service = Service.from_config(cfg)
     kept = []
     if args.offline_epochs:  # keep every captured sample for the offline comparison

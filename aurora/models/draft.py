@@ -150,19 +150,6 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    @torch.no_grad()
-    def init_head_from_target(self, lm_head_weight: torch.Tensor, norm_weight: torch.Tensor) -> None:
-        """Day-0 option: lm_head := the target's LM-head rows of the draft vocabulary (after the vocabulary map
-        is fixed) and norm := the target's final norm, so the draft starts by reading its hidden state the way
-        the target reads its own (EAGLE-1/2 use the target's head as is). The rest stays random."""
-        V, H = self.config.vocab_size, self.config.hidden_size
-        if lm_head_weight.shape != (V, H) or norm_weight.shape != (H,):
-            raise ValueError(f"target head {tuple(lm_head_weight.shape)} / norm {tuple(norm_weight.shape)} does not "
-                             f"fit the draft (vocab {V}, hidden {H})")
-        rows = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
-        self.lm_head.weight.copy_(lm_head_weight[rows.to(lm_head_weight.device)])
-        self.norm.weight.copy_(norm_weight)
-
 
 def save_draft(draft: Eagle3Draft, path: str, dtype=torch.bfloat16) -> None:
     """Write config.json + model.safetensors atomically (a temp dir renamed into place)."""

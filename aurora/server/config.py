@@ -13,7 +13,6 @@ import yaml
 ENGINES = ("local", "sglang")
 OBJECTIVES = ("fkl", "rkl", "tv")
 WANDB_MODES = ("offline", "online", "disabled")
-DRAFT_INITS = ("random", "target-head")
 
 
 def _default_run_dir() -> str:
@@ -57,8 +56,6 @@ class ServeConfig:
     draft_vocab_size: int | None = None  # scratch drafts: None = the target's vocabulary; N = the N most
                                          # frequent tokens of the first `vocab_warmup_requests` requests
     vocab_warmup_requests: int = 64
-    draft_init: str = "random"         # scratch drafts: "random", or "target-head" (lm_head and final norm copied
-                                       # from the target's for the draft vocabulary; the layer stays random)
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
     train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
                                        # bigger kernels: worth it when the trainer shares a busy GPU
@@ -112,7 +109,6 @@ class ServeConfig:
             _check(self.topk == 1 or self.draft is None,
                    "engine sglang captures training samples from chain drafts only: use topk 1")
             _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
-        _check(self.draft_init in DRAFT_INITS, f"draft_init must be one of {DRAFT_INITS}, not {self.draft_init!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")
 
     @classmethod

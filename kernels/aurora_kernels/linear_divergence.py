@@ -146,7 +146,8 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     dev = h.device
     w = row_weight.float().contiguous() if row_weight is not None else None
     if reduction == "mean":
-        denom = w.sum() if w is not None else torch.tensor(float(N), device=dev)
+        # torch.full, not torch.tensor: a host->device copy of a Python number waits for the stream (a host sync)
+        denom = w.sum() if w is not None else torch.full((), float(N), device=dev)
         scale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
     else:
         scale = torch.ones((), device=dev)

@@ -252,3 +252,26 @@ def test_bf16_gpu(backend, kind, objective, chunk, monkeypatch):
     # tv's subgradient flips sign wherever bf16 rounding moves q across p
     tol = 0.2 if objective == "tv" else 3e-2
     assert rel(dh, rdh) < tol and rel(dW, rdW) < tol
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="host/device synchronisation exists on a CUDA GPU only")
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("chunk", [64, None])
+def test_no_host_sync_on_gpu(weighted, chunk):
+    """Forward + backward queue their work and return: behind a ~1 s sleep kernel the call finishes on the
+    host while the sleep still runs (any host sync, e.g. a pageable host->device copy, would wait for it)."""
+    gen = torch.Generator().manual_seed(6)
+    N, H, V = 200, 64, 1000
+    h = to_dev(torch.randn(N, H, generator=gen), torch.bfloat16).requires_grad_()
+    W = to_dev(torch.randn(V, H, generator=gen) / H**0.5, torch.bfloat16).requires_grad_()
+    p, w = to_dev(make_target("probs", N, V, gen)), to_dev(torch.rand(N, generator=gen))
+    for _ in range(2):  # compile the kernels and warm the allocator first
+        fused_linear_divergence(h, W, p, row_weight=w if weighted else None, chunk_size=chunk).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
+    done = torch.cuda.Event()
+    done.record()
+    out = fused_linear_divergence(h, W, p, row_weight=w if weighted else None, chunk_size=chunk)
+    (out.loss * 1.5).backward()
+    assert not done.query(), "the call waited for earlier GPU work: a host synchronisation"
+    torch.cuda.synchronize()
