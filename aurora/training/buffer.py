@@ -6,12 +6,15 @@ Every `heldout_every`-th captured sample goes to a small held-out ring instead o
 trainer's swap guard measures candidate drafts on it, so the guard never scores samples it trained on.
 
 Replay (`replay_passes` > 1): a sample the trainer took goes to a replay ring and is handed out again, up to
-`replay_passes` times in all, whenever no fresh sample waits; fresh samples always come first. The trainer is
+`replay_passes` times in all, whenever no fresh sample waits; fresh samples always come first. Replays are
+drawn at random from the whole ring, not oldest first, so idle-time steps revisit earlier traffic (another
+domain, hundreds of requests back) rather than repeating the last few requests. The trainer is
 otherwise idle most of the time (on the H100 it trained 9.9k tokens/s while serving produced ~1.8k), so
 replay turns idle time into more optimiser steps per served request. Replay shares `max_bytes` with the
 queue and is evicted first (oldest first) when a fresh sample needs room; that is counted apart from
 `dropped`, since an evicted replay sample was already trained on.
 """
+import random
 import threading
 from collections import deque
 
@@ -22,7 +25,7 @@ POLICIES = ("drop_oldest", "drop_newest")
 
 class SampleBuffer:
     def __init__(self, max_samples: int, max_bytes: int, policy: str = "drop_oldest",
-                 heldout_every: int = 20, heldout_size: int = 32, replay_passes: int = 1):
+                 heldout_every: int = 20, heldout_size: int = 32, replay_passes: int = 1, seed: int = 0):
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
         if policy not in POLICIES:
@@ -33,7 +36,8 @@ class SampleBuffer:
             raise ValueError("replay_passes must be >= 1 (1 = every sample is trained on once)")
         self.max_samples, self.max_bytes, self.policy = max_samples, max_bytes, policy
         self.replay_passes = replay_passes
-        self._replay: deque[list] = deque()  # [sample, nbytes, passes left], oldest first
+        self._replay: list[list] = []  # [sample, nbytes, passes left], oldest first (at most max_samples)
+        self._rng = random.Random(seed)
         self.heldout_every = heldout_every
         self._queue: deque[tuple[Sample, int]] = deque()  # (sample, nbytes), oldest first
         self._heldout: deque[Sample] = deque(maxlen=max(heldout_size, 1))
@@ -55,7 +59,7 @@ class SampleBuffer:
                 self.dropped += 1
                 return False
             while self._replay and self._bytes + nbytes > self.max_bytes:  # fresh samples before replays
-                self._bytes -= self._replay.popleft()[1]
+                self._bytes -= self._replay.pop(0)[1]
                 self.replay_evicted += 1
             full = len(self._queue) >= self.max_samples or self._bytes + nbytes > self.max_bytes
             if full and self.policy == "drop_newest":
@@ -71,8 +75,8 @@ class SampleBuffer:
             return True
 
     def get_batch(self, max_tokens: int, timeout: float | None = 1.0) -> list[Sample]:
-        """Oldest fresh samples up to max_tokens in total (always at least one); with none waiting, the oldest
-        replays; [] if neither came within timeout."""
+        """Oldest fresh samples up to max_tokens in total (always at least one); with none waiting, replays
+        drawn at random from the ring (each at most once per batch); [] if neither came within timeout."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._queue or self._replay, timeout=timeout):
                 return []
@@ -87,15 +91,18 @@ class SampleBuffer:
                     else:
                         self._bytes -= nbytes
                 return batch
-            while self._replay and (not batch or tokens + self._replay[0][0].num_tokens <= max_tokens):
-                entry = self._replay.popleft()
+            taken = []
+            for i in self._rng.sample(range(len(self._replay)), len(self._replay)):
+                entry = self._replay[i]
+                if batch and tokens + entry[0].num_tokens > max_tokens:
+                    continue  # a smaller one further on may still fit
                 tokens += entry[0].num_tokens
                 batch.append(entry[0])
                 entry[2] -= 1
-                if entry[2] > 0:
-                    self._replay.append(entry)
-                else:
-                    self._bytes -= entry[1]
+                taken.append(i)
+            for i in sorted(taken, reverse=True):  # spent entries leave; the others keep their place
+                if self._replay[i][2] == 0:
+                    self._bytes -= self._replay.pop(i)[1]
             return batch
 
     def heldout(self) -> list[Sample]:

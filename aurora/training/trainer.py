@@ -107,7 +107,7 @@ class OnlineTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
         self.buffer = SampleBuffer(c.buffer_samples, c.buffer_bytes, c.buffer_policy, c.heldout_every, c.heldout_size,
-                                   c.replay_passes)
+                                   c.replay_passes, c.seed)
         self._rng = random.Random(c.seed)
         self._model_lock = threading.RLock()    # master weights + optimiser
         self._publish_lock = threading.RLock()  # one publish/rollback at a time
