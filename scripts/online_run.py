@@ -10,7 +10,8 @@ requests.csv (one row per finished request: domain, draft version, accept length
 `--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
 is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs (E = 1: the same
 number of tokens) with the same optimiser settings, and both drafts serve the same evaluation requests
-(`--eval-per-domain` new prompts per domain, after the run) in the live engine; offline.json has the result.
+(the last `--eval-per-domain` prompts of each domain, after the run; the run served them too wherever its
+traffic wrapped around a prompt set) in the live engine; offline.json has the result.
 """
 import argparse
 import asyncio
@@ -102,8 +103,9 @@ def offline_compare(service, samples, prompts):
     fresh.share_embedding(eng.target.embed_tokens)
     c = trainer.config
     off = OnlineTrainer(fresh, eng.target.lm_head.weight,
-                        TrainConfig(objective=c.objective, lr=c.lr, warmup_steps=c.warmup_steps, ttt_length=c.ttt_length, device=c.device,
-                                    reject_weight=c.reject_weight, batch_tokens=c.batch_tokens), lambda sd, v: None)
+                        TrainConfig(objective=c.objective, lr=c.lr, warmup_steps=c.warmup_steps, ttt_length=c.ttt_length,
+                                    device=c.device, reject_weight=c.reject_weight, batch_tokens=c.batch_tokens),
+                        lambda sd, v: None)
     rng, t0, tokens = random.Random(0), time.perf_counter(), 0
     for _ in range(args.offline_epochs):
         order = samples[:]
@@ -172,8 +174,7 @@ def main():
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=args.sync_every,
                       lr=args.lr, device=args.device, max_batch=args.concurrency, max_model_len=args.max_model_len,
                       run_dir=os.path.join(args.out, "run"), wandb="disabled", replay_passes=args.replay_passes,
-                      draft_vocab_size=args.draft_vocab_size,
-                      objective=args.objective)
+                      draft_vocab_size=args.draft_vocab_size, objective=args.objective)
     service = Service.from_config(cfg)
     kept = []
     if args.offline_epochs:  # keep every captured sample for the offline comparison

@@ -159,12 +159,12 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     div = torch.empty(N, dtype=torch.float32, device=dev)
     dam = torch.empty(N, dtype=torch.int64, device=dev)
     tam = torch.empty(N, dtype=torch.int64, device=dev)
-    dh = torch.empty_like(h) if need_dh else None
     n_chunks = -(-N // chunk)
     compute_grad = need_dh or need_dw
     # a single chunk keeps its gradient G and leaves both GEMMs to backward, where grad_output scales the
     # small operand (h, or the [N, H] product) instead of costing an extra pass over the [V, H] dW
     defer = compute_grad and n_chunks == 1 and _DEFER_SINGLE_CHUNK
+    dh = torch.empty_like(h) if need_dh and not defer else None
     # several chunks accumulate dW in fp32; a single chunk writes it once, in W's dtype
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_dw and n_chunks > 1 else None
     if backend == "triton":

@@ -96,7 +96,7 @@ def install() -> None:
     address, swap_dir = os.environ.get(ADDR_ENV), os.environ.get(SWAP_ENV)
     if _installed or not (address or swap_dir):
         return
-    from sglang.srt.distributed import get_tensor_model_parallel_rank
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank  # 0.5.17-0.5.23
     from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker as W
     for name in ("_draft_extend_for_prefill", "_draft_extend_for_decode"):
         if not hasattr(W, name):
@@ -113,12 +113,12 @@ def install() -> None:
             _applier.poll(self.draft_runner.model)
         return prefill(self, batch, target_hidden_states, *args, **kwargs)
 
-    def draft_extend_for_decode(self, batch, batch_result):
+    def draft_extend_for_decode(self, batch, batch_result, *args, **kwargs):  # 0.5.22 adds kv_loc_plan=
         if _sender is not None:
             _on_decode(batch, batch_result, self.speculative_num_draft_tokens)
         if _applier is not None:
             _applier.poll(self.draft_runner.model)
-        return decode(self, batch, batch_result)
+        return decode(self, batch, batch_result, *args, **kwargs)
 
     W._draft_extend_for_prefill, W._draft_extend_for_decode = draft_extend_for_prefill, draft_extend_for_decode
     _installed = True

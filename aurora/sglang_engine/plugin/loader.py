@@ -20,7 +20,7 @@ def load_draft_only(model, named_tensors) -> None:
     moved = [k for k, p in model.named_parameters() if p.data_ptr() != before[k]]
     if moved:
         raise RuntimeError(f"draft parameters were reallocated (CUDA graphs would read stale memory): {moved}")
-    from sglang.srt.distributed import get_tensor_model_parallel_rank
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank  # 0.5.17-0.5.23
     # a plain line in SGLang's log per rank and swap (SGLang's logging config may hide this logger's INFO)
     print(f"[aurora] tp rank {get_tensor_model_parallel_rank()}: draft updated in place "
           f"({len(named_tensors)} tensors)", flush=True)
