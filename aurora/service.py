@@ -124,10 +124,12 @@ class Service:
         from aurora.models.target import default_aux_layers
         from aurora.sglang_engine.capture import CaptureCollector
         from aurora.sglang_engine.engine import SGLangEngine
-        from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env
+        from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, free_port, server_command,
+                                                 server_env)
 
         if importlib.util.find_spec("sglang") is None:
             raise RuntimeError("engine sglang needs SGLang: pip install 'aurora-spec[sglang]' (CUDA machines only)")
+        log.info("SGLang %s", check_sglang_version(cfg.sglang_swap))
         target_dir = hub.resolve(cfg.target)
         tokenizer = AutoTokenizer.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
         ckpt = os.path.join(cfg.run_dir, "checkpoint")

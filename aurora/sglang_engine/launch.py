@@ -22,6 +22,21 @@ LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
 PLUGIN = "aurora.sglang_engine.plugin"
 
 
+def check_sglang_version(swap_mode: str) -> str:
+    """The installed SGLang's version, refused where a known change breaks the chosen swap: from 0.5.21 SGLang
+    accepts update_weights_from_tensor only between /begin_weight_update and /end_weight_update, which the
+    pause swap does not call (results/sglang/later_versions_static_check.md). Run on the GPU: 0.5.17."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    v = version("sglang")
+    if swap_mode == "pause" and Version(v) >= Version("0.5.21"):
+        raise ValueError(f"sglang_swap pause does not work with SGLang {v} (0.5.21+ wraps weight updates in "
+                         f"begin/end calls); use sglang_swap step (the default) or SGLang 0.5.17")
+    return v
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -141,5 +141,15 @@ def test_sglang_refuses_clearly_before_starting_anything(tiny_target_dir, tmp_pa
             Service.from_config(cfg)
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "sglang" else real(name, *a))
-    with pytest.raises(ValueError, match="repeats an EAGLE3 aux layer"):  # a 4-layer target: aux layers [2, 2, 1]
-        Service.from_config(cfg)
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    for installed in ("0.5.17", "0.5.23"):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: installed if name == "sglang" else real_version(name))
+        with pytest.raises(ValueError, match="repeats an EAGLE3 aux layer"):  # 4 layers: aux layers [2, 2, 1]
+            Service.from_config(cfg)
+    # SGLang 0.5.21+ refuses weight updates outside begin/end calls, which the pause swap does not make
+    with pytest.raises(ValueError, match=r"sglang_swap pause does not work with SGLang 0.5.23"):
+        Service.from_config(ServeConfig(engine="sglang", target=tiny_target_dir, run_dir=str(tmp_path),
+                                        sglang_swap="pause"))
