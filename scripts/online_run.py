@@ -104,7 +104,8 @@ def offline_compare(service, samples, prompts):
     c = trainer.config
     off = OnlineTrainer(fresh, eng.target.lm_head.weight,
                         TrainConfig(objective=c.objective, lr=c.lr, warmup_steps=c.warmup_steps,
-                                    ttt_length=c.ttt_length, device=c.device, reject_weight=c.reject_weight, batch_tokens=c.batch_tokens),
+                                    ttt_length=c.ttt_length, device=c.device, reject_weight=c.reject_weight,
+                                    batch_tokens=c.batch_tokens),
                         lambda sd, v: None)
     rng, t0, tokens = random.Random(0), time.perf_counter(), 0
     for _ in range(args.offline_epochs):
