@@ -4,7 +4,8 @@
 
 Drives the real service (engine + capture + trainer + hot swap) in-process with `--concurrency` clients.
 Prompts cycle through the domains in blocks of `--block` requests (a domain switch every block). Writes
-requests.csv (one row per finished request: domain, draft version, accept length), accept_length.png
+requests.csv (one row per finished request: domain, draft version, accept length; appended as requests finish,
+so a run cut short keeps what it served, and sorted by request at the end), accept_length.png
 (rolling mean, swap markers, domain bands) and the final draft checkpoint under <out>/run/checkpoint.
 
 `--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
@@ -25,7 +26,10 @@ from aurora.server.config import ServeConfig
 from aurora.service import Service
 
 
-async def drive(service, prompts, domains, block, concurrency, max_tokens, rows):
+FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_rounds", "accept_length", "t"]
+
+
+async def drive(service, prompts, domains, block, concurrency, max_tokens, record):
     tok = service.engine.tokenizer
     sem = asyncio.Semaphore(concurrency)
     pools = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -38,9 +42,9 @@ async def drive(service, prompts, domains, block, concurrency, max_tokens, rows)
         async with sem:
             async for o in service.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
                 if o.finished:
-                    rows.append({"request": i, "domain": d, "draft_version": o.draft_version,
-                                 "completion_tokens": len(o.output_ids), "verify_rounds": o.verify_rounds,
-                                 "accept_length": round(o.accept_length, 4), "t": round(time.perf_counter() - t0, 2)})
+                    record({"request": i, "domain": d, "draft_version": o.draft_version,
+                            "completion_tokens": len(o.output_ids), "verify_rounds": o.verify_rounds,
+                            "accept_length": round(o.accept_length, 4), "t": round(time.perf_counter() - t0, 2)})
         if i % 250 == 0:
             st = service.draft_status()
             tr = st["trainer"] or {}
@@ -91,11 +95,13 @@ def offline_compare(service, samples, prompts):
     import json
     import random
 
-
     from aurora.models.draft import new_draft
     from aurora.training.trainer import OnlineTrainer, TrainConfig
 
     eng, trainer = service.engine.engine, service.trainer
+    if trainer is None:
+        raise SystemExit(f"no trainer to compare with: a pruned draft vocabulary waits for the first "
+                         f"{service.config.vocab_warmup_requests} requests before training starts")
     online_version = trainer.swap_now() or trainer.version  # the online draft's latest weights go live ...
     trainer.stop(timeout=60)                                 # ... and stay: no swap during the evaluation
     fresh = new_draft(eng.draft.config, dtype=eng.draft.fc.weight.dtype, device=eng.draft.fc.weight.device, seed=1)
@@ -184,16 +190,26 @@ def main():
         eng.on_sample = lambda s: (kept.append(s), to_trainer(s))
     prompts = {d: load_prompts(d) for d in args.domains}
     rows = []
-    t = time.perf_counter()
-    asyncio.run(drive(service, prompts, args.domains, args.block, args.concurrency, args.max_tokens, rows))
-    wall = time.perf_counter() - t
+    csv_path = os.path.join(args.out, "requests.csv")
+    with open(csv_path, "w", newline="") as f:  # written as requests finish: a run cut short keeps its rows
+        live = csv.DictWriter(f, fieldnames=FIELDS)
+        live.writeheader()
+
+        def record(row):
+            rows.append(row)
+            live.writerow(row)
+            f.flush()
+
+        t = time.perf_counter()
+        asyncio.run(drive(service, prompts, args.domains, args.block, args.concurrency, args.max_tokens, record))
+        wall = time.perf_counter() - t
     status = service.draft_status()
     if args.offline_epochs:
         offline_compare(service, kept, prompts)
     service.shutdown()
     rows.sort(key=lambda r: r["request"])
-    with open(os.path.join(args.out, "requests.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with open(csv_path, "w", newline="") as f:  # the finished run's rows in request order
+        w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
     plot(rows, args.out)
