@@ -4,8 +4,13 @@ model: the engine step, the engine-thread -> event-loop bridge, FastAPI, detoken
 
   python scripts/bench_host_path.py --concurrency 1 16 32 --requests 128 --max-tokens 128
   python scripts/bench_host_path.py --engine-only --concurrency 1 16 32   # LLMEngine.step() alone, no HTTP
+  python scripts/bench_host_path.py --device-ms 1.5 --switch-interval-ms 5 0.5 --concurrency 16
 
 The server runs in a child process and the clients in this one (they would otherwise share its GIL).
+`--device-ms T`: the stubbed round takes T ms in a GIL-free wait (time.sleep), as the engine thread's wait for
+the GPU does, so the event loop and the engine thread contend for the GIL the way they do on a GPU host.
+`--switch-interval-ms`: the server process's sys.setswitchinterval, one server per value (Python's default
+is 5 ms: how long one thread may keep the GIL while another waits for it).
 """
 import argparse
 import asyncio
@@ -15,7 +20,7 @@ import time
 import httpx
 
 
-def stubbed_service(target: str, max_batch: int):
+def stubbed_service(target: str, max_batch: int, device_ms: float = 0.0):
     """The target-only service on the CPU, its model runner's prefill and round answering at once."""
     import torch
 
@@ -29,7 +34,12 @@ def stubbed_service(target: str, max_batch: int):
     k = runner.k
     tokens = torch.randint(100, 20000, (max_batch, k + 1))  # what a round would have returned
     none, props = torch.zeros(max_batch, dtype=torch.long), tokens[:, :k]
-    runner.round = lambda B, *a: (tokens[:B], none[:B], props[:B])
+    def round_(B, *a):
+        if device_ms:
+            time.sleep(device_ms / 1e3)  # the GPU's share of a step; the engine thread holds no GIL meanwhile
+        return tokens[:B], none[:B], props[:B]
+
+    runner.round = round_
     runner.prefill = lambda row0, prompts, *a: [7] * len(prompts)
     return service, cfg
 
@@ -55,10 +65,14 @@ def engine_steps(target: str, batches: list[int], steps: int = 300) -> None:
         engine.step()
 
 
-def serve(target: str, max_batch: int, port_q) -> None:
+def serve(target: str, max_batch: int, port_q, device_ms: float, switch_ms: float | None) -> None:
+    import sys
+
     from aurora.server.app import create_app, serve_in_thread
 
-    service, cfg = stubbed_service(target, max_batch)
+    if switch_ms is not None:
+        sys.setswitchinterval(switch_ms / 1e3)
+    service, cfg = stubbed_service(target, max_batch, device_ms)
     with serve_in_thread(create_app(service, cfg)) as url:
         port_q.put(url)
         while True:
@@ -94,22 +108,29 @@ def main():
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engine-only", action="store_true", help="time LLMEngine.step() in this process, no HTTP")
+    ap.add_argument("--device-ms", type=float, default=0.0, help="GIL-free wait per stubbed round (the GPU's time)")
+    ap.add_argument("--switch-interval-ms", type=float, nargs="+", default=[None],
+                    help="the server's sys.setswitchinterval in ms; one server per value (default: Python's)")
     a = ap.parse_args()
     if a.engine_only:
         return engine_steps(a.target, a.concurrency)
-    q = mp.get_context("spawn").Queue()
-    server = mp.get_context("spawn").Process(target=serve, args=(a.target, max(a.concurrency), q), daemon=True)
-    server.start()
-    url = q.get(timeout=300)
-    print(f"{'concurrency':>11} {'mode':>10} {'tok/s':>10}")
-    try:
-        for c in a.concurrency:
-            for stream in (False, True):
-                n = a.requests if c > 1 else max(8, a.requests // 8)
-                tps = asyncio.run(clients(url, c, n, a.max_tokens, stream))
-                print(f"{c:>11} {'stream' if stream else 'no-stream':>10} {tps:>10.0f}", flush=True)
-    finally:
-        server.terminate()
+    print(f"{'switch ms':>9} {'concurrency':>11} {'mode':>10} {'tok/s':>10}   (device {a.device_ms} ms per round)")
+    for switch in a.switch_interval_ms:
+        q = mp.get_context("spawn").Queue()
+        server = mp.get_context("spawn").Process(target=serve, daemon=True,
+                                                 args=(a.target, max(a.concurrency), q, a.device_ms, switch))
+        server.start()
+        url = q.get(timeout=300)
+        try:
+            for c in a.concurrency:
+                for stream in (False, True):
+                    n = a.requests if c > 1 else max(8, a.requests // 8)
+                    tps = asyncio.run(clients(url, c, n, a.max_tokens, stream))
+                    print(f"{switch if switch is not None else 'default':>9} {c:>11} "
+                          f"{'stream' if stream else 'no-stream':>10} {tps:>10.0f}", flush=True)
+        finally:
+            server.terminate()
+            server.join()
 
 
 if __name__ == "__main__":
