@@ -210,16 +210,20 @@ def _forward(h, W, cfg, row_weight, reduction, chunk_size, backend, need_dh, nee
     return loss, div, dam, tam, dh, dw, None
 
 
+def _scale_cast(x, f, dtype, backend):
+    """x * f (f a 0-dim device tensor) written as dtype: one Triton pass (in place when dtypes match), or torch."""
+    if backend == "triton":
+        from ._triton_divergence import scale_cast
+
+        return scale_cast(x, f, dtype)
+    return (x.float() * f).to(dtype)
+
+
 def _backward_deferred(G, h, W, go, need_dh, need_dw, backend):
     """The single-chunk gradients from G = d loss / d logits [N, V], scaled by grad_output go:
     dh = go * (G @ W) [N, H] and dW = G.T @ (go * h) [V, H], written once in W's dtype."""
-    if backend == "triton":
-        from ._triton_divergence import scale_cast
-    else:
-        def scale_cast(x, f, dtype):
-            return (x.float() * f).to(dtype)
-    dh = scale_cast(torch.mm(G, W), go, h.dtype) if need_dh else None
-    dw = torch.mm(G.t(), scale_cast(h, go, h.dtype)) if need_dw else None
+    dh = _scale_cast(torch.mm(G, W), go, h.dtype, backend) if need_dh else None
+    dw = torch.mm(G.t(), _scale_cast(h, go, h.dtype, backend)) if need_dw else None
     return dh, dw
 
 
@@ -250,14 +254,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
             dh, dw = _backward_deferred(G, h, W, go, *ctx.needs, ctx.backend)
             return dh, dw, None, None, None, None, None, None
         dh, dw = ctx.saved_tensors
-        if ctx.backend == "triton":
-            from ._triton_divergence import scale_cast
-
-            dh = scale_cast(dh, go, dh.dtype) if dh is not None else None
-            dw = scale_cast(dw, go, ctx.w_dtype) if dw is not None else None
-        else:
-            dh = (dh.float() * go).to(dh.dtype) if dh is not None else None
-            dw = (dw * go).to(ctx.w_dtype) if dw is not None else None
+        dh = _scale_cast(dh, go, dh.dtype, ctx.backend) if dh is not None else None
+        dw = _scale_cast(dw, go, ctx.w_dtype, ctx.backend) if dw is not None else None
         return dh, dw, None, None, None, None, None, None
 
 
