@@ -21,6 +21,7 @@ from collections import deque
 from aurora.sample import Sample
 
 POLICIES = ("drop_oldest", "drop_newest")
+REPLAY_DRAW = 256  # ring entries examined per replay batch: bounded work under the lock that serving's put takes
 
 
 class SampleBuffer:
@@ -92,7 +93,8 @@ class SampleBuffer:
                         self._bytes -= nbytes
                 return batch
             taken = []
-            for i in self._rng.sample(range(len(self._replay)), len(self._replay)):
+            n = len(self._replay)
+            for i in self._rng.sample(range(n), min(n, REPLAY_DRAW)):  # O(draw), not a shuffle of the ring
                 entry = self._replay[i]
                 if batch and tokens + entry[0].num_tokens > max_tokens:
                     continue  # a smaller one further on may still fit
