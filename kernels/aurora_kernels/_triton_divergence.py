@@ -14,21 +14,42 @@ Top-k targets never become dense: the gradient is written as a dense formula tha
 then corrected at the k target ids (k is small), see `_topk_divergence_kernel`.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
 FKL, RKL, TV = 0, 1, 2
 KIND_PROBS, KIND_LOGITS = 0, 1
+fast_log = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX does not run in the interpreter
 
 
 @triton.jit
 def _lane_online_lse(m_vec, s_vec, x):
-    """Per-lane online max / sum-exp update (no cross-thread reduction inside the V loop)."""
-    m_new = tl.maximum(m_vec, x)
-    dead = m_new == float("-inf")
-    alpha = tl.where(dead, 1.0, tl.exp(m_vec - m_new))
-    e = tl.where(dead, 0.0, tl.exp(x - m_new))
-    return m_new, s_vec * alpha + e, alpha, e
+    """Per-lane online max / sum-exp update (no cross-thread reduction inside the V loop), one exp per element.
+
+    exp(-|x - m|) either rescales the old sum (x is the lane's new max) or is x's own term. Returns the new
+    (max, sum), the factors (alpha, e) with sum' = sum * alpha + e, and `up` (x replaced the lane's max).
+    """
+    up = x > m_vec
+    m_new = tl.where(up, x, m_vec)
+    # x = -inf (a masked lane) adds nothing; the guard also avoids -inf - -inf
+    d = tl.where(x == float("-inf"), float("-inf"), tl.minimum(x, m_vec) - m_new)
+    r = tl.exp(d)
+    alpha = tl.where(up, r, 1.0)
+    e = tl.where(up, 1.0, r)
+    return m_new, s_vec * alpha + e, alpha, e, up
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    """Natural log: one MUFU lg2.approx (relative error ~2^-22) on the GPU instead of libdevice's ~20-instruction
+    logf, which ran on every element of a probs target; exact tl.log under the interpreter."""
+    if FAST:
+        lg2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return lg2 * 0.6931471805599453
+    else:
+        return tl.log(x)
 
 
 @triton.jit
@@ -68,6 +89,7 @@ def _dense_divergence_kernel(
     HAS_TIDX: tl.constexpr,
     HAS_W: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    FAST_LOG: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -83,22 +105,20 @@ def _dense_divergence_kernel(
     # Target probabilities are not read here: they are read once, in pass 2 (fkl).
     m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s_vec = tl.zeros([BLOCK_V], tl.float32)
-    best_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    besti_vec = tl.zeros([BLOCK_V], tl.int32)
+    besti_vec = tl.zeros([BLOCK_V], tl.int32)  # first index of each lane's max (m_vec is that max)
     mt_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
     st_vec = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         z = tl.load(lrow + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        besti_vec = tl.where(z > best_vec, offs, besti_vec)
-        best_vec = tl.maximum(best_vec, z)
-        m_vec, s_vec, _, _ = _lane_online_lse(m_vec, s_vec, z)
+        m_vec, s_vec, _, _, up = _lane_online_lse(m_vec, s_vec, z)
+        besti_vec = tl.where(up, offs, besti_vec)
         if KIND == 1 and not HAS_LSE:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            mt_vec, st_vec, _, _ = _lane_online_lse(mt_vec, st_vec, t)
+            mt_vec, st_vec, _, _, _ = _lane_online_lse(mt_vec, st_vec, t)
     lse = _finish_lse(m_vec, s_vec)
-    best_i = _finish_argmax(best_vec, besti_vec)
+    best_i = _finish_argmax(m_vec, besti_vec)
     if KIND == 1:
         if HAS_LSE:
             tlse = tl.load(tlse_ptr + trow).to(tl.float32)
@@ -123,7 +143,7 @@ def _dense_divergence_kernel(
         q = tl.exp(logq)
         if KIND == 0:
             p = tl.load(trow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            logp = tl.log(p)
+            logp = _log(p, FAST_LOG)
             pa = tl.where(mask, p, float("-inf"))
         else:
             t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
@@ -160,7 +180,7 @@ def _dense_divergence_kernel(
             q = tl.exp(logq)
             if KIND == 0:
                 p = tl.load(trow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                logp = tl.log(p)
+                logp = _log(p, FAST_LOG)
             else:
                 t = tl.load(trow_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
                 logp = t - tlse
@@ -215,19 +235,17 @@ def _topk_divergence_kernel(
     m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s_vec = tl.zeros([BLOCK_V], tl.float32)
     ez_vec = tl.zeros([BLOCK_V], tl.float32)
-    best_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    besti_vec = tl.zeros([BLOCK_V], tl.int32)
+    besti_vec = tl.zeros([BLOCK_V], tl.int32)  # first index of each lane's max (m_vec is that max)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         z = tl.load(lrow + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        besti_vec = tl.where(z > best_vec, offs, besti_vec)
-        best_vec = tl.maximum(best_vec, z)
-        m_vec, s_vec, alpha, e = _lane_online_lse(m_vec, s_vec, z)
+        m_vec, s_vec, alpha, e, up = _lane_online_lse(m_vec, s_vec, z)
+        besti_vec = tl.where(up, offs, besti_vec)
         if OBJ == 1:
             ez_vec = ez_vec * alpha + tl.where(mask, e * z, 0.0)
     lse = _finish_lse(m_vec, s_vec)
-    best_i = _finish_argmax(best_vec, besti_vec)
+    best_i = _finish_argmax(m_vec, besti_vec)
     # E_q[z] * sum-exp, rescaled to the row max like the sum-exp
     mrow = tl.max(m_vec, 0)
     resc = tl.exp(m_vec - mrow)
@@ -337,7 +355,7 @@ def launch_row_kernel(logits, row_start, cfg, w, scale, div, dam, tam, compute_g
             tidx if tidx is not None else dummy, w if w is not None else dummy, scale,
             div, dam, tam, row_start, V, 1.0 / cfg.temperature, cfg.log_floor,
             KIND=KIND_PROBS if cfg.kind == "probs" else KIND_LOGITS, OBJ=obj,
-            HAS_LSE=cfg.target_lse is not None, **common,
+            HAS_LSE=cfg.target_lse is not None, FAST_LOG=fast_log, **common,
         )
 
 

@@ -25,6 +25,7 @@ BACKENDS = [
 KINDS = ["probs", "logits", "topk"]
 OBJECTIVES = ["fkl", "rkl", "tv"]
 FLOOR = -20.0
+PRODUCTION_BLOCK_V = fld._MAX_BLOCK_V
 # masked lanes and zero targets compute log(0) / inf * 0 that the kernels discard; numpy warns in the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -229,7 +230,7 @@ def test_imports_and_runs_without_triton():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("chunk", [384, None])
 def test_bf16_gpu(backend, kind, objective, chunk, monkeypatch):
-    monkeypatch.setattr(fld, "_MAX_BLOCK_V", 4096)
+    monkeypatch.setattr(fld, "_MAX_BLOCK_V", PRODUCTION_BLOCK_V)
     gen = torch.Generator().manual_seed(5)
     N, H, V, M = 1000, 512, 5003, 700
     h = torch.randn(N, H, generator=gen)
