@@ -175,16 +175,13 @@ def main():
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
     ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
     ap.add_argument("--eval-per-domain", type=int, default=100)
-    ap.add_argument("--stream-priority", default="high", choices=["high", "default"],
-                    help="the engine's CUDA stream priority against the trainer's")
     ap.add_argument("--out", default="results/online")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=args.sync_every,
                       lr=args.lr, device=args.device, max_batch=args.concurrency, max_model_len=args.max_model_len,
                       run_dir=os.path.join(args.out, "run"), wandb="disabled", replay_passes=args.replay_passes,
-                      draft_vocab_size=args.draft_vocab_size, objective=args.objective,
-                      stream_priority=args.stream_priority)
+                      draft_vocab_size=args.draft_vocab_size, objective=args.objective)
     service = Service.from_config(cfg)
     kept = []
     if args.offline_epochs:  # keep every captured sample for the offline comparison

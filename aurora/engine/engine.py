@@ -45,9 +45,6 @@ class EngineConfig:
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
                                   # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/*_s4.*)
-    stream_priority: str = "high"  # CUDA: "high" runs every step on a highest-priority stream, so a co-located
-                                   # trainer's kernels (its own default-priority stream) yield the SMs to serving's
-                                   # as blocks free up; "default": the thread's current stream
 
     def __post_init__(self):
         if self.lookahead < 1:
@@ -63,8 +60,6 @@ class EngineConfig:
                              f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}]")
         if self.fused_kernels and not _triton_installed():
             raise ValueError("fused_kernels needs triton (pip install 'aurora-spec[triton]')")
-        if self.stream_priority not in ("high", "default"):
-            raise ValueError(f"stream_priority must be high or default, not {self.stream_priority!r}")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
 
@@ -103,10 +98,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
                                   config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
                                   fused_rope=self.fused_kernels)
-        self._stream = None
-        if dev.type == "cuda" and config.stream_priority == "high":
-            self._stream = torch.cuda.Stream(dev, priority=-100)  # out of range: clamped to the highest priority
-            self._stream.wait_stream(torch.cuda.current_stream(dev))  # loading ran on the default stream
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
@@ -172,12 +163,6 @@ class LLMEngine:
 
     # ------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
-        if self._stream is None:
-            return self._step()
-        with torch.cuda.stream(self._stream):
-            return self._step()
-
-    def _step(self) -> list[RequestOutput]:
         self._apply_swap()
         outputs: list[RequestOutput] = []
         for rid in list(self._aborts):

@@ -37,8 +37,6 @@ class ServeConfig:
     max_model_len: int = 2048
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     fused_kernels: bool | None = None  # built-in engine: Triton serving kernels; None = on for CUDA with triton
-    stream_priority: str = "high"      # built-in engine on CUDA: "high" = serving's kernels go first on a GPU the
-                                       # trainer shares; "default" = same priority as the trainer
     tp_size: int = 1                   # tensor parallel ranks (engine sglang)
     trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
     sglang_swap: str = "step"          # engine sglang: "step" (the schedulers copy new weights in place between
@@ -112,8 +110,6 @@ class ServeConfig:
                    "engine sglang captures training samples from chain drafts only: use topk 1")
             _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")
-        _check(self.stream_priority in ("high", "default"),
-               f"stream_priority must be high or default, not {self.stream_priority!r}")
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "ServeConfig":

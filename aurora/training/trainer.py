@@ -167,8 +167,8 @@ class OnlineTrainer:
     def _run(self, ready: threading.Event) -> None:
         torch.get_num_threads()  # runs ATen's once-per-thread lazy init now, so it cannot later undo the next line
         torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL count only
-        if self.device.type == "cuda":  # its own stream: serving's syncs never wait on training kernels; the
-            torch.cuda.set_stream(torch.cuda.Stream(self.device, priority=0))  # lowest priority (serving's is high)
+        if self.device.type == "cuda":  # its own stream: serving's syncs never wait on training kernels
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         ready.set()
         while not self._stop.is_set():
             if self._sync.is_set():

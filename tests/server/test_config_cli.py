@@ -37,7 +37,6 @@ def test_yaml_then_flags(tmp_path):
     ({"train_batch_tokens": 0}, "train_batch_tokens must be an integer >= 1"),
     ({"buffer_gib": 0}, "buffer_gib must be > 0"),
     ({"sglang_swap": "drain"}, "sglang_swap must be pause or step"),
-    ({"stream_priority": "low"}, "stream_priority must be high or default"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:
