@@ -170,7 +170,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--replay-passes", type=int, default=1)
+    ap.add_argument("--replay-passes", type=int, default=ServeConfig.replay_passes)
     ap.add_argument("--objective", default="fkl", choices=["fkl", "rkl", "tv"])
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
     ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
