@@ -1,8 +1,8 @@
 """Benchmark fused linear + forward-KL (fp32 target probabilities) against the 3-matmul floor and baselines.
 
 For each (H, N) with V = 32000: ms of forward + backward (the median over --rounds rounds, in each of which
-every method takes its turn with triton.testing.do_bench's median; "±" is half the range over the rounds), TFLOP/s on the
-6 N H V of work, and peak extra memory (max_memory_allocated minus what was allocated before the call:
+every method takes its turn with triton.testing.do_bench's median; "±" is half the range over the rounds),
+TFLOP/s on the 6 N H V of work, and peak extra memory (max_memory_allocated minus what was allocated before the call:
 inputs and target excluded, gradients included) for:
   floor       3 bare bf16 matmuls: h @ W.T, G @ W, G.T @ h
   eager       torch: logits in fp32, log_softmax, kl_div(batchmean), autograd

@@ -36,7 +36,7 @@ import torch
 __all__ = ["fused_linear_divergence", "DivergenceOutput"]
 
 _MAX_BLOCK_V = 1024  # V tile of the Triton row kernel (tests lower it to exercise the multi-tile path)
-_NUM_WARPS = 4  # warps per row program; 1024 x 4 was the fastest of five tiles (scripts/bench_row_kernel.py, H200)
+_NUM_WARPS = 4  # warps per row program; 1024 x 4: the fastest of 8 tiles tried (scripts/bench_row_kernel.py, H200)
 _DEFAULT_CHUNK_BYTES = 512 * 2**20  # workspace budget for one [chunk, V] chunk of logits
 _DEFER_SINGLE_CHUNK = True  # one chunk: keep G, do both gradient GEMMs in backward (scaling the small operand)
 _TORCH_CHUNK_BYTES = 32 * 2**20     # the torch row op holds ~12 fp32 [chunk, V] temporaries: 32 MiB each (with
