@@ -9,8 +9,9 @@ so a run cut short keeps what it served, and sorted by request at the end), acce
 (rolling mean, swap markers, domain bands) and the final draft checkpoint under <out>/run/checkpoint.
 
 `--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
-is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs (E = 1: the same
-number of tokens) with the same optimiser settings, and both drafts serve the same evaluation requests
+is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs with the same
+optimiser settings (offline.json records both drafts' trained tokens: the online trainer's include its replays,
+so E = 1 matches one replay pass and E = P roughly matches P passes), and both drafts serve the same evaluation requests
 (the last `--eval-per-domain` prompts of each domain, after the run; the run served them too wherever its
 traffic wrapped around a prompt set) in the live engine; offline.json has the result.
 """
@@ -146,7 +147,8 @@ def offline_compare(service, samples, prompts):
         await asyncio.gather(*(one(d, ids) for d, pool in evals.items() for ids in pool))
         return {d: round(t / max(1, r), 3) for d, (t, r) in out.items()}
 
-    result = {"samples": len(samples), "offline_tokens_trained": tokens, "offline_epochs": args.offline_epochs,
+    result = {"samples": len(samples), "online_tokens_trained": trainer.status()["tokens_trained"],
+              "offline_tokens_trained": tokens, "offline_epochs": args.offline_epochs,
               "offline_train_seconds": round(train_s, 1), "online_version": online_version}
     result["online_accept_length"] = asyncio.run(measure())
     service.engine.swap_draft(off._snapshot(), 10 ** 6).wait(60)

@@ -96,6 +96,7 @@ class StatusCollector:
         yield _counter("aurora_swaps_refused_total", "hot-swaps refused by the evaluation gate", t.get("swaps_refused"))
         yield _counter("aurora_trainer_failures_total", "trainer failures", t.get("failures"))
         yield _gauge("aurora_trainer_tokens_per_second", "tokens trained per second", t.get("tokens_per_second"))
+        yield _counter("aurora_trainer_tokens_total", "tokens trained (replays included)", t.get("tokens_trained"))
         yield _gauge("aurora_buffer_samples", "samples waiting in the capture buffer", t.get("buffer_size"))
         yield _gauge("aurora_requests_since_swap", "finished requests since the last hot-swap",
                      t.get("requests_since_swap"))

@@ -118,7 +118,7 @@ class OnlineTrainer:
         self.requests_since_swap, self.finished_requests, self.samples_invalid = 0, 0, 0
         self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
         self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
-        self.tokens_per_second = 0.0
+        self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
 
@@ -231,6 +231,7 @@ class OnlineTrainer:
             self.loss_per_step = [(1 - a) * o + a * n for o, n in zip(self.loss_per_step, loss_steps)]
             self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
+            self.tokens_trained += batch.num_tokens
             self.steps += 1
         return loss_f
 
@@ -353,5 +354,6 @@ class OnlineTrainer:
                     "replay_size": self.buffer.replay_size, "replay_evicted": self.buffer.replay_evicted,
                     "swaps": self.swaps, "swaps_refused": self.swaps_refused, "failures": self.failures,
                     "last_error": self.last_error, "last_guard": self.last_guard,
-                    "tokens_per_second": self.tokens_per_second, "requests_since_swap": self.requests_since_swap,
+                    "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
+                    "requests_since_swap": self.requests_since_swap,
                     "finished_requests": self.finished_requests, "sync_every": self.config.sync_every}

@@ -86,6 +86,7 @@ class FakeTrainer:
                 "loss_per_step": [2.5, 2.9, 3.2, 3.4], "acc_per_step": [0.6, 0.5, 0.4, 0.3],
                 "samples_captured": 40, "samples_dropped": 2, "buffer_size": 7, "swaps": self.swaps,
                 "swaps_refused": 1, "failures": 0, "last_error": None, "tokens_per_second": 456.0,
+                "tokens_trained": 7890,
                 "requests_since_swap": 3, "sync_every": 800}
 
     def swap_now(self):

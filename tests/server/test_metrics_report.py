@@ -11,7 +11,7 @@ from server_fakes import test_config
 
 NAMES = ["aurora_accept_length", "aurora_accept_length_by_version", "aurora_accept_rate_by_position",
          "aurora_train_loss", "aurora_samples_captured", "aurora_samples_dropped", "aurora_swaps",
-         "aurora_swaps_refused", "aurora_draft_version", "aurora_trainer_tokens_per_second",
+         "aurora_swaps_refused", "aurora_draft_version", "aurora_trainer_tokens_per_second", "aurora_trainer_tokens",
          "aurora_trainer_failures", "aurora_requests", "aurora_generation_tokens",
          "aurora_request_latency_seconds"]
 
@@ -33,6 +33,7 @@ def test_metrics_endpoint(server):
     assert samples[("aurora_accept_rate_by_position", (("position", "1"),))] == 0.7
     assert samples[("aurora_accept_length_by_version", (("version", "0"),))] > 1
     assert samples[("aurora_swaps_refused_total", ())] == 1
+    assert samples[("aurora_trainer_tokens_total", ())] == 7890
 
 
 def test_metrics_without_trainer(service, tokenizer):

@@ -58,6 +58,7 @@ def test_replay_teaches_more_from_the_same_requests(target):
             tr.train_step(batch)
             trained += len(batch)
         assert trained == passes * len(stream)
+        assert tr.status()["tokens_trained"] == passes * sum(s.num_tokens for s in stream)
         result[passes] = (tr.steps, simulated_acceptance(tr.master, heldout, tr.lm_head, 3, tr.target_to_draft))
     (s1, a1), (s3, a3) = result[1], result[3]
     print(f"\nsame 96 requests: 1 pass {s1} steps, greedy accept {a1['greedy_accept_length']:.3f}; "
