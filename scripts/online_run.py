@@ -10,9 +10,9 @@ so a run cut short keeps what it served, and sorted by request at the end), acce
 
 `--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
 is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs with the same
-optimiser settings (offline.json records both drafts' trained tokens: the online trainer's include its replays,
-so E = 1 matches one replay pass and E = P roughly matches P passes), and both drafts serve the same evaluation requests
-(the last `--eval-per-domain` prompts of each domain, after the run; the run served them too wherever its
+optimiser settings (offline.json records both drafts' trained tokens: the online trainer's include its
+replays, so E = 1 matches one replay pass and E = P roughly matches P passes), and both drafts serve the same
+evaluation requests (the last `--eval-per-domain` prompts of each domain, after the run; the run served them too wherever its
 traffic wrapped around a prompt set) in the live engine; offline.json has the result.
 """
 import argparse
