@@ -12,8 +12,8 @@ so a run cut short keeps what it served, and sorted by request at the end), acce
 is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs with the same
 optimiser settings (offline.json records both drafts' trained tokens: the online trainer's include its
 replays, so E = 1 matches one replay pass and E = P roughly matches P passes), and both drafts serve the same
-evaluation requests (the last `--eval-per-domain` prompts of each domain, after the run; the run served them too wherever its
-traffic wrapped around a prompt set) in the live engine; offline.json has the result.
+evaluation requests (the last `--eval-per-domain` prompts of each domain, after the run; the run served them
+too wherever its traffic wrapped around a prompt set) in the live engine; offline.json has the result.
 """
 import argparse
 import asyncio
@@ -25,6 +25,7 @@ from aurora.engine.sequence import SamplingParams
 from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
+from aurora.training.loss import OBJECTIVES
 
 
 FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_rounds", "accept_length", "t"]
@@ -173,7 +174,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--replay-passes", type=int, default=ServeConfig.replay_passes)
-    ap.add_argument("--objective", default="fkl", choices=["fkl", "rkl", "tv"])
+    ap.add_argument("--objective", default=ServeConfig.objective, choices=OBJECTIVES)
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
     ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
     ap.add_argument("--eval-per-domain", type=int, default=100)
