@@ -95,7 +95,6 @@ def plot(rows, out, window=100):
 def offline_compare(service, samples, prompts):
     """Train a fresh draft offline on the run's own samples; serve the same new requests with both drafts."""
     import json
-    import random
 
     from aurora.models.draft import new_draft
     from aurora.training.trainer import OnlineTrainer, TrainConfig
@@ -115,19 +114,8 @@ def offline_compare(service, samples, prompts):
                                     ttt_length=c.ttt_length, device=c.device, reject_weight=c.reject_weight,
                                     batch_tokens=c.batch_tokens),
                         lambda sd, v: None)
-    rng, t0, tokens = random.Random(0), time.perf_counter(), 0
-    for _ in range(args.offline_epochs):
-        order = samples[:]
-        rng.shuffle(order)
-        batch, n = [], 0
-        for s in order + [None]:
-            if s is None or (batch and n + s.num_tokens > c.batch_tokens):
-                off.train_step(batch)
-                tokens += n
-                batch, n = [], 0
-            if s is not None:
-                batch.append(s)
-                n += s.num_tokens
+    t0 = time.perf_counter()
+    tokens = off.train_epochs(samples, args.offline_epochs)
     train_s = time.perf_counter() - t0
     tok = eng.tokenizer
     evals = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,

@@ -335,6 +335,24 @@ class OnlineTrainer:
             setattr(self, k, v)
         return True
 
+    def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0) -> int:
+        """Offline training on a fixed sample set (comparisons and sweeps): `epochs` shuffled passes in batches
+        of about `batch_tokens`. Returns the tokens trained. Not for a started trainer (no locking with it)."""
+        rng, tokens, budget = random.Random(seed), 0, self.config.batch_tokens
+        for _ in range(epochs):
+            order = samples[:]
+            rng.shuffle(order)
+            batch, n = [], 0
+            for s in order + [None]:
+                if batch and (s is None or n + s.num_tokens > budget):
+                    self.train_step(batch)
+                    tokens += n
+                    batch, n = [], 0
+                if s is not None:
+                    batch.append(s)
+                    n += s.num_tokens
+        return tokens
+
     def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:
         copy = Eagle3Draft(draft.config)
         copy.load_state_dict(draft.state_dict())

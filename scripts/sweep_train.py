@@ -1,0 +1,160 @@
+"""Screen training settings on captured traffic: which learning rate, epochs, draft vocabulary, batch size and
+LM-head initialisation learn the most from a fixed number of requests.
+
+  python scripts/sweep_train.py --domain chat --eval 100 --grid lr=3e-4,1e-3 epochs=3,6 + vocab=16384 head=target
+
+The domain's prompts are served once through the real engine (a scratch draft that never trains) to capture
+samples; the last --eval prompts are held out. Each setting (the product of the --grid lists) trains a fresh
+day-0 draft on the other samples for `epochs` shuffled passes, and is scored on the held-out samples by
+simulated greedy accept length (guard.simulated_acceptance: exact for greedy serving up to numerics). Settings
+whose draft fits the engine (the engine's vocabulary) are also swapped in and serve the held-out prompts, so
+the table shows the engine's measured accept length beside the simulated one.
+
+Grid keys: lr, epochs, vocab (0 = the target's vocabulary), batch (tokens per step), warmup (steps),
+head (random | target: the LM head starts as the target's rows for the draft vocabulary, folded with the
+target's final norm), reject (weight of the rejected-proposal term).
+"""
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import os
+import tempfile
+import time
+
+import torch
+
+from aurora.engine.sequence import SamplingParams
+from aurora.models.draft import new_draft
+from aurora.prompts import load_prompts
+from aurora.server.config import ServeConfig
+from aurora.service import Service
+from aurora.training.guard import simulated_acceptance
+from aurora.training.trainer import OnlineTrainer, TrainConfig
+from aurora.training.vocab import vocab_from_samples
+
+DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1}
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    """key=v1,v2 items: their product; '+' starts another group (the settings are the groups' union)."""
+    if "+" in items:
+        i = items.index("+")
+        return parse_grid(items[:i]) + parse_grid(items[i + 1:])
+    axes = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in DEFAULTS or not values:
+            raise SystemExit(f"bad --grid item {item!r}: use key=v1,v2 with key in {sorted(DEFAULTS)}")
+        kind = type(DEFAULTS[key])
+        axes[key] = [kind(float(v)) if kind is int else kind(v) for v in values.split(",")]
+    keys = list(axes)
+    return [{**DEFAULTS, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+async def serve(service, pools: dict[str, list[list[int]]], max_tokens: int, concurrency: int, capture: bool):
+    """Serve every prompt once (request ids '<pool>-<i>'); returns the engine's accept length per pool."""
+    sem, out = asyncio.Semaphore(concurrency), {}
+
+    async def one(name, i, ids):
+        async with sem:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, capture=capture)
+            async for o in service.engine.generate(ids, params, request_id=f"{name}-{i}"):
+                if o.finished:
+                    tot = out.setdefault(name, [0, 0])
+                    tot[0] += len(o.output_ids)
+                    tot[1] += o.verify_rounds
+    await asyncio.gather(*(one(name, i, ids) for name, pool in pools.items() for i, ids in enumerate(pool)))
+    return {name: t / max(1, r) for name, (t, r) in out.items()}
+
+
+def score(draft, samples, lm_head, K, target_to_draft, device, chunk=16) -> float:
+    """Simulated greedy accept length over all held-out positions (in chunks: full-vocabulary probabilities)."""
+    num = den = 0.0
+    for i in range(0, len(samples), chunk):
+        r = simulated_acceptance(draft, samples[i:i + chunk], lm_head, K, target_to_draft, device)
+        num += r["greedy_accept_length"] * r["positions"]
+        den += r["positions"]
+    return num / max(den, 1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--domain", nargs="+", default=["chat"])
+    ap.add_argument("--requests", type=int, default=0, help="training prompts per domain (0: all but --eval)")
+    ap.add_argument("--eval", type=int, default=100, help="held-out prompts per domain (the last ones)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 ... (keys: %s)" % ", ".join(DEFAULTS))
+    args = ap.parse_args()
+    settings = parse_grid(args.grid)
+    cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=10 ** 9,
+                      device=args.device, max_batch=args.concurrency, run_dir=tempfile.mkdtemp(prefix="sweep-"),
+                      wandb="disabled")
+    service = Service.from_config(cfg)
+    service.trainer.stop()  # capture only: nothing trains or swaps behind the sweep
+    kept = {}
+    service.engine.set_callbacks(lambda s: kept.__setitem__(s.request_id, s), None)
+    eng = service.engine.engine
+    tok = eng.tokenizer
+    train_pool, eval_pool = [], []
+    for d in args.domain:
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)[-384:] for p in load_prompts(d)]
+        n_train = args.requests or len(ids) - args.eval
+        if n_train + args.eval > len(ids):
+            raise SystemExit(f"{d}: {len(ids)} prompts, fewer than --requests {n_train} + --eval {args.eval}")
+        train_pool += ids[:n_train]
+        eval_pool += ids[len(ids) - args.eval:]
+    t0 = time.perf_counter()
+    asyncio.run(serve(service, {"train": train_pool, "eval": eval_pool}, args.max_tokens, args.concurrency, True))
+    train = [kept[f"train-{i}"] for i in range(len(train_pool))]
+    heldout = [kept[f"eval-{i}"] for i in range(len(eval_pool))]
+    print(f"captured {len(train)} training samples ({sum(s.num_tokens for s in train)} tokens) and {len(heldout)} "
+          f"held-out in {time.perf_counter() - t0:.0f} s; domains {args.domain}", flush=True)
+    service.engine.set_callbacks(None, None)
+
+    dev = eng.runner.device
+    lm_head = eng.target.lm_head.weight
+    fold = (lm_head.float() * eng.target.norm.weight.float()).to(lm_head.dtype)  # head(norm(x)) with unit norm weight
+    base = eng.draft.config
+    header = f"{'setting':58s} {'tokens':>9s} {'train s':>8s} {'simulated':>9s} {'engine':>7s}"
+    print(header, flush=True)
+    rows = []
+    for st in settings:
+        dcfg = dataclasses.replace(base, draft_vocab_size=st["vocab"] or base.vocab_size)
+        draft = new_draft(dcfg, device=dev, seed=1)
+        if dcfg.draft_vocab_size < dcfg.vocab_size:
+            draft.set_vocab_map(*(t.to(dev) for t in vocab_from_samples(train, dcfg.draft_vocab_size,
+                                                                        dcfg.vocab_size)))
+        if st["head"] == "target":
+            with torch.no_grad():
+                draft.lm_head.weight.copy_(fold[torch.arange(dcfg.draft_vocab_size, device=dev) + draft.d2t])
+        draft.share_embedding(eng.target.embed_tokens)
+        trainer = OnlineTrainer(draft, lm_head, TrainConfig(lr=st["lr"], warmup_steps=st["warmup"],
+                                                            batch_tokens=st["batch"], reject_weight=st["reject"],
+                                                            ttt_length=args.lookahead, device=str(dev)),
+                                lambda sd, v: service.engine.swap_draft(sd, v).wait(60))
+        t = time.perf_counter()
+        tokens = trainer.train_epochs(train, st["epochs"])
+        train_s = time.perf_counter() - t
+        sim = score(trainer.master, heldout, lm_head, args.lookahead, trainer.target_to_draft, dev)
+        measured = None
+        if dcfg.draft_vocab_size == base.draft_vocab_size:
+            trainer.version = len(rows)  # versions only need to rise across settings
+            trainer.swap_now()
+            measured = asyncio.run(serve(service, {"eval": eval_pool}, args.max_tokens, args.concurrency,
+                                         False))["eval"]
+        name = " ".join(f"{k}={v}" for k, v in st.items())
+        rows.append((name, tokens, train_s, sim, measured))
+        print(f"{name:58s} {tokens:9d} {train_s:8.1f} {sim:9.3f} "
+              f"{'-' if measured is None else f'{measured:.3f}':>7s}", flush=True)
+    service.shutdown()
+    print("\nbest:", max(rows, key=lambda r: r[3])[0])
+
+
+if __name__ == "__main__":
+    main()
