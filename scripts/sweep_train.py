@@ -68,14 +68,15 @@ async def serve(service, pools: dict[str, list[list[int]]], max_tokens: int, con
     return {name: t / max(1, r) for name, (t, r) in out.items()}
 
 
-def score(draft, samples, lm_head, K, target_to_draft, device, chunk=16) -> float:
-    """Simulated greedy accept length over all held-out positions (in chunks: full-vocabulary probabilities)."""
-    num = den = 0.0
+def score(draft, samples, lm_head, K, target_to_draft, device, chunk=16) -> tuple[float, float]:
+    """(served greedy accept length replayed from the samples, position-averaged greedy accept length) over the
+    held-out samples, in chunks (full-vocabulary probabilities)."""
+    tokens = rounds = num = den = 0
     for i in range(0, len(samples), chunk):
         r = simulated_acceptance(draft, samples[i:i + chunk], lm_head, K, target_to_draft, device)
-        num += r["greedy_accept_length"] * r["positions"]
-        den += r["positions"]
-    return num / max(den, 1.0)
+        tokens, rounds = tokens + r["completion_tokens"], rounds + r["rounds"]
+        num, den = num + r["greedy_accept_length"] * r["positions"], den + r["positions"]
+    return tokens / max(rounds, 1), num / max(den, 1)
 
 
 def main():
@@ -121,7 +122,7 @@ def main():
     lm_head = eng.target.lm_head.weight
     fold = (lm_head.float() * eng.target.norm.weight.float()).to(lm_head.dtype)  # head(norm(x)) with unit norm weight
     base = eng.draft.config
-    header = f"{'setting':58s} {'tokens':>9s} {'train s':>8s} {'simulated':>9s} {'engine':>7s}"
+    header = f"{'setting':72s} {'tokens':>9s} {'train s':>8s} {'replayed':>8s} {'per-pos':>7s} {'engine':>7s}"
     print(header, flush=True)
     rows = []
     for st in settings:
@@ -141,7 +142,7 @@ def main():
         t = time.perf_counter()
         tokens = trainer.train_epochs(train, st["epochs"])
         train_s = time.perf_counter() - t
-        sim = score(trainer.master, heldout, lm_head, args.lookahead, trainer.target_to_draft, dev)
+        replayed, per_pos = score(trainer.master, heldout, lm_head, args.lookahead, trainer.target_to_draft, dev)
         measured = None
         if dcfg.draft_vocab_size == base.draft_vocab_size:
             trainer.version = len(rows)  # versions only need to rise across settings
@@ -149,8 +150,8 @@ def main():
             measured = asyncio.run(serve(service, {"eval": eval_pool}, args.max_tokens, args.concurrency,
                                          False))["eval"]
         name = " ".join(f"{k}={v}" for k, v in st.items())
-        rows.append((name, tokens, train_s, sim, measured))
-        print(f"{name:58s} {tokens:9d} {train_s:8.1f} {sim:9.3f} "
+        rows.append((name, tokens, train_s, replayed, measured))
+        print(f"{name:72s} {tokens:9d} {train_s:8.1f} {replayed:8.3f} {per_pos:7.3f} "
               f"{'-' if measured is None else f'{measured:.3f}':>7s}", flush=True)
     service.shutdown()
     print("\nbest:", max(rows, key=lambda r: r[3])[0])

@@ -15,6 +15,7 @@ from aurora.prompts import load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.training.checkpoint import load_served_draft
+from aurora.training.guard import simulated_acceptance
 from tests.greedy import check_sample, run_all, two_domain_prompts
 
 
@@ -92,6 +93,13 @@ def test_accept_length_rises_after_swaps(tmp_path):
         accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
         print(f"trained draft, 50 prompts, batch {batch}, topk {topk}: accept length {accept:.3f}")
         assert accept > 1.1  # accepted drafts (and the tree's KV compaction) were exercised
+        if topk == 1:  # the trainer's replay of greedy serving (guard.py) counts what the engine counted
+            sim = simulated_acceptance(eng.draft, captured, eng.target.lm_head.weight, 3, eng.draft.target_to_draft())
+            rounds = sum(s.verify_rounds for s in seqs)
+            print(f"  replayed from the samples: {sim['served_greedy_accept_length']:.3f} ({sim['rounds']} rounds, "
+                  f"engine {rounds}); position-averaged {sim['greedy_accept_length']:.3f}")
+            assert sim["completion_tokens"] == sum(len(s.output_ids) for s in seqs)
+            assert abs(sim["rounds"] - rounds) <= 2  # a near-tie argmax may flip between two fp32 code paths
         # what those requests left for the trainer: HF's hidden states, truthful rounds (every 5th sample)
         assert len(captured) == len(many)
         assert sum(check_sample(s, hf, eng.target.aux_layers, atol=2e-3) for s in captured[::5]) > 0

@@ -146,6 +146,13 @@ class Eagle3Draft(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
+    def target_to_draft(self) -> torch.Tensor:
+        """[vocab_size] long: the draft id of each target id, -1 outside the draft vocabulary (on the CPU)."""
+        Vd = self.config.draft_vocab_size
+        out = torch.full((self.config.vocab_size,), -1, dtype=torch.long)
+        out[torch.arange(Vd) + self.d2t.cpu()] = torch.arange(Vd)
+        return out
+
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)

@@ -5,6 +5,14 @@ a_k = sum_x min(p(x), q_k(x)) (p: the target's full softmax, q: the draft's over
 earlier ones were. TTT step k at position t conditions on the true tokens, i.e. on acceptance of steps
 < k, so the expected tokens per verify round from position t is 1 + sum_k prod_{j<=k} a_j(t) (the 1 is the
 bonus/correction token). Greedy serving accepts iff argmaxes agree; that chained figure is reported too.
+
+Both are averages over positions, which is not what the engine reports (completion tokens / verify rounds):
+a round that starts in an easy stretch covers several positions at once, so positions overweight long
+chains. Measured on chat (scripts/sweep_train.py, H200): position-averaged greedy 1.85 where the engine
+served 1.36. For greedy serving the engine's figure can be replayed exactly: walk each completion round by
+round from the prefill token, accept the draft's leading argmaxes that equal the served next tokens, move
+on by accepted + 1 (`served_greedy_accept_length`). The guard compares candidate and live on one measure,
+so its bias cancels there.
 """
 import torch
 
@@ -28,18 +36,40 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
     t_arg = torch.where(tdist.in_vocab.view(B, L), p.argmax(-1), -1)
     t_arg = torch.cat([t_arg, t_arg.new_full((B, K), -1)], 1)
     valid = torch.stack([batch.target_mask[:, 1 + k:1 + k + L] for k in range(K)])  # [K,B,L]
-    acc, greedy = [], []
+    served = target_to_draft.to(batch.ids.device)[batch.ids]                      # [B,L+K] draft id of x[i+1], -1
+    acc, greedy, hits = [], [], []
     for k, (_, logits) in enumerate(ttt_forward(draft, batch, K)):
         q = logits.float().softmax(-1)
         acc.append(torch.minimum(p_pad[:, 1 + k:1 + k + L], q).sum(-1))        # [B,L]
-        greedy.append((logits.argmax(-1) == t_arg[:, 1 + k:1 + k + L]).float())
+        arg = logits.argmax(-1)
+        greedy.append((arg == t_arg[:, 1 + k:1 + k + L]).float())
+        hits.append(arg == served[:, 1 + k:1 + k + L])  # step k at t guessed the served token x[t+2+k]
     acc, greedy = torch.stack(acc), torch.stack(greedy)                          # [K,B,L]
     full = valid.all(0)                                                          # [B,L]
     n = full.sum().clamp_min(1)
     chain = lambda a: (a.cumprod(0).sum(0) * full).sum() / n  # noqa: E731
     step = [float((acc[k] * valid[k]).sum() / valid[k].sum().clamp_min(1)) for k in range(K)]
+    tokens, rounds = _walk_rounds(torch.stack(hits).cpu(), [s for s in samples if s.num_tokens >= 3], K)
     return {"accept_length": 1.0 + float(chain(acc)), "greedy_accept_length": 1.0 + float(chain(greedy)),
+            "served_greedy_accept_length": tokens / max(rounds, 1), "completion_tokens": tokens, "rounds": rounds,
             "step_accept": step, "positions": int(full.sum())}
+
+
+def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int]:
+    """Replay greedy serving over each completion: hits [K,B,L] (step k at t guessed x[t+2+k]). The prefill
+    emits x[P]; a round after x[m] runs the draft at t = m-1, accepts its leading hits, emits accepted + 1.
+    Returns (completion tokens, verify rounds) summed over samples, as the engine counts them."""
+    tokens = rounds = 0
+    for b, s in enumerate(samples):
+        T, m = s.num_tokens, s.prompt_len
+        h = hits[:, b].tolist()
+        tokens += T - m
+        while m < T - 1:
+            a = 0
+            while a < K and m + a < T - 1 and h[a][m - 1]:
+                a += 1
+            m, rounds = m + a + 1, rounds + 1
+    return tokens, rounds
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:

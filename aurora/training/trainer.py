@@ -100,9 +100,7 @@ class OnlineTrainer:
         self.master = self._fp32_copy(draft)
         self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
         self.lm_head = None if target_lm_head is None else target_lm_head.detach().to(self.device)
-        Vd = draft.config.draft_vocab_size
-        self.target_to_draft = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
-        self.target_to_draft[torch.arange(Vd) + draft.d2t.cpu()] = torch.arange(Vd)
+        self.target_to_draft = draft.target_to_draft()
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
