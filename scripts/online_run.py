@@ -9,9 +9,9 @@ so a run cut short keeps what it served, and sorted by request at the end), acce
 (rolling mean, swap markers, domain bands) and the final draft checkpoint under <out>/run/checkpoint.
 
 `--offline-epochs E` then compares with offline training on the same tokens: every sample the run captured
-is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled for E epochs with the same
-optimiser settings (offline.json records both drafts' trained tokens: the online trainer's include its
-replays, so E = 1 matches one replay pass and E = P roughly matches P passes), and both drafts serve the same
+is kept; a fresh day-0 draft (same vocabulary map) is trained on them shuffled, with the same optimiser
+settings, until it has trained as many tokens as the online trainer did (replays included) or E epochs are
+done (offline.json records both counts; E >= the replay passes makes them equal), and both drafts serve the same
 evaluation requests (the last `--eval-per-domain` prompts of each domain, after the run; the run served them
 too wherever its traffic wrapped around a prompt set) in the live engine; offline.json has the result.
 """
@@ -115,7 +115,8 @@ def offline_compare(service, samples, prompts):
                                     batch_tokens=c.batch_tokens),
                         lambda sd, v: None)
     t0 = time.perf_counter()
-    tokens = off.train_epochs(samples, args.offline_epochs)
+    online_tokens = trainer.status()["tokens_trained"]
+    tokens = off.train_epochs(samples, args.offline_epochs, max_tokens=online_tokens)
     train_s = time.perf_counter() - t0
     tok = eng.tokenizer
     evals = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
@@ -136,7 +137,7 @@ def offline_compare(service, samples, prompts):
         await asyncio.gather(*(one(d, ids) for d, pool in evals.items() for ids in pool))
         return {d: round(t / max(1, r), 3) for d, (t, r) in out.items()}
 
-    result = {"samples": len(samples), "online_tokens_trained": trainer.status()["tokens_trained"],
+    result = {"samples": len(samples), "online_tokens_trained": online_tokens,
               "offline_tokens_trained": tokens, "offline_epochs": args.offline_epochs,
               "offline_train_seconds": round(train_s, 1), "online_version": online_version}
     result["online_accept_length"] = asyncio.run(measure())
@@ -164,7 +165,8 @@ def main():
     ap.add_argument("--replay-passes", type=int, default=ServeConfig.replay_passes)
     ap.add_argument("--objective", default=ServeConfig.objective, choices=OBJECTIVES)
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
-    ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison")
+    ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison; else at most E epochs, "
+                    "stopping at the online trainer's token count")
     ap.add_argument("--eval-per-domain", type=int, default=100)
     ap.add_argument("--out", default="results/online")
     args = ap.parse_args()

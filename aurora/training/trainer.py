@@ -333,9 +333,10 @@ class OnlineTrainer:
             setattr(self, k, v)
         return True
 
-    def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0) -> int:
+    def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:
         """Offline training on a fixed sample set (comparisons and sweeps): `epochs` shuffled passes in batches
-        of about `batch_tokens`. Returns the tokens trained. Not for a started trainer (no locking with it)."""
+        of about `batch_tokens`, stopping early once `max_tokens` are trained. Returns the tokens trained.
+        Not for a started trainer (no locking with it)."""
         rng, tokens, budget = random.Random(seed), 0, self.config.batch_tokens
         for _ in range(epochs):
             order = samples[:]
@@ -346,6 +347,8 @@ class OnlineTrainer:
                     self.train_step(batch)
                     tokens += n
                     batch, n = [], 0
+                    if max_tokens is not None and tokens >= max_tokens:
+                        return tokens
                 if s is not None:
                     batch.append(s)
                     n += s.num_tokens
