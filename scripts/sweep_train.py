@@ -145,7 +145,6 @@ def main():
         replayed, per_pos = score(trainer.master, heldout, lm_head, args.lookahead, trainer.target_to_draft, dev)
         measured = None
         if dcfg.draft_vocab_size == base.draft_vocab_size:
-            trainer.version = len(rows)  # versions only need to rise across settings
             trainer.swap_now()
             measured = asyncio.run(serve(service, {"eval": eval_pool}, args.max_tokens, args.concurrency,
                                          False))["eval"]

@@ -18,7 +18,7 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
-from aurora.training.ttt import batch_target, collate, ttt_forward
+from aurora.training.ttt import batch_target, collate, trainable, ttt_forward
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
     n = full.sum().clamp_min(1)
     chain = lambda a: (a.cumprod(0).sum(0) * full).sum() / n  # noqa: E731
     step = [float((acc[k] * valid[k]).sum() / valid[k].sum().clamp_min(1)) for k in range(K)]
-    tokens, rounds = _walk_rounds(torch.stack(hits).cpu(), [s for s in samples if s.num_tokens >= 3], K)
+    tokens, rounds = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # the batch's rows, in order
     return {"accept_length": 1.0 + float(chain(acc)), "greedy_accept_length": 1.0 + float(chain(greedy)),
             "served_greedy_accept_length": tokens / max(rounds, 1), "completion_tokens": tokens, "rounds": rounds,
             "step_accept": step, "positions": int(full.sum())}

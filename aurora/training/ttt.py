@@ -42,9 +42,15 @@ class TTTBatch:
         return self.aux.shape[0], self.aux.shape[1]
 
 
+def trainable(samples: list[Sample]) -> list[Sample]:
+    """The samples a TTTBatch holds, in order: those with >= 3 tokens (at least one predicted token)."""
+    return [s for s in samples if s.num_tokens >= 3]
+
+
 def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tensor, device="cpu") -> TTTBatch:
-    """Right-pad samples into a TTTBatch. target_to_draft [V] long: draft id of each target id, -1 if absent."""
-    samples = [s for s in samples if s.num_tokens >= 3]  # need at least one predicted token
+    """Right-pad trainable(samples) into a TTTBatch. target_to_draft [V] long: draft id of each target id, -1 if
+    absent."""
+    samples = trainable(samples)
     if not samples:
         raise ValueError("no sample with >= 3 tokens")
     K, B = ttt_length, len(samples)
