@@ -39,6 +39,7 @@ _HELP = {
     "buffer_samples": "capture buffer capacity in samples",
     "max_concurrent_requests": "in-flight inference requests beyond which requests get 429",
     "max_body_bytes": "request bodies larger than this get 413",
+    "priority_stream": "built-in engine on CUDA: run serving on a high-priority stream, ahead of the trainer's kernels",
     "tp_size": "tensor-parallel ranks (engine sglang)",
     "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",

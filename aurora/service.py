@@ -93,7 +93,8 @@ class Service:
                       and draft.config.draft_vocab_size < draft.config.vocab_size)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
-                             fused_kernels=cfg.fused_kernels, capture=draft is not None)
+                             fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
+                             capture=draft is not None)
         engine = LLMEngine(target_dir, draft, econf)
         aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:

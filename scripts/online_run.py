@@ -165,6 +165,7 @@ def main():
     ap.add_argument("--replay-passes", type=int, default=ServeConfig.replay_passes)
     ap.add_argument("--objective", default=ServeConfig.objective, choices=OBJECTIVES)
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="None: the target's vocabulary")
+    ap.add_argument("--priority-stream", type=int, default=1, help="1: serve on a high-priority CUDA stream")
     ap.add_argument("--offline-epochs", type=int, default=0, help="0: no offline comparison; else at most E epochs, "
                     "stopping at the online trainer's token count")
     ap.add_argument("--eval-per-domain", type=int, default=100)
@@ -174,7 +175,8 @@ def main():
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=args.sync_every,
                       lr=args.lr, device=args.device, max_batch=args.concurrency, max_model_len=args.max_model_len,
                       run_dir=os.path.join(args.out, "run"), wandb="disabled", replay_passes=args.replay_passes,
-                      draft_vocab_size=args.draft_vocab_size, objective=args.objective)
+                      draft_vocab_size=args.draft_vocab_size, objective=args.objective,
+                      priority_stream=bool(args.priority_stream))
     service = Service.from_config(cfg)
     kept = []
     if args.offline_epochs:  # keep every captured sample for the offline comparison

@@ -12,7 +12,9 @@ the table shows the engine's measured accept length beside the simulated one.
 
 Grid keys: lr, epochs, vocab (0 = the target's vocabulary), batch (tokens per step), warmup (steps),
 head (random | target: the LM head starts as the target's rows for the draft vocabulary, folded with the
-target's final norm), reject (weight of the rejected-proposal term).
+target's final norm), reject (weight of the rejected-proposal term), train (the first N training samples, in
+--domain order; 0 = all: a data-scaling curve, e.g. `--domain chat instruct arena --grid train=196,392,785,0`).
+Held-out scores are reported per domain.
 """
 import argparse
 import asyncio
@@ -33,7 +35,7 @@ from aurora.training.guard import simulated_acceptance
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
-DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1}
+DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1, "train": 0}
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -101,7 +103,7 @@ def main():
     service.engine.set_callbacks(lambda s: kept.__setitem__(s.request_id, s), None)
     eng = service.engine.engine
     tok = eng.tokenizer
-    train_pool, eval_pool = [], []
+    train_pool, eval_pools = [], {}
     for d in args.domain:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False)[-384:] for p in load_prompts(d)]
@@ -109,27 +111,29 @@ def main():
         if n_train + args.eval > len(ids):
             raise SystemExit(f"{d}: {len(ids)} prompts, fewer than --requests {n_train} + --eval {args.eval}")
         train_pool += ids[:n_train]
-        eval_pool += ids[len(ids) - args.eval:]
+        eval_pools[d] = ids[len(ids) - args.eval:]
     t0 = time.perf_counter()
-    asyncio.run(serve(service, {"train": train_pool, "eval": eval_pool}, args.max_tokens, args.concurrency, True))
+    asyncio.run(serve(service, {"train": train_pool, **eval_pools}, args.max_tokens, args.concurrency, True))
     train = [kept[f"train-{i}"] for i in range(len(train_pool))]
-    heldout = [kept[f"eval-{i}"] for i in range(len(eval_pool))]
-    print(f"captured {len(train)} training samples ({sum(s.num_tokens for s in train)} tokens) and {len(heldout)} "
-          f"held-out in {time.perf_counter() - t0:.0f} s; domains {args.domain}", flush=True)
+    heldout = {d: [kept[f"{d}-{i}"] for i in range(len(pool))] for d, pool in eval_pools.items()}
+    print(f"captured {len(train)} training samples ({sum(s.num_tokens for s in train)} tokens) and "
+          f"{args.eval} held-out per domain in {time.perf_counter() - t0:.0f} s; domains {args.domain}", flush=True)
     service.engine.set_callbacks(None, None)
 
     dev = eng.runner.device
     lm_head = eng.target.lm_head.weight
     fold = (lm_head.float() * eng.target.norm.weight.float()).to(lm_head.dtype)  # head(norm(x)) with unit norm weight
     base = eng.draft.config
-    header = f"{'setting':72s} {'tokens':>9s} {'train s':>8s} {'replayed':>8s} {'per-pos':>7s} {'engine':>7s}"
+    print(f"held-out accept length per domain: replayed greedy serving / position-averaged / engine-measured")
+    header = f"{'setting':84s} {'tokens':>9s} {'train s':>8s}" + "".join(f" {d:>20s}" for d in eval_pools)
     print(header, flush=True)
     rows = []
     for st in settings:
+        used = train[:st["train"]] if st["train"] else train
         dcfg = dataclasses.replace(base, draft_vocab_size=st["vocab"] or base.vocab_size)
         draft = new_draft(dcfg, device=dev, seed=1)
         if dcfg.draft_vocab_size < dcfg.vocab_size:
-            draft.set_vocab_map(*(t.to(dev) for t in vocab_from_samples(train, dcfg.draft_vocab_size,
+            draft.set_vocab_map(*(t.to(dev) for t in vocab_from_samples(used, dcfg.draft_vocab_size,
                                                                         dcfg.vocab_size)))
         if st["head"] == "target":
             with torch.no_grad():
@@ -140,20 +144,21 @@ def main():
                                                             ttt_length=args.lookahead, device=str(dev)),
                                 lambda sd, v: service.engine.swap_draft(sd, v).wait(60))
         t = time.perf_counter()
-        tokens = trainer.train_epochs(train, st["epochs"])
+        tokens = trainer.train_epochs(used, st["epochs"])
         train_s = time.perf_counter() - t
-        replayed, per_pos = score(trainer.master, heldout, lm_head, args.lookahead, trainer.target_to_draft, dev)
-        measured = None
+        scores = {d: score(trainer.master, hs, lm_head, args.lookahead, trainer.target_to_draft, dev)
+                  for d, hs in heldout.items()}
+        measured = {}
         if dcfg.draft_vocab_size == base.draft_vocab_size:
             trainer.swap_now()
-            measured = asyncio.run(serve(service, {"eval": eval_pool}, args.max_tokens, args.concurrency,
-                                         False))["eval"]
+            measured = asyncio.run(serve(service, eval_pools, args.max_tokens, args.concurrency, False))
         name = " ".join(f"{k}={v}" for k, v in st.items())
-        rows.append((name, tokens, train_s, replayed, measured))
-        print(f"{name:72s} {tokens:9d} {train_s:8.1f} {replayed:8.3f} {per_pos:7.3f} "
-              f"{'-' if measured is None else f'{measured:.3f}':>7s}", flush=True)
+        rows.append((name, scores[args.domain[0]][0]))
+        cells = "".join(f" {r:6.3f}/{p:5.3f}/{'-' if d not in measured else f'{measured[d]:.3f}':>5s}"
+                        for d, (r, p) in scores.items())
+        print(f"{name:84s} {tokens:9d} {train_s:8.1f}{cells}", flush=True)
     service.shutdown()
-    print("\nbest:", max(rows, key=lambda r: r[3])[0])
+    print(f"\nbest on held-out {args.domain[0]}:", max(rows, key=lambda r: r[1])[0])
 
 
 if __name__ == "__main__":

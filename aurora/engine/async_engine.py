@@ -9,6 +9,8 @@ import queue
 import threading
 from typing import AsyncIterator
 
+import torch
+
 from aurora.engine.engine import LLMEngine
 from aurora.engine.sequence import RequestOutput, SamplingParams
 
@@ -77,6 +79,13 @@ class AsyncEngine:
     # ------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         eng = self.engine
+        dev = eng.runner.device
+        if dev.type == "cuda" and eng.config.priority_stream:
+            # every engine kernel goes to one high-priority stream (a too-low number maps to the highest priority);
+            # it first waits for the set-up work queued on the default stream
+            stream = torch.cuda.Stream(dev, priority=-100)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            torch.cuda.set_stream(stream)
         while True:
             while True:
                 try:

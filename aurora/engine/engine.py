@@ -45,6 +45,8 @@ class EngineConfig:
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
                                   # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/*_s4.*)
+    priority_stream: bool = True  # CUDA: engine steps run on a high-priority stream, so a trainer sharing the GPU
+                                  # (default-priority stream) yields SMs to serving whenever both have work
 
     def __post_init__(self):
         if self.lookahead < 1:

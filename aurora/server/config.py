@@ -37,6 +37,8 @@ class ServeConfig:
     max_model_len: int = 2048
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     fused_kernels: bool | None = None  # built-in engine: Triton serving kernels; None = on for CUDA with triton
+    priority_stream: bool = True       # built-in engine on CUDA: serve on a high-priority stream (the trainer
+                                       # runs on a default-priority one)
     tp_size: int = 1                   # tensor parallel ranks (engine sglang)
     trust_remote_code: bool = False    # for targets with custom code (MiniMax M2.5; engine sglang)
     sglang_swap: str = "step"          # engine sglang: "step" (the schedulers copy new weights in place between
