@@ -29,7 +29,8 @@ def test_accept_length_rises_after_swaps(tmp_path):
     prompts = [tok.apply_chat_template([{"role": "user", "content": p[-300:]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in load_prompts("code", 8)]
     params = SamplingParams(max_tokens=32, temperature=0.0)
-    reference_engine = LLMEngine(service.engine.engine.target_path, None, EngineConfig(max_batch=8, max_model_len=512))
+    reference_engine = LLMEngine(service.engine.engine.target_path, None,
+                                 EngineConfig(max_batch=8, max_model_len=512, device="cpu"))  # like the service
     reference = [reference_engine.add_request(p, params) for p in prompts]
     while reference_engine.has_work():
         reference_engine.step()
