@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import dataclasses
 import itertools
-import os
 import tempfile
 import time
 
@@ -35,7 +34,8 @@ from aurora.training.guard import simulated_acceptance
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
-DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1, "train": 0}
+DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1,
+            "train": 0}
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -124,7 +124,7 @@ def main():
     lm_head = eng.target.lm_head.weight
     fold = (lm_head.float() * eng.target.norm.weight.float()).to(lm_head.dtype)  # head(norm(x)) with unit norm weight
     base = eng.draft.config
-    print(f"held-out accept length per domain: replayed greedy serving / position-averaged / engine-measured")
+    print("held-out accept length per domain: replayed greedy serving / position-averaged / engine-measured")
     header = f"{'setting':84s} {'tokens':>9s} {'train s':>8s}" + "".join(f" {d:>20s}" for d in eval_pools)
     print(header, flush=True)
     rows = []
