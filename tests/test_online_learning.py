@@ -18,10 +18,12 @@ from aurora.training.checkpoint import load_served_draft
 from aurora.training.guard import simulated_acceptance
 from tests.greedy import check_sample, run_all, two_domain_prompts
 
+DEVICE = "cpu"  # the service and every engine compared with it (fp32), also on a machine with a GPU
+
 
 def test_accept_length_rises_after_swaps(tmp_path):
     cfg = ServeConfig(target="smollm2", draft="scratch", draft_vocab_size=2048, vocab_warmup_requests=8,
-                      sync_every=8, lookahead=3, max_batch=8, max_model_len=512, lr=1e-3, device="cpu",
+                      sync_every=8, lookahead=3, max_batch=8, max_model_len=512, lr=1e-3, device=DEVICE,
                       run_dir=str(tmp_path), wandb="disabled")
     service = Service.from_config(cfg)
     tok = service.engine.tokenizer
@@ -30,7 +32,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
                                        tokenize=True, return_dict=False) for p in load_prompts("code", 8)]
     params = SamplingParams(max_tokens=32, temperature=0.0)
     reference_engine = LLMEngine(service.engine.engine.target_path, None,
-                                 EngineConfig(max_batch=8, max_model_len=512, device="cpu"))  # like the service
+                                 EngineConfig(max_batch=8, max_model_len=512, device=DEVICE))
     reference = [reference_engine.add_request(p, params) for p in prompts]
     while reference_engine.has_work():
         reference_engine.step()
@@ -71,7 +73,8 @@ def test_accept_length_rises_after_swaps(tmp_path):
     # the trained draft drafting a tree (top-3, 8 nodes): still exactly the target's greedy text, and accepted
     # paths now run through the tree's KV compaction
     tree = LLMEngine(service.engine.engine.target_path, load_served_draft(str(tmp_path / "checkpoint")),
-                     EngineConfig(max_batch=8, max_model_len=512, lookahead=3, topk=3, num_draft_tokens=8))
+                     EngineConfig(max_batch=8, max_model_len=512, lookahead=3, topk=3, num_draft_tokens=8,
+                                  device=DEVICE))
     seqs = [tree.add_request(p, params) for p in prompts]
     while tree.has_work():
         tree.step()
@@ -82,11 +85,13 @@ def test_accept_length_rises_after_swaps(tmp_path):
     # the trained draft on the two-domain set: chain and tree, batch 1 and 8, token for token target-only greedy
     many, short = two_domain_prompts(tok), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     target = service.engine.engine.target_path
-    want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024)), many, short)
+    want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024, device=DEVICE)),
+                      many, short)
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     for batch, topk, nodes in ((1, 1, 4), (8, 1, 4), (1, 3, 8), (8, 3, 8)):
         eng = LLMEngine(target, load_served_draft(str(tmp_path / "checkpoint")),
-                        EngineConfig(max_batch=batch, max_model_len=1024, lookahead=3, topk=topk, num_draft_tokens=nodes))
+                        EngineConfig(max_batch=batch, max_model_len=1024, lookahead=3, topk=topk,
+                                     num_draft_tokens=nodes, device=DEVICE))
         captured = []
         eng.on_sample = captured.append
         got, seqs = run_all(eng, many, short)

@@ -147,8 +147,10 @@ class OnlineTrainer:
             raise RuntimeError("trainer already started")
         if self._resumed:  # the engine may hold other weights: hand it the restored ones first
             self._publish_fn(self._history[-1][1], self.version)
-        if self.device.type == "cuda":  # the master copy was made on the caller's stream (e.g. the engine's, for a
-            torch.cuda.current_stream(self.device).synchronize()  # day-0 pruned vocabulary); the thread uses its own
+        # the master copy was made on the caller's stream (the engine's, for a day-0 pruned vocabulary): finish it
+        # before the thread works on it from its own stream
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         caller_threads, ready = torch.get_num_threads(), threading.Event()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="aurora-trainer", daemon=True)
