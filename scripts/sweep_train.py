@@ -27,7 +27,7 @@ import torch
 
 from aurora.engine.sequence import SamplingParams
 from aurora.models.draft import new_draft
-from aurora.prompts import load_prompts
+from aurora.prompts import chat_ids, load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
 from aurora.training.guard import simulated_acceptance
@@ -105,8 +105,7 @@ def main():
     tok = eng.tokenizer
     train_pool, eval_pools = [], {}
     for d in args.domain:
-        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False)[-384:] for p in load_prompts(d)]
+        ids = chat_ids(tok, load_prompts(d), 384)
         n_train = args.requests or len(ids) - args.eval
         if n_train + args.eval > len(ids):
             raise SystemExit(f"{d}: {len(ids)} prompts, fewer than --requests {n_train} + --eval {args.eval}")

@@ -3,7 +3,7 @@ SmolLM2 set (25 chat, 25 code) every speculative configuration is compared on, a
 against Hugging Face."""
 import torch
 
-from aurora.prompts import load_prompts
+from aurora.prompts import chat_ids, load_prompts
 
 
 def run_all(engine, prompts, params):
@@ -13,13 +13,8 @@ def run_all(engine, prompts, params):
     return [s.output_ids for s in seqs], seqs
 
 
-def chat_ids(tok, text):
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=False)
-
-
 def two_domain_prompts(tok):
-    return [chat_ids(tok, p) for p in load_prompts("chat", 25)] + \
+    return chat_ids(tok, load_prompts("chat", 25)) + \
            [tok(p)["input_ids"][-200:] for p in load_prompts("code", 25)]
 
 
