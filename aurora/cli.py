@@ -28,7 +28,9 @@ _HELP = {
     "api_key": "require 'Authorization: Bearer KEY' on inference routes",
     "admin_key": "enable /v1/draft/{swap,save,rollback} with this bearer key",
     "wandb": "offline (default without WANDB_API_KEY), online or disabled",
-    "lookahead": "draft steps per verify round",
+    "lookahead": "the deepest draft chain per verify round",
+    "adaptive_depth": "built-in engine: choose each step's speculation depth (0..lookahead) by measured cost and "
+                      "acceptance; false: always the full lookahead",
     "max_batch": "most requests decoded together",
     "max_model_len": "context length (prompt + completion) in tokens",
     "device": "auto, cpu, cuda or cuda:N",

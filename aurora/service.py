@@ -91,10 +91,14 @@ class Service:
             # a scratch head with a pruned vocabulary waits for the first requests' tokens to fix its map
             pruned = (cfg.draft == "scratch" and not _resuming(cfg, ckpt)
                       and draft.config.draft_vocab_size < draft.config.vocab_size)
+        # a fresh head accepts next to nothing: serving starts as plain decoding and speculates once a trained
+        # version's held-out prediction says it pays; a given or resumed draft is observed at full depth first
+        day0 = cfg.draft == "scratch" and not _resuming(cfg, ckpt)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
-                             capture=draft is not None)
+                             capture=draft is not None, adaptive=cfg.adaptive_depth,
+                             initial_acceptance=[0.0] * cfg.lookahead if day0 else None)
         engine = LLMEngine(target_dir, draft, econf)
         aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:

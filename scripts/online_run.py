@@ -113,7 +113,7 @@ def offline_compare(service, samples, prompts):
                         TrainConfig(objective=c.objective, lr=c.lr, warmup_steps=c.warmup_steps,
                                     ttt_length=c.ttt_length, device=c.device, reject_weight=c.reject_weight,
                                     batch_tokens=c.batch_tokens),
-                        lambda sd, v: None)
+                        lambda sd, v, acc: None)
     t0 = time.perf_counter()
     online_tokens = trainer.status()["tokens_trained"]
     tokens = off.train_epochs(samples, args.offline_epochs, max_tokens=online_tokens)

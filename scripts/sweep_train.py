@@ -141,7 +141,7 @@ def main():
         trainer = OnlineTrainer(draft, lm_head, TrainConfig(lr=st["lr"], warmup_steps=st["warmup"],
                                                             batch_tokens=st["batch"], reject_weight=st["reject"],
                                                             ttt_length=args.lookahead, device=str(dev)),
-                                lambda sd, v: service.engine.swap_draft(sd, v).wait(60))
+                                lambda sd, v, acc: service.engine.swap_draft(sd, v, acc).wait(60))
         t = time.perf_counter()
         tokens = trainer.train_epochs(used, st["epochs"])
         train_s = time.perf_counter() - t

@@ -24,7 +24,7 @@ DEVICE = "cpu"  # the service and every engine compared with it (fp32), also on 
 def test_accept_length_rises_after_swaps(tmp_path):
     cfg = ServeConfig(target="smollm2", draft="scratch", draft_vocab_size=2048, vocab_warmup_requests=8,
                       sync_every=8, lookahead=3, max_batch=8, max_model_len=512, lr=1e-3, device=DEVICE,
-                      run_dir=str(tmp_path), wandb="disabled")
+                      run_dir=str(tmp_path), wandb="disabled", adaptive_depth=False)
     service = Service.from_config(cfg)
     tok = service.engine.tokenizer
     # a small, recurring workload (a service's traffic repeats): 8 coding prompts asked again and again
@@ -74,7 +74,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     # paths now run through the tree's KV compaction
     tree = LLMEngine(service.engine.engine.target_path, load_served_draft(str(tmp_path / "checkpoint")),
                      EngineConfig(max_batch=8, max_model_len=512, lookahead=3, topk=3, num_draft_tokens=8,
-                                  device=DEVICE))
+                                  device=DEVICE, adaptive=False))
     seqs = [tree.add_request(p, params) for p in prompts]
     while tree.has_work():
         tree.step()
@@ -91,7 +91,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     for batch, topk, nodes in ((1, 1, 4), (8, 1, 4), (1, 3, 8), (8, 3, 8)):
         eng = LLMEngine(target, load_served_draft(str(tmp_path / "checkpoint")),
                         EngineConfig(max_batch=batch, max_model_len=1024, lookahead=3, topk=topk,
-                                     num_draft_tokens=nodes, device=DEVICE))
+                                     num_draft_tokens=nodes, device=DEVICE, adaptive=False))
         captured = []
         eng.on_sample = captured.append
         got, seqs = run_all(eng, many, short)

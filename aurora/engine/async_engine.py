@@ -59,8 +59,8 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wake.set()
 
-    def swap_draft(self, state, version: int) -> threading.Event:
-        done = self.engine.swap_draft(state, version)
+    def swap_draft(self, state, version: int, acceptance: list[float] | None = None) -> threading.Event:
+        done = self.engine.swap_draft(state, version, acceptance)
         self._wake.set()
         return done
 
@@ -68,6 +68,8 @@ class AsyncEngine:
         s = self.engine.stats.snapshot()
         sch = self.engine.scheduler
         s.update(running=len(sch.running), waiting=len(sch.waiting), draft_version=self.engine.draft_version)
+        if self.engine.draft is not None:
+            s["speculation"] = self.engine.speculation.snapshot()
         return s
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:

@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch
 from aurora.engine.model_runner import ModelRunner
 from aurora.engine.scheduler import Scheduler
 from aurora.engine.sequence import RequestOutput, SamplingParams, Sequence
+from aurora.engine.speculation import DepthController, SpeculationConfig
 from aurora.engine.stats import EngineStats
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
@@ -32,7 +34,11 @@ def _triton_installed() -> bool:
 
 @dataclass
 class EngineConfig:
-    lookahead: int = 4            # draft chain depth per round (SGLang's speculative_num_steps)
+    lookahead: int = 4            # the deepest draft chain per round (SGLang's speculative_num_steps)
+    adaptive: bool = True         # choose each round's depth in 0..lookahead by measured cost and acceptance
+                                  # (aurora.engine.speculation); False: every round at full lookahead
+    initial_acceptance: list[float] | None = None  # the served draft's per-position acceptance, if known
+                                  # (a day-0 head: zeros, so serving starts as plain decoding); None: observe it
     topk: int = 1                 # branches per draft step: 1 = chain, > 1 = tree
     num_draft_tokens: int | None = None  # verified per round incl. the root; = lookahead + 1 for a chain
     max_batch: int = 32
@@ -103,6 +109,9 @@ class LLMEngine:
                                   fused_rope=self.fused_kernels)
         self.scheduler = Scheduler(config.max_batch)
         self.stats = EngineStats(config.lookahead)
+        self.speculation = DepthController(config.lookahead, SpeculationConfig(adaptive=config.adaptive),
+                                           self.runner.depths())
+        self.speculation.new_version(0, config.initial_acceptance)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
         self._pending_swap: tuple[dict, int, threading.Event] | None = None
@@ -133,8 +142,11 @@ class LLMEngine:
         return self.scheduler.has_work() or self._pending_swap is not None or bool(self._aborts)
 
     # ------------------------------------------------------------- draft swap
-    def swap_draft(self, state: dict[str, torch.Tensor], version: int) -> threading.Event:
-        """Queue new draft weights; they are copied in place before the next step. Returns an Event set once live."""
+    def swap_draft(self, state: dict[str, torch.Tensor], version: int,
+                   acceptance: list[float] | None = None) -> threading.Event:
+        """Queue new draft weights; they are copied in place before the next step. Returns an Event set once live.
+        acceptance: the new draft's predicted per-position acceptance (the trainer's held-out replay), which
+        lets the depth decision speculate with it, or stop, before paying for a round."""
         if self.draft is None:
             raise RuntimeError("this engine runs without a draft")
         own = self.draft.state_dict()
@@ -145,7 +157,7 @@ class LLMEngine:
                              f"missing {sorted(missing)[:3]})")
         done = threading.Event()
         with self._swap_lock:
-            self._pending_swap = (state, version, done)
+            self._pending_swap = (state, version, acceptance, done)
         return done
 
     def _apply_swap(self) -> None:
@@ -153,7 +165,7 @@ class LLMEngine:
             pending, self._pending_swap = self._pending_swap, None
         if pending is None:
             return
-        state, version, done = pending
+        state, version, acceptance, done = pending
         with torch.no_grad():
             own = self.draft.state_dict()
             for name, t in state.items():
@@ -161,6 +173,7 @@ class LLMEngine:
         if self.runner.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         self.draft_version = version
+        self.speculation.new_version(version, acceptance)
         log.info("draft version %d is live", version)
         done.set()
 
@@ -193,16 +206,28 @@ class LLMEngine:
             max_cached = max(s.num_tokens for s in self.scheduler.running)
             filtering = any(s.params.filters for s in self.scheduler.running)
             greedy_only = all(s.params.greedy for s in self.scheduler.running)
-            tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only)
+            bucket = self.runner.bucket(B)
+            depth = self.speculation.choose(bucket) if self.draft is not None else 0
+            t0 = time.perf_counter()
+            tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
+            seconds = None if self.runner.captured else time.perf_counter() - t0
+            pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
             for seq in running:
                 r = seq.row
                 n = int(n_acc[r])
-                if self.draft is not None:
+                before = len(seq.output_ids)
+                if depth > 0:
+                    seq.rounds.append((seq.num_tokens - 1, props[r].tolist() + pad, n))
+                outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+                if depth > 0:  # counted as committed: a stop or max_tokens may cut a round short
                     seq.verify_rounds += 1
-                    seq.rounds.append((seq.num_tokens - 1, props[r].tolist(), n))
+                    seq.verify_tokens += len(seq.output_ids) - before
                     for j in range(n):
                         seq.accepted_per_position[j] += 1
-                outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+                    for j in range(min(n + 1, depth)):
+                        seq.tried_per_position[j] += 1
+            if self.draft is not None:
+                self.speculation.observe(bucket, depth, seconds, [int(n_acc[s.row]) for s in running])
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         return [o for o in outputs if o is not None]
@@ -212,6 +237,7 @@ class LLMEngine:
         p, kept = seq.params, []
         if not seq.accepted_per_position:
             seq.accepted_per_position = [0] * self.config.lookahead
+            seq.tried_per_position = [0] * self.config.lookahead
         for t in new:
             kept.append(t)
             seq.output_ids.append(t)
@@ -249,7 +275,8 @@ class LLMEngine:
                 self.runner.move_row(*move, self.scheduler.running[move[1]].num_tokens)
             self.runner.release_row(len(self.scheduler.running))
         self._by_id.pop(seq.request_id, None)
-        self.stats.on_finish(len(seq.output_ids), seq.verify_rounds, seq.accepted_per_position, seq.draft_version)
+        self.stats.on_finish(seq.verify_tokens, seq.verify_rounds, seq.accepted_per_position, seq.draft_version,
+                             seq.tried_per_position)
         if self.on_finished is not None:
             self.on_finished(seq)
         emitted = seq.output_ids[seq.reported:]

@@ -5,8 +5,13 @@ CUDA graph: a round is then one replay plus one small device-to-host copy.
 
 Row state lives on the device, indexed by batch row (= KV slot):
   cache_len [S]  tokens committed to both KV caches (n)     next_tok [S]  x[n], sampled but not yet fed
-  d_hidden [S,H] draft pre-norm hidden at position n-1     d_logits [S,Vd] draft logits there (predict x[n+1])
+  d_hidden [S,H] draft pre-norm hidden at position n-1 (its logits predict x[n+1]; computed when a round
+                 drafts from it, so plain decoding rounds never pay the draft's LM head)
 Capture stores (aux [S,L,3H], hid [S,L,H]) are written at the same positions as the target's KV.
+
+A round has a depth d <= lookahead chosen per step by the engine (aurora.engine.speculation): d = 0 is plain
+decoding (with a draft it still extends the draft over the new token, so the next speculative round finds
+the draft's KV and hidden state current), d >= 1 drafts a chain of d tokens and verifies d + 1.
 """
 import math
 
@@ -57,10 +62,10 @@ class ModelRunner:
             dc = draft.config
             self.dcache = SlotKVCache(1, S, max_len, dc.num_key_value_heads, dc.head_dim, dt, dev)
             self.d_hidden = torch.zeros(S, dc.hidden_size, dtype=dt, device=dev)
-            self.d_logits = torch.zeros(S, dc.draft_vocab_size, dtype=dt, device=dev)
         self.use_graphs = cuda_graphs and dev.type == "cuda"
         self.graphs: dict = {}
         self.graph_pool = None
+        self.captured = False
         self.out_tokens = torch.zeros(S, lookahead + 1, dtype=torch.long, device=dev)
         self.out_n = torch.zeros(S, dtype=torch.long, device=dev)
         self.out_props = torch.zeros(S, lookahead, dtype=torch.long, device=dev)
@@ -75,8 +80,7 @@ class ModelRunner:
         self.tcache.move(src, dst, length)
         if self.draft is not None:
             self.dcache.move(src, dst, length)
-            for t in (self.d_hidden, self.d_logits):
-                t[dst] = t[src]
+            self.d_hidden[dst] = self.d_hidden[src]
         if self.capture:
             for t in (self.aux_store, self.hid_store):
                 t[dst, :length] = t[src, :length]
@@ -108,14 +112,14 @@ class ModelRunner:
             self.hid_store[rows, wpos] = h
         return h, aux
 
-    def _draft(self, ids, g, n, tree, row0=0, offset=0, pos_offset=None):
+    def _draft(self, ids, g, n, tree, row0=0, offset=0, pos_offset=None, with_logits=True):
         """ids [B,T] written at draft cache slots n+offset.., RoPE positions n+offset.. unless pos_offset is
         given (tree nodes of one depth share a position); tree [B,T,M] masks the block of M slots from n."""
         B, T = ids.shape
         slots = n[:, None] + offset + torch.arange(T, device=ids.device)
         pos = slots if pos_offset is None else (n + pos_offset)[:, None].expand(B, T)
         wpos = slots.clamp_max(self.max_len - 1)
-        return self.draft(ids, g, pos, self.dcache.attend(row0, wpos, block_mask(n, tree, self._keys)))
+        return self.draft(ids, g, pos, self.dcache.attend(row0, wpos, block_mask(n, tree, self._keys)), with_logits)
 
     def _q(self, d_logits, temp, top_p, top_k):
         """Draft logits [B,Vd] -> draft probabilities over the target vocabulary [B,V]."""
@@ -147,31 +151,35 @@ class ModelRunner:
         if self.draft is not None:  # draft position t reads x[t+1]: ids shifted by one, the new token last
             d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             d_ids[bi, last] = tok
-            dh, dl = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0)
-            self.d_hidden[r], self.d_logits[r] = dh[bi, last], dl[bi, last]
+            dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
+            self.d_hidden[r] = dh[bi, last]
         self.cache_len[r], self.next_tok[r], self.active[r] = lens, tok, True
         return tok.tolist()
 
     def _decode_round(self, B: int):
-        """Target-only: feed x[n], sample x[n+1]."""
+        """Depth 0: feed x[n], sample x[n+1]; with a draft, extend it over x[n+1] (no proposal, no LM head)."""
         n, x = self.cache_len[:B], self.next_tok[:B]
         tree = torch.ones(B, 1, 1, dtype=torch.bool, device=self.device)
-        h, _ = self._target(x[:, None], n, tree)
+        h, aux = self._target(x[:, None], n, tree)
         tok = pick(self.target.logits(h[:, 0]), self.temp[:B], self._tp(self.top_p[:B]), self.top_k[:B],
                    self.seed[:B], n, self._greedy_only)
+        if self.draft is not None:
+            self._commit(B, tok[:, None], aux, torch.zeros_like(tok), tok[:, None][:, :0])
+            return
         self.out_tokens[:B, 0] = tok
         self.out_n[:B] = 0
         self.next_tok[:B] = tok
         self.cache_len[:B] += self.active[:B].long()
 
-    def _spec_round(self, B: int):
-        k, dev = self.k, self.device
+    def _spec_round(self, B: int, k: int):
+        dev = self.device
         n, x = self.cache_len[:B], self.next_tok[:B]
         temp, top_p, top_k, seed = self.temp[:B], self.top_p[:B], self.top_k[:B], self.seed[:B]
         greedy = temp <= 0
         one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
         # 1. draft chain: d1 from the extend output at n-1; step j runs at position n+j-1 on d_j
-        h, logits = self.d_hidden[:B], self.d_logits[:B]
+        h = self.d_hidden[:B]
+        logits = self.draft.logits(h)
         toks, qs = [], []
         for j in range(k):
             t = self.draft.to_target_ids(logits.argmax(-1))
@@ -199,15 +207,14 @@ class ModelRunner:
         order; rows past n_acc are masked garbage, overwritten next round), then advance the row state."""
         n, k1 = self.cache_len[:B], tokens.shape[1]
         chain = torch.ones(B, k1, k1, dtype=torch.bool, device=self.device).tril_()
-        dh, dl = self._draft(tokens, self.draft.project(aux), n, chain)
+        dh, _ = self._draft(tokens, self.draft.project(aux), n, chain, with_logits=False)
         ar = torch.arange(B, device=self.device)
         self.d_hidden[:B] = dh[ar, n_acc]
-        self.d_logits[:B] = dl[ar, n_acc]
         self.next_tok[:B] = tokens[ar, n_acc]
         self.cache_len[:B] += (n_acc + 1) * self.active[:B].long()
-        self.out_tokens[:B] = tokens
+        self.out_tokens[:B, :k1] = tokens
         self.out_n[:B] = n_acc
-        self.out_props[:B] = proposals
+        self.out_props[:B, :proposals.shape[1]] = proposals
 
     def _tree_round(self, B: int):
         """topk > 1: grow a draft tree (top-k children per frontier node, the k best paths kept per depth, as
@@ -229,7 +236,7 @@ class ModelRunner:
         tok = torch.zeros(B, M, dtype=torch.long, device=dev)           # target ids
         score = torch.zeros(B, M, device=dev)                           # path log-probability
         parent = torch.full((B, M), -1, dtype=torch.long, device=dev)   # node index, -1 = root
-        logq = torch.log_softmax(self.d_logits[:B].float(), -1)
+        logq = torch.log_softmax(self.draft.logits(self.d_hidden[:B]).float(), -1)
         s, d_ids = logq.topk(k, dim=-1)                                 # depth-1 frontier [B,k]
         par = torch.full((B, k), -1, dtype=torch.long, device=dev)
         h = self.d_hidden[:B, None].expand(B, k, -1)
@@ -319,29 +326,49 @@ class ModelRunner:
         return top_p if self._filter else None
 
     @torch.inference_mode()
-    def round(self, B: int, max_cached: int, filtering: bool, greedy_only: bool):
-        """Run one decoding round for rows 0..B-1. max_cached: longest committed length among them.
-        Returns host copies (tokens [B,k+1], n_acc [B], proposals [B,k])."""
+    def depths(self) -> list[int]:
+        """The round depths this runner can run: any chain depth 0..lookahead; a tree only its full depth."""
+        if self.draft is None:
+            return [0]
+        return [0, self.k] if self.topk > 1 else list(range(self.k + 1))
+
+    def bucket(self, B: int) -> int:
+        return _bucket(B, self.batch_sizes)
+
+    @torch.inference_mode()
+    def round(self, B: int, max_cached: int, filtering: bool, greedy_only: bool, depth: int | None = None):
+        """Run one decoding round of `depth` (default: the full lookahead; 0 = plain decoding) for rows 0..B-1.
+        max_cached: longest committed length among them. Returns host copies (tokens [B,d+1], n_acc [B],
+        proposals [B,d]). `captured` tells whether this call captured a CUDA graph (its time is no round's)."""
+        d = (self.k if self.draft is not None else 0) if depth is None else depth
+        if d not in self.depths():
+            raise ValueError(f"depth {d} not in {self.depths()}")
         Bp = _bucket(B, self.batch_sizes)
         self._keys = _bucket(max_cached + self.span, self.key_sizes)
         self._filter = filtering
         self._greedy_only = greedy_only
-        fn = self._decode_round if self.draft is None else self._tree_round if self.topk > 1 else self._spec_round
+        if d == 0:
+            fn = self._decode_round
+        elif self.topk > 1:
+            fn = self._tree_round
+        else:
+            fn = lambda b: self._spec_round(b, d)  # noqa: E731
+        self.captured = False
         if self.use_graphs:
-            key = (Bp, self._keys, filtering, greedy_only)
+            key = (Bp, self._keys, filtering, greedy_only, d)
             if key not in self.graphs:
                 self.graphs[key] = self._capture(fn, Bp)
+                self.captured = True
             self.graphs[key].replay()
         else:
             fn(Bp)
-        out = torch.cat([self.out_tokens[:B], self.out_n[:B, None], self.out_props[:B]], 1).cpu()
-        k1 = self.k + 1
-        return out[:, :k1], out[:, k1], out[:, k1 + 1:]
+        out = torch.cat([self.out_tokens[:B, :d + 1], self.out_n[:B, None], self.out_props[:B, :d]], 1).cpu()
+        return out[:, :d + 1], out[:, d + 1], out[:, d + 2:]
 
     def _capture(self, fn, Bp: int):
         # the warm-up run advances row state; restore it. Its KV and capture writes land beyond every
         # row's committed length, where they are masked out and overwritten, so they need no restore.
-        state = [self.cache_len, self.next_tok] + ([self.d_hidden, self.d_logits] if self.draft is not None else [])
+        state = [self.cache_len, self.next_tok] + ([self.d_hidden] if self.draft is not None else [])
         saved = [t.clone() for t in state]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

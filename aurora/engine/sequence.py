@@ -56,7 +56,9 @@ class Sequence:
     finish_reason: str | None = None
     row: int = -1                  # batch row = KV cache slot while running
     verify_rounds: int = 0
+    verify_tokens: int = 0         # tokens produced by verify rounds (not by prefill or depth-0 rounds)
     accepted_per_position: list[int] = field(default_factory=list)  # accepted drafts at depth j, summed
+    tried_per_position: list[int] = field(default_factory=list)     # rounds that reached depth j
     # speculative rounds for the training sample: (round_start, proposals, accepted)
     rounds: list[tuple[int, list[int], int]] = field(default_factory=list)
     draft_version: int = 0
@@ -77,8 +79,9 @@ class Sequence:
 
     @property
     def accept_length(self) -> float:
-        """SGLang's definition: completion tokens / verify rounds (includes the bonus token)."""
-        return len(self.output_ids) / self.verify_rounds if self.verify_rounds else 0.0
+        """SGLang's definition: tokens produced by verify rounds / verify rounds (the bonus token included; the
+        prefill's token and plain-decoding rounds are neither)."""
+        return self.verify_tokens / self.verify_rounds if self.verify_rounds else 0.0
 
 
 @dataclass

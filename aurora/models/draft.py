@@ -141,7 +141,11 @@ class Eagle3Draft(nn.Module):
         x = torch.cat([m.input_layernorm(emb), m.hidden_norm(g)], dim=-1)
         h = g + m.self_attn(x, cos, sin, attend)
         h = h + m.mlp(m.post_attention_layernorm(h))
-        return h, (self.lm_head(self.norm(h)) if with_logits else None)
+        return h, (self.logits(h) if with_logits else None)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden -> logits over the draft vocabulary."""
+        return self.lm_head(self.norm(h))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]

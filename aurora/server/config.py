@@ -30,7 +30,10 @@ class ServeConfig:
     draft: str | None = "scratch"      # "scratch" (fresh EAGLE3 head), a checkpoint directory, or None: target only
     engine: str = "local"              # "local" (built-in engine) or "sglang"
     # speculative decoding
-    lookahead: int = 4                 # draft steps per verify round
+    lookahead: int = 4                 # the deepest draft chain per verify round
+    adaptive_depth: bool = True        # built-in engine: each step speculates 0..lookahead deep, whichever the
+                                       # measured round costs and the draft's acceptance make fastest (0 = plain
+                                       # decoding: a day-0 draft costs almost nothing); false: always lookahead
     topk: int = 1
     num_draft_tokens: int | None = None  # tokens verified per round; None = lookahead + 1 (chain)
     max_batch: int = 32

@@ -183,9 +183,10 @@ class SGLangEngine:
         return r
 
     # ------------------------------------------------------------- hot swap
-    def swap_draft(self, state: dict, version: int) -> threading.Event:
+    def swap_draft(self, state: dict, version: int, acceptance: list[float] | None = None) -> threading.Event:
         """Copy new draft weights into SGLang's running draft worker (every TP rank), in place. Returns an
-        Event set when done; `draft_version` changes only if the update succeeded."""
+        Event set when done; `draft_version` changes only if the update succeeded. `acceptance` (the
+        trainer's prediction) is not used here: SGLang runs its fixed speculative depth."""
         if not self.speculative:
             raise RuntimeError("this engine runs without a draft")
         done = threading.Event()

@@ -49,27 +49,35 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
     n = full.sum().clamp_min(1)
     chain = lambda a: (a.cumprod(0).sum(0) * full).sum() / n  # noqa: E731
     step = [float((acc[k] * valid[k]).sum() / valid[k].sum().clamp_min(1)) for k in range(K)]
-    tokens, rounds = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # the batch's rows, in order
+    tokens, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # batch rows, in order
     return {"accept_length": 1.0 + float(chain(acc)), "greedy_accept_length": 1.0 + float(chain(greedy)),
             "served_greedy_accept_length": tokens / max(rounds, 1), "completion_tokens": tokens, "rounds": rounds,
+            "served_greedy_step_accept": [h / t if t else 0.0 for h, t in zip(hit, tried)],
             "step_accept": step, "positions": int(full.sum())}
 
 
-def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int]:
+def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int, list[int], list[int]]:
     """Replay greedy serving over each completion: hits [K,B,L] (step k at t guessed x[t+2+k]). The prefill
     emits x[P]; a round after x[m] runs the draft at t = m-1, accepts its leading hits, emits accepted + 1.
-    Returns (completion tokens, verify rounds) summed over samples, as the engine counts them."""
+    Returns (completion tokens, verify rounds) summed over samples, as the engine counts them, and per depth
+    j the rounds that reached it and those that accepted there (the served conditional acceptance that the
+    engine's depth decision starts a new version from)."""
     tokens = rounds = 0
+    tried, hit = [0] * K, [0] * K
     for b, s in enumerate(samples):
         T, m = s.num_tokens, s.prompt_len
         h = hits[:, b].tolist()
         tokens += T - m
         while m < T - 1:
             a = 0
-            while a < K and m + a < T - 1 and h[a][m - 1]:
+            while a < K and m + a < T - 1:
+                tried[a] += 1
+                if not h[a][m - 1]:
+                    break
+                hit[a] += 1
                 a += 1
             m, rounds = m + a + 1, rounds + 1
-    return tokens, rounds
+    return tokens, rounds, tried, hit
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:

@@ -3,7 +3,8 @@
 Serving threads call `add_sample` (a non-blocking buffer put) and `request_finished` (a counter); a daemon
 thread trains an fp32 master copy of the draft (AdamW, linear warm-up, grad clipping) on buffered samples
 and, every `sync_every` finished requests, publishes a snapshot in the engine's dtype through the
-`publish(state_dict, version)` callback, after a guard (finite weights; simulated acceptance on held-out
+`publish(state_dict, version, acceptance)` callback (acceptance: the guard's per-position prediction for the
+new version, or None), after a guard (finite weights; simulated acceptance on held-out
 samples not clearly worse than the live draft's). Every publish is checkpointed (see checkpoint.py).
 
 Faults: a step whose loss or gradient norm is non-finite, or that raises, is skipped (no optimiser update),
@@ -117,6 +118,7 @@ class OnlineTrainer:
         self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
         self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
+        self._prediction: list[float] | None = None  # the guard's for the latest candidate
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
 
@@ -146,7 +148,7 @@ class OnlineTrainer:
         if self._thread is not None:
             raise RuntimeError("trainer already started")
         if self._resumed:  # the engine may hold other weights: hand it the restored ones first
-            self._publish_fn(self._history[-1][1], self.version)
+            self._publish_fn(self._history[-1][1], self.version, None)
         # the master copy was made on the caller's stream (the engine's, for a day-0 pruned vocabulary): finish it
         # before the thread works on it from its own stream
         if self.device.type == "cuda":
@@ -245,6 +247,7 @@ class OnlineTrainer:
                 candidate = self._snapshot()
             with self._stats_lock:
                 self.requests_since_swap = 0
+            self._prediction = None
             verdict = self._guard(candidate)
             if verdict is not None:
                 log.warning("swap refused: %s", verdict)
@@ -252,7 +255,7 @@ class OnlineTrainer:
                     self.swaps_refused += 1
                     self.last_guard = verdict
                 return None
-            return self._publish(candidate)
+            return self._publish(candidate, self._prediction)
 
     def rollback(self) -> int:
         """Republish the previous good version under a new version number; the master restarts from it with
@@ -276,7 +279,9 @@ class OnlineTrainer:
         heldout = self.buffer.heldout()
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
             return None
-        cand = self._score(candidate, heldout)
+        sim = self._simulate(candidate, heldout)
+        self._prediction = sim["served_greedy_step_accept"]  # travels with the weights if they are published
+        cand = sim["accept_length"]
         live = self._score(self._history[-1][1], heldout)
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
         if cand < live - self.config.guard_margin:
@@ -284,14 +289,18 @@ class OnlineTrainer:
         return None
 
     def _score(self, state: dict, samples: list[Sample]) -> float:
+        return self._simulate(state, samples)["accept_length"]
+
+    def _simulate(self, state: dict, samples: list[Sample]) -> dict:
         self._scratch.load_state_dict(state, strict=False)
         return simulated_acceptance(self._scratch, samples, self.lm_head, self.config.ttt_length,
-                                    self.target_to_draft, self.device)["accept_length"]
+                                    self.target_to_draft, self.device)
 
-    def _publish(self, state: dict) -> int | None:
+    def _publish(self, state: dict, acceptance: list[float] | None = None) -> int | None:
+        """acceptance: the state's predicted per-position acceptance on held-out traffic, None if not known."""
         version = self.version + 1
         try:
-            self._publish_fn(state, version)
+            self._publish_fn(state, version, acceptance)
         except Exception as e:  # the engine refused the weights: it still serves the previous version
             self._record_failure(f"publish v{version}: {e!r}")
             return None

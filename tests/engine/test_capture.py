@@ -18,7 +18,8 @@ def test_samples_equal_hf_hidden_states_and_rounds_are_truthful(tiny_target_dir,
     hf = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float32).eval()
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=5)
     eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=4, max_model_len=128, lookahead=3, topk=topk,
-                                                         num_draft_tokens=nodes, dtype="float32"))
+                                                         num_draft_tokens=nodes, dtype="float32",
+                                                         adaptive=False))
     samples = []
     eng.on_sample = samples.append
     prompts = [[(3 * i + j) % 90 + 1 for j in range(2 + 5 * i % 13)] for i in range(10)]

@@ -37,7 +37,7 @@ def test_target_only_equals_hf_generate(smollm2_dir, greedy_setup):
 def test_greedy_lossless_untrained_draft(smollm2_dir, greedy_setup, batch, topk, draft_tokens):
     prompts, params, reference = greedy_setup
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(smollm2_dir)), seed=7)
-    eng = LLMEngine(smollm2_dir, draft, EngineConfig(max_batch=batch, max_model_len=1024, lookahead=4, topk=topk,
+    eng = LLMEngine(smollm2_dir, draft, EngineConfig(max_batch=batch, max_model_len=1024, lookahead=4, topk=topk, adaptive=False,
                                                      num_draft_tokens=draft_tokens))
     outs, seqs = run_all(eng, prompts if batch > 1 else prompts[::5], params)
     assert outs == (reference if batch > 1 else reference[::5])
@@ -62,7 +62,7 @@ def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens):
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=3)
     with torch.no_grad():
         draft.lm_head.weight.mul_(5.0)  # a confident draft, often wrong: both accept and reject paths run
-    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False,
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False, adaptive=False,
                                                          topk=topk, num_draft_tokens=draft_tokens))
     N = 2000
     seqs = [eng.add_request(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True))
@@ -95,7 +95,8 @@ def test_greedy_lossless_tiny_batches_and_swaps(tiny_target_dir, topk, draft_tok
     ref, _ = run_all(LLMEngine(tiny_target_dir, None, EngineConfig(max_batch=8, max_model_len=128)), prompts, params)
     cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
     eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=1),
-                    EngineConfig(max_batch=8, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=draft_tokens))
+                    EngineConfig(max_batch=8, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=draft_tokens,
+                                 adaptive=False))
     seqs = [eng.add_request(p, params) for p in prompts]
     for i in range(6):
         eng.step()

@@ -94,7 +94,7 @@ def trained(target):
     train = generate_samples(target, 256, seed=3)
     heldout = generate_samples(target, 16, seed=2)
     tr = OnlineTrainer(make_draft(target, train), target.lm_head.weight,
-                       TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3), lambda sd, v: None)
+                       TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3), lambda sd, v, acc: None)
     score = lambda: simulated_acceptance(tr.master, heldout, tr.lm_head, 3, tr.target_to_draft)  # noqa: E731
     before, losses = score(), []
     for _ in range(3):

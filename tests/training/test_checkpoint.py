@@ -17,7 +17,7 @@ from conftest import make_draft
 def test_checkpoint_resume_round_trip(target, samples, tmp_path):
     published = []
     cfg = TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), heldout_every=0)
-    tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, cfg, lambda sd, v: published.append(v))
+    tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, cfg, lambda sd, v, acc: published.append(v))
     for i in range(3):
         tr.train_step(samples[i * 8:(i + 1) * 8])
     assert tr.swap_now() == 1  # publish checkpoints
@@ -30,7 +30,7 @@ def test_checkpoint_resume_round_trip(target, samples, tmp_path):
     got = []
     cfg2 = TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), resume=True, heldout_every=0)
     tr2 = OnlineTrainer(make_draft(target, samples, seed=5), target.lm_head.weight, cfg2,
-                        lambda sd, v: got.append((v, sd)))
+                        lambda sd, v, acc: got.append((v, sd)))
     for k, v in tr.master.state_dict().items():
         assert torch.equal(v, tr2.master.state_dict()[k]), k
     o1, o2 = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
@@ -56,7 +56,7 @@ WRITER = textwrap.dedent("""
     cfg = DraftConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                       intermediate_size=256, vocab_size=8192, draft_vocab_size=8192, target_hidden_size=128)
     draft = new_draft(cfg).share_embedding(torch.nn.Embedding(8192, 128))
-    tr = OnlineTrainer(draft, torch.zeros(8192, 128), TrainConfig(checkpoint_dir=sys.argv[1]), lambda s, v: None)
+    tr = OnlineTrainer(draft, torch.zeros(8192, 128), TrainConfig(checkpoint_dir=sys.argv[1]), lambda s, v, acc: None)
     i = 0
     while True:
         i += 1

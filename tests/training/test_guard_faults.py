@@ -17,7 +17,7 @@ class Engine:
     def __init__(self, draft):
         self.draft, self.versions = draft, []
 
-    def __call__(self, state, version):
+    def __call__(self, state, version, acceptance=None):
         params = dict(self.draft.named_parameters())
         with torch.no_grad():
             for k, v in state.items():

@@ -34,7 +34,7 @@ def test_training_on_tokens_with_fp16_states_and_bf16_draft(target):
     train, heldout = strip(generate_samples(target, 256, seed=3)), generate_samples(target, 16, seed=2)
     published = []
     tr = OnlineTrainer(make_draft(target, train).to(torch.bfloat16), None,
-                       TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3), lambda sd, v: published.append(sd))
+                       TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3), lambda sd, v, acc: published.append(sd))
     score = lambda: simulated_acceptance(tr.master, heldout, target.lm_head.weight, 3, tr.target_to_draft)  # noqa
     before, losses = score(), []
     for _ in range(3):

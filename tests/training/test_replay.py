@@ -50,7 +50,7 @@ def test_replay_teaches_more_from_the_same_requests(target):
     for passes in (1, 3):
         tr = OnlineTrainer(make_draft(target, stream), target.lm_head.weight,
                            TrainConfig(lr=1e-2, warmup_steps=5, ttt_length=3, replay_passes=passes, heldout_every=0,
-                                       batch_tokens=16 * stream[0].num_tokens), lambda sd, v: None)
+                                       batch_tokens=16 * stream[0].num_tokens), lambda sd, v, acc: None)
         for s in stream:  # the requests arrive once; the trainer drains what the buffer hands it
             tr.add_sample(s)
         trained = 0

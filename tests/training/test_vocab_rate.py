@@ -17,7 +17,7 @@ def test_vocab_counts_only_trained_tokens():
 
 def test_sample_rate_and_invalid_samples(target, samples):
     tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
-                       TrainConfig(sample_rate=0.25, heldout_every=0), lambda s, v: None)
+                       TrainConfig(sample_rate=0.25, heldout_every=0), lambda s, v, acc: None)
     kept = sum(tr.add_sample(samples[i % len(samples)]) for i in range(400))
     assert 60 < kept < 140 and tr.status()["samples_captured"] == kept
     tr.config.sample_rate = 1.0

@@ -1,0 +1,217 @@
+"""How far to speculate, decided per engine step: lookahead d in {0, 1, ..., K} (0 = plain decoding).
+
+A round of depth d yields E_d = 1 + sum_{j<=d} prod_{i<=j} a_i tokens per row (a_i: the live draft's
+acceptance at position i given positions < i were accepted) and costs c(B, d) seconds at batch bucket B.
+The controller picks the d that maximises E_d / c(B, d) from two things it measures itself:
+
+- round costs, per (batch bucket, depth), timed by the engine around each round (an EMA; rounds that
+  captured a CUDA graph are not timed). A depth not yet timed at a bucket is estimated by a straight line
+  through the depths that were (a round of depth d runs d-1 more draft steps and verifies d+1 tokens, so
+  cost grows about linearly in d); with fewer than two timed depths it is unknown and gets probed when even
+  a free round of that depth would beat the best known choice.
+- acceptance per position, per draft version: a prior from the trainer's held-out replay of the new
+  version (`guard.simulated_acceptance`'s served-greedy walk), which lets the decision turn speculation on
+  before a speculative round has been paid for, updated by what the version's rounds realise.
+
+Hysteresis: a bucket leaves its current depth only for one predicted `switch_margin` faster, and not within
+`min_dwell` rounds of its last switch. Every `reprobe_every` rounds of a bucket the neighbours of its depth
+are timed again for a round (their costs drift as caches grow), when they are predicted within
+`reprobe_window` of the current choice.
+
+Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
+"""
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class SpeculationConfig:
+    adaptive: bool = True         # False: always the engine's full lookahead (the fixed-depth behaviour)
+    switch_margin: float = 0.05   # a bucket changes depth only for a predicted gain of at least this fraction
+    min_dwell: int = 16           # rounds a bucket stays at a depth before it may switch again
+    probe_rounds: int = 3         # timed rounds of a depth whose cost is unknown, before it is judged
+    reprobe_every: int = 256      # rounds of a bucket between re-timings of its neighbour depths
+    reprobe_window: float = 0.15  # neighbours predicted within this fraction of the current rate are re-timed
+    prior_weight: float = 64.0    # pseudo-rounds the held-out prediction counts for against observed rounds
+    cost_ema: float = 0.2         # weight of a new timing in a (bucket, depth) cost
+    forget: float = 1 / 4096      # per observed row-round: old acceptance evidence fades (traffic drifts)
+
+    def __post_init__(self):
+        if not 0 <= self.switch_margin < 1 or not 0 < self.cost_ema <= 1 or not 0 <= self.forget < 1:
+            raise ValueError("switch_margin and forget must be in [0, 1), cost_ema in (0, 1]")
+        for name in ("min_dwell", "probe_rounds", "reprobe_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.prior_weight <= 0 or self.reprobe_window < 0:
+            raise ValueError("prior_weight must be > 0 and reprobe_window >= 0")
+
+
+def expected_tokens(rates: list[float], depth: int) -> float:
+    """Tokens per row from one round of `depth` given conditional per-position acceptance `rates`."""
+    total, chain = 1.0, 1.0
+    for a in rates[:depth]:
+        chain *= a
+        total += chain
+    return total
+
+
+class _Bucket:
+    def __init__(self, depth: int):
+        self.depth = depth          # current choice
+        self.since_switch = 0       # rounds since the last change of depth
+        self.rounds = 0             # rounds decided at this bucket
+        self.probe: list[int] = []  # depths queued for timing, one round each
+        self.chosen: dict[int, int] = {}  # depth -> rounds run at it
+
+
+class DepthController:
+    def __init__(self, max_depth: int, config: SpeculationConfig | None = None, depths: list[int] | None = None):
+        """depths: the depths the engine can run (default 0..max_depth; a tree engine offers [0, max_depth])."""
+        self.K, self.config = max_depth, config or SpeculationConfig()
+        self.depths = sorted(set(depths if depths is not None else range(max_depth + 1)))
+        if not self.depths or self.depths[0] < 0 or self.depths[-1] > max_depth:
+            raise ValueError(f"depths must lie in [0, {max_depth}]")
+        self._cost: dict[tuple[int, int], float] = {}     # (bucket, depth) -> seconds per round
+        self._timed: dict[tuple[int, int], int] = {}
+        self._yield: dict[int, list[float]] = {}          # depth -> [tokens per row-round EMA, rounds]: realised
+        self._buckets: dict[int, _Bucket] = {}
+        self._lock = threading.Lock()                     # choose/observe in the engine thread, snapshot anywhere
+        self.version = 0
+        self._prior: list[float] | None = None
+        self._hits = [0.0] * max_depth                    # observed, conditional: hits[j] of tries[j]
+        self._tries = [0.0] * max_depth
+
+    # ------------------------------------------------------------- acceptance
+    def new_version(self, version: int, predicted: list[float] | None) -> None:
+        """A new draft is live: its acceptance starts from the held-out prediction (None: unknown, so the
+        first rounds run at full depth to observe it), and the previous version's observations are dropped."""
+        with self._lock:
+            self.version = version
+            self._prior = None if predicted is None else [min(max(float(a), 0.0), 1.0) for a in
+                                                         (list(predicted) + [0.0] * self.K)[:self.K]]
+            self._hits, self._tries = [0.0] * self.K, [0.0] * self.K
+            for b in self._buckets.values():
+                b.since_switch = self.config.min_dwell  # free to move at once
+                if self._prior is None and self.K not in b.probe and self.K in self.depths:
+                    b.probe.extend([self.K] * self.config.probe_rounds)
+
+    def rates(self) -> list[float]:
+        with self._lock:
+            return self._rates()
+
+    def _rates(self) -> list[float]:
+        w = self.config.prior_weight
+        out = []
+        for j in range(self.K):
+            if self._prior is None:  # no prediction: observed only (0 until something was observed)
+                out.append(self._hits[j] / self._tries[j] if self._tries[j] else 0.0)
+            else:
+                out.append((self._prior[j] * w + self._hits[j]) / (w + self._tries[j]))
+        return out
+
+    # ------------------------------------------------------------- costs
+    def cost(self, bucket: int, depth: int) -> float | None:
+        """Measured, else a straight line through this bucket's timed depths, else None."""
+        c = self._cost.get((bucket, depth))
+        if c is not None:
+            return c
+        pts = sorted((d, v) for (b, d), v in self._cost.items() if b == bucket)
+        if len(pts) < 2:
+            return None
+        n = len(pts)
+        mx, my = sum(d for d, _ in pts) / n, sum(v for _, v in pts) / n
+        sxx = sum((d - mx) ** 2 for d, _ in pts)
+        slope = max(sum((d - mx) * (v - my) for d, v in pts) / sxx, 0.0)  # a deeper round never costs less
+        return max(my + slope * (depth - mx), 1e-9)
+
+    # ------------------------------------------------------------- the decision
+    def choose(self, bucket: int) -> int:
+        with self._lock:
+            b = self._buckets.get(bucket)
+            if b is None:
+                start = 0 if 0 in self.depths else self.depths[0]
+                b = self._buckets[bucket] = _Bucket(start)
+                b.since_switch = self.config.min_dwell
+                if self._prior is None and self.K in self.depths and self.K != start:
+                    b.probe.extend([self.K] * self.config.probe_rounds)
+            if not self.config.adaptive:
+                return self.depths[-1]
+            b.rounds += 1
+            if b.probe:
+                return b.probe.pop(0)
+            rates = self._rates()
+            known = {d: c for d in self.depths if (c := self.cost(bucket, d)) is not None}
+            if 0 in self.depths and 0 not in known:
+                return 0  # time plain decoding first: every other choice is judged against it
+            speed = {d: expected_tokens(rates, d) / c for d, c in known.items()}
+            best = max(speed, key=speed.get)
+            # an untimed depth is worth a probe if even a free round of it (costing the cheapest known round)
+            # would beat the best known choice
+            cheapest = min(known.values())
+            for d in self.depths:
+                if d not in known and expected_tokens(rates, d) / cheapest > speed[best] * (1 + self.config.switch_margin):
+                    b.probe.extend([d] * self.config.probe_rounds)
+                    return b.probe.pop(0)
+            cur = b.depth if b.depth in speed else best
+            if best != cur and b.since_switch >= self.config.min_dwell and \
+                    speed[best] > speed[cur] * (1 + self.config.switch_margin):
+                cur = best
+                b.since_switch = 0
+            if b.depth != cur:
+                b.depth = cur
+            b.since_switch += 1
+            if b.rounds % self.config.reprobe_every == 0:
+                for d in (cur - 1, cur + 1):
+                    if d in speed and speed[d] >= speed[cur] * (1 - self.config.reprobe_window):
+                        b.probe.append(d)
+            return cur
+
+    def observe(self, bucket: int, depth: int, seconds: float | None, accepted: list[int]) -> None:
+        """After a round: its wall time (None: not timed, e.g. it captured a CUDA graph) and each row's
+        accepted draft count."""
+        with self._lock:
+            c = self.config
+            if seconds is not None and seconds > 0:
+                key = (bucket, depth)
+                old = self._cost.get(key)
+                self._cost[key] = seconds if old is None else (1 - c.cost_ema) * old + c.cost_ema * seconds
+                self._timed[key] = self._timed.get(key, 0) + 1
+            b = self._buckets.get(bucket)
+            if b is not None:
+                b.chosen[depth] = b.chosen.get(depth, 0) + 1
+            if depth == 0 or not accepted:
+                return
+            keep = (1 - c.forget) ** len(accepted)
+            self._hits = [h * keep for h in self._hits]
+            self._tries = [t * keep for t in self._tries]
+            for n in accepted:
+                for j in range(min(n + 1, depth)):  # position j was tried; accepted if j < n
+                    self._tries[j] += 1
+                    if j < n:
+                        self._hits[j] += 1
+            y = self._yield.setdefault(depth, [0.0, 0])
+            per_row = 1 + sum(accepted) / len(accepted)
+            y[0] = per_row if y[1] == 0 else 0.98 * y[0] + 0.02 * per_row
+            y[1] += 1
+
+    # ------------------------------------------------------------- what /v1/draft and /metrics show
+    def snapshot(self) -> dict:
+        with self._lock:
+            rates = self._rates()
+            buckets = {}
+            for bucket, b in sorted(self._buckets.items()):
+                costs = {d: self.cost(bucket, d) for d in self.depths}
+                c0 = costs.get(0)
+                pred = {d: expected_tokens(rates, d) / c * c0 for d, c in costs.items() if c is not None and c0}
+                realised = None
+                if c0 and b.depth in self._yield and costs.get(b.depth) and b.depth:
+                    realised = self._yield[b.depth][0] / costs[b.depth] * c0
+                buckets[bucket] = {
+                    "depth": b.depth, "rounds": b.rounds, "rounds_by_depth": dict(sorted(b.chosen.items())),
+                    "round_ms": {d: round(c * 1e3, 4) for d, c in costs.items() if c is not None},
+                    "timed": {d: self._timed.get((bucket, d), 0) for d in self.depths},
+                    "predicted_speedup": {d: round(v, 4) for d, v in pred.items()},
+                    "realised_speedup": None if realised is None else round(realised, 4)}
+            return {"adaptive": self.config.adaptive, "version": self.version, "depths": self.depths,
+                    "predicted_acceptance": None if self._prior is None else [round(a, 4) for a in self._prior],
+                    "acceptance": [round(a, 4) for a in rates], "buckets": buckets}

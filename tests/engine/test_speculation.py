@@ -1,0 +1,201 @@
+"""The per-step speculation depth: the decision against a fake cost table and brute-force optimum, and the
+engine around it (day 0 decodes plainly but still captures and swaps; any depth sequence stays lossless)."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.sequence import SamplingParams
+from aurora.engine.speculation import DepthController, SpeculationConfig, expected_tokens
+from aurora.models.draft import DraftConfig, new_draft
+from tests.greedy import run_all
+
+K = 4
+
+
+def simulate(ctl: DepthController, rates, cost, rounds: int, bucket: int = 8, rows: int = 8, seed: int = 0):
+    """Drive the controller like the engine: choose, 'run' the round (time from the cost table, accepted
+    drafts drawn from the true conditional rates), observe. Returns the depth of every round."""
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(rounds):
+        d = ctl.choose(bucket)
+        accepted = []
+        for _ in range(rows):
+            n = 0
+            while n < d and rng.random() < rates[n]:
+                n += 1
+            accepted.append(n)
+        ctl.observe(bucket, d, cost(d) * (1 + 0.02 * (rng.random() - 0.5)), accepted)
+        chosen.append(d)
+    return chosen
+
+
+def best_depth(rates, cost):
+    speed = {d: expected_tokens(rates, d) / cost(d) for d in range(K + 1)}
+    return max(speed, key=speed.get), speed
+
+
+def test_expected_tokens_is_the_chain_sum():
+    assert expected_tokens([0.5, 0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0, 0.0, 1.0, 1.0], 4) == pytest.approx(2.0)
+
+
+def test_day0_draft_never_speculates():
+    """A fresh head (predicted acceptance 0): not one speculative round is paid for."""
+    ctl = DepthController(K)
+    ctl.new_version(0, [0.0] * K)
+    chosen = simulate(ctl, [0.0] * K, lambda d: 1.0 + 0.3 * d, 500)
+    assert set(chosen) == {0}
+
+
+@pytest.mark.parametrize("rates,slope", [
+    ([0.9, 0.85, 0.8, 0.75], 0.1),   # good draft, cheap rounds: full depth
+    ([0.6, 0.5, 0.4, 0.3], 0.25),    # middling: a short chain
+    ([0.3, 0.2, 0.1, 0.1], 0.5),     # poor draft, costly rounds: plain decoding
+    ([0.7, 0.6, 0.5, 0.4], 0.15),
+])
+def test_converges_to_the_best_fixed_depth(rates, slope):
+    cost = lambda d: 1.0 + slope * d + (0.2 if d else 0.0)  # noqa: E731  (a round's fixed overhead)
+    best, speed = best_depth(rates, cost)
+    ctl = DepthController(K)
+    ctl.new_version(1, rates)  # the held-out prediction equals the truth here
+    chosen = simulate(ctl, rates, cost, 1500)
+    late = chosen[-500:]
+    achieved = sum(expected_tokens(rates, d) for d in late) / sum(cost(d) for d in late)
+    assert achieved >= 0.95 * speed[best], (best, np.bincount(late, minlength=K + 1), achieved, speed)
+
+
+def test_wrong_prediction_is_corrected_by_observed_rounds():
+    """Predicted good, realised poor: the controller observes its rounds and backs off to plain decoding."""
+    truth = [0.05, 0.05, 0.05, 0.05]
+    cost = lambda d: 1.0 + 0.2 * d + 0.2 * (d > 0)  # noqa: E731
+    ctl = DepthController(K)
+    ctl.new_version(1, [0.9] * K)
+    chosen = simulate(ctl, truth, cost, 600)
+    assert chosen[:5] != [0] * 5          # the prediction turned speculation on at once
+    assert set(chosen[-200:]) <= {0, 1}   # then the rounds' evidence turned it off (1: an occasional re-probe)
+    assert chosen[-200:].count(0) >= 190
+
+
+def test_prediction_turns_speculation_on_before_any_round_is_observed():
+    ctl = DepthController(K)
+    ctl.new_version(0, [0.0] * K)
+    cost = lambda d: 1.0 + 0.1 * d  # noqa: E731
+    simulate(ctl, [0.0] * K, cost, 50)
+    assert ctl.snapshot()["buckets"][8]["rounds_by_depth"] == {0: 50}
+    ctl.new_version(1, [0.9, 0.9, 0.9, 0.9])
+    assert ctl.choose(8) > 0  # judged on the prediction alone: no round of version 1 has been seen
+
+
+def test_hysteresis_no_flapping_between_near_equal_depths():
+    rates = [0.62, 0.5, 0.4, 0.3]
+    cost = lambda d: 1.0 + 0.3 * d  # noqa: E731
+    speed = {d: expected_tokens(rates, d) / cost(d) for d in range(K + 1)}
+    top = sorted(speed.values())[-2:]
+    assert top[1] / top[0] < 1.05  # two depths within the switch margin
+    ctl = DepthController(K)
+    ctl.new_version(1, rates)
+    chosen = simulate(ctl, rates, cost, 2000)
+    probes = 2000 // SpeculationConfig().reprobe_every * 2 + 3 * (K + 1)
+    switches = sum(a != b for a, b in zip(chosen, chosen[1:]))
+    assert switches <= 2 * probes + 4, switches  # each re-probe leaves and returns once; no flapping beyond
+
+
+def test_untimed_depths_are_interpolated_from_timed_ones():
+    ctl = DepthController(K)
+    ctl.observe(8, 0, 1.0, [0] * 4)
+    ctl.observe(8, 4, 2.0, [0] * 4)
+    assert ctl.cost(8, 2) == pytest.approx(1.5)
+    assert ctl.cost(16, 2) is None  # per bucket
+
+
+def test_fixed_mode_always_runs_full_depth():
+    ctl = DepthController(K, SpeculationConfig(adaptive=False))
+    ctl.new_version(0, [0.0] * K)
+    assert set(simulate(ctl, [0.0] * K, lambda d: 1.0 + d, 20)) == {K}
+
+
+# ----------------------------------------------------------------- the engine around it
+
+
+def _draft(target_dir, seed):
+    return new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir)), seed=seed)
+
+
+def test_day0_engine_decodes_plainly_captures_and_swaps(tiny_target_dir):
+    prompts = [[(7 * i + j) % 90 + 1 for j in range(3 + i % 9)] for i in range(24)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    ref, _ = run_all(LLMEngine(tiny_target_dir, None, EngineConfig(max_batch=8, max_model_len=128)), prompts, params)
+    eng = LLMEngine(tiny_target_dir, _draft(tiny_target_dir, 1),
+                    EngineConfig(max_batch=8, max_model_len=128, lookahead=3, initial_acceptance=[0.0] * 3))
+    samples = []
+    eng.on_sample = samples.append
+    out, seqs = run_all(eng, prompts[:12], params)
+    assert out == ref[:12]
+    assert all(s.verify_rounds == 0 for s in seqs)                  # day 0: plain decoding only
+    assert len(samples) == 12 and all(s.aux_hidden.shape[0] == s.num_tokens - 1 for s in samples)
+    assert all(s.proposals.shape[0] == 0 for s in samples)          # no rounds recorded, states captured
+    # a swap while at depth 0, carrying a prediction that speculation pays: the next rounds speculate
+    state = {k: v for k, v in _draft(tiny_target_dir, 2).state_dict().items() if k not in ("d2t", "t2d")}
+    live = eng.swap_draft(state, 1, acceptance=[0.95, 0.95, 0.95])
+    out, seqs = run_all(eng, prompts[12:], params)
+    assert live.is_set() and eng.draft_version == 1
+    assert out == ref[12:]
+    assert sum(s.verify_rounds for s in seqs) > 0
+    snap = eng.speculation.snapshot()
+    assert snap["version"] == 1 and snap["predicted_acceptance"] == [0.95, 0.95, 0.95]
+    assert any(d > 0 for b in snap["buckets"].values() for d in b["rounds_by_depth"])
+
+
+@pytest.mark.parametrize("topk,nodes", [(1, 4), (3, 7)])
+def test_random_depth_every_round_is_greedy_lossless(tiny_target_dir, topk, nodes, monkeypatch):
+    prompts = [[(5 * i + j) % 90 + 1 for j in range(2 + i % 11)] for i in range(30)]
+    params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    ref, _ = run_all(LLMEngine(tiny_target_dir, None, EngineConfig(max_batch=8, max_model_len=128)), prompts, params)
+    eng = LLMEngine(tiny_target_dir, _draft(tiny_target_dir, 3),
+                    EngineConfig(max_batch=8, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=nodes))
+    samples = []
+    eng.on_sample = samples.append
+    rng = random.Random(0)
+    depths = eng.runner.depths()
+    monkeypatch.setattr(eng.speculation, "choose", lambda bucket: rng.choice(depths))
+    out, seqs = run_all(eng, prompts, params)
+    assert out == ref
+    assert all(s.proposals.shape[1] == 3 for s in samples if s.proposals.numel())
+    assert sum(s.verify_rounds for s in seqs) > 0
+
+
+def test_random_depth_every_round_samples_exactly(tiny_target_dir, monkeypatch):
+    """Sampling with the depth drawn afresh each round: the 2nd and 3rd tokens' marginals match the target's
+    exact marginals (enumerated with Hugging Face), as at a fixed depth."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float64).eval()
+    V = hf.config.vocab_size
+    prompt = [5, 17, 33, 60]
+    with torch.no_grad():
+        p0 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)
+        p1 = torch.softmax(hf(torch.tensor([prompt + [a] for a in range(V)])).logits[:, -1], -1)
+        ctx2 = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+        p2 = torch.cat([torch.softmax(hf(c).logits[:, -1], -1) for c in ctx2.split(2048)]).view(V, V, V)
+    m1, m2 = p0 @ p1, torch.einsum("a,ab,abc->c", p0, p1, p2)
+    draft = _draft(tiny_target_dir, 3)
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(5.0)  # confident and often wrong: accept and reject paths both run
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False))
+    rng = random.Random(1)
+    monkeypatch.setattr(eng.speculation, "choose", lambda bucket: rng.choice([0, 1, 2, 3]))
+    N = 2000
+    seqs = [eng.add_request(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True))
+            for i in range(N)]
+    while eng.has_work():
+        eng.step()
+    o = np.array([s.output_ids for s in seqs])
+    for col, exact in ((1, m1), (2, m2)):
+        emp = np.bincount(o[:, col], minlength=V) / N
+        tv = 0.5 * np.abs(emp - exact.numpy()).sum()
+        expected = 0.5 * np.sum(np.sqrt(2 * exact.numpy() * (1 - exact.numpy()) / (np.pi * N)))
+        assert tv < 1.5 * expected + 0.01, (col, tv, expected)
