@@ -127,8 +127,8 @@ class SGLangEngine:
                    and self._rng.random() < self.sample_rate)  # decided at admission: unsampled rows are never sent
         rid = ("c-" if capture else "n-") + request_id
         self._rids[request_id] = rid
-        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params, self.stop_strings), "stream": True,
-                "rid": rid}
+        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params, self.stop_strings),
+                "stream": True, "rid": rid}
         version, reported, finished = self.draft_version, 0, False
         self._running += 1
         try:

@@ -193,7 +193,8 @@ def test_ttt_step_k_equals_serving_chain_step_k(target):
         T = len(ids)
         samples.append(Sample(request_id=str(b), token_ids=ids, prompt_len=n,
                               aux_hidden=runner.aux_store[b, :T - 1].clone(),
-                              target_hidden=runner.hid_store[b, :T - 1].clone(), loss_mask=torch.ones(T, dtype=torch.bool)))
+                              target_hidden=runner.hid_store[b, :T - 1].clone(),
+                              loss_mask=torch.ones(T, dtype=torch.bool)))
     got = ttt_forward(draft, collate(samples, K, draft.target_to_draft()), K)
     for b, p in enumerate(prompts):
         n = len(p)
