@@ -121,6 +121,7 @@ class Service:
         """SGLang serves (its own processes, TP ranks); Aurora keeps the HTTP routes, the capture collector
         and the trainer (on `trainer_device`: cuda = SGLang's first GPU, cuda:N = a GPU of its own)."""
         import importlib.util
+        import shlex
         import tempfile
 
         from transformers import AutoConfig, AutoTokenizer
@@ -141,14 +142,17 @@ class Service:
         draft, draft_dir = None, None
         if cfg.draft is not None:
             tcfg = AutoConfig.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
-            if len(set(default_aux_layers(tcfg.num_hidden_layers))) < 3:  # SGLang captures each layer once
-                raise ValueError(f"engine sglang: a {tcfg.num_hidden_layers}-layer target repeats an EAGLE3 aux layer "
-                                 f"{default_aux_layers(tcfg.num_hidden_layers)}; SGLang would feed the draft 2 states")
             if cfg.draft == "scratch" and cfg.draft_vocab_size is not None and not _resuming(cfg, ckpt):
                 raise ValueError("engine sglang fixes the draft vocabulary when SGLang starts (it copies the map "
                                  "once): a scratch draft uses the full vocabulary (leave draft_vocab_size unset) "
                                  "or pass a draft")
             draft, draft_dir = _initial_draft(cfg, tcfg, ckpt)
+            L = tcfg.num_hidden_layers  # the draft's config names its aux layers where the defaults collapse
+            aux = draft.config.aux_layers or default_aux_layers(L)
+            if len(set(aux)) < 3 or max(aux) >= L:  # SGLang captures each layer once
+                raise ValueError(f"engine sglang: a {L}-layer target repeats an EAGLE3 aux layer {aux} (or has "
+                                 f"none that high); SGLang would feed the draft 2 states: give the draft 3 distinct "
+                                 f"aux layers below {L} (DraftConfig.aux_layers, eagle_config in its config.json)")
             if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
                 draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
                 save_draft(draft, draft_dir)
@@ -166,7 +170,8 @@ class Service:
             raise
         engine = SGLangEngine(server, tokenizer, _served_name(cfg), cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
                               speculative=draft is not None, sample_rate=cfg.sample_rate,
-                              swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir)
+                              swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir,
+                              stop_strings="--skip-tokenizer-init" not in shlex.split(cfg.sglang_args))
         if draft is None:
             return cls(engine, None, cfg)
         dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)

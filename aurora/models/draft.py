@@ -34,6 +34,8 @@ class DraftConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
+    aux_layers: list[int] | None = None  # target layers whose inputs feed fc (Aurora's convention, = HF
+                                         # hidden_states[i]); None: SGLang's default [2, L//2, L-3]
 
     def __post_init__(self):
         if self.hidden_act != "silu":
@@ -42,6 +44,10 @@ class DraftConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size must be in (0, vocab_size={self.vocab_size}]")
+        if self.aux_layers is not None and (len(set(self.aux_layers)) != 3 or min(self.aux_layers) < 1
+                                            or list(self.aux_layers) != sorted(self.aux_layers)):
+            # ascending: SGLang concatenates the captured states in layer order, whatever the list's order
+            raise ValueError(f"aux_layers must be 3 ascending target layers >= 1, got {self.aux_layers}")
 
     @classmethod
     def from_target(cls, tcfg, draft_vocab_size: int | None = None) -> "DraftConfig":
@@ -59,8 +65,12 @@ class DraftConfig:
                    max_position_embeddings=tcfg.max_position_embeddings)
 
     def to_hf_dict(self) -> dict:
-        """config.json as SGLang/vLLM read it; no eagle_aux_hidden_state_layer_ids, no norm_output (REFERENCE §1)."""
-        return {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+        """config.json as SGLang/vLLM read it; no norm_output (REFERENCE §1). No aux layer ids either unless
+        aux_layers is set (a target whose default layers collapse, e.g. a reduced-depth one): then SGLang's
+        `eagle_config.eagle_aux_hidden_state_layer_ids`, which SGLang 0.5.17 turns into capture layers id+1
+        (`set_eagle3_layers_to_capture`), so the ids written are aux_layers - 1. vLLM does not read that
+        nested key and keeps its default layers."""
+        d = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
                 "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
                 "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
                 "intermediate_size": self.intermediate_size, "rms_norm_eps": self.rms_norm_eps,
@@ -68,6 +78,10 @@ class DraftConfig:
                 "max_position_embeddings": self.max_position_embeddings, "vocab_size": self.vocab_size,
                 "draft_vocab_size": self.draft_vocab_size, "target_hidden_size": self.target_hidden_size,
                 "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+        if self.aux_layers is not None:
+            d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.aux_layers],
+                                 "use_aux_hidden_state": True}
+        return d
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "DraftConfig":
@@ -80,7 +94,8 @@ class DraftConfig:
                    draft_vocab_size=d.get("draft_vocab_size") or d["vocab_size"],
                    target_hidden_size=d.get("target_hidden_size") or H, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
                    hidden_act=d.get("hidden_act", "silu"), rope_theta=float(theta),
-                   rope_scaling=d.get("rope_scaling"), max_position_embeddings=d.get("max_position_embeddings", 4096))
+                   rope_scaling=d.get("rope_scaling"), max_position_embeddings=d.get("max_position_embeddings", 4096),
+                   aux_layers=_aux_layers_from_hf(d))
 
     def rotary_config(self):
         from transformers import LlamaConfig
@@ -92,6 +107,11 @@ class DraftConfig:
         return LlamaConfig(hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
                            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
                            rope_parameters=rope)
+
+
+def _aux_layers_from_hf(d: dict) -> list[int] | None:
+    ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return None if ids is None else [int(i) + 1 for i in ids]  # SGLang captures the input of layer id+1
 
 
 class MidLayer(nn.Module):

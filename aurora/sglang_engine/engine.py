@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 _REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def sampling_params(p: SamplingParams) -> dict:
+def sampling_params(p: SamplingParams, stop_strings: bool = True) -> dict:
+    """stop_strings False: SGLang runs without a tokenizer (--skip-tokenizer-init), and its scheduler would
+    decode a stop string's tail with none (and fail); the HTTP layer matches stop strings in its own text stream
+    and aborts the request instead (aurora/server/generation.py)."""
     sp = {"max_new_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
           "top_k": p.top_k if p.top_k > 0 else -1, "ignore_eos": p.ignore_eos}
-    if p.stop:
+    if p.stop and stop_strings:
         sp["stop"] = list(p.stop)
     if p.stop_token_ids:
         sp["stop_token_ids"] = list(p.stop_token_ids)
@@ -65,11 +68,14 @@ def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
 class SGLangEngine:
     def __init__(self, server: SGLangServer, tokenizer, model_name: str, max_model_len: int, lookahead: int,
                  tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True,
-                 sample_rate: float = 1.0, swap_mode: str = "pause", swap_dir: str | None = None):
-        """`collector` must be listening before SGLang starts (its schedulers connect while loading the draft)."""
+                 sample_rate: float = 1.0, swap_mode: str = "pause", swap_dir: str | None = None,
+                 stop_strings: bool = True):
+        """`collector` must be listening before SGLang starts (its schedulers connect while loading the draft).
+        stop_strings False: SGLang has no tokenizer (see sampling_params)."""
         self.server, self.url = server, server.url
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
         self.lookahead, self.tp_size, self.speculative = lookahead, tp_size, speculative
+        self.stop_strings = stop_strings
         self.stats_ = EngineStats(lookahead)
         self.draft_version = 0
         self.on_sample = self.on_finished = None
@@ -121,8 +127,8 @@ class SGLangEngine:
                    and self._rng.random() < self.sample_rate)  # decided at admission: unsampled rows are never sent
         rid = ("c-" if capture else "n-") + request_id
         self._rids[request_id] = rid
-        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params), "stream": True,
-                "rid": rid}
+        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params, self.stop_strings),
+                "stream": True, "rid": rid}
         version, reported, finished = self.draft_version, 0, False
         self._running += 1
         try:

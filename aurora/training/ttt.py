@@ -4,8 +4,11 @@ Alignment (REFERENCE.md §1, aurora/sample.py). A sample of T tokens gives L = T
   step 0, position t: g = fc(aux[t]), input token x[t+1]           -> predicts x[t+2]
   step k, position t: g = step k-1's pre-norm output at t, input x[t+1+k] -> predicts x[t+2+k]
 Step k at t therefore learns from the target distribution at position t+1+k (target_hidden[t+1+k]), and is
-trained where loss_mask[t+2+k] holds and that target's argmax is inside the draft vocabulary. Rotary
-positions stay t at every step (SpecForge's llama3_eagle: only its mrope path offsets them).
+trained where loss_mask[t+2+k] holds and that target's argmax is inside the draft vocabulary. Step k runs at
+rotary position t+k, as serving runs it (the chain's step k after the extend at n-1 sits at position n-1+k:
+aurora/engine/model_runner.py, SGLang) and as SpecForge trains it (position_ids + k): with position t at
+every step, a step-k query would see its own earlier steps' keys at relative distance 0 and the context at
+distances serving never shows.
 Attention (SpecForge's cache_hidden path): a query of step k at t sees step-0 keys at positions <= t
 (causal, padding masked) plus the keys of steps 1..k at the same position t (the "diagonal"); one softmax
 over all of them.
@@ -158,7 +161,7 @@ def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logit
     g = draft.project(batch.aux)
     out = []
     for k in range(ttt_length):
-        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions, attend, with_logits)
+        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions + k, attend, with_logits)
         out.append((h, logits))
         g = h
     return out

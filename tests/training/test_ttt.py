@@ -39,8 +39,8 @@ def reference_ttt(draft, samples, K):
                 tok = x[t + 1 + k] if t + 1 + k < s.num_tokens else torch.tensor(0)
                 inp = torch.cat([rms(draft.embed.weight[tok], m.input_layernorm.weight, c.rms_norm_eps),
                                  rms(g[t], m.hidden_norm.weight, c.rms_norm_eps)])
-                qq.append(rope(W(a.q_proj, inp).view(nh, hd), t, inv_freq))  # position t at every step
-                kk.append(rope(W(a.k_proj, inp).view(nkv, hd), t, inv_freq))
+                qq.append(rope(W(a.q_proj, inp).view(nh, hd), t + k, inv_freq))  # step k at position t+k
+                kk.append(rope(W(a.k_proj, inp).view(nkv, hd), t + k, inv_freq))
                 vv.append(W(a.v_proj, inp).view(nkv, hd))
             keys.append(kk)
             vals.append(vv)
@@ -153,3 +153,54 @@ def test_kv_cache_samples_match_full_recompute(target):
     hidden, aux = target(ids, torch.arange(T).expand(2, T), causal_attend)
     torch.testing.assert_close(torch.stack([x.target_hidden for x in s]), hidden[:, :T - 1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.stack([x.aux_hidden for x in s]), aux[:, :T - 1], rtol=1e-4, atol=1e-5)
+
+
+def test_ttt_step_k_equals_serving_chain_step_k(target):
+    """Each TTT step at the last context position equals what the serving engine's draft chain computes at
+    that depth (ModelRunner: extend at n-1, then chain steps at n, n+1, ...), for rows of different lengths;
+    step 0 also equals the prefill's draft output at every context position. The TTT sample is the served
+    sequence itself: the prompt, the sampled x[n], then the chain's own proposals, with the target's aux states
+    that the verify forward captured for them."""
+    from aurora.engine.model_runner import ModelRunner
+
+    K = 4
+    draft = new_draft(DraftConfig.from_target(target.config), seed=7)
+    with torch.no_grad():  # non-trivial norms, peaked draft logits (a near-tie would make the chain's argmax fragile)
+        for n, p in draft.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+        draft.lm_head.weight.mul_(8.0)
+    draft.share_embedding(target.embed_tokens)
+    runner = ModelRunner(target, draft, max_batch=3, max_len=64, lookahead=K, capture=True, cuda_graphs=False)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, target.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 14)]
+    calls = []
+    hook = draft.register_forward_hook(lambda m, args, out: calls.append((args[2].clone(), out[0].clone(),
+                                                                          out[1].clone())))
+    try:
+        first = runner.prefill(0, prompts, greedy=True, filtering=False)
+        step0 = (runner.d_hidden[:3].clone(), runner.d_logits[:3].clone())
+        _, _, props = runner.round(3, max(map(len, prompts)), filtering=False, greedy_only=True)
+    finally:
+        hook.remove()
+    chain = calls[1:K]  # prefill, then the K-1 chain steps of the round, then its draft extend
+    assert len(calls) == K + 1 and all(pos.shape == (3, 1) for pos, _, _ in chain)
+    samples = []
+    for b, p in enumerate(prompts):
+        n = len(p)
+        assert [int(pos[b, 0]) for pos, _, _ in chain] == list(range(n, n + K - 1))  # serving advances with depth
+        ids = torch.tensor(p + [first[b]] + props[b, :K - 1].tolist())
+        T = len(ids)
+        samples.append(Sample(request_id=str(b), token_ids=ids, prompt_len=n,
+                              aux_hidden=runner.aux_store[b, :T - 1].clone(),
+                              target_hidden=runner.hid_store[b, :T - 1].clone(),
+                              loss_mask=torch.ones(T, dtype=torch.bool)))
+    got = ttt_forward(draft, collate(samples, K, draft.target_to_draft()), K)
+    for b, p in enumerate(prompts):
+        n = len(p)
+        torch.testing.assert_close(got[0][0][b, :n], calls[0][1][b, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[0][1][b, :n], calls[0][2][b, :n], rtol=1e-4, atol=1e-5)
+        serving = [step0[0][b], *[h[b, 0] for _, h, _ in chain]], [step0[1][b], *[lg[b, 0] for _, _, lg in chain]]
+        for k in range(K):
+            torch.testing.assert_close(got[k][0][b, n - 1], serving[0][k], rtol=1e-4, atol=1e-5, msg=f"step {k}")
+            torch.testing.assert_close(got[k][1][b, n - 1], serving[1][k], rtol=1e-4, atol=1e-5, msg=f"step {k}")
