@@ -175,11 +175,12 @@ def test_ttt_step_k_equals_serving_chain_step_k(target):
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, target.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 14)]
     calls = []
+    # prefill and extend compute no logits (a round computes them when it drafts): take them from the hidden
     hook = draft.register_forward_hook(lambda m, args, out: calls.append((args[2].clone(), out[0].clone(),
-                                                                          out[1].clone())))
+                                                                          draft.logits(out[0]).detach())))
     try:
         first = runner.prefill(0, prompts, greedy=True, filtering=False)
-        step0 = (runner.d_hidden[:3].clone(), runner.d_logits[:3].clone())
+        step0 = (runner.d_hidden[:3].clone(), draft.logits(runner.d_hidden[:3]).detach())
         _, _, props = runner.round(3, max(map(len, prompts)), filtering=False, greedy_only=True)
     finally:
         hook.remove()
