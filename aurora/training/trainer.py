@@ -370,11 +370,13 @@ class OnlineTrainer:
         """Guard and publish the current master now. Returns the new version, or None if refused or failed
         (a failure is counted by kind, with last_error)."""
         try:
-            return self._swap()
+            version = self._swap()
         except Exception as e:
             where = getattr(e, "aurora_where", "publish")
             self._record_failure(failure_kind(e, where), f"{where}: {type(e).__name__}: {e}", exc_info=True)
             return None
+        self._succeeded(step=False)
+        return version
 
     def _swap(self) -> int | None:
         """Raises what the guard or the publish raised, marked with `aurora_where` ("guard" or "publish")."""
