@@ -17,6 +17,8 @@ import time
 
 import httpx
 
+from aurora.budget import sglang_flag
+
 log = logging.getLogger(__name__)
 LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
 PLUGIN = "aurora.sglang_engine.plugin"
@@ -43,8 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[str]:
-    """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone."""
+def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fraction: float | None = None) -> list[str]:
+    """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone.
+    `mem_fraction`: Aurora's --mem-fraction-static (aurora/budget.py), used only when sglang_args has none."""
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", target, "--host", "127.0.0.1",
             "--port", str(port), "--tp-size", str(cfg.tp_size), "--max-running-requests", str(cfg.max_batch),
             "--context-length", str(cfg.max_model_len), "--dtype", "bfloat16"]
@@ -54,6 +57,8 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[s
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_dir,
                  "--speculative-num-steps", str(cfg.lookahead), "--speculative-eagle-topk", str(cfg.topk),
                  "--speculative-num-draft-tokens", str(cfg.num_draft_tokens), "--custom-weight-loader", LOADER]
+    if mem_fraction is not None and sglang_flag(cfg.sglang_args, "--mem-fraction-static") is None:
+        argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
     return argv + shlex.split(cfg.sglang_args)
 
 
