@@ -230,9 +230,23 @@ class Service:
         engine = SGLangEngine(server, tokenizer, _served_name(cfg), cfg.max_model_len, cfg.lookahead, cfg.tp_size, collector,
                               speculative=draft is not None, sample_rate=cfg.sample_rate,
                               swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir)
-        if draft is None:
-            return cls(engine, None, cfg)
-        return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        service = cls(engine, None if draft is None else OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        engine.supervise(hang_s=cfg.sglang_hang_timeout_s, max_restarts=cfg.sglang_max_restarts,
+                         draft_for_restart=lambda: service._restart_draft(draft_dir))
+        return service
+
+    def _restart_draft(self, start_dir: str | None) -> tuple[str | None, int]:
+        """engine sglang, restarting SGLang: the latest published draft, written in SGLang's format."""
+        if self.trainer is None or start_dir is None:
+            return start_dir, 0
+        from aurora.models.draft import save_draft
+
+        version, draft = self.trainer.published_draft()
+        if version == 0:
+            return start_dir, 0
+        path = os.path.join(self.config.run_dir, "draft-restart")
+        save_draft(draft, path)
+        return path, version
 
     # ------------------------------------------------------------- what the HTTP layer reads and does
     def draft_status(self) -> dict:

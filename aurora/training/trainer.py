@@ -458,6 +458,15 @@ class OnlineTrainer:
                 self._record_failure(failure_kind(e, "publish"), f"checkpoint v{version}: {type(e).__name__}: {e}")
         return version
 
+    def published_draft(self) -> tuple[int, Eagle3Draft]:
+        """(version, a draft holding the weights last published), e.g. to restart an engine with them."""
+        with self._publish_lock:
+            version, state = self._history[-1]
+        draft = Eagle3Draft(self.master.config)
+        draft.load_state_dict({k: v.detach().cpu() for k, v in self.master.state_dict().items()}, strict=False)
+        draft.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=False)
+        return version, draft
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """Parameters only, in the engine's dtype (d2t/t2d are fixed on day 0 and never re-sent)."""
         state = {k: v.detach().to(self.engine_dtype, copy=True) for k, v in self.master.named_parameters()}
