@@ -38,7 +38,8 @@ def split_sample(s: Sample, max_tokens: int) -> list[Sample]:
         a = b - 2
 
 
-def bound_samples(samples: list[Sample], max_tokens: int, policy: str = "split") -> tuple[list[tuple[int, Sample]], int, int]:
+def bound_samples(samples: list[Sample], max_tokens: int,
+                  policy: str = "split") -> tuple[list[tuple[int, Sample]], int, int]:
     """-> ([(index of the original sample, sample or window)], samples split, samples skipped)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

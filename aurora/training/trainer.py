@@ -117,7 +117,8 @@ class TrainConfig:
             raise ValueError("keep_versions must be >= 2 (rollback needs the previous version)")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
-        for name in ("min_batch_tokens", "guard_chunk_tokens") + (("max_sample_tokens",) if self.max_sample_tokens else ()):
+        bounded = ("min_batch_tokens", "guard_chunk_tokens") + (("max_sample_tokens",) if self.max_sample_tokens else ())
+        for name in bounded:
             if getattr(self, name) < MIN_TOKENS:
                 raise ValueError(f"{name} must be >= {MIN_TOKENS}")
         if self.long_sample_policy not in POLICIES:

@@ -2,7 +2,6 @@
 adds up, the user's flag wins, `--trainer-device auto` avoids SGLang's GPUs, and the service's wiring runs the
 real trainer probe (one step + one guard pass) on a tiny draft."""
 import os
-import sys
 
 import pytest
 import torch
