@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from aurora.budget import (draft_param_bytes, kv_cache_bytes, measure_peak, plan_sglang_fraction, sglang_flag, sglang_gpus,
+                           shares_gpu, trainer_device, trainer_probe, workspace_bytes)
 from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
@@ -49,6 +51,61 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
                        resume=cfg.resume, device=str(device))
+
+
+def _sglang_memory_fraction(cfg: ServeConfig, draft, tconf: TrainConfig, dev: torch.device) -> float | None:
+    """SGLang's --mem-fraction-static when the trainer shares its GPU and the user set none (aurora/budget.py);
+    None leaves SGLang's own choice (trainer elsewhere, or the user's flag)."""
+    import dataclasses
+
+    user = sglang_flag(cfg.sglang_args, "--mem-fraction-static")
+    if not shares_gpu(str(dev), cfg.tp_size, cfg.sglang_args):
+        log.info("trainer on %s, apart from SGLang's GPUs %s: no memory split needed", dev,
+                 list(sglang_gpus(cfg.tp_size, cfg.sglang_args)))
+        return None
+    if user is not None:
+        log.info("trainer shares %s with SGLang; --mem-fraction-static %s as given", dev, user)
+        return None
+    c = draft.config
+    n_params = sum(p.numel() for name, p in draft.named_parameters() if not name.startswith("embed"))
+    estimate = draft_param_bytes(n_params, tconf.keep_versions) + workspace_bytes(
+        tconf.batch_tokens, tconf.guard_chunk_tokens, c.vocab_size, c.draft_vocab_size, tconf.ttt_length)
+    probe_conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
+
+    def probe():
+        trainer = OnlineTrainer(draft, None, probe_conf, lambda state, version: None)
+        trainer_probe(trainer, 3 * c.target_hidden_size, c.vocab_size)
+    try:
+        measured = measure_peak(dev, probe)
+    except torch.OutOfMemoryError:
+        raise RuntimeError(f"one trainer step does not fit on {dev} even before SGLang starts: lower "
+                           f"--train-batch-tokens or use --trainer-device cuda:N") from None
+    # what the probe could not see: the snapshots kept for rollback and the step-swap buffers (2 bytes/param each)
+    measured = None if measured is None else measured + 2 * n_params * (tconf.keep_versions + 2)
+    free, total = torch.cuda.mem_get_info(dev)
+    plan = plan_sglang_fraction(total, free, estimate, measured)
+    log.info("trainer shares %s with SGLang: %s", dev, plan.describe())
+    return plan.fraction
+
+
+def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainConfig, dev: torch.device) -> None:
+    """The built-in engine sizes its KV cache by max_batch x max_model_len (allocated already): say what the
+    trainer sharing its GPU will need on top, and warn when that is more than is free."""
+    tc, c = engine.target.config, draft.config
+    kv = kv_cache_bytes(tc.num_hidden_layers, tc.num_key_value_heads, engine.target.head_dim, cfg.max_batch,
+                        cfg.max_model_len, engine.target.embed_tokens.weight.element_size())
+    n = sum(p.numel() for p in draft.parameters())
+    need = draft_param_bytes(n, tconf.keep_versions) + workspace_bytes(
+        tconf.batch_tokens, tconf.guard_chunk_tokens, c.vocab_size, c.draft_vocab_size, tconf.ttt_length)
+    free, total = torch.cuda.mem_get_info(dev)
+    line = (f"{dev}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} free after the engine's KV cache of "
+            f"{kv / 2**30:.1f} GiB ({cfg.max_batch} x {cfg.max_model_len}); the trainer needs about "
+            f"{need / 2**30:.1f} GiB")
+    if need > free:
+        log.warning("%s: more than is free; lower --max-batch, --max-model-len or --train-batch-tokens, or use "
+                    "--trainer-device cuda:N", line)
+    else:
+        log.info("%s", line)
 
 
 class Service:
@@ -105,6 +162,8 @@ class Service:
             return cls(aengine, None, cfg)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
+        if dev.type == "cuda" and dev == engine.runner.device:
+            _log_local_split(cfg, engine, draft, tconf, dev)
 
         def make_trainer(first_samples=None) -> OnlineTrainer:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
@@ -160,9 +219,17 @@ class Service:
         address = os.path.join(ipc, "capture.sock") if draft is not None else None
         swap_dir = os.path.join(ipc, "swap") if draft is not None and cfg.sglang_swap == "step" else None
         collector = CaptureCollector(address, on_sample=lambda s: None) if address else None
+        dev, mem_fraction, tconf = None, None, None
+        if draft is not None:  # the trainer's device and memory are settled before SGLang takes its share
+            dev = torch.device(trainer_device(cfg.trainer_device, cfg.tp_size, torch.cuda.device_count(),
+                                              cfg.sglang_args))
+            draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
+            draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
+            tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
+            mem_fraction = _sglang_memory_fraction(cfg, draft, tconf, dev)
         port = free_port()
-        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port), server_env(address, swap_dir),
-                              os.path.join(cfg.run_dir, "sglang.log"), port)
+        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction),
+                              server_env(address, swap_dir), os.path.join(cfg.run_dir, "sglang.log"), port)
         try:
             log.info("SGLang ready in %.0f s", server.wait_ready())
         except BaseException:
@@ -172,13 +239,23 @@ class Service:
                               speculative=draft is not None, sample_rate=cfg.sample_rate,
                               swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir,
                               stop_strings="--skip-tokenizer-init" not in shlex.split(cfg.sglang_args))
-        if draft is None:
-            return cls(engine, None, cfg)
-        dev = torch.device("cuda" if cfg.trainer_device == "auto" else cfg.trainer_device)
-        draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
-        draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
-        tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
-        return cls(engine, OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        service = cls(engine, None if draft is None else OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        engine.supervise(hang_s=cfg.sglang_hang_timeout_s, max_restarts=cfg.sglang_max_restarts,
+                         draft_for_restart=lambda: service._restart_draft(draft_dir))
+        return service
+
+    def _restart_draft(self, start_dir: str | None) -> tuple[str | None, int]:
+        """engine sglang, restarting SGLang: the latest published draft, written in SGLang's format."""
+        if self.trainer is None or start_dir is None:
+            return start_dir, 0
+        from aurora.models.draft import save_draft
+
+        version, draft = self.trainer.published_draft()
+        if version == 0:
+            return start_dir, 0
+        path = os.path.join(self.config.run_dir, "draft-restart")
+        save_draft(draft, path)
+        return path, version
 
     # ------------------------------------------------------------- what the HTTP layer reads and does
     def draft_status(self) -> dict:

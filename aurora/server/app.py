@@ -161,16 +161,27 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     def health():
-        """Serving is healthy while the engine answers; the trainer's state is reported, not judged."""
+        """200 "ok" while the engine answers; 200 "degraded" with the reason while it serves but the trainer
+        has failed or is backing off (the draft stops learning; serving is unaffected); 503 when the engine
+        cannot serve (gone, or an SGLang child being restarted)."""
         try:
             stats, trainer = split_status(service.draft_status())
         except Exception as e:
             return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
-        return {"status": "ok", "model": engine.model_name, "draft_version": stats.get("draft_version"),
+        body = {"status": "ok", "model": engine.model_name, "draft_version": stats.get("draft_version"),
                 "running": stats.get("running"), "waiting": stats.get("waiting"),
                 "engine_error": getattr(engine, "error", None),  # last failed step, if any (requests were failed)
-                "trainer": None if trainer is None else {"state": trainer.get("state"),
-                                                         "last_error": trainer.get("last_error")}}
+                "trainer": None if trainer is None else {
+                    "state": trainer.get("state"), "last_error": trainer.get("last_error"),
+                    "failures_by_kind": trainer.get("failures_by_kind")}}
+        if stats.get("engine_state") in ("restarting", "failed"):  # engine sglang's supervisor
+            body.update(status="unavailable", reason=f"engine {stats['engine_state']}: {stats.get('engine_fault')}")
+            return JSONResponse(body, status_code=503)
+        if trainer is not None and trainer.get("state") in ("failed", "backing_off"):
+            what = ("stopped after repeated failures: the draft no longer learns (restart to retry)"
+                    if trainer["state"] == "failed" else "backing off after a failure")
+            body.update(status="degraded", reason=f"trainer {what}; last error: {trainer.get('last_error')}")
+        return body
 
     @app.get("/metrics")
     def prometheus():

@@ -47,6 +47,9 @@ class ServeConfig:
     sglang_swap: str = "step"          # engine sglang: "step" (the schedulers copy new weights in place between
                                        # two steps; no pause) or "pause" (SGLang's own pause_generation ->
                                        # update_weights_from_tensor -> continue_generation: ~0.1 s stall)
+    sglang_hang_timeout_s: float = 120.0  # engine sglang: requests in flight and no response for this long =
+                                          # hung: in-flight requests get 503, SGLang is restarted
+    sglang_max_restarts: int = 3       # engine sglang: restart attempts in a row before serving stays down
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
@@ -115,6 +118,10 @@ class ServeConfig:
             _check(self.topk == 1 or self.draft is None,
                    "engine sglang captures training samples from chain drafts only: use topk 1")
             _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
+        _check(isinstance(self.sglang_hang_timeout_s, (int, float)) and self.sglang_hang_timeout_s > 0,
+               f"sglang_hang_timeout_s must be > 0, got {self.sglang_hang_timeout_s!r}")
+        _check(_is_int(self.sglang_max_restarts) and self.sglang_max_restarts >= 0,
+               f"sglang_max_restarts must be an integer >= 0, got {self.sglang_max_restarts!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")
 
     @classmethod

@@ -73,6 +73,14 @@ class StatusCollector:
             dropped.add_metric(["sender_queue_full"], _num(cap.get("sender_dropped")))
             yield dropped
             yield _counter("aurora_capture_bytes", "bytes of captured hidden states received", cap.get("bytes"))
+        if "engine_state" in s:  # engine sglang's supervisor of the SGLang server process
+            engine_state = GaugeMetricFamily("aurora_engine_state", "1 for the engine's current state", labels=["state"])
+            engine_state.add_metric([str(s["engine_state"])], 1.0)
+            yield engine_state
+            yield _counter("aurora_engine_restarts", "SGLang server restarts after a crash or hang",
+                           s.get("engine_restarts"))
+            yield _counter("aurora_engine_requests_failed_by_fault", "in-flight requests failed with 503 by an "
+                           "SGLang crash or hang", s.get("engine_requests_failed"))
 
     def _trainer(self, t: dict):
         state = GaugeMetricFamily("aurora_trainer_state", "1 for the trainer's current state", labels=["state"])
@@ -95,6 +103,21 @@ class StatusCollector:
         yield _counter("aurora_swaps_total", "draft hot-swaps into the engine", t.get("swaps"))
         yield _counter("aurora_swaps_refused_total", "hot-swaps refused by the evaluation gate", t.get("swaps_refused"))
         yield _counter("aurora_trainer_failures_total", "trainer failures", t.get("failures"))
+        by_kind = CounterMetricFamily("aurora_trainer_failures_by_kind", "trainer failures by kind", labels=["kind"])
+        for kind, n in sorted((t.get("failures_by_kind") or {}).items()):
+            by_kind.add_metric([kind], _num(n))
+        yield by_kind
+        reasons = CounterMetricFamily("aurora_samples_dropped_by_reason", "captured samples not trained on, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted((t.get("samples_dropped_by_reason") or {}).items()):
+            reasons.add_metric([reason], _num(n))
+        yield reasons
+        yield _counter("aurora_samples_trained", "captured samples trained on (replays not counted again)",
+                       t.get("samples_trained"))
+        yield _counter("aurora_samples_split", "samples longer than the trainer's bound, trained as windows",
+                       t.get("samples_split"))
+        yield _gauge("aurora_trainer_batch_tokens", "tokens per trainer step now (halved while backing off)",
+                     t.get("batch_tokens"))
         yield _gauge("aurora_trainer_tokens_per_second", "tokens trained per second", t.get("tokens_per_second"))
         yield _counter("aurora_trainer_tokens_total", "tokens trained (replays included)", t.get("tokens_trained"))
         yield _gauge("aurora_buffer_samples", "samples waiting in the capture buffer", t.get("buffer_size"))

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 _REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
+class SGLangUnavailable(RuntimeError):
+    """SGLang cannot answer (crashed, hung, restarting): the HTTP layer answers 503 (a RuntimeError)."""
+
+
 def sampling_params(p: SamplingParams, stop_strings: bool = True) -> dict:
     """stop_strings False: SGLang runs without a tokenizer (--skip-tokenizer-init), and its scheduler would
     decode a stop string's tail with none (and fail); the HTTP layer matches stop strings in its own text stream
@@ -96,6 +100,40 @@ class SGLangEngine:
         self._rids: dict[str, str] = {}           # caller's request id -> SGLang rid
         self._running = 0
         self._stop = False
+        # supervision (supervisor.py): state ok / restarting / failed, what went wrong, and the clock a hang is
+        # measured by (any response bytes, or a request starting on an idle server, moves it)
+        self.state, self.fault, self.restarts, self.requests_failed = "ok", None, 0, 0
+        self.last_progress = time.monotonic()
+        self._inflight: dict[str, tuple] = {}   # rid -> (event loop, future set on a fault)
+        self.supervisor = None
+
+    def supervise(self, **kw) -> None:
+        """Start the supervisor (Supervisor's keyword arguments); without one a dead server just fails requests."""
+        from aurora.sglang_engine.supervisor import Supervisor
+
+        self.supervisor = Supervisor(self, **kw)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def running_requests(self) -> int:
+        return self._running
+
+    def on_fault(self, reason: str) -> None:
+        """Supervisor: the server is gone or hung. Every in-flight request fails now with `reason`."""
+        self.state, self.fault = "restarting", reason
+        self.error = f"SGLang fault: {reason}"
+        for loop, fut in list(self._inflight.values()):
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(reason))
+
+    def on_restarted(self, version: int) -> None:
+        self.draft_version, self.restarts = version, self.restarts + 1
+        self.last_progress = time.monotonic()
+        self.state = "ok"
+
+    def on_failed(self, reason: str) -> None:
+        self.state, self.fault = "failed", reason
 
     def set_callbacks(self, on_sample=None, on_finished=None) -> None:
         self.on_sample, self.on_finished = on_sample, on_finished
@@ -130,40 +168,72 @@ class SGLangEngine:
         body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params, self.stop_strings),
                 "stream": True, "rid": rid}
         version, reported, finished = self.draft_version, 0, False
+        loop = asyncio.get_running_loop()
+        fault = loop.create_future()
+        if not self._running:
+            self.last_progress = time.monotonic()  # an idle server has had nothing to answer
+        self._inflight[rid] = (loop, fault)
         self._running += 1
+        response = None
         try:
-            async with self._client().stream("POST", "/generate", json=body) as r:
-                if r.status_code != 200:
-                    detail = (await r.aread()).decode(errors="replace")[:500]
-                    raise (ValueError if r.status_code == 400 else RuntimeError)(f"SGLang {r.status_code}: {detail}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise RuntimeError(f"SGLang: {chunk['error']}")
-                    ids, meta = chunk["output_ids"], chunk["meta_info"]
-                    new, reported = ids[reported:], len(ids)
-                    self.stats_.on_tokens(len(new))
-                    fr = meta.get("finish_reason")
-                    finished = fr is not None
-                    reason = _REASONS.get(fr.get("type"), "stop") if finished else None
-                    rounds = int(meta.get("spec_verify_ct", 0))
-                    out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
-                                        len(ids) / rounds if rounds else 0.0, draft_version=version)
-                    if finished:
-                        self._finished(rid, prompt_ids, params, meta, out, capture)
-                    yield out
-                    if finished:
-                        return
+            request = self._client().build_request("POST", "/generate", json=body)
+            response = r = await self._race(self._client().send(request, stream=True), fault)
+            if r.status_code != 200:
+                detail = (await self._race(r.aread(), fault)).decode(errors="replace")[:500]
+                raise (ValueError if r.status_code == 400 else RuntimeError)(f"SGLang {r.status_code}: {detail}")
+            lines = r.aiter_lines()
+            while True:
+                try:
+                    line = await self._race(anext(lines), fault)
+                except StopAsyncIteration:
+                    raise SGLangUnavailable("SGLang closed the stream before the request finished") from None
+                self.last_progress = time.monotonic()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"SGLang: {chunk['error']}")
+                ids, meta = chunk["output_ids"], chunk["meta_info"]
+                new, reported = ids[reported:], len(ids)
+                self.stats_.on_tokens(len(new))
+                fr = meta.get("finish_reason")
+                finished = fr is not None
+                reason = _REASONS.get(fr.get("type"), "stop") if finished else None
+                rounds = int(meta.get("spec_verify_ct", 0))
+                out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
+                                    len(ids) / rounds if rounds else 0.0, draft_version=version)
+                if finished:
+                    self._finished(rid, prompt_ids, params, meta, out, capture)
+                yield out
+                if finished:
+                    return
+        except httpx.HTTPError as e:  # the connection broke: SGLang died under the request
+            self.requests_failed += 1
+            raise SGLangUnavailable(f"SGLang connection failed ({type(e).__name__}); retry the request") from e
+        except SGLangUnavailable:
+            self.requests_failed += 1
+            raise
         finally:
             self._running -= 1
+            self._inflight.pop(rid, None)
             self._rids.pop(request_id, None)
+            if response is not None:
+                await response.aclose()
             if not finished and capture:
                 self.collector.discard(rid)
+
+    @staticmethod
+    async def _race(awaitable, fault: asyncio.Future):
+        """Await `awaitable` unless the supervisor reports a fault first (then SGLangUnavailable, at once)."""
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task, fault}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise SGLangUnavailable(f"{fault.result()}; the request was aborted, SGLang is being restarted: retry")
 
     def _finished(self, rid, prompt_ids, params, meta, out: RequestOutput, capture: bool) -> None:
         per_pos = accepted_per_position(meta.get("spec_correct_drafts_histogram"), self.lookahead)
@@ -247,23 +317,32 @@ class SGLangEngine:
 
     # ------------------------------------------------------------- status
     def _check_alive(self) -> None:
-        if not self.server.alive():
+        if self.state != "ok":
+            raise SGLangUnavailable(f"SGLang is {self.state}: {self.fault}")
+        if not self.server.alive() and self.supervisor is None:
             self.error = f"SGLang exited with code {self.server.proc.returncode}; see {self.server.log_path}"
             raise RuntimeError(self.error)
 
     def stats(self) -> dict:
-        """Raises once SGLang's process is gone: /health then answers 503 with the reason."""
-        self._check_alive()
+        """Raises once SGLang's process is gone and no supervisor restarts it: /health then answers 503 with the
+        reason. Supervised, the state is reported instead (engine_state, engine_fault)."""
+        if self.supervisor is None:
+            self._check_alive()
         s = self.stats_.snapshot()
         s.update(running=self._running, waiting=0, draft_version=self.draft_version, engine="sglang",
                  swaps=self.swaps, swap_failures=self.swap_failures,
                  swap_ms_last=self.swap_ms[-1] if self.swap_ms else None)
+        if self.supervisor is not None:
+            s.update(engine_state=self.state, engine_fault=self.fault, engine_restarts=self.restarts,
+                     engine_requests_failed=self.requests_failed)
         if self.collector is not None:
             s["capture"] = dict(self.collector.counts, pending=self.collector.pending())
         return s
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         self._stop = True
+        if self.supervisor is not None:
+            self.supervisor.stop()
         t0 = time.monotonic()
         while drain and self._running and time.monotonic() - t0 < timeout:
             time.sleep(0.05)

@@ -17,6 +17,8 @@ import time
 
 import httpx
 
+from aurora.budget import sglang_flag
+
 log = logging.getLogger(__name__)
 LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
 PLUGIN = "aurora.sglang_engine.plugin"
@@ -43,8 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[str]:
-    """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone."""
+def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fraction: float | None = None) -> list[str]:
+    """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone.
+    `mem_fraction`: Aurora's --mem-fraction-static (aurora/budget.py), used only when sglang_args has none."""
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", target, "--host", "127.0.0.1",
             "--port", str(port), "--tp-size", str(cfg.tp_size), "--max-running-requests", str(cfg.max_batch),
             "--context-length", str(cfg.max_model_len), "--dtype", "bfloat16"]
@@ -54,6 +57,8 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int) -> list[s
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_dir,
                  "--speculative-num-steps", str(cfg.lookahead), "--speculative-eagle-topk", str(cfg.topk),
                  "--speculative-num-draft-tokens", str(cfg.num_draft_tokens), "--custom-weight-loader", LOADER]
+    if mem_fraction is not None and sglang_flag(cfg.sglang_args, "--mem-fraction-static") is None:
+        argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
     return argv + shlex.split(cfg.sglang_args)
 
 
@@ -75,13 +80,37 @@ def server_env(capture_address: str | None, swap_dir: str | None = None) -> dict
 
 class SGLangServer:
     def __init__(self, argv: list[str], env: dict, log_path: str, port: int):
-        self.port, self.log_path = port, log_path
+        self.port, self.log_path, self.argv, self.env = port, log_path, list(argv), env
         self.url = f"http://127.0.0.1:{port}"
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        log.info("starting SGLang: %s", shlex.join(argv))
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        self._spawn()
+
+    def _spawn(self) -> None:
+        log.info("starting SGLang: %s", shlex.join(self.argv))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self.children: list = []  # SGLang's own processes (schedulers, detokenizer), recorded once ready
+
+    def restart(self, draft_dir: str | None = None) -> None:
+        """Kill whatever is left of the server (its whole process group) and start it again, with `draft_dir`
+        as the draft when given. Call wait_ready() next."""
+        self.stop(timeout_s=10.0)
+        if draft_dir is not None and "--speculative-draft-model-path" in self.argv:
+            self.argv[self.argv.index("--speculative-draft-model-path") + 1] = draft_dir
+        self._spawn()
+
+    def dead_child(self) -> str | None:
+        """A description of the first of SGLang's child processes (recorded at ready) that has died: a killed
+        scheduler leaves the HTTP process up but every request hanging."""
+        for child in self.children:
+            try:
+                if child.is_running() and child.status() != "zombie":
+                    continue
+            except Exception:  # psutil.NoSuchProcess and friends: gone
+                pass
+            return f"SGLang child process {child.pid} died"
+        return None
 
     def wait_ready(self, timeout_s: float = 900.0) -> float:
         t0 = time.monotonic()
@@ -90,6 +119,7 @@ class SGLangServer:
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} while starting:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/model_info", timeout=2).status_code == 200:
+                    self.children = _children(self.proc.pid)
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
@@ -108,11 +138,31 @@ class SGLangServer:
             return ""
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
+        """SIGTERM to the process group (SIGKILL after timeout_s); also when the leader is gone already, so
+        no orphaned scheduler keeps its GPU memory."""
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped (hung) process only sees SIGTERM when continued
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self._log.close()
+
+
+def _children(pid: int) -> list:
+    try:
+        import psutil  # installed with SGLang
+    except ImportError:
+        return []
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []

@@ -47,6 +47,8 @@ class SampleBuffer:
         self.captured = 0  # samples offered to put
         self.dropped = 0   # samples lost to the bounds (either policy) or too large to ever fit
         self.replay_evicted = 0  # replayed samples evicted early for fresh ones (already trained on once)
+        self.heldout_taken = 0   # samples that went to the held-out ring
+        self.last_batch_fresh = False  # get_batch's last batch was fresh samples (not replays)
 
     def put(self, sample: Sample) -> bool:
         """Never blocks. Returns False when this sample was dropped (drop_newest, or larger than max_bytes)."""
@@ -55,6 +57,7 @@ class SampleBuffer:
             self.captured += 1
             if self.heldout_every and self.captured % self.heldout_every == 0:
                 self._heldout.append(sample)
+                self.heldout_taken += 1
                 return True
             if nbytes > self.max_bytes:
                 self.dropped += 1
@@ -82,6 +85,7 @@ class SampleBuffer:
             if not self._cond.wait_for(lambda: self._queue or self._replay, timeout=timeout):
                 return []
             batch, tokens = [], 0
+            self.last_batch_fresh = bool(self._queue)
             if self._queue:
                 while self._queue and (not batch or tokens + self._queue[0][0].num_tokens <= max_tokens):
                     sample, nbytes = self._queue.popleft()

@@ -18,15 +18,42 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
+from aurora.training.bounds import bound_samples, pack
 from aurora.training.ttt import batch_target, collate, trainable, ttt_forward
 
 
-@torch.no_grad()
 def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor | None, ttt_length: int,
-                         target_to_draft: torch.Tensor, device="cpu") -> dict:
+                         target_to_draft: torch.Tensor, device="cpu", chunk_tokens: int | None = None) -> dict:
     """Returns accept_length (sampling, expected tokens per round), greedy_accept_length, and step_accept
-    (mean a_k per step over trained positions). Positions count where all K steps have a target."""
+    (mean a_k per step over trained positions). Positions count where all K steps have a target.
+    chunk_tokens: the samples are scored in batches of at most this many padded tokens (samples longer than
+    that are split into windows, see bounds.py), so memory is bounded whatever the held-out lengths; the
+    figures are the same sums as one batch gives, combined exactly."""
     K = ttt_length
+    if chunk_tokens is None:
+        groups = [trainable(samples)]
+    else:
+        items, _, _ = bound_samples(trainable(samples), chunk_tokens)
+        groups = [[s for _, s in g] for g in pack(items, chunk_tokens)]
+    if not groups or not groups[0]:
+        raise ValueError("no sample with >= 3 tokens")
+    total = None
+    for group in groups:
+        part = _acceptance_sums(draft, group, lm_head, K, target_to_draft, device)
+        total = part if total is None else {k: total[k] + part[k] for k in total}
+    n = max(total["positions"], 1)
+    return {"accept_length": 1.0 + total["chain"] / n, "greedy_accept_length": 1.0 + total["chain_greedy"] / n,
+            "served_greedy_accept_length": total["tokens"] / max(total["rounds"], 1),
+            "completion_tokens": total["tokens"], "rounds": total["rounds"],
+            "served_greedy_step_accept": (total["hit"] / total["tried"].clamp_min(1)).tolist(),
+            "step_accept": (total["step_sum"] / total["step_count"].clamp_min(1)).tolist(),
+            "positions": total["positions"]}
+
+
+@torch.no_grad()
+def _acceptance_sums(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor | None, K: int,
+                     target_to_draft: torch.Tensor, device) -> dict:
+    """The sums simulated_acceptance averages, over one batch (float64 on the host, so chunks add exactly)."""
     batch = collate(samples, K, target_to_draft, device)
     B, L = batch.shape
     tdist = batch_target(batch, draft, lm_head)
@@ -46,14 +73,12 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
         hits.append(arg == served[:, 1 + k:1 + k + L])  # step k at t guessed the served token x[t+2+k]
     acc, greedy = torch.stack(acc), torch.stack(greedy)                          # [K,B,L]
     full = valid.all(0)                                                          # [B,L]
-    n = full.sum().clamp_min(1)
-    chain = lambda a: (a.cumprod(0).sum(0) * full).sum() / n  # noqa: E731
-    step = [float((acc[k] * valid[k]).sum() / valid[k].sum().clamp_min(1)) for k in range(K)]
+    chain = lambda a: float((a.cumprod(0).sum(0) * full).double().sum())  # noqa: E731
     tokens, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # batch rows, in order
-    return {"accept_length": 1.0 + float(chain(acc)), "greedy_accept_length": 1.0 + float(chain(greedy)),
-            "served_greedy_accept_length": tokens / max(rounds, 1), "completion_tokens": tokens, "rounds": rounds,
-            "served_greedy_step_accept": [h / t if t else 0.0 for h, t in zip(hit, tried)],
-            "step_accept": step, "positions": int(full.sum())}
+    return {"chain": chain(acc), "chain_greedy": chain(greedy), "positions": int(full.sum()),
+            "step_sum": (acc * valid).flatten(1).double().sum(1).cpu(),
+            "step_count": valid.flatten(1).double().sum(1).cpu(), "tokens": tokens, "rounds": rounds,
+            "tried": torch.tensor(tried, dtype=torch.float64), "hit": torch.tensor(hit, dtype=torch.float64)}
 
 
 def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int, list[int], list[int]]:

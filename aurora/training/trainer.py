@@ -3,13 +3,24 @@
 Serving threads call `add_sample` (a non-blocking buffer put) and `request_finished` (a counter); a daemon
 thread trains an fp32 master copy of the draft (AdamW, linear warm-up, grad clipping) on buffered samples
 and, every `sync_every` finished requests, publishes a snapshot in the engine's dtype through the
-`publish(state_dict, version, acceptance)` callback (acceptance: the guard's per-position prediction for the
-new version, or None), after a guard (finite weights; simulated acceptance on held-out
-samples not clearly worse than the live draft's). Every publish is checkpointed (see checkpoint.py).
+`publish(state_dict, version, acceptance)` callback after a guard (finite weights; simulated acceptance on
+held-out samples not clearly worse than the live draft's). acceptance: the guard's per-position prediction for
+the new version (None when nothing is held out yet). Every publish is checkpointed (see checkpoint.py).
 
-Faults: a step whose loss or gradient norm is non-finite, or that raises, is skipped (no optimiser update),
-counted in `failures` and `last_error`; after `max_consecutive_failures` in a row the thread gives up with
-state "failed". The published draft never changes because of a fault: only a guarded publish changes it.
+Faults: nothing the thread does (a step, the guard's held-out pass, a publish) can end it silently. A step
+whose loss or gradient norm is non-finite, or that raises, is skipped (no optimiser update); a guard or
+publish that raises refuses the swap (retried after the back-off). Each failure is counted by kind
+(faults.py: oom, nan_loss, guard_error, exception) with `last_error`; the thread then backs off: state
+"backing_off", batch tokens halved (down to `min_batch_tokens`), the CUDA cache emptied, a sleep that doubles
+per consecutive failure (`backoff_initial_s` .. `backoff_max_s`). After `restore_after` good steps the batch
+size doubles back. After `max_consecutive_failures` in a row the thread stops in state "failed" (the server's
+/health then says "degraded"). Serving never waits on any of it, and the published draft never changes
+because of a fault: only a guarded publish changes it.
+
+Bounded memory (bounds.py): every step's padded batch is at most the current batch tokens, and a sample
+longer than `max_sample_tokens` (or the current batch tokens) is split into windows or skipped, counted in
+`samples_dropped_by_reason` / `samples_split`. The guard scores held-out samples in batches of at most
+`guard_chunk_tokens` padded tokens (halved with the batch size while backing off).
 
 Threads: torch.set_num_threads is process-global in name, but with the OpenMP backend it sets the calling
 thread's OpenMP/MKL thread count plus a global default read by threads that have not run a parallel op yet.
@@ -34,12 +45,23 @@ import torch
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
 from aurora.training.buffer import SampleBuffer
+from aurora.training.bounds import MIN_TOKENS, POLICIES, bound_samples, pack
 from aurora.training.checkpoint import read_trainer_state, write_checkpoint
+from aurora.training.faults import KINDS, FaultInjector, NonFiniteLoss, failure_kind
 from aurora.training.guard import finite_state, simulated_acceptance
 from aurora.training.loss import OBJECTIVES
 from aurora.training.ttt import collate, ttt_loss
 
 log = logging.getLogger("aurora.training")
+
+_HINTS = {  # what the user can do, by failure kind
+    "oom": "The trainer ran out of GPU memory: lower --train-batch-tokens, leave SGLang less memory (its "
+           "--mem-fraction-static in --sglang-args), or put the trainer on another GPU (--trainer-device cuda:N).",
+    "nan_loss": "The loss was not finite (the step was skipped, the draft is unchanged): lower --lr if it repeats.",
+    "guard_error": "The swap guard's held-out pass failed; the swap is retried after the back-off.",
+    "exception": "See the traceback above.",
+    None: "",
+}
 
 
 @dataclass
@@ -64,7 +86,15 @@ class TrainConfig:
     heldout_every: int = 20
     heldout_size: int = 32
     keep_versions: int = 3                # published versions kept in memory for rollback
-    max_consecutive_failures: int = 20
+    max_consecutive_failures: int = 10   # failures in a row before the trainer stops in state "failed"
+    backoff_initial_s: float = 1.0        # sleep after a failure; doubles per consecutive failure
+    backoff_max_s: float = 60.0
+    min_batch_tokens: int = 128           # back-off halves the batch tokens down to this
+    restore_after: int = 10               # good steps at a reduced batch size before it doubles back
+    max_sample_tokens: int | None = None  # longer samples are split or skipped; None = batch_tokens
+    long_sample_policy: str = "split"     # "split" into windows or "skip"
+    guard_chunk_tokens: int = 2048        # padded tokens per batch of the guard's held-out pass
+    faults: str | None = None             # fault injection (faults.py); None = the AURORA_FAULT variable
     checkpoint_dir: str | None = None
     resume: bool = False
     device: str = "cpu"
@@ -75,10 +105,11 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("lr", "grad_clip", "batch_tokens", "sync_every", "ttt_length", "torch_threads",
-                     "max_consecutive_failures", "replay_passes"):
+                     "max_consecutive_failures", "replay_passes", "restore_after"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("warmup_steps", "weight_decay", "reject_weight", "min_samples_before_train", "guard_margin"):
+        for name in ("warmup_steps", "weight_decay", "reject_weight", "min_samples_before_train", "guard_margin",
+                     "backoff_initial_s", "backoff_max_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 < self.step_decay <= 1 or not 0 < self.sample_rate <= 1:
@@ -87,6 +118,13 @@ class TrainConfig:
             raise ValueError("keep_versions must be >= 2 (rollback needs the previous version)")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
+        bounded = ("min_batch_tokens", "guard_chunk_tokens") + (("max_sample_tokens",) if self.max_sample_tokens else ())
+        for name in bounded:
+            if getattr(self, name) < MIN_TOKENS:
+                raise ValueError(f"{name} must be >= {MIN_TOKENS}")
+        if self.long_sample_policy not in POLICIES:
+            raise ValueError(f"long_sample_policy must be one of {POLICIES}, got {self.long_sample_policy!r}")
+        FaultInjector.from_env(self.faults)  # a bad spec fails here, not in the thread
 
 
 class OnlineTrainer:
@@ -116,9 +154,17 @@ class OnlineTrainer:
         self.version, self.steps, self.swaps, self.swaps_refused, self.failures = 0, 0, 0, 0, 0
         self.requests_since_swap, self.finished_requests, self.samples_invalid = 0, 0, 0
         self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
+        self._prediction: list[float] | None = None  # the guard's for the latest candidate
+        self.failures_by_kind = dict.fromkeys(KINDS, 0)
+        self.last_failure_kind: str | None = None
+        self.samples_trained, self.samples_split = 0, 0  # fresh samples trained (replays not counted again)
+        self.samples_dropped_trainer = {"too_long": 0, "step_failed": 0}
+        self._batch_tokens, self._good_steps = c.batch_tokens, 0  # current (backed-off) batch size
+        self.faults = FaultInjector.from_env(c.faults)
+        if self.faults.active:
+            log.warning("trainer fault injection is on: %s", self.faults.spec)
         self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
-        self._prediction: list[float] | None = None  # the guard's for the latest candidate
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
 
@@ -175,34 +221,114 @@ class OnlineTrainer:
             torch.cuda.set_stream(torch.cuda.Stream(self.device))
         ready.set()
         while not self._stop.is_set():
-            if self._sync.is_set():
-                self._sync.clear()
-                self.swap_now()
-            if self.buffer.captured < self.config.min_samples_before_train:
-                self._state = "idle"
-                self._stop.wait(0.05)
-                continue
-            samples = self.buffer.get_batch(self.config.batch_tokens, timeout=0.1)
-            if not samples:
-                self._state = "idle"
-                continue
-            self._state = "training"
             try:
-                self.train_step(samples)
-                self._consecutive_failures = 0
-            except Exception as e:  # a bad step must never take serving down
-                self._record_failure(f"step {self.steps}: {e!r}")
-                if self._consecutive_failures >= self.config.max_consecutive_failures:
-                    self._state = "failed"
-                    log.error("trainer stopped after %d consecutive failures", self._consecutive_failures)
+                self._iteration()
+            except Exception as e:  # nothing may end this thread unseen (see the module doc)
+                where = getattr(e, "aurora_where", "step")
+                self._record_failure(failure_kind(e, where), f"{where}: {type(e).__name__}: {e}",
+                                     exc_info=not isinstance(e, NonFiniteLoss))
+                if not self._back_off():
                     return
+            except BaseException as e:  # not an Exception (e.g. SystemExit from a library): record it, then go
+                self._record_failure("exception", f"{type(e).__name__}: {e}")
+                self._give_up()
+                raise
 
-    def _record_failure(self, msg: str) -> None:
-        log.warning("trainer step skipped: %s", msg)
+    def _iteration(self) -> None:
+        if self._sync.is_set():
+            self._sync.clear()
+            try:
+                self._swap()
+            except Exception:
+                self._sync.set()  # the swap is retried after the back-off
+                raise
+            self._succeeded(step=False)
+        if self.buffer.captured < self.config.min_samples_before_train:
+            self._state = "idle"
+            self._stop.wait(0.05)
+            return
+        samples = self.buffer.get_batch(self._batch_tokens, timeout=0.1)
+        if not samples:
+            self._state = "idle"
+            return
+        self._state = "training"
+        self._train_batch(samples, fresh=self.buffer.last_batch_fresh)
+
+    def _train_batch(self, samples: list[Sample], fresh: bool) -> None:
+        """Bounded steps over one buffer batch: samples split (or skipped) to the bound, packed so every step's
+        padded size is at most the current batch tokens. On a failure the rest of the batch is dropped
+        (counted) and the error propagates to the back-off."""
+        c = self.config
+        bound = min(c.max_sample_tokens or c.batch_tokens, self._batch_tokens)
+        items, split, skipped = bound_samples(samples, bound, c.long_sample_policy)
+        if fresh:  # replays were counted when they were fresh
+            with self._stats_lock:
+                self.samples_split += split
+                self.samples_dropped_trainer["too_long"] += skipped
+            if skipped:
+                log.warning("skipped %d sample(s) longer than %d tokens (long_sample_policy skip)", skipped, bound)
+        pending = {}  # original sample -> its windows not yet trained
+        for j, (i, _) in enumerate(items):
+            pending.setdefault(i, set()).add(j)
+        try:
+            for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
+                self.train_step([s for _, (_, s) in group])
+                for j, (i, _) in group:
+                    pending[i].discard(j)
+                self._succeeded()
+        finally:
+            if fresh:
+                lost = sum(1 for w in pending.values() if w)
+                with self._stats_lock:
+                    self.samples_dropped_trainer["step_failed"] += lost
+                    self.samples_trained += len(pending) - lost
+
+    def _succeeded(self, step: bool = True) -> None:
+        """A good step or swap: the failure streak ends; after restore_after good steps the batch size doubles
+        back."""
+        with self._stats_lock:
+            if self._consecutive_failures:
+                log.info("trainer recovered after %d failure(s); batch tokens %d", self._consecutive_failures,
+                         self._batch_tokens)
+            self._consecutive_failures = 0
+        if step and self._batch_tokens < self.config.batch_tokens:
+            self._good_steps += 1
+            if self._good_steps >= self.config.restore_after:
+                self._batch_tokens, self._good_steps = min(self.config.batch_tokens, 2 * self._batch_tokens), 0
+                log.info("trainer batch tokens back up to %d", self._batch_tokens)
+
+    def _back_off(self) -> bool:
+        """After a failure (already recorded): smaller batches, freed cache, a growing sleep. False: give up."""
+        c, n = self.config, self._consecutive_failures
+        if n >= c.max_consecutive_failures:
+            self._give_up()
+            return False
+        self._state = "backing_off"
+        self._batch_tokens = max(min(c.min_batch_tokens, c.batch_tokens), self._batch_tokens // 2)
+        self._good_steps = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed step's blocks go back to the device (serving may need them)
+        delay = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (n - 1))
+        log.warning("trainer backing off %.1f s (failure %d of %d in a row), batch tokens now %d; serving is not "
+                    "affected. %s", delay, n, c.max_consecutive_failures, self._batch_tokens,
+                    _HINTS[self.last_failure_kind])
+        self._stop.wait(delay)
+        return True
+
+    def _give_up(self) -> None:
+        self._state = "failed"
+        log.error("trainer stopped after %d consecutive failures (last, %s: %s). Serving continues with draft "
+                  "version %d, which no longer learns. %s Restart the server (with --resume to keep the trained "
+                  "draft) once the cause is fixed.", self._consecutive_failures, self.last_failure_kind,
+                  self.last_error, self.version, _HINTS[self.last_failure_kind])
+
+    def _record_failure(self, kind: str, msg: str, exc_info: bool = False) -> None:
+        log.warning("trainer failure (%s): %s", kind, msg, exc_info=exc_info)
         with self._stats_lock:
             self.failures += 1
+            self.failures_by_kind[kind] += 1
             self._consecutive_failures += 1
-            self.last_error = msg
+            self.last_error, self.last_failure_kind = msg, kind
 
     # ---- training ----
     def train_step(self, samples: list[Sample]) -> float:
@@ -210,10 +336,13 @@ class OnlineTrainer:
         c = self.config
         t0 = time.perf_counter()
         batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
+        self.faults.check("trainer_oom")
         with self._model_lock:
             self.master.train()
             loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
                                                    c.step_decay, c.reject_weight)
+            if self.faults.fires("nan_loss"):
+                loss = loss * float("nan")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), c.grad_clip)
@@ -225,8 +354,8 @@ class OnlineTrainer:
             loss_steps, acc_steps = stats[2:2 + c.ttt_length], stats[2 + c.ttt_length:]
             if not math.isfinite(loss_f) or not math.isfinite(gnorm_f):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
-                                         else f"non-finite gradient norm {gnorm_f}")
+                raise NonFiniteLoss(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
+                                    else f"non-finite gradient norm {gnorm_f}")
             self.optimizer.step()
             self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -241,14 +370,30 @@ class OnlineTrainer:
 
     # ---- publishing ----
     def swap_now(self) -> int | None:
-        """Guard and publish the current master now. Returns the new version, or None if refused/failed."""
+        """Guard and publish the current master now. Returns the new version, or None if refused or failed
+        (a failure is counted by kind, with last_error)."""
+        try:
+            version = self._swap()
+        except Exception as e:
+            where = getattr(e, "aurora_where", "publish")
+            self._record_failure(failure_kind(e, where), f"{where}: {type(e).__name__}: {e}", exc_info=True)
+            return None
+        self._succeeded(step=False)
+        return version
+
+    def _swap(self) -> int | None:
+        """Raises what the guard or the publish raised, marked with `aurora_where` ("guard" or "publish")."""
         with self._publish_lock:
             with self._model_lock:
                 candidate = self._snapshot()
             with self._stats_lock:
                 self.requests_since_swap = 0
             self._prediction = None
-            verdict = self._guard(candidate)
+            try:
+                verdict = self._guard(candidate)
+            except Exception as e:
+                e.aurora_where = "guard"
+                raise
             if verdict is not None:
                 log.warning("swap refused: %s", verdict)
                 with self._stats_lock:
@@ -268,10 +413,11 @@ class OnlineTrainer:
             with self._model_lock:
                 self.master.load_state_dict(state, strict=False)
                 self.optimizer.state.clear()
-            version = self._publish(state)
-            if version is None:
-                raise RuntimeError(f"rollback publish failed: {self.last_error}")
-            return version
+            try:
+                return self._publish(state)
+            except Exception as e:
+                self._record_failure(failure_kind(e, "publish"), f"rollback publish: {type(e).__name__}: {e}")
+                raise RuntimeError(f"rollback publish failed: {e!r}") from e
 
     def _guard(self, candidate: dict) -> str | None:
         if not finite_state(candidate):
@@ -292,18 +438,24 @@ class OnlineTrainer:
         return self._simulate(state, samples)["accept_length"]
 
     def _simulate(self, state: dict, samples: list[Sample]) -> dict:
+        self.faults.check("guard_error")
+        self.faults.check("guard_oom")
         self._scratch.load_state_dict(state, strict=False)
-        return simulated_acceptance(self._scratch, samples, self.lm_head, self.config.ttt_length,
-                                    self.target_to_draft, self.device)
+        c = self.config  # the chunk shrinks with the batch size while backing off (an OOM there was the guard's)
+        chunk = max(MIN_TOKENS, c.guard_chunk_tokens * self._batch_tokens // c.batch_tokens)
+        return simulated_acceptance(self._scratch, samples, self.lm_head, c.ttt_length, self.target_to_draft,
+                                    self.device, chunk_tokens=chunk)
 
     def _publish(self, state: dict, acceptance: list[float] | None = None) -> int | None:
-        """acceptance: the state's predicted per-position acceptance on held-out traffic, None if not known."""
+        """Raises (marked aurora_where "publish") when the engine refused the weights: it still serves the
+        previous version. acceptance: the state's predicted per-position acceptance on held-out traffic."""
         version = self.version + 1
         try:
+            self.faults.check("publish_error")
             self._publish_fn(state, version, acceptance)
-        except Exception as e:  # the engine refused the weights: it still serves the previous version
-            self._record_failure(f"publish v{version}: {e!r}")
-            return None
+        except Exception as e:
+            e.aurora_where = "publish"
+            raise
         with self._stats_lock:
             self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
         self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
@@ -311,8 +463,18 @@ class OnlineTrainer:
             try:
                 self.save()
             except Exception as e:  # serving goes on; the previous checkpoint stays loadable
-                self._record_failure(f"checkpoint v{version}: {e!r}")
+                log.exception("checkpoint of draft version %d failed", version)
+                self._record_failure(failure_kind(e, "publish"), f"checkpoint v{version}: {type(e).__name__}: {e}")
         return version
+
+    def published_draft(self) -> tuple[int, Eagle3Draft]:
+        """(version, a draft holding the weights last published), e.g. to restart an engine with them."""
+        with self._publish_lock:
+            version, state = self._history[-1]
+        draft = Eagle3Draft(self.master.config)
+        draft.load_state_dict({k: v.detach().cpu() for k, v in self.master.state_dict().items()}, strict=False)
+        draft.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=False)
+        return version, draft
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """Parameters only, in the engine's dtype (d2t/t2d are fixed on day 0 and never re-sent)."""
@@ -378,13 +540,24 @@ class OnlineTrainer:
 
     def status(self) -> dict:
         with self._stats_lock:
-            return {"state": self._state, "version": self.version, "steps": self.steps,
+            state = self._state
+            if self._consecutive_failures and state not in ("failed", "stopped"):
+                state = "backing_off"  # until a step or swap succeeds again
+            dropped = {"buffer_full": self.buffer.dropped, "invalid": self.samples_invalid,
+                       **self.samples_dropped_trainer}
+            return {"state": state, "version": self.version, "steps": self.steps,
                     "loss_per_step": list(self.loss_per_step), "acc_per_step": list(self.acc_per_step),
                     "samples_captured": self.buffer.captured, "samples_dropped": self.buffer.dropped,
                     "samples_invalid": self.samples_invalid, "buffer_size": self.buffer.size,
                     "buffer_bytes": self.buffer.bytes, "heldout_size": len(self.buffer.heldout()),
                     "replay_size": self.buffer.replay_size, "replay_evicted": self.buffer.replay_evicted,
                     "swaps": self.swaps, "swaps_refused": self.swaps_refused, "failures": self.failures,
+                    "failures_by_kind": dict(self.failures_by_kind), "last_failure_kind": self.last_failure_kind,
+                    "consecutive_failures": self._consecutive_failures,
+                    "max_consecutive_failures": self.config.max_consecutive_failures,
+                    "batch_tokens": self._batch_tokens, "samples_trained": self.samples_trained,
+                    "samples_split": self.samples_split, "samples_dropped_by_reason": dropped,
+                    "samples_heldout": self.buffer.heldout_taken,
                     "last_error": self.last_error, "last_guard": self.last_guard,
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
                     "requests_since_swap": self.requests_since_swap,

@@ -100,7 +100,7 @@ def test_faulty_loss_keeps_published_version(target, samples, monkeypatch, fault
 
     monkeypatch.setattr(trainer_mod, "ttt_loss", bad_loss)
     tr, engine = make_trainer(target, samples, sync_every=2, min_samples_before_train=1, batch_tokens=100,
-                              max_consecutive_failures=4)
+                              max_consecutive_failures=4, backoff_initial_s=0.01)
     before = {k: v.clone() for k, v in tr.master.state_dict().items()}
     torch.set_num_threads(2)
     try:

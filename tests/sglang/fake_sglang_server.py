@@ -1,0 +1,52 @@
+"""A stand-in for `sglang.launch_server` as a real child process (stdlib only, starts fast): /model_info,
+streamed /generate (one token every FAKE_SGLANG_DELAY seconds, SGLang's cumulative output_ids), /abort_request.
+Each start appends its argv to FAKE_SGLANG_RECORD, so a test can see what a restart was given."""
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0.05"))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # bodies end when the connection closes: streaming without chunking
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, obj, status=200):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._json({"model_path": "fake"} if self.path == "/model_info" else {}, 200 if self.path == "/model_info" else 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+        if self.path != "/generate":
+            return self._json({"success": True})
+        n = body["sampling_params"]["max_new_tokens"]
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        ids = []
+        for i in range(n):
+            time.sleep(DELAY)
+            ids.append(7)
+            meta = {"spec_verify_ct": i + 1, "finish_reason": {"type": "length"} if i == n - 1 else None}
+            self.wfile.write(f"data: {json.dumps({'output_ids': ids, 'meta_info': meta})}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    with open(os.environ["FAKE_SGLANG_RECORD"], "a") as f:
+        f.write(json.dumps(argv) + "\n")
+    ThreadingHTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), Handler).serve_forever()
