@@ -49,27 +49,30 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
     n = full.sum().clamp_min(1)
     chain = lambda a: (a.cumprod(0).sum(0) * full).sum() / n  # noqa: E731
     step = [float((acc[k] * valid[k]).sum() / valid[k].sum().clamp_min(1)) for k in range(K)]
-    tokens, rounds = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # the batch's rows, in order
+    tokens, verified, rounds = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # the batch's rows, in order
     return {"accept_length": 1.0 + float(chain(acc)), "greedy_accept_length": 1.0 + float(chain(greedy)),
-            "served_greedy_accept_length": tokens / max(rounds, 1), "completion_tokens": tokens, "rounds": rounds,
+            "served_greedy_accept_length": verified / max(rounds, 1), "completion_tokens": tokens,
+            "verify_tokens": verified, "rounds": rounds,
             "step_accept": step, "positions": int(full.sum())}
 
 
 def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int]:
     """Replay greedy serving over each completion: hits [K,B,L] (step k at t guessed x[t+2+k]). The prefill
     emits x[P]; a round after x[m] runs the draft at t = m-1, accepts its leading hits, emits accepted + 1.
-    Returns (completion tokens, verify rounds) summed over samples, as the engine counts them."""
-    tokens = rounds = 0
+    Returns (completion tokens, tokens committed by verify rounds, verify rounds) summed over samples, as the
+    engine counts them (the prefill's token is a completion token but no round's)."""
+    tokens = verified = rounds = 0
     for b, s in enumerate(samples):
         T, m = s.num_tokens, s.prompt_len
         h = hits[:, b].tolist()
         tokens += T - m
+        verified += max(T - m - 1, 0)
         while m < T - 1:
             a = 0
             while a < K and m + a < T - 1 and h[a][m - 1]:
                 a += 1
             m, rounds = m + a + 1, rounds + 1
-    return tokens, rounds
+    return tokens, verified, rounds
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:
