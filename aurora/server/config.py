@@ -102,8 +102,8 @@ class ServeConfig:
         _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         _check(isinstance(self.buffer_gib, (int, float)) and self.buffer_gib > 0,
                f"buffer_gib must be > 0, got {self.buffer_gib!r}")
-        _check(isinstance(self.sample_rate, (int, float)) and 0.0 <= self.sample_rate <= 1.0,
-               f"sample_rate must be in [0, 1], got {self.sample_rate!r}")
+        _check(isinstance(self.sample_rate, (int, float)) and 0.0 < self.sample_rate <= 1.0,  # as the trainer's
+               f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         _check(_is_int(self.port) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port!r}")
         _check(_is_int(self.max_body_bytes) and self.max_body_bytes >= 1024,
                f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
