@@ -74,7 +74,8 @@ class _BoolFlag(argparse.Action):
 
     def __init__(self, option_strings, dest, **kwargs):
         name = option_strings[0][2:]
-        super().__init__(option_strings + [f"--no-{name}"], dest, nargs="?", metavar="BOOL", **kwargs)
+        super().__init__(option_strings + [f"--no-{name}"], dest, nargs="?", metavar="BOOL", type=_parse_bool,
+                         **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string.startswith("--no-"):
@@ -82,7 +83,7 @@ class _BoolFlag(argparse.Action):
                 parser.error(f"{option_string} takes no value")
             setattr(namespace, self.dest, False)
         else:
-            setattr(namespace, self.dest, True if values is None else _parse_bool(values))
+            setattr(namespace, self.dest, True if values is None else values)
 
 
 class _Formatter(argparse.HelpFormatter):

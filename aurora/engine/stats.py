@@ -16,8 +16,8 @@ TPS_WINDOW_S = 10.0
 
 
 class EngineStats:
-    def __init__(self, lookahead: int, window: int = 100, versions: int = 8):
-        self.k, self.window, self.versions = lookahead, window, versions
+    def __init__(self, lookahead: int, window: int = 100, versions: int = 8, clock=time.monotonic):
+        self.k, self.window, self.versions, self.clock = lookahead, window, versions, clock
         self.recent: deque = deque(maxlen=window)  # (verify tokens, rounds, accepted_per_position)
         self.by_version: OrderedDict[int, list[int]] = OrderedDict()  # version -> [verify tokens, rounds]
         self.requests_finished = 0
@@ -27,7 +27,7 @@ class EngineStats:
         self._lock = threading.Lock()
 
     def on_tokens(self, n: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self.generated_tokens += n
             self._tok_times.append((now, n))
@@ -53,7 +53,7 @@ class EngineStats:
                     self.by_version.popitem(last=False)
 
     def snapshot(self) -> dict:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self._trim(now)
             toks = sum(r[0] for r in self.recent)
