@@ -69,6 +69,13 @@ class MetricsLogger:
             return wandb.init(project=os.environ.get("WANDB_PROJECT", "aurora"), mode=self.cfg.wandb,
                               dir=self.cfg.run_dir, name=os.path.basename(os.path.normpath(self.cfg.run_dir)),
                               config=self.cfg.to_dict())
+        except ModuleNotFoundError as e:
+            if e.name != "wandb":  # wandb itself is broken: as any other failure below
+                log.warning("wandb disabled (%s: %s); metrics still go to %s", type(e).__name__, e, self.path)
+                return None
+            log.warning("wandb is not installed (pip install 'aurora-spec[wandb]', or --wandb disabled to silence "
+                        "this); metrics still go to %s", self.path)
+            return None
         except Exception as e:  # the JSONL log goes on without wandb
             log.warning("wandb disabled (%s: %s); metrics still go to %s", type(e).__name__, e, self.path)
             return None

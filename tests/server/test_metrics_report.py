@@ -92,3 +92,23 @@ def test_report_series_have_no_fake_points_and_idle_is_zero():
             {"elapsed_s": 25.0, "serve/generated_tokens": 1500, "serve/accept_length": 2.0}]
     assert rate(rows, "serve/generated_tokens") == ([5.0, 10.0, 15.0, 25.0], [100.0, 200.0, 0.0, 0.0])
     assert [r["elapsed_s"] for r in _served(rows)] == [5.0, 10.0, 15.0, 25.0]
+
+
+def test_logger_says_how_to_get_wandb(service, tmp_path, monkeypatch, caplog):
+    import builtins
+
+    from aurora.server.config import ServeConfig
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb":
+            raise ModuleNotFoundError("No module named 'wandb'", name="wandb")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = ServeConfig(target="smollm2", draft=None, wandb="offline", run_dir=str(tmp_path))
+    logger = MetricsLogger(service, cfg, interval_s=60)
+    assert logger._init_wandb() is None
+    assert "pip install 'aurora-spec[wandb]'" in caplog.text
