@@ -1,10 +1,11 @@
 """Rolling serving statistics: accept length (SGLang's: tokens committed by verify rounds / verify rounds, the
 prefill token excluded; see sequence.py), acceptance per draft position, tokens/s.
 
-Windows, exactly: "recent" = the last `window` finished requests that had at least one verify round (requests
-without a draft, or ending at their prefill token, have no accept length and do not enter it); "by version" = all
-such requests of each of the `versions` draft versions that most recently finished one; tokens/s = tokens generated in the
-last `TPS_WINDOW_S` seconds / that span (0 once nothing was generated for that long).
+Windows, exactly: "recent" = the last `window` finished requests that had at least one verify round
+(requests without a draft, or ending at their prefill token, have no accept length and do not enter it);
+"by version" = all such requests of each of the `versions` draft versions that most recently finished one;
+tokens/s = tokens generated in the last `TPS_WINDOW_S` seconds / that span (0 once nothing was generated for
+that long).
 """
 import threading
 import time

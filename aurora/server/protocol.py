@@ -56,7 +56,8 @@ class SamplingRequest(BaseModel):
         None, description="only an empty map is supported")
 
     # field -> neutral value(s); _unsupported refuses any other
-    NEUTRAL: ClassVar[dict] = {"frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0), "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict] = {"frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0),
+                               "logit_bias": (None, {})}
 
     @field_validator("stop")
     @classmethod
