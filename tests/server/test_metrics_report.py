@@ -112,3 +112,19 @@ def test_logger_says_how_to_get_wandb(service, tmp_path, monkeypatch, caplog):
     logger = MetricsLogger(service, cfg, interval_s=60)
     assert logger._init_wandb() is None
     assert "pip install 'aurora-spec[wandb]'" in caplog.text
+
+
+def test_an_unhandled_error_is_counted_as_500_not_disconnected(server):
+    url, service = server
+
+    async def broken(*a, **kw):
+        raise TypeError("a bug")
+        yield  # an async generator, as the engine's
+
+    service.engine.generate = broken
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+    assert samples[("aurora_requests_total", (("code", "500"), ("route", "/v1/completions")))] == 1
+    assert ("aurora_requests_total", (("code", "disconnected"), ("route", "/v1/completions"))) not in samples
