@@ -3,8 +3,9 @@
 
 Every `ServeConfig` field is a `serve` flag (`--max-batch 16`); a YAML file (`--config x.yaml`) sets fields
 first and the flags given override it. With no arguments `aurora serve` serves the embedded SmolLM2 with a
-fresh draft. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish, then the service shuts down
-(drains the engine, checkpoints the draft).
+fresh draft. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish for up to --drain-timeout-s
+seconds (those still running then end with an error saying the server shut down), then the service shuts down
+(stops training, checkpoints the draft).
 """
 import argparse
 import logging
@@ -15,39 +16,86 @@ import time
 import types
 from dataclasses import MISSING, fields
 
-from aurora.server.config import ServeConfig
+from aurora.engine.sequence import SHUTDOWN_ERROR
+from aurora.server.config import ServeConfig, redact
 
 log = logging.getLogger("aurora")
 
-_HELP = {
+_HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "target": "target model: 'smollm2' (embedded), a local directory or a hub id",
     "draft": "'scratch' (new EAGLE3 head), a draft checkpoint directory, or 'none' to serve the target alone",
     "engine": "'local' (built-in engine) or 'sglang'",
-    "num_draft_tokens": "tokens verified per round (default lookahead+1)",
-    "run_dir": "directory for checkpoints, metrics.jsonl and wandb files (default runs/<timestamp>)",
-    "api_key": "require 'Authorization: Bearer KEY' on inference routes",
-    "admin_key": "enable /v1/draft/{swap,save,rollback} with this bearer key",
-    "wandb": "offline (default without WANDB_API_KEY), online or disabled",
-    "lookahead": "the deepest draft chain per verify round",
+    "lookahead": "draft steps per verify round (SGLang's speculative_num_steps)",
+    "topk": "draft branches per step: 1 drafts a chain, more draft a tree (SGLang's speculative_eagle_topk)",
+    "num_draft_tokens": "tokens verified per round, the root included (default lookahead+1, a chain)",
+    "sglang_hang_timeout_s": "engine sglang: seconds without any response bytes while requests are in flight "
+                             "before SGLang counts as hung and is restarted",
+    "sglang_max_restarts": "engine sglang: restarts of a crashed or hung SGLang before Aurora gives up",
     "adaptive_depth": "built-in engine: choose each step's speculation depth (0..lookahead) by measured cost and "
                       "acceptance; false: always the full lookahead",
     "max_batch": "most requests decoded together",
     "max_model_len": "context length (prompt + completion) in tokens",
     "device": "auto, cpu, cuda or cuda:N",
-    "objective": "divergence the draft is trained with: fkl, rkl or tv",
-    "lr": "draft learning rate",
-    "sync_every": "finished requests between draft hot-swaps",
-    "sample_rate": "fraction of finished requests captured for training",
-    "buffer_samples": "capture buffer capacity in samples",
-    "max_concurrent_requests": "in-flight inference requests beyond which requests get 429",
-    "max_body_bytes": "request bodies larger than this get 413",
+    "fused_kernels": "built-in engine: Triton kernels for rotary + KV write, add + RMSNorm, SiLU * up "
+                     "(default: on for CUDA when triton is installed)",
     "priority_stream": "built-in engine on CUDA: run serving on a high-priority stream, ahead of the trainer's kernels",
     "tp_size": "tensor-parallel ranks (engine sglang)",
     "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
+    "sglang_swap": "engine sglang: 'step' copies new draft weights between two scheduler steps (no pause); "
+                   "'pause' uses SGLang's pause -> update -> continue",
+    "sglang_args": "extra flags for SGLang's server, verbatim, e.g. '--mem-fraction-static 0.6' (engine sglang)",
+    "objective": "divergence the draft is trained with: fkl, rkl or tv",
+    "lr": "draft learning rate (AdamW peak, after warm-up)",
+    "sync_every": "finished requests between draft hot-swaps",
+    "sample_rate": "fraction of finished requests captured for training, in (0, 1]",
+    "buffer_samples": "capture buffer capacity in samples (the oldest are dropped first)",
+    "buffer_gib": "capture buffer's host-memory bound in GiB",
+    "replay_passes": "times each captured sample is trained on (fresh samples first)",
+    "draft_vocab_size": "scratch drafts: draft vocabulary size, the most frequent tokens of the first "
+                        "--vocab-warmup-requests requests (default: the target's whole vocabulary)",
+    "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
+    "train_batch_tokens": "tokens per trainer step (at least one sample)",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
     "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
+    "run_dir": "directory for checkpoints, metrics.jsonl and wandb files (default runs/<timestamp>)",
+    "host": "address to listen on (0.0.0.0 for every interface)",
+    "port": "TCP port to listen on",
+    "api_key": "require 'Authorization: Bearer KEY' on inference routes (or set AURORA_API_KEY, or --api-key-file: "
+               "a key on the command line is visible to other users of the machine)",
+    "admin_key": "enable /v1/draft/{swap,save,rollback} with this bearer key (or AURORA_ADMIN_KEY, --admin-key-file)",
+    "api_key_file": "read the API key from this file",
+    "admin_key_file": "read the admin key from this file",
+    "wandb": "offline (default without WANDB_API_KEY), online or disabled",
+    "max_concurrent_requests": "in-flight inference requests beyond which requests get 429",
+    "max_body_bytes": "request bodies larger than this get 413",
+    "drain_timeout_s": "on SIGTERM/Ctrl-C, seconds in-flight requests may take to finish; the rest then fail "
+                       "with an error saying the server shut down",
 }
+
+
+class _BoolFlag(argparse.Action):
+    """`--resume` (true), `--no-resume` (false), or `--resume false` as before."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        name = option_strings[0][2:]
+        super().__init__(option_strings + [f"--no-{name}"], dest, nargs="?", metavar="BOOL", type=_parse_bool,
+                         **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            setattr(namespace, self.dest, True if values is None else values)
+
+
+class _Formatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action):
+        if isinstance(action, _BoolFlag):
+            return f"{action.option_strings[0]} [BOOL], {action.option_strings[1]}"
+        return super()._format_action_invocation(action)
 
 
 def _flag_type(t):
@@ -72,21 +120,45 @@ def _none_or(t):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aurora import __version__
+
     parser = argparse.ArgumentParser(prog="aurora", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"aurora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a target with an EAGLE3 draft trained online")
+    serve = sub.add_parser("serve", help="serve a target with an EAGLE3 draft trained online",
+                           formatter_class=_Formatter)
     serve.add_argument("--config", help="YAML file of ServeConfig fields (flags override it)")
     for f in fields(ServeConfig):
         t = _flag_type(f.type)
         nullable = isinstance(f.type, types.UnionType)
-        default = f.default if f.default is not MISSING else "(computed)"
-        serve.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           type=_none_or(t) if nullable else t,
-                           help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} [default: {default}]")
+        flag = f"--{f.name.replace('_', '-')}"
+        shown = "" if f.default in (MISSING, None, "") else f" [default: {f.default}]"
+        if t is _parse_bool:
+            serve.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action=_BoolFlag,
+                               help=_HELP[f.name] + shown)
+            continue
+        serve.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_none_or(t) if nullable else t,
+                           help=_HELP[f.name] + shown)
     report = sub.add_parser("report", help="plot a run's metrics.jsonl to PNG files")
     report.add_argument("run_dir")
     report.add_argument("--out", help="output directory (default: RUN_DIR)")
     return parser
+
+
+class _Redact(logging.Filter):
+    """Replaces the keys in every record a handler writes (a key in an exception message, say)."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            for s in self.secrets:
+                message = message.replace(s, "***")
+            record.msg, record.args = message, None
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"aurora serve: {e}", file=sys.stderr)
         return 2
+    secrets = cfg.secrets()
+    if secrets:  # nothing later (wandb's record of the arguments, a log line) sees the keys
+        sys.argv[:] = redact(sys.argv, secrets)
+        for h in logging.getLogger().handlers:
+            h.addFilter(_Redact(secrets))
     serve(cfg)
     return 0
 
@@ -122,8 +199,11 @@ def serve(cfg: ServeConfig) -> None:
     service = _start_service(cfg)
     app = create_app(service, cfg)
     metrics_log = MetricsLogger(service, cfg).start()
-    # uvicorn's own SIGTERM/SIGINT handling closes the listener and waits for in-flight requests
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info"))
+    # uvicorn's own SIGTERM/SIGINT handling closes the listener and waits for in-flight requests; _Server adds
+    # the time limit: after drain_timeout_s the engine fails what is left, so those responses end with an error
+    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                                    timeout_graceful_shutdown=cfg.drain_timeout_s + 10),
+                     service.engine, cfg.drain_timeout_s)
     log.info("serving %s on http://%s:%d/v1 (run dir %s)", service.engine.model_name, cfg.host, cfg.port,
              cfg.run_dir)
     # uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, with the handlers it found in
@@ -137,6 +217,35 @@ def serve(cfg: ServeConfig) -> None:
         metrics_log.stop()
         service.shutdown()
         log.info("shut down")
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, engine, drain_timeout_s: float):
+            super().__init__(config)
+            self.engine, self.drain_timeout_s, self._timer = engine, drain_timeout_s, None
+
+        def handle_exit(self, sig, frame):
+            if self._timer is None:
+                log.info("received %s: draining in-flight requests for up to %.0f s", signal.Signals(sig).name,
+                         self.drain_timeout_s)
+                self._timer = threading.Timer(self.drain_timeout_s, self._abort_left)
+                self._timer.daemon = True
+                self._timer.start()
+            super().handle_exit(sig, frame)
+
+        def _abort_left(self):
+            abort_all = getattr(self.engine, "abort_all", None)
+            if abort_all is not None:
+                abort_all(f"{SHUTDOWN_ERROR} (drain limit {self.drain_timeout_s:.0f} s)")
+
+    return Server
+
+
+def _Server(config, engine, drain_timeout_s):
+    return _server_class()(config, engine, drain_timeout_s)
 
 
 def _start_service(cfg: ServeConfig):

@@ -279,8 +279,9 @@ class Service:
         return {"version": self._need_trainer().rollback()}
 
     def shutdown(self) -> None:
-        """Finish in-flight requests, stop training, checkpoint the latest draft."""
-        self.engine.shutdown(drain=True)
+        """Finish in-flight requests (for up to drain_timeout_s; the rest then fail), stop training, checkpoint the
+        latest draft."""
+        self.engine.shutdown(drain=True, timeout=getattr(self.config, "drain_timeout_s", 60.0))
         if self.trainer is not None:
             self.trainer.stop(timeout=30)
             try:

@@ -29,7 +29,8 @@ from aurora.training.loss import OBJECTIVES
 from sweep_train import serve  # scripts/ is on the path of `python scripts/online_run.py`
 
 
-FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_rounds", "accept_length", "t"]
+FIELDS = ["request", "domain", "draft_version", "completion_tokens", "verify_tokens", "verify_rounds", "accept_length",
+          "t"]
 
 
 async def drive(service, prompts, domains, block, concurrency, max_tokens, record):
@@ -45,7 +46,8 @@ async def drive(service, prompts, domains, block, concurrency, max_tokens, recor
             async for o in service.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
                 if o.finished:
                     record({"request": i, "domain": d, "draft_version": o.draft_version,
-                            "completion_tokens": len(o.output_ids), "verify_rounds": o.verify_rounds,
+                            "completion_tokens": len(o.output_ids), "verify_tokens": o.verify_tokens,
+                            "verify_rounds": o.verify_rounds,
                             "accept_length": round(o.accept_length, 4), "t": round(time.perf_counter() - t0, 2)})
         if i % 250 == 0:
             st = service.draft_status()
@@ -201,7 +203,7 @@ def main():
     for lo in range(0, len(rows), args.block // 2):
         part = rows[lo:lo + args.block // 2]
         print(f"requests {lo:5d}-{lo + len(part) - 1:5d} {part[0]['domain']:5s} accept length "
-              f"{sum(r['completion_tokens'] for r in part) / max(1, sum(r['verify_rounds'] for r in part)):.3f}")
+              f"{sum(r['verify_tokens'] for r in part) / max(1, sum(r['verify_rounds'] for r in part)):.3f}")
     print("trainer:", {k: status["trainer"][k] for k in ("steps", "swaps", "swaps_refused", "failures", "last_error",
                                                           "samples_captured", "samples_dropped", "tokens_per_second")})
 

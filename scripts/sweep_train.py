@@ -76,7 +76,7 @@ def score(draft, samples, lm_head, K, target_to_draft, device, chunk=16) -> tupl
     tokens = rounds = num = den = 0
     for i in range(0, len(samples), chunk):
         r = simulated_acceptance(draft, samples[i:i + chunk], lm_head, K, target_to_draft, device)
-        tokens, rounds = tokens + r["completion_tokens"], rounds + r["rounds"]
+        tokens, rounds = tokens + r["verify_tokens"], rounds + r["rounds"]
         num, den = num + r["greedy_accept_length"] * r["positions"], den + r["positions"]
     return tokens / max(rounds, 1), num / max(den, 1)
 

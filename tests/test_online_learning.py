@@ -42,7 +42,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     async def one(ids):
         async for o in service.engine.generate(ids, params):
             if o.finished:
-                results.append((o.draft_version, len(o.output_ids), o.verify_rounds))
+                results.append((o.draft_version, o.verify_tokens, o.verify_rounds))
                 if o.finish_reason not in ("stop", "length"):
                     failures.append(o)
                 if o.output_ids != expected[tuple(ids)]:
@@ -79,7 +79,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     while tree.has_work():
         tree.step()
     assert [s.output_ids for s in seqs] == [expected[tuple(p)] for p in prompts]
-    tree_accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
+    tree_accept = _recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs])
     print(f"tree (topk 3, 8 nodes) with the trained draft: accept length {tree_accept:.3f}")
     assert tree_accept > 1.3
     # the trained draft on the two-domain set: chain and tree, batch 1 and 8, token for token target-only greedy
@@ -96,7 +96,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
         eng.on_sample = captured.append
         got, seqs = run_all(eng, many, short)
         assert got == want, (batch, topk)
-        accept = _recent([(0, len(s.output_ids), s.verify_rounds) for s in seqs])
+        accept = _recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs])
         print(f"trained draft, 50 prompts, batch {batch}, topk {topk}: accept length {accept:.3f}")
         assert accept > 1.1  # accepted drafts (and the tree's KV compaction) were exercised
         if topk == 1:  # the trainer's replay of greedy serving (guard.py) counts what the engine counted

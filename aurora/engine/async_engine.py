@@ -7,12 +7,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 import torch
 
 from aurora.engine.engine import LLMEngine
-from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.engine.sequence import SHUTDOWN_ERROR, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,13 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
+        self._abort_all: str | None = None  # set when a drain runs out of time: the loop fails what is left
+        # health: `error` is set while the latest engine step failed (a later successful step clears it);
+        # the history stays in step_failures / last_error / last_error_time
         self.error: str | None = None
+        self.step_failures = 0
+        self.last_error: str | None = None
+        self.last_error_time: float | None = None
         self._thread = threading.Thread(target=self._loop, name="aurora-engine", daemon=True)
         self._thread.start()
 
@@ -72,11 +79,33 @@ class AsyncEngine:
             s["speculation"] = self.engine.speculation.snapshot()
         return s
 
+    def health(self) -> dict:
+        """ok: the engine thread runs and its latest step did not fail. Per-request failures (one request's
+        own work raised; the others went on) are counted, not judged."""
+        alive = self._thread.is_alive() or self._stop
+        return {"ok": alive and self.error is None,
+                "error": self.error if alive else "the engine thread is not running",
+                "step_failures": self.step_failures, "request_failures": self.engine.request_errors,
+                "last_error": self.last_error, "last_error_time": self.last_error_time}
+
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking requests; with drain, let the running ones finish for up to `timeout` seconds, then
+        abort what is left (those requests end with finish_reason "error" and say why)."""
         if drain:
             self._stop = True  # no new requests; the loop finishes the running ones
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.abort_all(f"{SHUTDOWN_ERROR} (drain limit {timeout:.0f} s)")
+            self._stop = True
+            self._thread.join(10)
+
+    def abort_all(self, message: str) -> None:
+        """Fail every running and waiting request with `message` (a drain that ran out of time)."""
+        sch = self.engine.scheduler
+        log.warning("aborting %d requests: %s", len(sch.running) + len(sch.waiting), message)
+        self._abort_all = message
+        self._wake.set()
 
     # ------------------------------------------------------------- engine thread
     def _loop(self) -> None:
@@ -100,6 +129,10 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(_resolve, accepted, seq.request_id, None)
                 except Exception as e:
                     loop.call_soon_threadsafe(_resolve, accepted, None, e)
+            if self._abort_all is not None:  # the drain ran out of time: fail what is left
+                message, self._abort_all = self._abort_all, None
+                self._deliver(self._fail_all(message))
+                continue
             if not eng.has_work():
                 if self._stop:
                     return
@@ -108,29 +141,33 @@ class AsyncEngine:
                 continue
             try:
                 outputs = eng.step()
+                self.error = None
             except Exception as e:  # a broken step fails its requests, never the process
                 log.exception("engine step failed")
-                self.error = f"{type(e).__name__}: {e}"
-                outputs = self._fail_all(str(e))
-            # one wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the
-            # loop's self-pipe, which took ~16 % of the engine thread at 16 streams (py-spy, no device work)
-            batches: dict[asyncio.AbstractEventLoop, list] = {}
-            for o in outputs:
-                target = self._streams.get(o.request_id)
-                if target is None:
-                    continue
-                if o.finished:
-                    self._streams.pop(o.request_id, None)
-                batches.setdefault(target[0], []).append((target[1], o))
-            for loop, batch in batches.items():
-                loop.call_soon_threadsafe(_deliver, batch)
+                self.error = self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error_time, self.step_failures = time.time(), self.step_failures + 1
+                outputs = self._fail_all(self.error)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # one wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the
+        # loop's self-pipe, which took ~16 % of the engine thread at 16 streams (py-spy, no device work)
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for o in outputs:
+            target = self._streams.get(o.request_id)
+            if target is None:
+                continue
+            if o.finished:
+                self._streams.pop(o.request_id, None)
+            batches.setdefault(target[0], []).append((target[1], o))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         eng, outs = self.engine, []
         for seq in list(eng.scheduler.running) + list(eng.scheduler.waiting):
-            seq.finish_reason = "error"
+            seq.finish_reason, seq.error = "error", message
             o = eng.finish(seq)
-            o.error = message
             outs.append(o)
         return outs
 

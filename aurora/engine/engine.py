@@ -7,6 +7,7 @@ steps, so no request waits for a drain and CUDA graphs stay valid.
 """
 import importlib.util
 import logging
+import os
 import random
 import threading
 import time
@@ -26,6 +27,16 @@ from aurora.sample import Sample
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (batch x longest prompt)
 log = logging.getLogger(__name__)
+
+
+FAULT_ENV = "AURORA_FAULT_INJECT_SEED"  # tests only: a request with this sampling seed raises inside the engine
+
+
+def _fault_seed() -> int | None:
+    value = os.environ.get(FAULT_ENV)
+    if value:
+        log.warning("%s=%s: requests with this seed will fail inside the engine (fault injection)", FAULT_ENV, value)
+    return int(value) if value else None
 
 
 def _triton_installed() -> bool:
@@ -118,6 +129,8 @@ class LLMEngine:
         self._swap_lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
         self._aborts: set[str] = set()
+        self.request_errors = 0  # requests failed alone by an exception in their own work
+        self.fault_seed = _fault_seed()
 
     # ------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
@@ -190,8 +203,13 @@ class LLMEngine:
         admitted = self.scheduler.admit()  # consecutive rows: prefilled together, up to a padded-token budget
         for seq in admitted:
             p = seq.params
-            self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
-                                p.seed if p.seed is not None else random.getrandbits(62))
+            seq.queue_time = time.monotonic() - seq.arrival
+            try:
+                self.runner.set_row(seq.row, p.temperature, p.top_p, p.top_k,
+                                    p.seed if p.seed is not None else random.getrandbits(62))
+            except Exception as e:  # this request's values: it fails alone (its row is still prefilled, unused)
+                self.runner.set_row(seq.row, 1.0, 1.0, 0, 0)
+                self._fail(seq, e)
         while admitted:
             n, longest = 1, len(admitted[0].prompt_ids)
             while n < len(admitted) and (n + 1) * max(longest, len(admitted[n].prompt_ids)) <= PREFILL_TOKENS:
@@ -199,7 +217,7 @@ class LLMEngine:
             group, admitted = admitted[:n], admitted[n:]
             toks = self.runner.prefill(group[0].row, [s.prompt_ids for s in group],
                                        all(s.params.greedy for s in group), any(s.params.filters for s in group))
-            outputs += [self._append(seq, [tok]) for seq, tok in zip(group, toks)]
+            outputs += [self._append_guarded(seq, [tok]) for seq, tok in zip(group, toks) if seq.finish_reason is None]
         running = [s for s in self.scheduler.running if s.finish_reason is None]
         if running:
             B = len(self.scheduler.running)
@@ -216,25 +234,43 @@ class LLMEngine:
                 r = seq.row
                 n = int(n_acc[r])
                 before = len(seq.output_ids)
-                if depth > 0:
-                    seq.rounds.append((seq.num_tokens - 1, props[r].tolist() + pad, n))
-                outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
-                if depth > 0:  # counted as committed: a stop or max_tokens may cut a round short
-                    seq.verify_rounds += 1
-                    seq.verify_tokens += len(seq.output_ids) - before
-                    for j in range(n):
-                        seq.accepted_per_position[j] += 1
-                    for j in range(min(n + 1, depth)):
-                        seq.tried_per_position[j] += 1
+                try:  # per-request bookkeeping: an exception here fails this request, not the batch
+                    if depth > 0:
+                        seq.rounds.append((seq.num_tokens - 1, props[r].tolist() + pad, n))
+                    outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+                    if depth > 0:  # counted as committed: a stop or max_tokens may cut a round short
+                        seq.verify_rounds += 1
+                        seq.verify_tokens += len(seq.output_ids) - before
+                        for j in range(n):
+                            seq.accepted_per_position[j] += 1
+                        for j in range(min(n + 1, depth)):
+                            seq.tried_per_position[j] += 1
+                except Exception as e:
+                    self._fail(seq, e)
             if self.draft is not None:
                 self.speculation.observe(bucket, depth, seconds, [int(n_acc[s.row]) for s in running])
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         return [o for o in outputs if o is not None]
 
+    def _fail(self, seq: Sequence, e: Exception) -> None:
+        """Per-request work raised: this sequence alone finishes with an error at the end of the step."""
+        log.exception("request %s failed in the engine", seq.request_id, exc_info=e)
+        seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
+        self.request_errors += 1
+
+    def _append_guarded(self, seq: Sequence, new: list[int]) -> RequestOutput | None:
+        try:
+            return self._append(seq, new)
+        except Exception as e:
+            self._fail(seq, e)
+            return None
+
     def _append(self, seq: Sequence, new: list[int]) -> RequestOutput | None:
         """Append committed tokens, cut at the first stop; the sequence finishes at the end of the step."""
         p, kept = seq.params, []
+        if self.fault_seed is not None and p.seed == self.fault_seed:
+            raise RuntimeError(f"fault injected by {FAULT_ENV} for seed {p.seed}")
         if not seq.accepted_per_position:
             seq.accepted_per_position = [0] * self.config.lookahead
             seq.tried_per_position = [0] * self.config.lookahead
@@ -254,7 +290,8 @@ class LLMEngine:
             return None  # a finishing sequence is reported by _finish, with its final stats
         seq.reported = len(seq.output_ids)
         return RequestOutput(seq.request_id, kept, seq.output_ids, len(seq.prompt_ids), False,
-                             verify_rounds=seq.verify_rounds, accept_length=seq.accept_length)
+                             verify_rounds=seq.verify_rounds, accept_length=seq.accept_length,
+                             verify_tokens=seq.verify_tokens, queue_time=seq.queue_time)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         longest = max(len(s) for s in seq.params.stop)
@@ -264,7 +301,8 @@ class LLMEngine:
     def finish(self, seq: Sequence) -> RequestOutput:
         """Take a sequence out (finished, aborted or failed): capture its sample, free its row, report it."""
         rows_used = seq.row >= 0
-        if rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture:
+        if (rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture
+                and seq.finish_reason != "error"):  # a failed request's rounds may be half-recorded
             try:
                 self.on_sample(self._make_sample(seq))
             except Exception:  # capture must never take serving down
@@ -283,7 +321,8 @@ class LLMEngine:
         seq.reported = len(seq.output_ids)
         return RequestOutput(seq.request_id, emitted, seq.output_ids, len(seq.prompt_ids), True,
                              seq.finish_reason or "abort", seq.verify_rounds, seq.accept_length,
-                             draft_version=seq.draft_version)
+                             error=seq.error, draft_version=seq.draft_version, verify_tokens=seq.verify_tokens,
+                             queue_time=seq.queue_time)
 
     def _make_sample(self, seq: Sequence) -> Sample:
         ids = torch.tensor(seq.all_ids, dtype=torch.long)

@@ -38,7 +38,9 @@ def probs(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor | None, 
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, x.shape[-1]))[:, None, None]
         p = torch.softmax(sorted_x, dim=-1)
         before = torch.cumsum(p, dim=-1) - p  # mass strictly above this token
-        drop = (ranks >= k) | (before >= top_p[:, None, None])
+        # the most likely token always stays: a top_p below float32's smallest value reads 0 here and would
+        # otherwise empty the distribution (all -inf: NaN probabilities)
+        drop = (ranks >= k) | ((before >= top_p[:, None, None]) & (ranks > 0))
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(-1, idx, sorted_x)
     return torch.softmax(x, dim=-1)

@@ -1,8 +1,23 @@
 """Requests as the engine sees them: sampling parameters, a running sequence, and the output it streams.
-Pure Python: no torch here (the scheduler and server read these without touching the device)."""
+Pure Python: no torch here (the scheduler and server read these without touching the device).
+
+Accept length is SGLang's: tokens committed by verify rounds / verify rounds. The token the prefill
+produces is no verify round's work and is left out of both (SGLang's scheduler counts accepted drafts + 1
+per verify and nothing at prefill); a request that ends at its prefill token has no accept length (0.0).
+"""
 import itertools
+import math
+import time
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+MAX_TOP_K = 2**31 - 1
+SHUTDOWN_ERROR = "the server shut down before this request finished"  # starts RequestOutput.error of such requests
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -18,14 +33,18 @@ class SamplingParams:
     capture: bool = True       # False: this request leaves no training sample (opt-out)
 
     def __post_init__(self):
+        # the ranges are what the engine's per-row tensors hold: an int64 seed, an int32-safe top_k (SGLang keeps
+        # top_k in int32), finite floats; a value outside them would fail inside a batched step
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError("max_tokens must be a positive integer")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError("temperature must be in [0, 100]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+        if not (_finite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ValueError("temperature must be a finite number in [0, 100]")
+        if not (_finite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError("top_p must be a finite number in (0, 1]")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError("seed must be an integer in [0, 2^63)")
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +82,9 @@ class Sequence:
     rounds: list[tuple[int, list[int], int]] = field(default_factory=list)
     draft_version: int = 0
     reported: int = 0              # output tokens already streamed to the caller
+    error: str | None = None       # why the request failed (finish_reason "error")
+    arrival: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # seconds from arrival to admission into a batch row
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):
@@ -79,9 +101,9 @@ class Sequence:
 
     @property
     def accept_length(self) -> float:
-        """SGLang's definition: tokens produced by verify rounds / verify rounds (the bonus token included; the
-        prefill's token and plain-decoding rounds are neither)."""
-        return self.verify_tokens / self.verify_rounds if self.verify_rounds else 0.0
+        """SGLang's definition: tokens committed by verify rounds / verify rounds (the prefill's token and
+        plain-decoding rounds are neither)."""
+        return accept_length(self.verify_tokens, self.verify_rounds)
 
 
 @dataclass
@@ -93,6 +115,13 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
     verify_rounds: int = 0
-    accept_length: float = 0.0
+    accept_length: float = 0.0         # verify_tokens / verify_rounds
     error: str | None = None
     draft_version: int = 0             # the draft version live when the request was admitted
+    verify_tokens: int = 0             # output tokens committed by verify rounds (the prefill's excluded)
+    queue_time: float | None = None    # seconds the request waited for a batch row (None: the engine cannot say)
+
+
+def accept_length(verify_tokens: int, verify_rounds: int) -> float:
+    """The one formula (SGLang's): tokens committed by verify rounds / verify rounds; 0.0 without a round."""
+    return verify_tokens / verify_rounds if verify_rounds else 0.0

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from aurora import __version__
+from aurora.engine.sequence import accept_length
 from aurora.server.config import ServeConfig
 from aurora.server.generation import Delta, Generator, Prepared, RequestError
 from aurora.server.guard import Guard
@@ -30,6 +31,14 @@ from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, err
 log = logging.getLogger(__name__)
 
 INFERENCE_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote input (a parameter name, a model id) holding a lone
+    surrogate, which has no UTF-8 form; rendering it must not turn a 400 into a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class SSEResponse(StreamingResponse):
@@ -45,8 +54,8 @@ class SSEResponse(StreamingResponse):
 def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or getattr(service, "config", None) or ServeConfig(wandb="disabled")
     engine = service.engine
-    generator = Generator(engine, {engine.model_name, cfg.target})
     metrics = ServerMetrics(service)
+    generator = Generator(engine, {engine.model_name, cfg.target}, metrics)
     created = int(time.time())
     bearer = HTTPBearer(auto_error=False)
 
@@ -59,26 +68,26 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
     # ---- errors: always OpenAI's body -------------------------------------------------------------
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        return ErrorResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
         if any(err["type"] == "json_invalid" for err in errors):
-            return JSONResponse(error_body("malformed JSON in request body", code="invalid_json"), status_code=400)
-        params = [".".join(str(x) for x in err["loc"] if x != "body") for err in errors]
+            return ErrorResponse(error_body("malformed JSON in request body", code="invalid_json"), status_code=400)
+        params = [_param(err["loc"]) for err in errors]
         message = "; ".join(f"{p or 'body'}: {err['msg']}" for p, err in list(zip(params, errors))[:5])
-        return JSONResponse(error_body(message, param=params[0] or None, code="invalid_value"), status_code=400)
+        return ErrorResponse(error_body(message, param=params[0] or None, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code,
-                            headers=e.headers)
+        return ErrorResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code,
+                             headers=e.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     # ---- auth --------------------------------------------------------------------------------------
     def api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
@@ -111,6 +120,8 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
         return await _respond(generator.prepare_chat(req), req, "chat.completion", _chat_choice)
 
     async def _respond(p: Prepared, req, kind: str, choice):
+        metrics.prompt_tokens.inc(len(p.prompt_ids) * len(p.params))
+        metrics.request_prompt_tokens.observe(len(p.prompt_ids))
         head = {"id": p.request_id, "created": int(time.time()), "model": engine.model_name}
         stream = generator.stream(p)
         try:  # the first delta comes after prefill: errors up to here still get their own status
@@ -161,27 +172,35 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     def health():
-        """200 "ok" while the engine answers; 200 "degraded" with the reason while it serves but the trainer
-        has failed or is backing off (the draft stops learning; serving is unaffected); 503 when the engine
-        cannot serve (gone, or an SGLang child being restarted)."""
+        """200 "ok" while the engine serves; 200 "degraded" with the reason while it serves but the trainer has
+        failed or is backing off (the draft stops learning; serving is unaffected); 503 "unhealthy" while the
+        engine's latest step failed or its thread (or server) is gone, "unavailable" while an SGLang child is
+        restarted. A later successful step makes it "ok" again; failures stay counted in "engine"."""
         try:
             stats, trainer = split_status(service.draft_status())
+            engine_health = _engine_health(engine)
         except Exception as e:
-            return JSONResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
-        body = {"status": "ok", "model": engine.model_name, "draft_version": stats.get("draft_version"),
-                "running": stats.get("running"), "waiting": stats.get("waiting"),
-                "engine_error": getattr(engine, "error", None),  # last failed step, if any (requests were failed)
+            return ErrorResponse({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, status_code=503)
+        ok = engine_health["ok"]
+        body = {"status": "ok" if ok else "unhealthy", "model": engine.model_name,
+                "draft_version": stats.get("draft_version"), "running": stats.get("running"),
+                "waiting": stats.get("waiting"),
+                "engine_error": engine_health.get("error"),  # set while the engine's latest step failed
+                "engine": engine_health,
                 "trainer": None if trainer is None else {
                     "state": trainer.get("state"), "last_error": trainer.get("last_error"),
                     "failures_by_kind": trainer.get("failures_by_kind")}}
         if stats.get("engine_state") in ("restarting", "failed"):  # engine sglang's supervisor
             body.update(status="unavailable", reason=f"engine {stats['engine_state']}: {stats.get('engine_fault')}")
-            return JSONResponse(body, status_code=503)
+            return ErrorResponse(body, status_code=503)
+        if not ok:
+            body["reason"] = f"engine: {engine_health.get('error')}"
+            return ErrorResponse(body, status_code=503)
         if trainer is not None and trainer.get("state") in ("failed", "backing_off"):
             what = ("stopped after repeated failures: the draft no longer learns (restart to retry)"
                     if trainer["state"] == "failed" else "backing off after a failure")
             body.update(status="degraded", reason=f"trainer {what}; last error: {trainer.get('last_error')}")
-        return body
+        return ErrorResponse(body, status_code=200)
 
     @app.get("/metrics")
     def prometheus():
@@ -226,12 +245,30 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _engine_health(engine) -> dict:
+    if hasattr(engine, "health"):
+        return engine.health()
+    error = getattr(engine, "error", None)
+    return {"ok": error is None, "error": error}
+
+
+def _param(loc) -> str:
+    """A validation error's location -> the parameter's dotted name: pydantic adds the union member it tried
+    ('str', 'list[int]', 'function-after[...]'), which is no part of the name."""
+    parts = [str(x) for x in loc if x != "body" and not (isinstance(x, str) and (
+        "[" in x or x in ("str", "int", "float", "bool", "list", "dict", "none")))]
+    return ".".join(parts)
+
+
 def _usage(p: Prepared, finals: dict) -> dict:
+    """spec_accept_length is SGLang's: tokens committed by verify rounds / verify rounds, over all choices (the
+    token each choice's prefill produced is in completion_tokens but is no verify round's)."""
     completion = sum(len(o.output_ids) for o in finals.values())
     rounds = sum(o.verify_rounds for o in finals.values())
+    verified = sum(o.verify_tokens for o in finals.values())
     return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion,
             "total_tokens": len(p.prompt_ids) + completion,
-            "spec_verify_rounds": rounds, "spec_accept_length": completion / rounds if rounds else 0.0}
+            "spec_verify_rounds": rounds, "spec_accept_length": accept_length(verified, rounds)}
 
 
 def _completion_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False) -> dict:

@@ -2,7 +2,10 @@
 
 Sources, later wins: the defaults below, a YAML file (`--config x.yaml`, keys = field names), CLI flags.
 The whole config is recorded in the run's wandb config and in `<run_dir>/config.yaml`, so a run can be
-reproduced from its directory alone.
+reproduced from its directory alone; the two keys never are (they read '***').
+
+Keys need not be on a command line (where `ps` and wandb's record of the arguments would see them): set
+AURORA_API_KEY / AURORA_ADMIN_KEY, or point --api-key-file / --admin-key-file at a file holding the key.
 """
 import os
 import time
@@ -13,6 +16,7 @@ import yaml
 ENGINES = ("local", "sglang")
 OBJECTIVES = ("fkl", "rkl", "tv")
 WANDB_MODES = ("offline", "online", "disabled")
+KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 
 
 def _default_run_dir() -> str:
@@ -76,11 +80,21 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None         # required as `Authorization: Bearer` on inference routes when set
     admin_key: str | None = None       # required on /v1/draft/{swap,save,rollback}; those are off when unset
+    api_key_file: str | None = None    # a file holding the API key (surrounding whitespace stripped)
+    admin_key_file: str | None = None  # a file holding the admin key
     wandb: str = field(default_factory=_default_wandb)  # offline without WANDB_API_KEY
     max_concurrent_requests: int = 256  # in-flight inference requests; more are answered 429
     max_body_bytes: int = 1 << 20       # larger request bodies are answered 413
+    drain_timeout_s: float = 30.0       # on SIGTERM / Ctrl-C: seconds in-flight requests may take to finish;
+                                        # those still running then end with an error saying the server shut down
 
     def __post_init__(self):
+        for name in ("api_key", "admin_key"):
+            path = getattr(self, f"{name}_file")
+            if path is not None:
+                _check(getattr(self, name) is None, f"give {name} or {name}_file, not both")
+                setattr(self, name, _read_key(path, name))
+            _check(getattr(self, name) != "", f"{name} must not be empty")
         if self.draft is not None and self.draft.lower() in ("", "none", "null"):
             self.draft = None
         if self.num_draft_tokens is None:
@@ -108,9 +122,11 @@ class ServeConfig:
         _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         _check(isinstance(self.buffer_gib, (int, float)) and self.buffer_gib > 0,
                f"buffer_gib must be > 0, got {self.buffer_gib!r}")
-        _check(isinstance(self.sample_rate, (int, float)) and 0.0 <= self.sample_rate <= 1.0,
-               f"sample_rate must be in [0, 1], got {self.sample_rate!r}")
+        _check(isinstance(self.sample_rate, (int, float)) and 0.0 < self.sample_rate <= 1.0,  # as the trainer's
+               f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         _check(_is_int(self.port) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port!r}")
+        _check(isinstance(self.drain_timeout_s, (int, float)) and self.drain_timeout_s >= 0,
+               f"drain_timeout_s must be >= 0, got {self.drain_timeout_s!r}")
         _check(_is_int(self.max_body_bytes) and self.max_body_bytes >= 1024,
                f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         _check(bool(self.target), "target must name a model")
@@ -138,7 +154,14 @@ class ServeConfig:
             if unknown:
                 raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
         values.update(overrides)
+        for name, env in KEY_ENV.items():  # lowest precedence: a key given any other way wins
+            if os.environ.get(env) and values.get(name) is None and values.get(f"{name}_file") is None:
+                values[name] = os.environ[env]
         return cls(**values)
+
+    def secrets(self) -> list[str]:
+        """The values that must appear in no file, log or upload."""
+        return [k for k in (self.api_key, self.admin_key) if k]
 
     def to_dict(self, redact: bool = True) -> dict:
         """All fields; keys are replaced by '***' so configs can be logged and uploaded safely."""
@@ -153,6 +176,26 @@ class ServeConfig:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def redact(args: list[str], secrets: list[str]) -> list[str]:
+    """A command line with every occurrence of a secret replaced by '***' (`--api-key K` and `--api-key=K`)."""
+    out = []
+    for a in args:
+        for s in secrets:
+            a = a.replace(s, "***")
+        out.append(a)
+    return out
+
+
+def _read_key(path: str, name: str) -> str:
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"ServeConfig: {name}_file: cannot read {path!r} ({e.strerror})") from None
+    _check(bool(key), f"{name}_file {path!r} is empty")
+    return key
 
 
 def _is_int(x) -> bool:

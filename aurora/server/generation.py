@@ -6,11 +6,12 @@ complete). Stop strings are honoured here as well as in the engine, so the text 
 runs; when the server sees one first it aborts the engine request.
 """
 import asyncio
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.engine.sequence import SHUTDOWN_ERROR, RequestOutput, SamplingParams
 from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -72,12 +73,14 @@ class Prepared:
     request_id: str
     prompt_ids: list[int]
     params: list[SamplingParams]   # one per choice
+    arrival: float = field(default_factory=time.monotonic)
 
 
 class Generator:
-    def __init__(self, engine, served_models: set[str]):
+    def __init__(self, engine, served_models: set[str], metrics=None):
         self.engine = engine
         self.served_models = served_models
+        self.metrics = metrics   # ServerMetrics: latency histograms per generation; None = not recorded
 
     @property
     def tokenizer(self):
@@ -88,9 +91,16 @@ class Generator:
             raise RequestError(404, f"The model '{model}' does not exist; this server serves "
                                     f"{sorted(self.served_models)}", param="model", code="model_not_found")
 
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError, UnicodeError) as e:  # text the tokenizer cannot take is the caller's
+            raise RequestError(400, f"{param} cannot be tokenized: {type(e).__name__}: {e}", param=param)
+
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        self._check_supported(req)
         if isinstance(req.prompt, str):
-            ids = self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+            ids = self._encode(req.prompt, "prompt")
         else:
             vocab = len(self.tokenizer)
             if max(req.prompt) >= vocab:
@@ -98,13 +108,21 @@ class Generator:
             ids = list(req.prompt)
         return self._prepare(req, ids, req.max_tokens or DEFAULT_COMPLETION_TOKENS, "cmpl")
 
+    @staticmethod
+    def _check_supported(req: SamplingRequest) -> None:
+        name = req.unsupported()
+        if name is not None:
+            raise RequestError(400, f"{name}={getattr(req, name)!r} is not supported by this server; "
+                                    f"leave it unset", param=name, code="unsupported_parameter")
+
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        self._check_supported(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # templates raise on conversations they do not support (e.g. role order)
             raise RequestError(400, f"messages do not fit the model's chat template: {e}", param="messages")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._encode(text, "messages")
         return self._prepare(req, ids, req.max_completion_tokens or req.max_tokens, "chatcmpl")
 
     def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, kind: str) -> Prepared:
@@ -157,16 +175,34 @@ class Generator:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _observe(self, out: RequestOutput, first: bool, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        if first:
+            self.metrics.ttft.observe(seconds)
+            if out.queue_time is not None:
+                self.metrics.queue_time.observe(out.queue_time)
+        else:
+            self.metrics.itl.observe(seconds)
+
     async def _choice(self, p: Prepared, i: int) -> AsyncIterator[Delta]:
         rid = f"{p.request_id}-{i}"
         text = TextStream(self.tokenizer, p.params[i].stop)
         outputs = self.engine.generate(p.prompt_ids, p.params[i], request_id=rid)
-        engine_done = False
+        engine_done, last = False, p.arrival
         try:
             async for out in outputs:
                 engine_done = out.finished
+                if out.new_token_ids:
+                    self._observe(out, last == p.arrival, time.monotonic() - last)
+                    last = time.monotonic()
+                if out.finished and self.metrics is not None and out.finish_reason != "error":
+                    self.metrics.request_generation_tokens.observe(len(out.output_ids))
                 if out.finished and out.finish_reason == "error":
-                    raise RequestError(500, f"generation failed: {out.error}", type="server_error")
+                    if (out.error or "").startswith(SHUTDOWN_ERROR):
+                        raise RequestError(503, out.error, type="server_error", code="engine_unavailable")
+                    raise RequestError(500, f"generation failed: {out.error}", type="server_error",
+                                       code="generation_failed")
                 delta = text.push(out.new_token_ids, out.finished)
                 reason = "stop" if text.stopped else (out.finish_reason if out.finished else None)
                 yield Delta(i, delta, reason, out)

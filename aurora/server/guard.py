@@ -63,6 +63,10 @@ class Guard:
         start = time.perf_counter()
         try:
             await self.app(scope, replay, send_status)
+        except Exception:
+            if status == "disconnected":  # the error handler outside this middleware answers 500
+                status = "500"
+            raise
         finally:
             self.in_flight -= 1
             self.metrics.requests.labels(path, status).inc()

@@ -13,6 +13,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# vLLM's buckets for the same metrics (vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 def split_status(status: dict) -> tuple[dict, dict | None]:
@@ -41,10 +47,19 @@ class StatusCollector:
             yield from self._trainer(trainer)
 
     def _engine(self, s: dict):
-        yield _gauge("aurora_accept_length", "accept length (tokens per verify round) of recent requests",
+        window = s.get("accept_length_window")
+        yield _gauge("aurora_accept_length",
+                     "accept length (tokens committed by verify rounds / verify rounds, the prefill token excluded) "
+                     f"over the last {window or 'N'} finished requests that had a verify round",
                      s.get("accept_length_recent"))
+        # the two totals let a dashboard take the accept length over any window: rate(tokens) / rate(rounds)
+        if "verify_rounds" in s:
+            yield _counter("aurora_spec_verify_rounds", "verify rounds of finished requests", s.get("verify_rounds"))
+            yield _counter("aurora_spec_verify_tokens", "tokens committed by the verify rounds of finished requests",
+                           s.get("verify_tokens"))
         by_version = GaugeMetricFamily("aurora_accept_length_by_version",
-                                       "accept length of requests served by each draft version", labels=["version"])
+                                       "accept length of the requests each draft version served (the most recent "
+                                       "versions only)", labels=["version"])
         for version, value in sorted((s.get("accept_length_by_version") or {}).items(), key=lambda kv: str(kv[0])):
             by_version.add_metric([str(version)], _num(value))
         yield by_version
@@ -143,3 +158,20 @@ class ServerMetrics:
                                 ["route", "code"], registry=self.registry)
         self.latency = Histogram("aurora_request_latency_seconds", "time from request to last byte",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        # per generation (each of n choices), as vLLM's vllm:* metrics of the same names
+        self.ttft = Histogram("aurora_time_to_first_token_seconds",
+                              "time from a request's arrival to its first generated token (queue + prefill)",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("aurora_inter_token_latency_seconds",
+                             "time between two consecutive outputs of a generation (a verify round may bring "
+                             "several tokens at once)", buckets=ITL_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("aurora_request_queue_time_seconds",
+                                    "time a generation waited for a batch slot before its prefill (built-in engine)",
+                                    buckets=TTFT_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("aurora_prompt_tokens", "prompt tokens of accepted requests (once per choice)",
+                                     registry=self.registry)
+        self.request_prompt_tokens = Histogram("aurora_request_prompt_tokens", "prompt tokens per request",
+                                               buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.request_generation_tokens = Histogram("aurora_request_generation_tokens",
+                                                   "generated tokens per finished generation",
+                                                   buckets=TOKEN_BUCKETS, registry=self.registry)

@@ -4,6 +4,10 @@ accept_length.png  accept length served vs requests finished, a dashed line at e
 accept_rate.png    acceptance rate per lookahead position over time
 train_loss.png     training loss per TTT step over time
 throughput.png     serving and training tokens per second over time
+
+A row is plotted only where its number means something: accept length and rates once a verify round finished
+(before that they read 0, which no draft served), losses once the trainer stepped. Throughput is the change of
+the token counters between two rows over the time between them, so it is 0 while idle.
 """
 import json
 import os
@@ -32,6 +36,28 @@ def _series(rows, x_key, y_key):
     pts = [(r[x_key], r[y_key]) for r in rows if isinstance(r.get(x_key), (int, float))
            and isinstance(r.get(y_key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _served(rows):
+    """Rows taken after the first verify round (accept length > 0: every round commits a token)."""
+    return [r for r in rows if isinstance(r.get("serve/accept_length"), (int, float)) and r["serve/accept_length"] > 0]
+
+
+def _trained(rows):
+    return [r for r in rows if isinstance(r.get("train/steps"), (int, float)) and r["train/steps"] > 0]
+
+
+def rate(rows, counter: str, x_key: str = "elapsed_s"):
+    """(times, per-second increase of `counter` since the previous row); a counter that went down (a restart)
+    starts over."""
+    pts = [(r[x_key], r[counter]) for r in rows if isinstance(r.get(x_key), (int, float))
+           and isinstance(r.get(counter), (int, float))]
+    xs, ys = [], []
+    for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
+        if t1 > t0 and c1 >= c0:
+            xs.append(t1)
+            ys.append((c1 - c0) / (t1 - t0))
+    return xs, ys
 
 
 def _indexed(rows, prefix):
@@ -66,7 +92,7 @@ def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    x, y = _series(rows, "serve/requests_finished", "serve/accept_length")
+    x, y = _series(_served(rows), "serve/requests_finished", "serve/accept_length")
     ax.plot(x, y, label="accept length (recent)")
     prev = None
     for r in rows:
@@ -81,17 +107,17 @@ def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key in _indexed(rows, "serve/accept_rate_by_position"):
-        ax.plot(*_series(rows, "elapsed_s", key), label=f"position {key.rsplit('/', 1)[1]}")
+        ax.plot(*_series(_served(rows), "elapsed_s", key), label=f"position {key.rsplit('/', 1)[1]}")
     paths.append(_save(fig, ax, out_dir, "accept_rate.png", "Acceptance rate by draft position",
                        "seconds", "accept rate"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key in _indexed(rows, "train/loss_step"):
-        ax.plot(*_series(rows, "elapsed_s", key), label=f"TTT step {key.rsplit('/', 1)[1]}")
+        ax.plot(*_series(_trained(rows), "elapsed_s", key), label=f"TTT step {key.rsplit('/', 1)[1]}")
     paths.append(_save(fig, ax, out_dir, "train_loss.png", "Training loss per TTT step", "seconds", "loss"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(*_series(rows, "elapsed_s", "serve/tokens_per_second"), label="serving (generated tokens/s)")
-    ax.plot(*_series(rows, "elapsed_s", "train/tokens_per_second"), label="training (tokens/s)")
+    ax.plot(*rate(rows, "serve/generated_tokens"), label="serving (generated tokens/s)")
+    ax.plot(*rate(rows, "train/tokens_trained"), label="training (tokens/s, replays included)")
     paths.append(_save(fig, ax, out_dir, "throughput.png", "Throughput", "seconds", "tokens per second"))
     return paths

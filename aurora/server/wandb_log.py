@@ -1,16 +1,19 @@
 """Periodic run log: every few seconds one flat row of engine + trainer numbers, appended as a JSON line to
 `<run_dir>/metrics.jsonl` (what `aurora report` plots, no wandb needed) and logged to wandb (offline
-without WANDB_API_KEY, skipped when disabled). The wandb run config is the whole `ServeConfig`.
+without WANDB_API_KEY, skipped when disabled). The wandb run config is the whole `ServeConfig`, keys redacted;
+wandb also records the process's command line (its run file, uploaded when online), so the keys are taken out
+of `sys.argv` before wandb starts.
 
 Rows are built by `flatten_status` alone; `report.py` reads the same keys.
 """
 import json
 import logging
 import os
+import sys
 import threading
 import time
 
-from aurora.server.config import ServeConfig
+from aurora.server.config import ServeConfig, redact
 from aurora.server.metrics import split_status
 
 log = logging.getLogger(__name__)
@@ -20,7 +23,8 @@ def flatten_status(status: dict) -> dict:
     """draft_status() -> one flat row: serve/* from the engine, train/* from the trainer."""
     engine, trainer = split_status(status)
     row = {f"serve/{k}": engine.get(k) for k in ("requests_finished", "running", "waiting", "draft_version",
-                                                   "tokens_per_second", "generated_tokens")}
+                                                   "tokens_per_second", "generated_tokens", "verify_rounds",
+                                                   "verify_tokens")}
     row["serve/accept_length"] = engine.get("accept_length_recent")
     for version, value in (engine.get("accept_length_by_version") or {}).items():
         row[f"serve/accept_length_by_version/{version}"] = value
@@ -28,7 +32,8 @@ def flatten_status(status: dict) -> dict:
         row[f"serve/accept_rate_by_position/{position}"] = value
     if trainer is not None:
         for k in ("state", "version", "steps", "samples_captured", "samples_dropped", "buffer_size", "swaps",
-                  "swaps_refused", "failures", "last_error", "tokens_per_second", "requests_since_swap"):
+                  "swaps_refused", "failures", "last_error", "tokens_per_second", "tokens_trained",
+                  "requests_since_swap"):
             row[f"train/{k}"] = trainer.get(k)
         for step, value in enumerate(trainer.get("loss_per_step") or []):
             row[f"train/loss_step/{step}"] = value
@@ -59,9 +64,18 @@ class MetricsLogger:
         try:
             import wandb
 
+            # wandb reads sys.argv whenever it describes the run (metadata at start, the job at finish)
+            sys.argv[:] = redact(sys.argv, self.cfg.secrets())
             return wandb.init(project=os.environ.get("WANDB_PROJECT", "aurora"), mode=self.cfg.wandb,
                               dir=self.cfg.run_dir, name=os.path.basename(os.path.normpath(self.cfg.run_dir)),
                               config=self.cfg.to_dict())
+        except ModuleNotFoundError as e:
+            if e.name != "wandb":  # wandb itself is broken: as any other failure below
+                log.warning("wandb disabled (%s: %s); metrics still go to %s", type(e).__name__, e, self.path)
+                return None
+            log.warning("wandb is not installed (pip install 'aurora-spec[wandb]', or --wandb disabled to silence "
+                        "this); metrics still go to %s", self.path)
+            return None
         except Exception as e:  # the JSONL log goes on without wandb
             log.warning("wandb disabled (%s: %s); metrics still go to %s", type(e).__name__, e, self.path)
             return None

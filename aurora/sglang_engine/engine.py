@@ -26,7 +26,7 @@ from typing import AsyncIterator
 
 import httpx
 
-from aurora.engine.sequence import RequestOutput, SamplingParams
+from aurora.engine.sequence import RequestOutput, SamplingParams, accept_length
 from aurora.engine.stats import EngineStats
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import LOADER, SGLangServer
@@ -203,8 +203,10 @@ class SGLangEngine:
                 finished = fr is not None
                 reason = _REASONS.get(fr.get("type"), "stop") if finished else None
                 rounds = int(meta.get("spec_verify_ct", 0))
+                verified = len(ids) - 1 if rounds else 0  # SGLang's prefill emits the first token, no round
                 out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
-                                    len(ids) / rounds if rounds else 0.0, draft_version=version)
+                                    accept_length(verified, rounds), draft_version=version,
+                                    verify_tokens=verified)
                 if finished:
                     self._finished(rid, prompt_ids, params, meta, out, capture)
                 yield out
@@ -237,7 +239,7 @@ class SGLangEngine:
 
     def _finished(self, rid, prompt_ids, params, meta, out: RequestOutput, capture: bool) -> None:
         per_pos = accepted_per_position(meta.get("spec_correct_drafts_histogram"), self.lookahead)
-        self.stats_.on_finish(len(out.output_ids), out.verify_rounds, per_pos, out.draft_version)
+        self.stats_.on_finish(out.verify_tokens, out.verify_rounds, per_pos, out.draft_version)
         if capture:
             if out.finish_reason in ("stop", "length"):
                 self.collector.finish(rid, list(prompt_ids) + out.output_ids, len(prompt_ids), params.greedy,
@@ -316,6 +318,12 @@ class SGLangEngine:
                     raise
 
     # ------------------------------------------------------------- status
+    def health(self) -> dict:
+        """ok while SGLang's process runs; a failed draft swap leaves serving up and is reported as last_error."""
+        alive = self.server.alive()
+        return {"ok": alive, "error": None if alive else f"SGLang exited with code {self.server.proc.returncode}",
+                "last_error": self.error}
+
     def _check_alive(self) -> None:
         if self.state != "ok":
             raise SGLangUnavailable(f"SGLang is {self.state}: {self.fault}")

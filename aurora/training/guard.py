@@ -43,8 +43,8 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
         total = part if total is None else {k: total[k] + part[k] for k in total}
     n = max(total["positions"], 1)
     return {"accept_length": 1.0 + total["chain"] / n, "greedy_accept_length": 1.0 + total["chain_greedy"] / n,
-            "served_greedy_accept_length": total["tokens"] / max(total["rounds"], 1),
-            "completion_tokens": total["tokens"], "rounds": total["rounds"],
+            "served_greedy_accept_length": total["verified"] / max(total["rounds"], 1),
+            "completion_tokens": total["tokens"], "verify_tokens": total["verified"], "rounds": total["rounds"],
             "served_greedy_step_accept": (total["hit"] / total["tried"].clamp_min(1)).tolist(),
             "step_accept": (total["step_sum"] / total["step_count"].clamp_min(1)).tolist(),
             "positions": total["positions"]}
@@ -74,25 +74,28 @@ def _acceptance_sums(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.T
     acc, greedy = torch.stack(acc), torch.stack(greedy)                          # [K,B,L]
     full = valid.all(0)                                                          # [B,L]
     chain = lambda a: float((a.cumprod(0).sum(0) * full).double().sum())  # noqa: E731
-    tokens, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # batch rows, in order
+    tokens, verified, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # batch rows
     return {"chain": chain(acc), "chain_greedy": chain(greedy), "positions": int(full.sum()),
             "step_sum": (acc * valid).flatten(1).double().sum(1).cpu(),
-            "step_count": valid.flatten(1).double().sum(1).cpu(), "tokens": tokens, "rounds": rounds,
-            "tried": torch.tensor(tried, dtype=torch.float64), "hit": torch.tensor(hit, dtype=torch.float64)}
+            "step_count": valid.flatten(1).double().sum(1).cpu(), "tokens": tokens, "verified": verified,
+            "rounds": rounds, "tried": torch.tensor(tried, dtype=torch.float64),
+            "hit": torch.tensor(hit, dtype=torch.float64)}
 
 
-def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int, list[int], list[int]]:
+def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int, int, list[int], list[int]]:
     """Replay greedy serving over each completion: hits [K,B,L] (step k at t guessed x[t+2+k]). The prefill
     emits x[P]; a round after x[m] runs the draft at t = m-1, accepts its leading hits, emits accepted + 1.
-    Returns (completion tokens, verify rounds) summed over samples, as the engine counts them, and per depth
-    j the rounds that reached it and those that accepted there (the served conditional acceptance that the
-    engine's depth decision starts a new version from)."""
-    tokens = rounds = 0
+    Returns (completion tokens, tokens committed by verify rounds, verify rounds) summed over samples, as the
+    engine counts them (the prefill's token is a completion token but no round's), and per depth j the rounds
+    that reached it and those that accepted there (the served conditional acceptance that the engine's depth
+    decision starts a new version from)."""
+    tokens = verified = rounds = 0
     tried, hit = [0] * K, [0] * K
     for b, s in enumerate(samples):
         T, m = s.num_tokens, s.prompt_len
         h = hits[:, b].tolist()
         tokens += T - m
+        verified += max(T - m - 1, 0)
         while m < T - 1:
             a = 0
             while a < K and m + a < T - 1:
@@ -102,7 +105,7 @@ def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int
                 hit[a] += 1
                 a += 1
             m, rounds = m + a + 1, rounds + 1
-    return tokens, rounds, tried, hit
+    return tokens, verified, rounds, tried, hit
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:

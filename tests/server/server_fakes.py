@@ -41,24 +41,26 @@ class FakeEngine:
                 if rid in self.aborted:
                     reason = "abort"
                     new = []
-                else:
-                    k = min(1 + rounds % LOOKAHEAD, params.max_tokens - len(out))
+                else:  # like the real engine: the prefill brings one token, then rounds of 1, 2, 3, 4, 1, ...
+                    prefill = not out
+                    k = 1 if prefill else min(1 + rounds % LOOKAHEAD, params.max_tokens - len(out))
                     new = [prompt_ids[(len(out) + j) % len(prompt_ids)] for j in range(k)]
                     out += new
-                    rounds += 1
+                    rounds += 0 if prefill else 1
                     text = self.tokenizer.decode(out)
                     if any(s in text for s in params.stop):
                         reason = "stop"
                     elif len(out) >= params.max_tokens:
                         reason = "length"
+                verified = len(out) - 1 if rounds else 0
                 yield RequestOutput(rid, new, list(out), len(prompt_ids), reason is not None, reason, rounds,
-                                    len(out) / rounds if rounds else 0.0)
+                                    verified / rounds if rounds else 0.0, verify_tokens=verified)
         finally:
             self.running -= 1
             self.finished += 1
             self.generated += len(out)
             if rounds:
-                self.by_version.setdefault(self.draft_version, []).append(len(out) / rounds)
+                self.by_version.setdefault(self.draft_version, []).append((len(out) - 1) / rounds)
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)

@@ -29,7 +29,8 @@ def test_yaml_then_flags(tmp_path):
     ({"num_draft_tokens": 3}, "num_draft_tokens must be lookahead+1"),
     ({"topk": 4, "num_draft_tokens": 30, "engine": "sglang"}, "num_draft_tokens must be in"),
     ({"topk": 0}, "topk must be an integer >= 1"),
-    ({"sample_rate": 1.5}, "sample_rate must be in [0, 1]"),
+    ({"sample_rate": 1.5}, "sample_rate must be in (0, 1]"),
+    ({"sample_rate": 0.0}, "sample_rate must be in (0, 1]"),
     ({"objective": "mse"}, "objective must be one of"),
     ({"wandb": "yes"}, "wandb must be one of"),
     ({"port": 70000}, "port must be in"),
@@ -60,3 +61,58 @@ def test_training_options_reach_the_trainer_config(tmp_path):
     cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2)
     t = _train_config(cfg, str(tmp_path), "cpu", 1.0)
     assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
+
+
+def test_keys_from_environment_and_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("AURORA_API_KEY", "from-env")
+    monkeypatch.setenv("AURORA_ADMIN_KEY", "admin-env")
+    assert (ServeConfig.load().api_key, ServeConfig.load().admin_key) == ("from-env", "admin-env")
+    assert ServeConfig.load(api_key="from-flag").api_key == "from-flag"  # a flag wins over the environment
+    key = tmp_path / "key"
+    key.write_text("  from-file\n")
+    cfg = ServeConfig.load(api_key_file=str(key))
+    assert cfg.api_key == "from-file" and cfg.to_dict()["api_key"] == "***" and cfg.secrets() == ["from-file",
+                                                                                                    "admin-env"]
+    with pytest.raises(ValueError, match="api_key or api_key_file, not both"):
+        ServeConfig(api_key="a", api_key_file=str(key))
+    with pytest.raises(ValueError, match="cannot read"):
+        ServeConfig(admin_key_file=str(tmp_path / "missing"))
+    key.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        ServeConfig(api_key_file=str(key))
+
+
+def test_redact_command_line():
+    from aurora.server.config import redact
+    assert redact(["serve", "--api-key", "k1", "--admin-key=k2", "--port", "1"], ["k1", "k2"]) == \
+        ["serve", "--api-key", "***", "--admin-key=***", "--port", "1"]
+
+
+def test_every_flag_has_real_help(capsys):
+    from dataclasses import fields
+
+    from aurora.cli import _HELP
+
+    assert {f.name for f in fields(ServeConfig)} <= set(_HELP)  # no flag falls back to its own name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for placeholder in ("topk [", "buffer gib", "  host [", "[default: None]", "[default: ]"):
+        assert placeholder not in text
+
+
+def test_boolean_flags_bare_negated_or_valued():
+    parse = lambda *a: vars(build_parser().parse_args(["serve", *a]))  # noqa: E731
+    assert parse("--resume")["resume"] is True and parse("--no-resume")["resume"] is False
+    assert parse("--resume", "false")["resume"] is False and parse("--resume", "--port", "1")["resume"] is True
+    assert parse("--trust-remote-code")["trust_remote_code"] is True
+    assert parse("--fused-kernels", "off")["fused_kernels"] is False and "fused_kernels" not in parse()
+    with pytest.raises(SystemExit):
+        parse("--resume", "maybe")
+
+
+def test_version(capsys):
+    from aurora import __version__
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"aurora {__version__}"

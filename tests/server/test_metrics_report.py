@@ -67,6 +67,7 @@ def test_report_from_synthetic_jsonl(tmp_path, capsys):
             version = i // 15
             row = {"elapsed_s": 5.0 * i, "serve/requests_finished": 20 * i, "serve/draft_version": version,
                    "serve/accept_length": 1.5 + 0.4 * version + 0.01 * i, "serve/tokens_per_second": 300 + i,
+                   "serve/generated_tokens": 1500 * i, "train/tokens_trained": 4500 * i, "train/steps": i,
                    "train/tokens_per_second": 900.0, "train/state": "training",
                    **{f"serve/accept_rate_by_position/{j}": 0.8 - 0.15 * j for j in range(4)},
                    **{f"train/loss_step/{k}": 3.0 - 0.03 * i + 0.2 * k for k in range(4)}}
@@ -79,3 +80,51 @@ def test_report_from_synthetic_jsonl(tmp_path, capsys):
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
     assert main(["report", str(tmp_path / "nothing")]) == 1
+
+
+def test_report_series_have_no_fake_points_and_idle_is_zero():
+    from aurora.server.report import _served, rate
+
+    rows = [{"elapsed_s": 0.0, "serve/generated_tokens": 0, "serve/accept_length": 0.0},     # start: nothing yet
+            {"elapsed_s": 5.0, "serve/generated_tokens": 500, "serve/accept_length": 1.8},   # busy
+            {"elapsed_s": 10.0, "serve/generated_tokens": 1500, "serve/accept_length": 2.0},
+            {"elapsed_s": 15.0, "serve/generated_tokens": 1500, "serve/accept_length": 2.0},  # idle
+            {"elapsed_s": 25.0, "serve/generated_tokens": 1500, "serve/accept_length": 2.0}]
+    assert rate(rows, "serve/generated_tokens") == ([5.0, 10.0, 15.0, 25.0], [100.0, 200.0, 0.0, 0.0])
+    assert [r["elapsed_s"] for r in _served(rows)] == [5.0, 10.0, 15.0, 25.0]
+
+
+def test_logger_says_how_to_get_wandb(service, tmp_path, monkeypatch, caplog):
+    import builtins
+
+    from aurora.server.config import ServeConfig
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb":
+            raise ModuleNotFoundError("No module named 'wandb'", name="wandb")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = ServeConfig(target="smollm2", draft=None, wandb="offline", run_dir=str(tmp_path))
+    logger = MetricsLogger(service, cfg, interval_s=60)
+    assert logger._init_wandb() is None
+    assert "pip install 'aurora-spec[wandb]'" in caplog.text
+
+
+def test_an_unhandled_error_is_counted_as_500_not_disconnected(server):
+    url, service = server
+
+    async def broken(*a, **kw):
+        raise TypeError("a bug")
+        yield  # an async generator, as the engine's
+
+    service.engine.generate = broken
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+    assert samples[("aurora_requests_total", (("code", "500"), ("route", "/v1/completions")))] == 1
+    assert ("aurora_requests_total", (("code", "disconnected"), ("route", "/v1/completions"))) not in samples

@@ -30,13 +30,15 @@ def fake_sglang(calls: list):
         n = body["sampling_params"]["max_new_tokens"]
 
         async def stream():
-            ids = []
-            for step in range(0, n, 2):  # two tokens per verify round
-                ids = ids + [7, 8][:n - step]
+            ids, rounds = [], 0
+            while len(ids) < n:  # as SGLang: the prefill emits one token (no verify round), then two per round
+                if ids:
+                    rounds += 1
+                ids = ids + ([7, 8] if rounds % 2 else [8, 7])[:1 if not ids else n - len(ids)]
                 done = len(ids) == n
-                meta = {"spec_verify_ct": step // 2 + 1, "finish_reason": {"type": "length"} if done else None}
+                meta = {"spec_verify_ct": rounds, "finish_reason": {"type": "length"} if done else None}
                 if done:
-                    meta["spec_correct_drafts_histogram"] = [0, step // 2 + 1]
+                    meta["spec_correct_drafts_histogram"] = [0, rounds]
                 yield f"data: {json.dumps({'output_ids': ids, 'meta_info': meta})}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -75,12 +77,14 @@ def test_generate_stats_errors_and_swap(monkeypatch):
         async def collect(params):
             return [o async for o in eng.generate([1, 2, 3], params, request_id="r1")]
         outs = asyncio.run(collect(SamplingParams(max_tokens=5, temperature=0.0, stop=["\n"])))
-        assert [o.new_token_ids for o in outs] == [[7, 8], [7, 8], [7]] and outs[-1].output_ids == [7, 8, 7, 8, 7]
-        assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].verify_rounds == 3
+        assert [o.new_token_ids for o in outs] == [[8], [7, 8], [8, 7]] and outs[-1].output_ids == [8, 7, 8, 8, 7]
+        assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].verify_rounds == 2
+        # SGLang's accept length: 4 tokens committed by 2 verify rounds (the prefill's token is no round's)
+        assert outs[-1].verify_tokens == 4 and outs[-1].accept_length == 2.0
         body = calls[0][1]
         assert body["rid"] == "n-r1" and body["input_ids"] == [1, 2, 3] and body["stream"]  # no collector: not captured
         assert body["sampling_params"]["stop"] == ["\n"] and body["sampling_params"]["top_k"] == -1
-        assert finished and eng.stats()["accept_length_by_version"] == {0: 5 / 3}
+        assert finished and eng.stats()["accept_length_by_version"] == {0: 2.0}
         assert eng.stats()["accept_rate_by_position"][0] == 1.0  # every round accepted its first draft
         with pytest.raises(ValueError, match="max_model_len"):
             asyncio.run(collect(SamplingParams(max_tokens=62)))
