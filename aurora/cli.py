@@ -15,7 +15,7 @@ import time
 import types
 from dataclasses import MISSING, fields
 
-from aurora.server.config import ServeConfig
+from aurora.server.config import DEVICE_DEFAULTS, ServeConfig
 
 log = logging.getLogger("aurora")
 
@@ -44,6 +44,9 @@ _HELP = {
     "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
+    "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "
+                        "requests (0: the target's full vocabulary)",
+    "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary before training starts",
     "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
 }
 
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         t = _flag_type(f.type)
         nullable = isinstance(f.type, types.UnionType)
         default = f.default if f.default is not MISSING else "(computed)"
+        if f.name in DEVICE_DEFAULTS["cpu"]:
+            default = ", ".join(f"{d[f.name]} on {device}" for device, d in DEVICE_DEFAULTS.items())
         serve.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                            type=_none_or(t) if nullable else t,
                            help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} [default: {default}]")
@@ -118,6 +123,7 @@ def serve(cfg: ServeConfig) -> None:
 
     log.info("config: %s", cfg.to_dict())
     service = _start_service(cfg)
+    cfg = service.config or cfg  # with the training settings chosen for the device (logged, recorded)
     app = create_app(service, cfg)
     metrics_log = MetricsLogger(service, cfg).start()
     # uvicorn's own SIGTERM/SIGINT handling closes the listener and waits for in-flight requests
