@@ -4,6 +4,12 @@ import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
+# What an engine honours beyond the basic sampling parameters, declared in its `features` (the HTTP layer
+# refuses the rest, naming them). The built-in engine declares none yet: to stay lossless its speculative
+# verify step would have to apply the same logits processing (penalties, bias, a grammar's mask) and report
+# the same log-probabilities as target-only decoding, which it does not do yet. SGLang does all four.
+LOGPROBS, PENALTIES, LOGIT_BIAS, JSON_SCHEMA = "logprobs", "penalties", "logit_bias", "json_schema"
+
 
 @dataclass
 class SamplingParams:
@@ -16,6 +22,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     capture: bool = True       # False: this request leaves no training sample (opt-out)
+    # logits processing and log-probabilities: honoured by engines that declare them (SGLangEngine.features);
+    # the HTTP layer refuses a request that sets them for an engine that does not
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: str | None = None   # constrain the output to this JSON schema (a JSON string)
+    logprobs: int | None = None      # None: none; N: each output token's log-probability and the top N
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -93,3 +106,5 @@ class RequestOutput:
     accept_length: float = 0.0
     error: str | None = None
     draft_version: int = 0             # the draft version live when the request was admitted
+    # per new token, when params.logprobs is set: (token id, log-probability, [(id, log-probability)] top N)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None

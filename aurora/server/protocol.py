@@ -1,16 +1,21 @@
 """OpenAI-compatible request bodies (pydantic, strict types, OpenAI's ranges) and the error body.
 
-Only what the engine can honour is declared; unknown fields are ignored as OpenAI's own server does with
-fields a model does not use. The ranges here are the API's contract; `SamplingParams` re-checks its own.
+Every OpenAI parameter that changes what is generated is declared here, with OpenAI's range: the server
+honours it or refuses it with a 400 naming it (`Generator.check_supported`), never ignores it. Fields no
+model would act on (`user`, `metadata`, ...) are ignored, as OpenAI's own server does. The ranges here are
+the API's contract; `SamplingParams` re-checks its own.
 """
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aurora.engine.sequence import SamplingParams
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_PROMPTS = 16          # prompts in one /v1/completions request
+MAX_LOGIT_BIAS = 300      # OpenAI's limit on logit_bias entries
 
 
 class StreamOptions(BaseModel):
@@ -34,6 +39,24 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False   # vLLM's extension: generate max_tokens even past end-of-sequence (benchmarks)
     user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None   # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    response_format: "ResponseFormat | None" = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"keys are token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"biases are in [-100, 100], got {b} for token {k}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -45,8 +68,13 @@ class SamplingRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no log-probabilities; N: each token's and the N most likely alternatives'."""
+        return None
+
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """Engine parameters for choice `choice` of n: seeded requests get seed+choice so choices differ."""
+        rf = self.response_format
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -55,6 +83,10 @@ class SamplingRequest(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,  # the validator made a str a list; unset stays None
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+            json_schema=None if rf is None else rf.schema_string(),
+            logprobs=self.top_logprobs_wanted(),
         )
 
     @property
@@ -62,17 +94,66 @@ class SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        return self
+
+    def schema_string(self) -> str | None:
+        """The JSON schema the output must match, as a string; None: free text. json_object = any object."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        return json.dumps(self.json_schema.schema_ or {"type": "object"})
+
+
+SamplingRequest.model_rebuild()
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] = Field(..., description="text, or token ids of the target's tokenizer")
+    # one prompt (text or token ids of the target's tokenizer) or a list of them: n choices for each
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="text or token ids, or a list")
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)   # OpenAI's legacy range
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
         if len(v) == 0:
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and any(t < 0 for t in v):
+        if isinstance(v, list) and not isinstance(v[0], int):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(len(p) == 0 for p in v):
+                raise ValueError("prompts must not be empty")
+        flat = v if isinstance(v, list) and isinstance(v[0], int) else \
+            [t for p in v if isinstance(p, list) for t in p] if isinstance(v, list) else []
+        if any(t < 0 for t in flat):
             raise ValueError("token ids must be >= 0")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt] if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else self.prompt
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -81,19 +162,87 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    arguments: str   # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None   # an assistant turn that called tools
+    tool_call_id: str | None = None            # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant turn with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as Hugging Face chat templates take it (tool-call arguments as a mapping)."""
+        d = {"role": self.role, "content": self.text()}
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        return d
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)   # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None        # the deprecated form of tools
+    function_call: str | dict | None = None    # the deprecated form of tool_choice
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
