@@ -103,7 +103,8 @@ class ServeConfig:
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         _check(self.draft_vocab_size is None or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
-               f"draft_vocab_size must be an integer >= 0 (0 = the target's vocabulary), got {self.draft_vocab_size!r}")
+               f"draft_vocab_size must be an integer >= 0 (0 = the target's vocabulary), "
+               f"got {self.draft_vocab_size!r}")
         _check(_is_int(self.max_model_len) and self.max_model_len >= 16,
                f"max_model_len must be an integer >= 16, got {self.max_model_len!r}")
         _check(_is_int(self.num_draft_tokens), f"num_draft_tokens must be an integer, got {self.num_draft_tokens!r}")

@@ -100,7 +100,8 @@ class Generator:
     # ---- parameters the engine cannot honour are refused, naming them ------------------------------
     def _refuse_unless(self, feature: str, param: str) -> None:
         if feature not in getattr(self.engine, "features", frozenset()):
-            raise RequestError(400, f"{param} is not supported by {getattr(self.engine, 'engine_name', 'the built-in engine')}: "
+            engine = getattr(self.engine, "engine_name", "the built-in engine")
+            raise RequestError(400, f"{param} is not supported by {engine}: "
                                     f"speculative decoding stays lossless only if its verify step processes logits "
                                     f"exactly as target-only decoding does, which this engine does not do for "
                                     f"{param} yet (the SGLang engine, --engine sglang, supports it)", param=param,
