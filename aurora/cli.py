@@ -17,7 +17,7 @@ import types
 from dataclasses import MISSING, fields
 
 from aurora.engine.sequence import SHUTDOWN_ERROR
-from aurora.server.config import ServeConfig, redact
+from aurora.server.config import DEVICE_DEFAULTS, ServeConfig, redact
 
 log = logging.getLogger("aurora")
 
@@ -51,12 +51,12 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "buffer_samples": "capture buffer capacity in samples (the oldest are dropped first)",
     "buffer_gib": "capture buffer's host-memory bound in GiB",
     "replay_passes": "times each captured sample is trained on (fresh samples first)",
-    "draft_vocab_size": "scratch drafts: draft vocabulary size, the most frequent tokens of the first "
-                        "--vocab-warmup-requests requests (default: the target's whole vocabulary)",
-    "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "train_batch_tokens": "tokens per trainer step (at least one sample)",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
+    "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "
+                        "requests (0: the target's full vocabulary)",
+    "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary before training starts",
     "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
     "run_dir": "directory for checkpoints, metrics.jsonl and wandb files (default runs/<timestamp>)",
     "host": "address to listen on (0.0.0.0 for every interface)",
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         nullable = isinstance(f.type, types.UnionType)
         flag = f"--{f.name.replace('_', '-')}"
         shown = "" if f.default in (MISSING, None, "") else f" [default: {f.default}]"
+        if f.name in DEVICE_DEFAULTS["cpu"]:
+            shown = " [default: " + ", ".join(f"{d[f.name]} on {device}" for device, d in DEVICE_DEFAULTS.items()) + "]"
         if t is _parse_bool:
             serve.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action=_BoolFlag,
                                help=_HELP[f.name] + shown)
@@ -197,6 +199,7 @@ def serve(cfg: ServeConfig) -> None:
 
     log.info("config: %s", cfg.to_dict())
     service = _start_service(cfg)
+    cfg = service.config or cfg  # with the training settings chosen for the device (logged, recorded)
     app = create_app(service, cfg)
     metrics_log = MetricsLogger(service, cfg).start()
     # uvicorn's own SIGTERM/SIGINT handling closes the listener and waits for in-flight requests; _Server adds

@@ -33,6 +33,26 @@ def _resuming(cfg: ServeConfig, ckpt: str) -> bool:
     return cfg.resume and os.path.exists(os.path.join(ckpt, "trainer.pt"))
 
 
+def _training_device_type(cfg: ServeConfig) -> str:
+    """Where the draft trains, which picks the training settings left unset: SGLang serves on CUDA and fixes
+    the draft's vocabulary at its start, so it always takes the CUDA ones."""
+    if cfg.engine == "sglang":
+        return "cuda"
+    device = cfg.trainer_device if cfg.trainer_device != "auto" else cfg.device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def _for_device(cfg: ServeConfig) -> ServeConfig:
+    device = _training_device_type(cfg)
+    cfg, chosen = cfg.for_device(device)
+    if chosen and cfg.draft is not None:
+        log.info("training settings chosen for the %s (flags override them): %s", device,
+                 ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    return cfg
+
+
 def _initial_draft(cfg: ServeConfig, target_config, ckpt: str):
     """The draft served first: resumed from the checkpoint, a day-0 head, or the checkpoint directory given
     (returned as well, so an engine that loads from disk can use it as is)."""
@@ -40,12 +60,14 @@ def _initial_draft(cfg: ServeConfig, target_config, ckpt: str):
         log.info("resuming the draft from %s", ckpt)
         return load_served_draft(ckpt), None
     if cfg.draft == "scratch":
-        return new_draft(DraftConfig.from_target(target_config, cfg.draft_vocab_size)), None
+        vocab = cfg.draft_vocab_size if 0 < cfg.draft_vocab_size < target_config.vocab_size else None  # None: all
+        return new_draft(DraftConfig.from_target(target_config, vocab)), None
     path = hub.resolve(cfg.draft)
     return load_draft(path), path
 
 
 def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> TrainConfig:
+    cfg, _ = cfg.for_device(torch.device(device).type)  # a no-op on a config from_config has completed
     return TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead, sync_every=cfg.sync_every,
                        sample_rate=sample_rate, buffer_samples=cfg.buffer_samples,
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
@@ -136,6 +158,7 @@ class Service:
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Service":
+        cfg = _for_device(cfg)
         if cfg.engine == "sglang":
             return cls._from_config_sglang(cfg)
         target_dir = hub.resolve(cfg.target)
@@ -201,9 +224,10 @@ class Service:
         draft, draft_dir = None, None
         if cfg.draft is not None:
             tcfg = AutoConfig.from_pretrained(target_dir, trust_remote_code=cfg.trust_remote_code)
-            if cfg.draft == "scratch" and cfg.draft_vocab_size is not None and not _resuming(cfg, ckpt):
+            if (cfg.draft == "scratch" and cfg.draft_vocab_size is not None and 0 < cfg.draft_vocab_size < tcfg.vocab_size
+                    and not _resuming(cfg, ckpt)):
                 raise ValueError("engine sglang fixes the draft vocabulary when SGLang starts (it copies the map "
-                                 "once): a scratch draft uses the full vocabulary (leave draft_vocab_size unset) "
+                                 "once): a scratch draft uses the full vocabulary (draft_vocab_size 0 or unset) "
                                  "or pass a draft")
             draft, draft_dir = _initial_draft(cfg, tcfg, ckpt)
             L = tcfg.num_hidden_layers  # the draft's config names its aux layers where the defaults collapse

@@ -11,6 +11,12 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+# What an engine honours beyond the basic sampling parameters, declared in its `features` (the HTTP layer
+# refuses the rest, naming them). The built-in engine declares none yet: to stay lossless its speculative
+# verify step would have to apply the same logits processing (penalties, bias, a grammar's mask) and report
+# the same log-probabilities as target-only decoding, which it does not do yet. SGLang does all four.
+LOGPROBS, PENALTIES, LOGIT_BIAS, JSON_SCHEMA = "logprobs", "penalties", "logit_bias", "json_schema"
+
 
 MAX_TOP_K = 2**31 - 1
 SHUTDOWN_ERROR = "the server shut down before this request finished"  # starts RequestOutput.error of such requests
@@ -31,6 +37,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     capture: bool = True       # False: this request leaves no training sample (opt-out)
+    # logits processing and log-probabilities: honoured by engines that declare them (SGLangEngine.features);
+    # the HTTP layer refuses a request that sets them for an engine that does not
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: str | None = None   # constrain the output to this JSON schema (a JSON string)
+    logprobs: int | None = None      # None: none; N: each output token's log-probability and the top N
 
     def __post_init__(self):
         # the ranges are what the engine's per-row tensors hold: an int64 seed, an int32-safe top_k (SGLang keeps
@@ -120,6 +133,8 @@ class RequestOutput:
     draft_version: int = 0             # the draft version live when the request was admitted
     verify_tokens: int = 0             # output tokens committed by verify rounds (the prefill's excluded)
     queue_time: float | None = None    # seconds the request waited for a batch row (None: the engine cannot say)
+    # per new token, when params.logprobs is set: (token id, log-probability, [(id, log-probability)] top N)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 def accept_length(verify_tokens: int, verify_rounds: int) -> float:

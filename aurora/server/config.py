@@ -7,6 +7,7 @@ reproduced from its directory alone; the two keys never are (they read '***').
 Keys need not be on a command line (where `ps` and wandb's record of the arguments would see them): set
 AURORA_API_KEY / AURORA_ADMIN_KEY, or point --api-key-file / --admin-key-file at a file holding the key.
 """
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +18,16 @@ ENGINES = ("local", "sglang")
 OBJECTIVES = ("fkl", "rkl", "tv")
 WANDB_MODES = ("offline", "online", "disabled")
 KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
+
+# Training settings left unset (None) are chosen for the device the draft trains on. A CPU trains a
+# hundred-odd tokens a second: over the full vocabulary of a chat model (SmolLM2: 49,152 tokens) its LM head
+# learns too slowly to show in the first hundreds of requests, so it prunes the vocabulary to the most
+# frequent tokens of the first few requests, swaps often and takes bigger steps. draft_vocab_size 0 = the
+# target's full vocabulary.
+DEVICE_DEFAULTS = {
+    "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3},
+    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4},
+}
 
 
 def _default_run_dir() -> str:
@@ -58,17 +69,18 @@ class ServeConfig:
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
     objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
-    lr: float = 3e-4                   # AdamW peak rate (after warm-up); the GPU online runs used 3e-4
-    sync_every: int = 800              # finished requests between draft hot-swaps
+    lr: float | None = None            # AdamW peak rate (after warm-up); None = DEVICE_DEFAULTS
+    sync_every: int | None = None      # finished requests between draft hot-swaps; None = DEVICE_DEFAULTS
     sample_rate: float = 1.0           # fraction of finished requests captured for training
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
     buffer_gib: float = 2.0            # and its host-memory bound (a 4k-token MiniMax sample holds ~74 MB of states)
     replay_passes: int = 3             # times each captured sample is trained on; >1 uses the trainer's idle
                                        # time between requests (fresh samples always first); 3 beat 1 in every
                                        # domain window of a 5,000-request GPU run (README, session 6)
-    draft_vocab_size: int | None = None  # scratch drafts: None = the target's vocabulary; N = the N most
-                                         # frequent tokens of the first `vocab_warmup_requests` requests
-    vocab_warmup_requests: int = 64
+    draft_vocab_size: int | None = None  # scratch drafts: 0 = the target's vocabulary; N = the N most frequent
+                                         # tokens of the first `vocab_warmup_requests` requests; None =
+                                         # DEVICE_DEFAULTS (2048 on a CPU, the full vocabulary on CUDA)
+    vocab_warmup_requests: int | None = None
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
     train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
                                        # bigger kernels: worth it when the trainer shares a busy GPU
@@ -105,9 +117,14 @@ class ServeConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         for name in ("lookahead", "topk", "max_batch", "sync_every", "buffer_samples", "tp_size", "replay_passes",
-                     "max_concurrent_requests", "train_batch_tokens"):
+                     "max_concurrent_requests", "train_batch_tokens", "vocab_warmup_requests"):
+            if getattr(self, name) is None and name in DEVICE_DEFAULTS["cpu"]:
+                continue
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        _check(self.draft_vocab_size is None or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
+               f"draft_vocab_size must be an integer >= 0 (0 = the target's vocabulary), "
+               f"got {self.draft_vocab_size!r}")
         _check(_is_int(self.max_model_len) and self.max_model_len >= 16,
                f"max_model_len must be an integer >= 16, got {self.max_model_len!r}")
         _check(_is_int(self.num_draft_tokens), f"num_draft_tokens must be an integer, got {self.num_draft_tokens!r}")
@@ -119,7 +136,7 @@ class ServeConfig:
             _check(self.lookahead + 1 <= self.num_draft_tokens <= self.topk * self.lookahead + 1,
                    f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                    f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}], got {self.num_draft_tokens}")
-        _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0), f"lr must be > 0, got {self.lr!r}")
         _check(isinstance(self.buffer_gib, (int, float)) and self.buffer_gib > 0,
                f"buffer_gib must be > 0, got {self.buffer_gib!r}")
         _check(isinstance(self.sample_rate, (int, float)) and 0.0 < self.sample_rate <= 1.0,  # as the trainer's
@@ -139,6 +156,12 @@ class ServeConfig:
         _check(_is_int(self.sglang_max_restarts) and self.sglang_max_restarts >= 0,
                f"sglang_max_restarts must be an integer >= 0, got {self.sglang_max_restarts!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")
+
+    def for_device(self, device_type: str) -> tuple["ServeConfig", dict]:
+        """This config with its unset training settings chosen for `device_type` ("cpu" or "cuda"), and
+        the settings so chosen (for the startup log); settings given explicitly are kept."""
+        chosen = {k: v for k, v in DEVICE_DEFAULTS[device_type].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **chosen), chosen
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> "ServeConfig":

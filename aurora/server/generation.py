@@ -11,7 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from aurora.engine.sequence import SHUTDOWN_ERROR, RequestOutput, SamplingParams
+from aurora.engine.sequence import (JSON_SCHEMA, LOGIT_BIAS, LOGPROBS, PENALTIES, SHUTDOWN_ERROR, RequestOutput,
+                                     SamplingParams)
 from aurora.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -66,14 +67,23 @@ class Delta:
     text: str
     finish_reason: str | None   # set on the choice's last delta
     output: RequestOutput       # the engine's latest output for this choice (token counts, spec stats)
+    logprobs: list | None = None  # the engine's log-probabilities of the tokens this delta adds, if asked
 
 
 @dataclass
 class Prepared:
     request_id: str
-    prompt_ids: list[int]
-    params: list[SamplingParams]   # one per choice
+    prompts: list[list[int]]       # token ids of each prompt (a completion request may send several)
+    params: list[SamplingParams]   # one per choice: n per prompt, prompt by prompt
+    echo: list[str] | None = None  # per prompt: the text put before its choices' completions (echo)
     arrival: float = field(default_factory=time.monotonic)
+
+    def prompt_of(self, choice: int) -> int:
+        return choice * len(self.prompts) // len(self.params)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 class Generator:
@@ -97,54 +107,116 @@ class Generator:
         except (TypeError, ValueError, UnicodeError) as e:  # text the tokenizer cannot take is the caller's
             raise RequestError(400, f"{param} cannot be tokenized: {type(e).__name__}: {e}", param=param)
 
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        self._check_supported(req)
-        if isinstance(req.prompt, str):
-            ids = self._encode(req.prompt, "prompt")
-        else:
-            vocab = len(self.tokenizer)
-            if max(req.prompt) >= vocab:
-                raise RequestError(400, f"prompt token ids must be < vocabulary size {vocab}", param="prompt")
-            ids = list(req.prompt)
-        return self._prepare(req, ids, req.max_tokens or DEFAULT_COMPLETION_TOKENS, "cmpl")
+    # ---- parameters the engine cannot honour are refused, naming them ------------------------------
+    def _refuse_unless(self, feature: str, param: str) -> None:
+        if feature not in getattr(self.engine, "features", frozenset()):
+            engine = getattr(self.engine, "engine_name", "the built-in engine")
+            raise RequestError(400, f"{param} is not supported by {engine}: "
+                                    f"speculative decoding stays lossless only if its verify step processes logits "
+                                    f"exactly as target-only decoding does, which this engine does not do for "
+                                    f"{param} yet (the SGLang engine, --engine sglang, supports it)", param=param,
+                               code="unsupported_parameter")
 
-    @staticmethod
-    def _check_supported(req: SamplingRequest) -> None:
-        name = req.unsupported()
-        if name is not None:
-            raise RequestError(400, f"{name}={getattr(req, name)!r} is not supported by this server; "
-                                    f"leave it unset", param=name, code="unsupported_parameter")
+    def check_supported(self, req: SamplingRequest) -> None:
+        """Each generation parameter is honoured or refused here; a no-op value (penalty 0, an empty
+        logit_bias, logprobs false, response_format text) is accepted by every engine."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                self._refuse_unless(PENALTIES, name)
+        if req.logit_bias:
+            self._refuse_unless(LOGIT_BIAS, "logit_bias")
+        if req.response_format is not None and req.response_format.type != "text":
+            self._refuse_unless(JSON_SCHEMA, "response_format")
+        if isinstance(req, ChatCompletionRequest):
+            if req.top_logprobs and not req.logprobs:
+                raise RequestError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+            if req.logprobs:
+                self._refuse_unless(LOGPROBS, "logprobs")
+            unsupported = "tool calling is not supported: Aurora does not parse tool calls out of the model's text"
+            if req.tools:
+                raise RequestError(400, f"tools: {unsupported}", param="tools", code="unsupported_parameter")
+            if req.functions:
+                raise RequestError(400, f"functions: {unsupported}", param="functions",
+                                   code="unsupported_parameter")
+            if req.tool_choice not in (None, "none", "auto"):
+                raise RequestError(400, "tool_choice needs tools, and tools are not supported", param="tool_choice",
+                                   code="unsupported_parameter")
+            if req.function_call not in (None, "none", "auto"):
+                raise RequestError(400, "function_call needs functions, and functions are not supported",
+                                   param="function_call", code="unsupported_parameter")
+        if isinstance(req, CompletionRequest):
+            if req.logprobs is not None:
+                self._refuse_unless(LOGPROBS, "logprobs")
+                if req.echo:
+                    raise RequestError(400, "echo with logprobs is not supported (it needs the prompt's "
+                                            "log-probabilities)", param="echo", code="unsupported_parameter")
+            if req.suffix:
+                raise RequestError(400, "suffix is not supported: the served model has no fill-in-the-middle "
+                                        "format", param="suffix", code="unsupported_parameter")
+            if req.best_of is not None and req.best_of != req.n:
+                raise RequestError(400, f"best_of must equal n ({req.n}): ranking best_of candidates by their "
+                                        f"log-probability is not supported", param="best_of",
+                                   code="unsupported_parameter")
+
+    # ---- requests -> engine parameters ------------------------------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        self.check_supported(req)
+        prompts, echo = [], []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                prompts.append(self._encode(prompt, "prompt"))
+                echo.append(prompt)
+            else:
+                vocab = len(self.tokenizer)
+                if max(prompt) >= vocab:
+                    raise RequestError(400, f"prompt token ids must be < vocabulary size {vocab}", param="prompt")
+                prompts.append(list(prompt))
+                echo.append(self.tokenizer.decode(prompt, skip_special_tokens=True))
+        p = self._prepare(req, prompts, req.max_tokens or DEFAULT_COMPLETION_TOKENS, "cmpl")
+        p.echo = echo if req.echo else None
+        return p
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
-        self._check_supported(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self.check_supported(req)
+        messages = [m.template_dict() for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # templates raise on conversations they do not support (e.g. role order)
             raise RequestError(400, f"messages do not fit the model's chat template: {e}", param="messages")
+        for i, m in enumerate(req.messages):  # a template may drop what it does not know: refuse, not lose
+            if m.role == "tool" and m.text() not in text:
+                raise RequestError(400, f"messages[{i}]: the model's chat template does not render tool messages",
+                                   param=f"messages.{i}")
+            for c in m.tool_calls or []:
+                if c.function.name not in text:
+                    raise RequestError(400, f"messages[{i}].tool_calls: the model's chat template does not "
+                                            f"render tool calls", param=f"messages.{i}.tool_calls")
         ids = self._encode(text, "messages")
-        return self._prepare(req, ids, req.max_completion_tokens or req.max_tokens, "chatcmpl")
+        return self._prepare(req, [ids], req.max_completion_tokens or req.max_tokens, "chatcmpl")
 
-    def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, kind: str) -> Prepared:
+    def _prepare(self, req: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+                 kind: str) -> Prepared:
         self.check_model(req.model)
         limit = self.engine.max_model_len
-        if not ids:
-            raise RequestError(400, "prompt is empty after tokenization", param="prompt")
-        if len(ids) >= limit:
-            raise RequestError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
-                                    f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
+        for ids in prompts:
+            if not ids:
+                raise RequestError(400, "prompt is empty after tokenization", param="prompt")
+            if len(ids) >= limit:
+                raise RequestError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                        f"{len(ids)} tokens", param="prompt", code="context_length_exceeded")
+        longest = max(len(ids) for ids in prompts)
         if max_tokens is None:
-            max_tokens = limit - len(ids)
-        if len(ids) + max_tokens > limit:
+            max_tokens = limit - longest
+        if longest + max_tokens > limit:
             raise RequestError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
-                                    f"{len(ids)} tokens and max_tokens is {max_tokens}: lower max_tokens to "
-                                    f"at most {limit - len(ids)}", param="max_tokens",
+                                    f"{longest} tokens and max_tokens is {max_tokens}: lower max_tokens to "
+                                    f"at most {limit - longest}", param="max_tokens",
                                code="context_length_exceeded")
-        try:
-            params = [req.sampling_params(max_tokens, i) for i in range(req.n)]
+        try:  # seeds differ per choice of a prompt, and repeat across prompts (each prompt: its own request)
+            params = [req.sampling_params(max_tokens, i) for _ in prompts for i in range(req.n)]
         except ValueError as e:
             raise RequestError(400, str(e))
-        return Prepared(f"{kind}-{uuid.uuid4().hex}", ids, params)
+        return Prepared(f"{kind}-{uuid.uuid4().hex}", prompts, params)
 
     async def stream(self, p: Prepared) -> AsyncIterator[Delta]:
         """Deltas of all n choices as they come; cancelling the consumer aborts every unfinished choice."""
@@ -188,8 +260,9 @@ class Generator:
     async def _choice(self, p: Prepared, i: int) -> AsyncIterator[Delta]:
         rid = f"{p.request_id}-{i}"
         text = TextStream(self.tokenizer, p.params[i].stop)
-        outputs = self.engine.generate(p.prompt_ids, p.params[i], request_id=rid)
-        engine_done, last = False, p.arrival
+        prompt = p.prompt_of(i)
+        outputs = self.engine.generate(p.prompts[prompt], p.params[i], request_id=rid)
+        engine_done, echo, last = False, (p.echo[prompt] if p.echo else ""), p.arrival
         try:
             async for out in outputs:
                 engine_done = out.finished
@@ -203,9 +276,12 @@ class Generator:
                         raise RequestError(503, out.error, type="server_error", code="engine_unavailable")
                     raise RequestError(500, f"generation failed: {out.error}", type="server_error",
                                        code="generation_failed")
+                if p.params[i].logprobs is not None and out.logprobs is None:
+                    raise RequestError(500, "the engine returned no log-probabilities", type="server_error")
                 delta = text.push(out.new_token_ids, out.finished)
                 reason = "stop" if text.stopped else (out.finish_reason if out.finished else None)
-                yield Delta(i, delta, reason, out)
+                yield Delta(i, echo + delta, reason, out, out.logprobs)
+                echo = ""
                 if reason is not None:
                     return
         except ValueError as e:  # the engine refuses the request (e.g. too long for its cache)

@@ -1,11 +1,14 @@
 """OpenAI-compatible request bodies (pydantic, strict types, OpenAI's ranges) and the error body.
 
-Only what the engine can honour is declared; unknown fields are ignored as OpenAI's own server does with
-fields a model does not use. The ranges here are the API's contract; `SamplingParams` re-checks its own.
+Every OpenAI parameter that changes what is generated is declared here, with OpenAI's range: the server
+honours it or refuses it with a 400 naming it (`Generator.check_supported`), never ignores it. Fields no
+model would act on (`user`, `metadata`, ...) are ignored, as OpenAI's own server does. The ranges here are
+the API's contract; `SamplingParams` re-checks its own.
 """
-from typing import Annotated, ClassVar, Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aurora.engine.sequence import MAX_TOP_K, SamplingParams
 
@@ -25,6 +28,10 @@ def _encodable(s: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0, lt=INT64)]
+
+MAX_PROMPTS = 16          # prompts in one /v1/completions request
+MAX_LOGIT_BIAS = 300      # OpenAI's limit on logit_bias entries
 
 
 class StreamOptions(BaseModel):
@@ -50,14 +57,24 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False   # vLLM's extension: generate max_tokens even past end-of-sequence (benchmarks)
     user: Text | None = None
-    frequency_penalty: Finite | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
-    presence_penalty: Finite | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
-    logit_bias: dict[Text, Annotated[Finite, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, description="only an empty map is supported")
+    presence_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[Text, Finite] | None = None   # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    response_format: "ResponseFormat | None" = None
 
-    # field -> neutral value(s); _unsupported refuses any other
-    NEUTRAL: ClassVar[dict] = {"frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0),
-                               "logit_bias": (None, {})}
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"keys are token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"biases are in [-100, 100], got {b} for token {k}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -69,15 +86,13 @@ class SamplingRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    def unsupported(self) -> str | None:
-        """The first parameter set to a value this server cannot honour, or None."""
-        for name, neutral in self.NEUTRAL.items():
-            if getattr(self, name) not in neutral:
-                return name
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no log-probabilities; N: each token's and the N most likely alternatives'."""
         return None
 
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """Engine parameters for choice `choice` of n: seeded requests get seed+choice so choices differ."""
+        rf = self.response_format
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -86,6 +101,10 @@ class SamplingRequest(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % INT64,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,  # the validator made a str a list; unset stays None
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+            json_schema=None if rf is None else rf.schema_string(),
+            logprobs=self.top_logprobs_wanted(),
         )
 
     @property
@@ -93,27 +112,66 @@ class SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(SamplingRequest):
-    prompt: Text | list[Annotated[int, Field(ge=0, lt=INT64)]] = Field(
-        ..., description="text, or token ids of the target's tokenizer")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported: only null")
-    echo: bool = Field(False, description="not supported: only false")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only 1 (or n) is supported")
-    suffix: Text | None = Field(None, description="not supported: only null or empty")
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
 
-    NEUTRAL: ClassVar[dict] = {**SamplingRequest.NEUTRAL, "logprobs": (None,), "echo": (False,), "suffix": (None, "")}
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        return self
+
+    def schema_string(self) -> str | None:
+        """The JSON schema the output must match, as a string; None: free text. json_object = any object."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        return json.dumps(self.json_schema.schema_ or {"type": "object"})
+
+
+SamplingRequest.model_rebuild()
+
+
+class CompletionRequest(SamplingRequest):
+    # one prompt (text or token ids of the target's tokenizer) or a list of them: n choices for each
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]] = Field(..., description="text or token ids, or a list")
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)   # OpenAI's legacy range
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
         if len(v) == 0:
             raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and not isinstance(v[0], int):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(len(p) == 0 for p in v):
+                raise ValueError("prompts must not be empty")
+        flat = v if isinstance(v, list) and isinstance(v[0], int) else \
+            [t for p in v if isinstance(p, list) for t in p] if isinstance(v, list) else []
+        if any(t < 0 for t in flat):
+            raise ValueError("token ids must be >= 0")
         return v
 
-    def unsupported(self) -> str | None:
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of"
-        return super().unsupported()
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt] if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else self.prompt
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -122,23 +180,87 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    arguments: Text   # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None   # an assistant turn that called tools
+    tool_call_id: str | None = None            # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant turn with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as Hugging Face chat templates take it (tool-call arguments as a mapping)."""
+        d = {"role": self.role, "content": self.text()}
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        return d
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)   # OpenAI's newer name for max_tokens
-    logprobs: bool | None = Field(None, description="not supported: only false or null")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported: only null or 0")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None        # the deprecated form of tools
+    function_call: str | dict | None = None    # the deprecated form of tool_choice
 
-    NEUTRAL: ClassVar[dict] = {**SamplingRequest.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0)}
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,

@@ -26,7 +26,8 @@ from typing import AsyncIterator
 
 import httpx
 
-from aurora.engine.sequence import RequestOutput, SamplingParams, accept_length
+from aurora.engine.sequence import (JSON_SCHEMA, LOGIT_BIAS, LOGPROBS, PENALTIES, RequestOutput, SamplingParams,
+                                     accept_length)
 from aurora.engine.stats import EngineStats
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import LOADER, SGLangServer
@@ -53,7 +54,39 @@ def sampling_params(p: SamplingParams, stop_strings: bool = True) -> dict:
         sp["stop_token_ids"] = list(p.stop_token_ids)
     if p.seed is not None:
         sp["sampling_seed"] = p.seed
+    if p.presence_penalty:
+        sp["presence_penalty"] = p.presence_penalty
+    if p.frequency_penalty:
+        sp["frequency_penalty"] = p.frequency_penalty
+    if p.logit_bias:
+        sp["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+    if p.json_schema is not None:
+        sp["json_schema"] = p.json_schema   # SGLang's grammar backend (xgrammar) constrains the output
     return sp
+
+
+def request_body(prompt_ids: list[int], p: SamplingParams, rid: str, stop_strings: bool = True) -> dict:
+    body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(p, stop_strings), "stream": True,
+            "rid": rid}
+    if p.logprobs is not None:  # the output's log-probabilities only (-1: none of the prompt's)
+        body.update(return_logprob=True, top_logprobs_num=p.logprobs, logprob_start_len=-1)
+    return body
+
+
+def new_logprobs(meta: dict, reported: int, new: int, top_n: int) -> list:
+    """The logprobs of the `new` tokens after the first `reported`, from SGLang's meta_info: its
+    output_token_logprobs are (logprob, id, text) per token and output_top_logprobs a list of those per token,
+    cumulative over the stream (or only the new tokens', with SGLang's incremental streaming output)."""
+    toks = meta.get("output_token_logprobs") or []
+    tops = meta.get("output_top_logprobs") or []
+    start = reported if len(toks) == reported + new else 0
+    if len(toks) - start != new:
+        raise RuntimeError(f"SGLang returned {len(toks)} token logprobs for {reported} + {new} tokens")
+    out = []
+    for j in range(start, start + new):
+        top = (tops[j] if j < len(tops) else None) or []
+        out.append((int(toks[j][1]), float(toks[j][0]), [(int(t[1]), float(t[0])) for t in top[:top_n]]))
+    return out
 
 
 def serialize(named: list) -> str:
@@ -70,6 +103,9 @@ def accepted_per_position(histogram: list[int] | None, k: int) -> list[int]:
 
 
 class SGLangEngine:
+    engine_name = "the SGLang engine"
+    features = frozenset({LOGPROBS, PENALTIES, LOGIT_BIAS, JSON_SCHEMA})  # passed through to SGLang's /generate
+
     def __init__(self, server: SGLangServer, tokenizer, model_name: str, max_model_len: int, lookahead: int,
                  tp_size: int = 1, collector: CaptureCollector | None = None, speculative: bool = True,
                  sample_rate: float = 1.0, swap_mode: str = "pause", swap_dir: str | None = None,
@@ -165,8 +201,7 @@ class SGLangEngine:
                    and self._rng.random() < self.sample_rate)  # decided at admission: unsampled rows are never sent
         rid = ("c-" if capture else "n-") + request_id
         self._rids[request_id] = rid
-        body = {"input_ids": list(prompt_ids), "sampling_params": sampling_params(params, self.stop_strings),
-                "stream": True, "rid": rid}
+        body = request_body(prompt_ids, params, rid, self.stop_strings)
         version, reported, finished = self.draft_version, 0, False
         loop = asyncio.get_running_loop()
         fault = loop.create_future()
@@ -197,7 +232,9 @@ class SGLangEngine:
                 if "error" in chunk:
                     raise RuntimeError(f"SGLang: {chunk['error']}")
                 ids, meta = chunk["output_ids"], chunk["meta_info"]
-                new, reported = ids[reported:], len(ids)
+                new = ids[reported:]
+                lps = None if params.logprobs is None else new_logprobs(meta, reported, len(new), params.logprobs)
+                reported = len(ids)
                 self.stats_.on_tokens(len(new))
                 fr = meta.get("finish_reason")
                 finished = fr is not None
@@ -206,7 +243,7 @@ class SGLangEngine:
                 verified = len(ids) - 1 if rounds else 0  # SGLang's prefill emits the first token, no round
                 out = RequestOutput(request_id, new, list(ids), len(prompt_ids), finished, reason, rounds,
                                     accept_length(verified, rounds), draft_version=version,
-                                    verify_tokens=verified)
+                                    verify_tokens=verified, logprobs=lps)
                 if finished:
                     self._finished(rid, prompt_ids, params, meta, out, capture)
                 yield out
@@ -321,8 +358,11 @@ class SGLangEngine:
     def health(self) -> dict:
         """ok while SGLang's process runs; a failed draft swap leaves serving up and is reported as last_error."""
         alive = self.server.alive()
-        return {"ok": alive, "error": None if alive else f"SGLang exited with code {self.server.proc.returncode}",
-                "last_error": self.error}
+        error = None if alive else f"SGLang exited with code {self.server.proc.returncode}"
+        if self.supervisor is not None and (self.state != "ok" or not alive):  # it restarts SGLang (or gave up)
+            return {"ok": False, "state": "failed" if self.state == "failed" else "restarting",
+                    "error": self.fault or error, "last_error": self.error}
+        return {"ok": alive, "error": error, "last_error": self.error}
 
     def _check_alive(self) -> None:
         if self.state != "ok":

@@ -116,3 +116,46 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"aurora {__version__}"
+
+
+def test_training_settings_follow_the_device_unless_given():
+    from aurora.server.config import DEVICE_DEFAULTS
+
+    cpu, chosen = ServeConfig().for_device("cpu")
+    assert chosen == DEVICE_DEFAULTS["cpu"]
+    assert (cpu.draft_vocab_size, cpu.vocab_warmup_requests, cpu.sync_every, cpu.lr) == (2048, 8, 16, 1e-3)
+    cuda, _ = ServeConfig().for_device("cuda")
+    assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr) == (0, 800, 3e-4)
+    given, chosen = ServeConfig(sync_every=5, draft_vocab_size=0).for_device("cpu")
+    assert (given.sync_every, given.draft_vocab_size, given.lr) == (5, 0, 1e-3) and set(chosen) == {
+        "vocab_warmup_requests", "lr"}
+    args = vars(build_parser().parse_args(["serve", "--sync-every", "7"]))
+    assert args == {"command": "serve", "config": None, "sync_every": 7}  # unset flags stay unset
+    with pytest.raises(ValueError, match="draft_vocab_size must be an integer >= 0"):
+        ServeConfig(draft_vocab_size=-1)
+
+
+def test_help_states_the_device_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "[default: 16 on cpu, 800 on cuda]" in help_text and "[default: 2048 on cpu, 0 on cuda]" in help_text
+
+
+def test_service_on_the_cpu_prunes_the_day0_vocabulary_and_says_so(tmp_path, caplog):
+    import logging
+
+    from aurora.service import Service
+
+    caplog.set_level(logging.INFO, logger="aurora.service")
+    service = Service.from_config(ServeConfig(device="cpu", max_batch=2, max_model_len=128, sync_every=50,
+                                              run_dir=str(tmp_path), wandb="disabled"))
+    try:
+        draft = service.engine.engine.draft
+        assert draft.config.draft_vocab_size == 2048 and draft.config.vocab_size == 49152
+        assert service.trainer is None and service._warmup == 8  # the vocabulary waits for the first requests
+        assert (service.config.sync_every, service.config.lr) == (50, 1e-3)
+        line, = [r.getMessage() for r in caplog.records if "training settings chosen" in r.getMessage()]
+        assert "cpu" in line and "draft_vocab_size=2048" in line and "sync_every" not in line
+    finally:
+        service.shutdown()

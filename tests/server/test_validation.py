@@ -18,12 +18,12 @@ BAD = {  # parameter -> values that must be refused
     "user": ['"\\udc00"', "1"],
     "model": ['"\\ud800"', "1"],
 }
-COMPLETIONS_ONLY = {"logprobs": ["1", "6", "-1", NAN], "echo": ["true"], "best_of": ["2", "0", "17"],
+COMPLETIONS_ONLY = {"logprobs": ["1", "6", "-1", NAN], "best_of": ["2", "0", "17"],
                     "suffix": ['"tail"'], "prompt": ["[-1]", "[9223372036854775808]", '"a\\udbffb"', "[]", '""']}
 CHAT_ONLY = {"logprobs": ["true"], "top_logprobs": ["21", "-1", "3"], "max_completion_tokens": ["0", NAN]}
 OK = {"temperature": ["0", "2", "0.7"], "top_p": ["1", "0.01"], "top_k": ["-1", "0", "2147483647"],
       "seed": ["-9223372036854775808", "9223372036854775807"], "frequency_penalty": ["0"],
-      "presence_penalty": ["0.0"], "logit_bias": ["{}"], "n": ["16"]}
+      "presence_penalty": ["0.0"], "logit_bias": ["{}"], "n": ["16"], "echo": ["true"]}
 
 
 def post(h, path, field, raw):

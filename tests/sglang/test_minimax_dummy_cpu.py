@@ -72,12 +72,12 @@ def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
             with live_server(create_app(service, cfg)) as url:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none")
                 r = client.completions.create(model=target, prompt=[3, 4, 5], max_tokens=5, temperature=0)
-                assert r.choices[0].text == "t7 t8 t7 t8 t7" and r.usage.completion_tokens == 5
+                assert r.choices[0].text == "t8 t7 t8 t8 t7" and r.usage.completion_tokens == 5
                 assert r.choices[0].finish_reason == "length"
                 body = calls[-1][1]
                 assert body["input_ids"] == [3, 4, 5] and body["rid"].startswith("c-")  # captured for training
-                r = client.completions.create(model=target, prompt="t3 t4", max_tokens=9, stop=["t8"], temperature=0)
-                assert r.choices[0].text == "t7 " and r.choices[0].finish_reason == "stop"
+                r = client.completions.create(model=target, prompt="t3 t4", max_tokens=9, stop=["t7"], temperature=0)
+                assert r.choices[0].text == "t8 " and r.choices[0].finish_reason == "stop"
                 gen = [b for name, b in calls if name == "generate"][-1]
                 assert gen["input_ids"] == [3, 4] and "stop" not in gen["sampling_params"]  # Aurora matched it
                 deadline = time.monotonic() + 10  # the engine posts the abort from a thread of its own
