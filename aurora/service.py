@@ -7,6 +7,7 @@ Engine and trainer never import each other; this module is the only place that k
 """
 import logging
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -183,6 +184,9 @@ class Service:
         aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:
             return cls(aengine, None, cfg)
+        # the engine and trainer threads share one GIL: a shorter switch interval bounds how long the engine waits
+        # for it after each device sync while the trainer runs Python (process-wide; the trainer loses nothing)
+        sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
         if dev.type == "cuda" and dev == engine.runner.device:

@@ -1,6 +1,11 @@
 """Tokens/s of the built-in engine: target-only against speculative (EAGLE3 chain), at several batch sizes.
 
   python scripts/bench_engine.py --target smollm2 --draft scratch --batch 1 8 16 32 --out results/engine/bench.csv
+  python scripts/bench_engine.py --draft CKPT --depths 0 1 2 3 4 adaptive --batch 1 4 16 64   # the depth decision
+
+`--depths` runs the draft at each fixed speculation depth (0 = plain decoding that still extends the draft) and
+with the engine's own per-step choice (`adaptive`, which times the depths itself during the warm-up run), beside
+target-only: the adaptive row should be within a few percent of the best fixed depth at every batch size.
 
 Each batch size runs `batch` chat requests at once (ignore_eos, `--max-tokens` each) after one warm-up
 round of the same shape (CUDA graph capture is excluded). tokens/s = completion tokens / wall time.
@@ -34,7 +39,7 @@ def run(engine, prompts, max_tokens):
     dt = time.perf_counter() - t
     toks = sum(len(s.output_ids) for s in seqs)
     rounds = sum(s.verify_rounds for s in seqs)
-    return toks / dt, (toks / rounds if rounds else 1.0)
+    return toks / dt, (sum(s.verify_tokens for s in seqs) / rounds if rounds else 0.0)
 
 
 def profile(engine, prompts, max_tokens, label):
@@ -79,19 +84,26 @@ def main():
     ap.add_argument("--domain", default="chat", help="prompt set (aurora.prompts): chat, code, math, ...")
     ap.add_argument("--profile", action="store_true", help="after each timed run, profile one more and print "
                     "the device time per round against the wall time, and the costliest kernels")
+    ap.add_argument("--depths", nargs="+", default=None, help="fixed depths and/or 'adaptive' (see above); "
+                    "default: one eagle3 row at full lookahead")
     ap.add_argument("--out", default="results/engine/bench.csv")
     a = ap.parse_args()
     target = hub.resolve(a.target)
     draft = (new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(target)))
              if a.draft == "scratch" else load_draft(hub.resolve(a.draft)))
     max_b = max(a.batch)
-    rows = []
+    rows, eng_snapshot = [], None
     dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else platform.processor() or "cpu"
-    for mode, d in (("target-only", None), ("eagle3", draft)):
+    modes = [("target-only", None, None)] + ([(f"depth {d}" if d != "adaptive" else d, draft, d) for d in a.depths]
+                                             if a.depths else [("eagle3", draft, None)])
+    for mode, d, depth in modes:
         eng = LLMEngine(target, d, EngineConfig(max_batch=max_b, max_model_len=1024, lookahead=a.lookahead,
                                                 topk=a.topk, num_draft_tokens=a.num_draft_tokens,
                                                 device=a.device, cuda_graphs=not a.no_cuda_graphs, capture=False,
-                                                fused_kernels=False if a.no_fused_kernels else None))
+                                                fused_kernels=False if a.no_fused_kernels else None,
+                                                adaptive=depth == "adaptive"))
+        if depth not in (None, "adaptive"):
+            eng.speculation.choose = lambda bucket, d=int(depth): d
         tok = eng.tokenizer
         chats = chat_ids(tok, load_prompts(a.domain, 64), 400)
         for B in a.batch:
@@ -105,8 +117,12 @@ def main():
             print(rows[-1], flush=True)
             if a.profile:
                 profile(eng, prompts, a.max_tokens, f"{mode} batch {B}")
+        if depth == "adaptive":
+            eng_snapshot = eng.speculation.snapshot()
         del eng
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "target-only"}
+    if a.depths and "adaptive" in a.depths:
+        print("adaptive decision:", eng_snapshot)
     print(f"\n{'mode':12} {'batch':>5} {'tok/s':>10} {'accept len':>10} {'vs target-only':>14}   ({dev_name})")
     for r in rows:
         print(f"{r['mode']:12} {r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['accept_length']:>10.3f} "

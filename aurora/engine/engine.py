@@ -57,6 +57,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"           # bf16 on CUDA, fp32 on CPU
     cuda_graphs: bool = True
+    capture_graphs_at_start: bool = True  # every greedy round shape up front: none is captured mid-serving
     capture: bool = True          # keep aux/final hidden states per position for training samples
     train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
@@ -123,6 +124,10 @@ class LLMEngine:
         self.speculation = DepthController(config.lookahead, SpeculationConfig(adaptive=config.adaptive),
                                            self.runner.depths())
         self.speculation.new_version(0, config.initial_acceptance)
+        if config.capture_graphs_at_start and self.runner.use_graphs:
+            t0 = time.perf_counter()
+            n = self.runner.capture_all()
+            log.info("captured %d CUDA graphs (batch x context x depth, greedy) in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
         self._pending_swap: tuple[dict, int, threading.Event] | None = None

@@ -347,12 +347,7 @@ class ModelRunner:
         self._keys = _bucket(max_cached + self.span, self.key_sizes)
         self._filter = filtering
         self._greedy_only = greedy_only
-        if d == 0:
-            fn = self._decode_round
-        elif self.topk > 1:
-            fn = self._tree_round
-        else:
-            fn = lambda b: self._spec_round(b, d)  # noqa: E731
+        fn = self._round_fn(d)
         self.captured = False
         if self.use_graphs:
             key = (Bp, self._keys, filtering, greedy_only, d)
@@ -378,8 +373,42 @@ class ModelRunner:
         for t, v in zip(state, saved):
             t.copy_(v)
         g = torch.cuda.CUDAGraph()
-        # thread_local: the trainer thread keeps launching kernels on its own stream during a capture
-        with torch.cuda.graph(g, pool=self.graph_pool, capture_error_mode="thread_local"):
-            fn(Bp)
+        # capture_begin/end rather than torch.cuda.graph(), which also synchronises the device, runs gc.collect()
+        # and empties the cache: with a trainer busy on the same GPU that made each capture mid-serving a stall.
+        # thread_local: the trainer thread keeps launching kernels on its own stream during a capture.
+        with torch.cuda.stream(s):
+            g.capture_begin(*(() if self.graph_pool is None else (self.graph_pool,)), capture_error_mode="thread_local")
+            try:
+                fn(Bp)
+            finally:
+                g.capture_end()
+        torch.cuda.current_stream().wait_stream(s)
         self.graph_pool = g.pool()
         return g
+
+    def capture_all(self, filtering: bool = False, greedy_only: bool = True) -> int:
+        """Capture the round of every (batch bucket, key bucket, depth) now, so that serving never captures one
+        mid-traffic when the depth decision or a growing context reaches a new shape. Returns the count."""
+        if not self.use_graphs:
+            return 0
+        n = 0
+        with torch.inference_mode():
+            for d in self.depths():
+                fn = self._round_fn(d)
+                for Bp in self.batch_sizes:
+                    for keys in self.key_sizes:
+                        key = (Bp, keys, filtering, greedy_only, d)
+                        if key in self.graphs:
+                            continue
+                        self._keys, self._filter, self._greedy_only = keys, filtering, greedy_only
+                        self.graphs[key] = self._capture(fn, Bp)
+                        n += 1
+        torch.cuda.synchronize()
+        return n
+
+    def _round_fn(self, d: int):
+        if d == 0:
+            return self._decode_round
+        if self.topk > 1:
+            return self._tree_round
+        return lambda b: self._spec_round(b, d)

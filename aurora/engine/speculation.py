@@ -4,8 +4,11 @@ A round of depth d yields E_d = 1 + sum_{j<=d} prod_{i<=j} a_i tokens per row (a
 acceptance at position i given positions < i were accepted) and costs c(B, d) seconds at batch bucket B.
 The controller picks the d that maximises E_d / c(B, d) from two things it measures itself:
 
-- round costs, per (batch bucket, depth), timed by the engine around each round (an EMA; rounds that
-  captured a CUDA graph are not timed). A depth not yet timed at a bucket is estimated by a straight line
+- round costs, per (batch bucket, depth), timed by the engine around each round: the mean of the last
+  `cost_window` timings, each clipped at 5x their median. A mean, because under a trainer's load on the same GPU
+  round times are bimodal (most fast, some very slow) and throughput follows the mean, which a median misjudges;
+  clipped, because a round that overlaps a stall elsewhere in the process (e.g. a checkpoint write) can take a
+  hundred times its cost. Rounds that captured a CUDA graph are not timed. A depth not yet timed at a bucket is estimated by a straight line
   through the depths that were (a round of depth d runs d-1 more draft steps and verifies d+1 tokens, so
   cost grows about linearly in d); with fewer than two timed depths it is unknown and gets probed when even
   a free round of that depth would beat the best known choice.
@@ -20,7 +23,9 @@ are timed again for a round (their costs drift as caches grow), when they are pr
 
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -33,13 +38,13 @@ class SpeculationConfig:
     reprobe_every: int = 256      # rounds of a bucket between re-timings of its neighbour depths
     reprobe_window: float = 0.15  # neighbours predicted within this fraction of the current rate are re-timed
     prior_weight: float = 64.0    # pseudo-rounds the held-out prediction counts for against observed rounds
-    cost_ema: float = 0.2         # weight of a new timing in a (bucket, depth) cost
+    cost_window: int = 15         # timings per (bucket, depth) whose (clipped) mean is its cost
     forget: float = 1 / 4096      # per observed row-round: old acceptance evidence fades (traffic drifts)
 
     def __post_init__(self):
-        if not 0 <= self.switch_margin < 1 or not 0 < self.cost_ema <= 1 or not 0 <= self.forget < 1:
-            raise ValueError("switch_margin and forget must be in [0, 1), cost_ema in (0, 1]")
-        for name in ("min_dwell", "probe_rounds", "reprobe_every"):
+        if not 0 <= self.switch_margin < 1 or not 0 <= self.forget < 1:
+            raise ValueError("switch_margin and forget must be in [0, 1)")
+        for name in ("min_dwell", "probe_rounds", "reprobe_every", "cost_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.prior_weight <= 0 or self.reprobe_window < 0:
@@ -72,6 +77,7 @@ class DepthController:
         if not self.depths or self.depths[0] < 0 or self.depths[-1] > max_depth:
             raise ValueError(f"depths must lie in [0, {max_depth}]")
         self._cost: dict[tuple[int, int], float] = {}     # (bucket, depth) -> seconds per round
+        self._timings: dict[tuple[int, int], deque] = {}  # the recent timings it is the mean of
         self._timed: dict[tuple[int, int], int] = {}
         self._yield: dict[int, list[float]] = {}          # depth -> [tokens per row-round EMA, rounds]: realised
         self._buckets: dict[int, _Bucket] = {}
@@ -173,8 +179,10 @@ class DepthController:
             c = self.config
             if seconds is not None and seconds > 0:
                 key = (bucket, depth)
-                old = self._cost.get(key)
-                self._cost[key] = seconds if old is None else (1 - c.cost_ema) * old + c.cost_ema * seconds
+                recent = self._timings.setdefault(key, deque(maxlen=c.cost_window))
+                recent.append(seconds)
+                cap = 5 * statistics.median(recent)
+                self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
                 self._timed[key] = self._timed.get(key, 0) + 1
             b = self._buckets.get(bucket)
             if b is not None:

@@ -1,0 +1,170 @@
+"""Served tokens/s with Aurora against the same engine without it, as a user measures it: `aurora serve` as a
+process, clients over HTTP, distinct prompts, from day 0.
+
+  python scripts/speedup_run.py --requests 2000 --concurrency 16 --window 500 \
+      --mode aurora= --mode none="--draft none" --out results/speedup/h200
+
+Each `--mode NAME=ARGS` starts `aurora serve ARGS` (the shipped defaults plus ARGS), sends `--warmup` requests
+(GSM8K questions, not timed), then the measured stream: `--requests` distinct chat-like prompts (AlpacaEval,
+MT-bench, IFEval, Arena-Hard, in a fixed shuffled order; no prompt is sent twice while the stream is shorter than
+the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the same tokens in every mode), from
+`--concurrency` clients. tokens/s per window of `--window` finished requests = the window's completion tokens /
+the time from the previous window's last finish to this one's. Modes run one after the other on the same
+machine; the table gives each window's tokens/s and its ratio to the first mode named `none` (or the last mode).
+Writes <out>/<mode>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
+"""
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from aurora.prompts import load_prompts
+
+POOL = ("chat", "instruct", "arena")
+
+
+def prompt_stream(n: int, seed: int = 0) -> list[str]:
+    pool = list(dict.fromkeys(p for d in POOL for p in load_prompts(d)))  # distinct, first occurrence kept
+    random.Random(seed).shuffle(pool)
+    if n > len(pool):
+        print(f"note: {n} requests from {len(pool)} distinct prompts: the stream repeats after {len(pool)}")
+    # a long prompt keeps its last 1,500 bytes, where the question is (bytes: CJK text is ~1 token per byte)
+    return [pool[i % len(pool)].encode()[-1500:].decode(errors="ignore") for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "aurora.cli", "serve", "--port", str(port), "--wandb", "disabled", *shlex.split(args)]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"aurora serve exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                print(f"ready in {time.time() - t0:.0f} s", flush=True)
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise TimeoutError(f"aurora serve not ready in {timeout} s; see {log_path}")
+
+
+async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str) -> list[dict]:
+    sem, rows, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(i, text):
+            async with sem:
+                r = await client.post("/v1/chat/completions", json={
+                    "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True})
+                t = time.perf_counter() - t0
+                if r.status_code != 200:
+                    rows.append({"request": i, "t": t, "status": r.status_code, "completion_tokens": 0,
+                                 "verify_rounds": 0, "accept_length": 0.0})
+                    return
+                u = r.json()["usage"]
+                rows.append({"request": i, "t": t, "status": 200, "completion_tokens": u["completion_tokens"],
+                             "verify_rounds": u.get("spec_verify_rounds", 0),
+                             "accept_length": u.get("spec_accept_length", 0.0)})
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return sorted(rows, key=lambda r: r["t"])
+
+
+def windows(rows: list[dict], size: int) -> list[dict]:
+    out, prev_t = [], 0.0
+    for w in range(0, len(rows) - size + 1, size):
+        chunk = rows[w:w + size]
+        toks = sum(r["completion_tokens"] for r in chunk)
+        rounds = sum(r["verify_rounds"] for r in chunk)
+        spec = [r for r in chunk if r["verify_rounds"]]
+        out.append({"window": f"{w}-{w + size}", "tokens_per_s": toks / (chunk[-1]["t"] - prev_t),
+                    "failed": sum(r["status"] != 200 for r in chunk), "spec_rounds": rounds,
+                    "accept_length": (sum(r["accept_length"] * r["verify_rounds"] for r in spec) / rounds
+                                      if rounds else None)})
+        prev_t = chunk[-1]["t"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", action="append", required=True, help="NAME=extra aurora serve args (repeatable)")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--out", default="results/speedup/run")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    prompts = prompt_stream(a.requests)
+    warm = load_prompts("math")[:a.warmup]
+    summary = {"args": vars(a), "modes": {}}
+    for spec in a.mode:
+        name, _, extra = spec.partition("=")
+        port = free_port()
+        proc = start_server(f"--run-dir {os.path.join(a.out, name + '_run')} {extra}", port,
+                            os.path.join(a.out, f"{name}_server.log"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            asyncio.run(drive(url, warm, a.concurrency, a.max_tokens, model))
+            t = time.perf_counter()
+            rows = asyncio.run(drive(url, prompts, a.concurrency, a.max_tokens, model))
+            wall = time.perf_counter() - t
+            draft = httpx.get(url + "/v1/draft").json()
+            metrics = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                       if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures", "aurora_requests",
+                                           "aurora_engine_", "aurora_draft_version", "aurora_accept_length "))]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        with open(os.path.join(a.out, f"{name}_requests.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        total = sum(r["completion_tokens"] for r in rows)
+        summary["modes"][name] = {"args": extra, "windows": windows(rows, a.window), "tokens_per_s": total / wall,
+                                  "failed": sum(r["status"] != 200 for r in rows), "draft": draft,
+                                  "metrics": metrics}
+        print(f"{name}: {total / wall:.1f} tok/s over {len(rows)} requests, "
+              f"{summary['modes'][name]['failed']} failed", flush=True)
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    names = list(summary["modes"])
+    base = "none" if "none" in names else names[-1]
+    print(f"\ntok/s per window of {a.window} requests (c{a.concurrency}, {a.max_tokens} tokens, ratio to {base}):")
+    print(f"{'window':>12} " + " ".join(f"{n:>22}" for n in names))
+    for i, wb in enumerate(summary["modes"][base]["windows"]):
+        cells = []
+        for n in names:
+            wn = summary["modes"][n]["windows"][i]
+            al = f" al {wn['accept_length']:.2f}" if wn["accept_length"] else ""
+            cells.append(f"{wn['tokens_per_s']:8.1f} {wn['tokens_per_s'] / wb['tokens_per_s']:5.2f}x{al:>8}")
+        print(f"{wb['window']:>12} " + " ".join(f"{c:>22}" for c in cells))
+    print(f"{'all':>12} " + " ".join(f"{summary['modes'][n]['tokens_per_s']:8.1f} "
+                                      f"{summary['modes'][n]['tokens_per_s'] / summary['modes'][base]['tokens_per_s']:5.2f}x"
+                                      f"{'':8}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
