@@ -1,5 +1,7 @@
 """Speculative decoding must be lossless: greedy output equals target-only greedy output token for token,
 and sampled tokens follow the target's distribution exactly."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -44,10 +46,11 @@ def test_greedy_lossless_untrained_draft(smollm2_dir, greedy_setup, batch, topk,
     assert all(s.verify_rounds > 0 for s in seqs)
 
 
-@pytest.mark.parametrize("topk,draft_tokens", [(1, 4), (3, 7)])
-def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens):
+@pytest.mark.parametrize("topk,draft_tokens,random_depth", [(1, 4, False), (3, 7, False), (1, 4, True)])
+def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens, random_depth, monkeypatch):
     """Marginals of the 2nd and 3rd sampled tokens (the first ones drawn by speculation) against exact
-    target marginals computed by enumeration with the Hugging Face model."""
+    target marginals computed by enumeration with the Hugging Face model; at a fixed depth, and with the
+    depth drawn afresh every round (0 = plain decoding)."""
     hf = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float64).eval()
     V = hf.config.vocab_size
     prompt = [5, 17, 33, 60]
@@ -62,8 +65,11 @@ def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens):
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=3)
     with torch.no_grad():
         draft.lm_head.weight.mul_(5.0)  # a confident draft, often wrong: both accept and reject paths run
-    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False, adaptive=False,
-                                                         topk=topk, num_draft_tokens=draft_tokens))
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=32, max_model_len=64, lookahead=3, capture=False,
+                                                         adaptive=False, topk=topk, num_draft_tokens=draft_tokens))
+    if random_depth:
+        rng = random.Random(1)
+        monkeypatch.setattr(eng.speculation, "choose", lambda bucket: rng.choice(eng.runner.depths()))
     N = 2000
     seqs = [eng.add_request(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True))
             for i in range(N)]
@@ -71,7 +77,7 @@ def test_sampling_is_lossless(tiny_target_dir, topk, draft_tokens):
         eng.step()
     o = np.array([s.output_ids for s in seqs])
     accepted = sum(sum(s.accepted_per_position) for s in seqs)
-    proposed = sum(s.verify_rounds * 3 for s in seqs)
+    proposed = sum(sum(s.tried_per_position) for s in seqs)
     assert accepted > 50 and proposed - accepted > 50, (accepted, proposed)  # both paths ran
     for col, exact in ((1, m1), (2, m2)):
         emp = np.bincount(o[:, col], minlength=V) / N
