@@ -54,6 +54,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "train_batch_tokens": "tokens per trainer step (at least one sample)",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
+    "trainer_duty": "the most of the wall time the trainer spends training, in (0, 1]: below 1 it rests after each "
+                    "batch, leaving more of a shared GPU or CPU to serving (learning is slower)",
     "gil_switch_ms": "built-in engine with a trainer: Python's GIL switch interval in ms (the engine thread wins the "
                      "GIL back from the trainer thread within it after every device sync)",
     "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "

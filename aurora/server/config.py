@@ -85,6 +85,8 @@ class ServeConfig:
     train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
                                        # bigger kernels: worth it when the trainer shares a busy GPU
     trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
+    trainer_duty: float = 1.0          # the most of the wall time the trainer spends training (it rests after each
+                                       # batch); below 1 leaves more of a shared device to serving, learning slower
     gil_switch_ms: float = 0.5         # built-in engine with a trainer: Python's GIL switch interval (default 5 ms).
                                        # The engine thread gives up the GIL at every device sync and must win it
                                        # back from the trainer thread, which would hold it for up to one interval
@@ -140,6 +142,8 @@ class ServeConfig:
                    f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                    f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}], got {self.num_draft_tokens}")
         _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0), f"lr must be > 0, got {self.lr!r}")
+        _check(isinstance(self.trainer_duty, (int, float)) and 0 < self.trainer_duty <= 1,
+               f"trainer_duty must be in (0, 1], got {self.trainer_duty!r}")
         _check(isinstance(self.gil_switch_ms, (int, float)) and 0 < self.gil_switch_ms <= 100,
                f"gil_switch_ms must be in (0, 100], got {self.gil_switch_ms!r}")
         _check(isinstance(self.buffer_gib, (int, float)) and self.buffer_gib > 0,

@@ -99,6 +99,8 @@ class TrainConfig:
     resume: bool = False
     device: str = "cpu"
     torch_threads: int = 1
+    duty: float = 1.0                     # the most of the wall time the thread spends training (it rests after each
+                                          # batch); below 1 leaves the device (and a CPU's cores and the GIL) to serving
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +114,8 @@ class TrainConfig:
                      "backoff_initial_s", "backoff_max_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0 < self.duty <= 1:
+            raise ValueError("duty must be in (0, 1]")
         if not 0 < self.step_decay <= 1 or not 0 < self.sample_rate <= 1:
             raise ValueError("step_decay and sample_rate must be in (0, 1]")
         if self.keep_versions < 2:
@@ -252,7 +256,10 @@ class OnlineTrainer:
             self._state = "idle"
             return
         self._state = "training"
+        t0 = time.perf_counter()
         self._train_batch(samples, fresh=self.buffer.last_batch_fresh)
+        if self.config.duty < 1.0:  # serving first: rest in proportion, so training takes at most `duty` of the time
+            self._stop.wait((time.perf_counter() - t0) * (1.0 - self.config.duty) / self.config.duty)
 
     def _train_batch(self, samples: list[Sample], fresh: bool) -> None:
         """Bounded steps over one buffer batch: samples split (or skipped) to the bound, packed so every step's

@@ -47,6 +47,6 @@ def test_unsupported_architecture_is_a_clear_error():
 
 def test_load_embedding_alone_equals_the_models(smollm2_dir):
     from aurora.models import hub
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
-    emb = hub.load_embedding(smollm2_dir)
+    emb = hub.load_embedding(smollm2_dir)  # in the cache's dtype
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=emb.weight.dtype)
     assert torch.equal(emb.weight, hf.get_input_embeddings().weight) and not emb.weight.requires_grad

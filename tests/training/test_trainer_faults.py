@@ -252,3 +252,25 @@ def tokenizer_smollm():
     from aurora.models.hub import resolve
 
     return AutoTokenizer.from_pretrained(resolve("smollm2"))
+
+
+@pytest.mark.parametrize("duty", [1.0, 0.25])
+def test_duty_bounds_the_time_spent_training(target, samples, monkeypatch, duty):
+    """With duty d the thread rests after each batch so that batches take at most d of the wall time."""
+    tr, _ = make_trainer(target, samples, duty=duty, replay_passes=10 ** 6, min_samples_before_train=1)
+    busy = []
+
+    def batch(samples, fresh):  # a batch that takes 20 ms, whatever the machine
+        busy.append(0.02)
+        time.sleep(0.02)
+
+    monkeypatch.setattr(tr, "_train_batch", batch)
+    for s in samples:
+        tr.add_sample(s)
+    tr.start()
+    try:
+        time.sleep(1.0)
+    finally:
+        tr.stop(timeout=5)
+    share = sum(busy) / 1.0
+    assert (share > 0.6) if duty == 1.0 else (0.1 < share < 0.3), share
