@@ -130,7 +130,7 @@ class LLMEngine:
             log.info("captured %d CUDA graphs (batch x context x depth, greedy) in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
-        self._pending_swap: tuple[dict, int, threading.Event] | None = None
+        self._pending_swap: tuple[dict, int, list[float] | None, threading.Event] | None = None
         self._swap_lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
         self._aborts: set[str] = set()

@@ -325,7 +325,6 @@ class ModelRunner:
     def _tp(self, top_p):
         return top_p if self._filter else None
 
-    @torch.inference_mode()
     def depths(self) -> list[int]:
         """The round depths this runner can run: any chain depth 0..lookahead; a tree only its full depth."""
         if self.draft is None:
