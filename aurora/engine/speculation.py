@@ -163,8 +163,7 @@ class DepthController:
                     speed[best] > speed[cur] * (1 + self.config.switch_margin):
                 cur = best
                 b.since_switch = 0
-            if b.depth != cur:
-                b.depth = cur
+            b.depth = cur
             b.since_switch += 1
             if b.rounds % self.config.reprobe_every == 0:
                 for d in (cur - 1, cur + 1):

@@ -47,7 +47,9 @@ class EngineStats:
             if rounds:
                 self.verify_rounds += rounds
                 self.verify_tokens += verify_tokens
-                self.recent.append((verify_tokens, rounds, per_pos, tried or [rounds] * len(per_pos)))
+                if tried is None:  # a fixed-depth engine: every round reaches position 0, and j if it accepted j-1
+                    tried = [rounds] + per_pos[:-1]
+                self.recent.append((verify_tokens, rounds, per_pos, tried))
                 v = self.by_version.setdefault(version, [0, 0])
                 self.by_version.move_to_end(version)
                 v[0] += verify_tokens

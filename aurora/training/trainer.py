@@ -158,7 +158,6 @@ class OnlineTrainer:
         self.version, self.steps, self.swaps, self.swaps_refused, self.failures = 0, 0, 0, 0, 0
         self.requests_since_swap, self.finished_requests, self.samples_invalid = 0, 0, 0
         self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
-        self._prediction: list[float] | None = None  # the guard's for the latest candidate
         self.failures_by_kind = dict.fromkeys(KINDS, 0)
         self.last_failure_kind: str | None = None
         self.samples_trained, self.samples_split = 0, 0  # fresh samples trained (replays not counted again)
@@ -395,9 +394,8 @@ class OnlineTrainer:
                 candidate = self._snapshot()
             with self._stats_lock:
                 self.requests_since_swap = 0
-            self._prediction = None
             try:
-                verdict = self._guard(candidate)
+                verdict, prediction = self._guard(candidate)
             except Exception as e:
                 e.aurora_where = "guard"
                 raise
@@ -407,7 +405,7 @@ class OnlineTrainer:
                     self.swaps_refused += 1
                     self.last_guard = verdict
                 return None
-            return self._publish(candidate, self._prediction)
+            return self._publish(candidate, prediction)
 
     def rollback(self) -> int:
         """Republish the previous good version under a new version number; the master restarts from it with
@@ -426,20 +424,21 @@ class OnlineTrainer:
                 self._record_failure(failure_kind(e, "publish"), f"rollback publish: {type(e).__name__}: {e}")
                 raise RuntimeError(f"rollback publish failed: {e!r}") from e
 
-    def _guard(self, candidate: dict) -> str | None:
+    def _guard(self, candidate: dict) -> tuple[str | None, list[float] | None]:
+        """(why the candidate is refused, or None; its predicted per-position acceptance, which travels with
+        its weights if they are published, or None when nothing is held out yet)."""
         if not finite_state(candidate):
-            return "candidate has non-finite weights"
+            return "candidate has non-finite weights", None
         heldout = self.buffer.heldout()
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
-            return None
+            return None, None
         sim = self._simulate(candidate, heldout)
-        self._prediction = sim["served_greedy_step_accept"]  # travels with the weights if they are published
         cand = sim["accept_length"]
         live = self._score(self._history[-1][1], heldout)
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
         if cand < live - self.config.guard_margin:
-            return self.last_guard
-        return None
+            return self.last_guard, None
+        return None, sim["served_greedy_step_accept"]
 
     def _score(self, state: dict, samples: list[Sample]) -> float:
         return self._simulate(state, samples)["accept_length"]

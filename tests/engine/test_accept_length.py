@@ -71,7 +71,8 @@ def test_stats_windows_are_exactly_as_stated():
     s.on_finish(2, 2, [0, 0], version=2)   # the window now holds the last two requests with rounds: 4 + 2 over 1 + 2
     snap = s.snapshot()
     assert snap["accept_length_recent"] == pytest.approx(6 / 3)
-    assert snap["accept_rate_by_position"] == pytest.approx([1 / 3, 1 / 3])
+    # conditional: position 0 accepted in 1 of the 3 rounds, position 1 in the 1 round that reached it
+    assert snap["accept_rate_by_position"] == pytest.approx([1 / 3, 1.0])
     assert snap["accept_length_by_version"] == {1: 4.0, 2: 1.0}  # the last 2 versions only
     assert (snap["verify_rounds"], snap["verify_tokens"], snap["requests_finished"]) == (6, 12, 4)
 
