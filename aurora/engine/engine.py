@@ -235,9 +235,10 @@ class LLMEngine:
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
             seconds = None if self.runner.captured else time.perf_counter() - t0
             pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
+            n_acc = n_acc.tolist()
             for seq in running:
                 r = seq.row
-                n = int(n_acc[r])
+                n = n_acc[r]
                 before = len(seq.output_ids)
                 try:  # per-request bookkeeping: an exception here fails this request, not the batch
                     if depth > 0:
@@ -253,7 +254,7 @@ class LLMEngine:
                 except Exception as e:
                     self._fail(seq, e)
             if self.draft is not None:
-                self.speculation.observe(bucket, depth, seconds, [int(n_acc[s.row]) for s in running])
+                self.speculation.observe(bucket, depth, seconds, [n_acc[s.row] for s in running])
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         return [o for o in outputs if o is not None]
