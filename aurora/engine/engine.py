@@ -126,7 +126,8 @@ class LLMEngine:
         self.speculation.new_version(0, config.initial_acceptance)
         if config.capture_graphs_at_start and self.runner.use_graphs:
             t0 = time.perf_counter()
-            n = self.runner.capture_all()
+            depths = self.speculation.depths if config.adaptive else self.speculation.depths[-1:]  # the ones in use
+            n = self.runner.capture_all(depths)
             log.info("captured %d CUDA graphs (batch x context x depth, greedy) in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request

@@ -385,14 +385,15 @@ class ModelRunner:
         self.graph_pool = g.pool()
         return g
 
-    def capture_all(self, filtering: bool = False, greedy_only: bool = True) -> int:
-        """Capture the round of every (batch bucket, key bucket, depth) now, so that serving never captures one
-        mid-traffic when the depth decision or a growing context reaches a new shape. Returns the count."""
+    def capture_all(self, depths: list[int], filtering: bool = False, greedy_only: bool = True) -> int:
+        """Capture the round of every (batch bucket, key bucket) at each of `depths` now, so that serving never
+        captures one mid-traffic when the depth decision or a growing context reaches a new shape. Returns the
+        count."""
         if not self.use_graphs:
             return 0
         n = 0
         with torch.inference_mode():
-            for d in self.depths():
+            for d in depths:
                 fn = self._round_fn(d)
                 for Bp in self.batch_sizes:
                     for keys in self.key_sizes:
