@@ -8,10 +8,10 @@ The controller picks the d that maximises E_d / c(B, d) from two things it measu
   `cost_window` timings, each clipped at 5x their median. A mean, because under a trainer's load on the same GPU
   round times are bimodal (most fast, some very slow) and throughput follows the mean, which a median misjudges;
   clipped, because a round that overlaps a stall elsewhere in the process (e.g. a checkpoint write) can take a
-  hundred times its cost. Rounds that captured a CUDA graph are not timed. A depth not yet timed at a bucket is estimated by a straight line
-  through the depths that were (a round of depth d runs d-1 more draft steps and verifies d+1 tokens, so
-  cost grows about linearly in d); with fewer than two timed depths it is unknown and gets probed when even
-  a free round of that depth would beat the best known choice.
+  hundred times its cost. Rounds that captured a CUDA graph are not timed. A depth not yet timed at a bucket
+  is estimated by a straight line through the depths that were (a round of depth d runs d-1 more draft steps
+  and verifies d+1 tokens, so cost grows about linearly in d); with fewer than two timed depths it is unknown
+  and gets probed when even a free round of that depth would beat the best known choice.
 - acceptance per position, per draft version: a prior from the trainer's held-out replay of the new
   version (`guard.simulated_acceptance`'s served-greedy walk), which lets the decision turn speculation on
   before a speculative round has been paid for, updated by what the version's rounds realise.
@@ -153,9 +153,9 @@ class DepthController:
             best = max(speed, key=speed.get)
             # an untimed depth is worth a probe if even a free round of it (costing the cheapest known round)
             # would beat the best known choice
-            cheapest = min(known.values())
+            cheapest, bar = min(known.values()), speed[best] * (1 + self.config.switch_margin)
             for d in self.depths:
-                if d not in known and expected_tokens(rates, d) / cheapest > speed[best] * (1 + self.config.switch_margin):
+                if d not in known and expected_tokens(rates, d) / cheapest > bar:
                     b.probe.extend([d] * self.config.probe_rounds)
                     return b.probe.pop(0)
             cur = b.depth if b.depth in speed else best
