@@ -97,7 +97,7 @@ def _sglang_memory_fraction(cfg: ServeConfig, draft, tconf: TrainConfig, dev: to
     probe_conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
 
     def probe():
-        trainer = OnlineTrainer(draft, None, probe_conf, lambda state, version: None)
+        trainer = OnlineTrainer(draft, None, probe_conf, lambda state, version, acceptance: None)
         trainer_probe(trainer, 3 * c.target_hidden_size, c.vocab_size)
     try:
         measured = measure_peak(dev, probe)
@@ -185,8 +185,8 @@ class Service:
         aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:
             return cls(aengine, None, cfg)
-        # the engine and trainer threads share one GIL: a shorter switch interval bounds how long the engine waits
-        # for it after each device sync while the trainer runs Python (process-wide; the trainer loses nothing)
+        # the engine and trainer threads share one GIL: the switch interval bounds how long the engine waits for it
+        # after each device sync while the trainer runs Python (process-wide; Python's own 5 ms by default)
         sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
