@@ -137,6 +137,7 @@ class LLMEngine:
         self._aborts: set[str] = set()
         self.request_errors = 0  # requests failed alone by an exception in their own work
         self.fault_seed = _fault_seed()
+        self._last_depth = 0  # the first speculative round catches the draft up
 
     # ------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
@@ -222,7 +223,8 @@ class LLMEngine:
                 longest, n = max(longest, len(admitted[n].prompt_ids)), n + 1
             group, admitted = admitted[:n], admitted[n:]
             toks = self.runner.prefill(group[0].row, [s.prompt_ids for s in group],
-                                       all(s.params.greedy for s in group), any(s.params.filters for s in group))
+                                       all(s.params.greedy for s in group), any(s.params.filters for s in group),
+                                       with_draft=self._last_depth > 0)
             outputs += [self._append_guarded(seq, [tok]) for seq, tok in zip(group, toks) if seq.finish_reason is None]
         running = [s for s in self.scheduler.running if s.finish_reason is None]
         if running:
@@ -232,6 +234,7 @@ class LLMEngine:
             greedy_only = all(s.params.greedy for s in self.scheduler.running)
             bucket = self.runner.bucket(B)
             depth = self.speculation.choose(bucket) if self.draft is not None else 0
+            self._last_depth = depth  # admissions prefill the draft too while serving speculates
             t0 = time.perf_counter()
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
             seconds = None if self.runner.captured else time.perf_counter() - t0

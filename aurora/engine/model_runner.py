@@ -7,11 +7,16 @@ Row state lives on the device, indexed by batch row (= KV slot):
   cache_len [S]  tokens committed to both KV caches (n)     next_tok [S]  x[n], sampled but not yet fed
   d_hidden [S,H] draft pre-norm hidden at position n-1 (its logits predict x[n+1]; computed when a round
                  drafts from it, so plain decoding rounds never pay the draft's LM head)
-Capture stores (aux [S,L,3H], hid [S,L,H]) are written at the same positions as the target's KV.
+  d_len [S]      positions the draft's KV covers (= cache_len while the draft is current)
+Capture stores (aux [S,L,3H], hid [S,L,H], and with a draft the token ids [S,L]) are written at the same
+positions as the target's KV.
 
 A round has a depth d <= lookahead chosen per step by the engine (aurora.engine.speculation): d = 0 is plain
-decoding (with a draft it still extends the draft over the new token, so the next speculative round finds
-the draft's KV and hidden state current), d >= 1 drafts a chain of d tokens and verifies d + 1.
+decoding, d >= 1 drafts a chain of d tokens and verifies d + 1. A depth-0 round does not touch the draft (a
+day-0 draft then costs serving nothing but the capture writes): the draft falls behind, and the first
+speculative round after it catches the draft up in one batched extend over the lagging positions, from the
+captured aux states and token ids (`_catch_up`). The lag of each row is mirrored on the host (`lag`), so the
+catch-up's shape is known without a device sync. Without capture stores the draft is extended every round.
 """
 import math
 
@@ -58,10 +63,15 @@ class ModelRunner:
         if capture:
             self.aux_store = torch.zeros(S, max_len, 3 * H, dtype=dt, device=dev)
             self.hid_store = torch.zeros(S, max_len, H, dtype=dt, device=dev)
+        self.lazy_draft = draft is not None and capture  # depth-0 rounds skip the draft; catch up from the stores
+        self.lag = [0] * S  # host mirror of cache_len - d_len per row
         if draft is not None:
             dc = draft.config
             self.dcache = SlotKVCache(1, S, max_len, dc.num_key_value_heads, dc.head_dim, dt, dev)
             self.d_hidden = torch.zeros(S, dc.hidden_size, dtype=dt, device=dev)
+            self.d_len = torch.zeros(S, dtype=torch.long, device=dev)
+            if self.lazy_draft:
+                self.tok_store = torch.zeros(S, max_len, dtype=torch.long, device=dev)
         self.use_graphs = cuda_graphs and dev.type == "cuda"
         self.graphs: dict = {}
         self.graph_pool = None
@@ -80,17 +90,19 @@ class ModelRunner:
         self.tcache.move(src, dst, length)
         if self.draft is not None:
             self.dcache.move(src, dst, length)
-            self.d_hidden[dst] = self.d_hidden[src]
+            self.d_hidden[dst], self.d_len[dst] = self.d_hidden[src], self.d_len[src]
         if self.capture:
-            for t in (self.aux_store, self.hid_store):
+            for t in (self.aux_store, self.hid_store) + ((self.tok_store,) if self.lazy_draft else ()):
                 t[dst, :length] = t[src, :length]
         for t in (self.cache_len, self.next_tok, self.active, self.temp, self.top_p, self.top_k, self.seed):
             t[dst] = t[src]
         self.active[src] = False
+        self.lag[dst], self.lag[src] = self.lag[src], 0
 
     def release_row(self, row: int) -> None:
         self.active[row] = False
         self.cache_len[row] = 0
+        self.lag[row] = 0
 
     def read_capture(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies (on a CPU device too, where .cpu() would return a view that the row's next request overwrites)."""
@@ -110,6 +122,8 @@ class ModelRunner:
             rows = torch.arange(row0, row0 + B, device=ids.device)[:, None]
             self.aux_store[rows, wpos] = aux
             self.hid_store[rows, wpos] = h
+            if self.lazy_draft:
+                self.tok_store[rows, wpos] = ids
         return h, aux
 
     def _draft(self, ids, g, n, tree, row0=0, offset=0, pos_offset=None, with_logits=True):
@@ -129,10 +143,12 @@ class ModelRunner:
         return torch.zeros(q_d.shape[0], V, device=q_d.device).index_copy_(1, ids, q_d)
 
     @torch.inference_mode()
-    def prefill(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool) -> list[int]:
+    def prefill(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool,
+                with_draft: bool = True) -> list[int]:
         """Fill rows row0.. with their prompts in one forward (right-padded; a padded query still sees its own
         row's real keys, and padded slots are overwritten by decoding before anyone reads them), pick each
-        row's x[P]; returns the tokens (one sync, at admission only)."""
+        row's x[P]; returns the tokens (one sync, at admission only). with_draft False (while the engine decodes
+        plainly): the draft is left for the first speculative round to catch up."""
         B, dev = len(prompts), self.device
         P = max(len(p) for p in prompts)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -148,28 +164,56 @@ class ModelRunner:
         r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
         tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
                    self.top_k[r], self.seed[r], last, greedy)
-        if self.draft is not None:  # draft position t reads x[t+1]: ids shifted by one, the new token last
+        drafted = self.draft is not None and (with_draft or not self.lazy_draft)
+        if drafted:  # draft position t reads x[t+1]: ids shifted by one, the new token last
             d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             d_ids[bi, last] = tok
             dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
             self.d_hidden[r] = dh[bi, last]
+        if self.draft is not None:
+            self.d_len[r] = lens if drafted else 0
         self.cache_len[r], self.next_tok[r], self.active[r] = lens, tok, True
-        return tok.tolist()
+        out = tok.tolist()
+        for b, p in enumerate(prompts):
+            self.lag[row0 + b] = 0 if drafted else len(p)
+        return out
 
     def _decode_round(self, B: int):
-        """Depth 0: feed x[n], sample x[n+1]; with a draft, extend it over x[n+1] (no proposal, no LM head)."""
+        """Depth 0: feed x[n], sample x[n+1]. The draft is extended over it only when it cannot catch up later."""
         n, x = self.cache_len[:B], self.next_tok[:B]
         tree = torch.ones(B, 1, 1, dtype=torch.bool, device=self.device)
         h, aux = self._target(x[:, None], n, tree)
         tok = pick(self.target.logits(h[:, 0]), self.temp[:B], self._tp(self.top_p[:B]), self.top_k[:B],
                    self.seed[:B], n, self._greedy_only)
-        if self.draft is not None:
+        if self.draft is not None and not self.lazy_draft:
             self._commit(B, tok[:, None], aux, torch.zeros_like(tok), tok[:, None][:, :0])
             return
         self.out_tokens[:B, 0] = tok
         self.out_n[:B] = 0
         self.next_tok[:B] = tok
         self.cache_len[:B] += self.active[:B].long()
+
+    def _catch_up(self, B: int) -> None:
+        """Extend the draft over each row's lagging positions d_len..cache_len-1 in one forward (eager: its
+        shape is the largest lag), reading the captured aux states and token ids; the row is then current."""
+        G = max(self.lag[:B])
+        if G == 0:
+            return
+        dev = self.device
+        n, start = self.cache_len[:B], self.d_len[:B]
+        j = torch.arange(G, device=dev)
+        lag = n - start
+        valid = j[None] < lag[:, None]
+        pos = (start[:, None] + j).clamp_max(self.max_len - 1)
+        nxt = (pos + 1).clamp_max(self.max_len - 1)
+        rows = torch.arange(B, device=dev)[:, None]
+        ids = torch.where(nxt == n[:, None], self.next_tok[:B, None], self.tok_store[rows, nxt])  # x[t+1] at t
+        tree = (j[None, :, None] >= j[None, None, :]) & valid[:, None, :]
+        dh, _ = self._draft(ids, self.draft.project(self.aux_store[rows, pos]), start, tree, with_logits=False)
+        last = dh[torch.arange(B, device=dev), (lag - 1).clamp_min(0)]
+        self.d_hidden[:B] = torch.where((lag > 0)[:, None], last, self.d_hidden[:B])
+        self.d_len[:B] = n
+        self.lag[:B] = [0] * B
 
     def _spec_round(self, B: int, k: int):
         dev = self.device
@@ -212,6 +256,7 @@ class ModelRunner:
         self.d_hidden[:B] = dh[ar, n_acc]
         self.next_tok[:B] = tokens[ar, n_acc]
         self.cache_len[:B] += (n_acc + 1) * self.active[:B].long()
+        self.d_len[:B] = self.cache_len[:B]
         self.out_tokens[:B, :k1] = tokens
         self.out_n[:B] = n_acc
         self.out_props[:B, :proposals.shape[1]] = proposals
@@ -316,7 +361,7 @@ class ModelRunner:
         for store in (self.tcache.k, self.tcache.v):
             store[:, rows, dst] = store[:, rows, src]
         if self.capture:
-            for store in (self.aux_store, self.hid_store):
+            for store in (self.aux_store, self.hid_store) + ((self.tok_store,) if self.lazy_draft else ()):
                 store[rows, dst] = store[rows, src]
         aux_path = aux.gather(1, torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path], 1)[..., None]
                               .expand(B, K + 1, aux.shape[-1]))
@@ -348,6 +393,8 @@ class ModelRunner:
         self._greedy_only = greedy_only
         fn = self._round_fn(d)
         self.captured = False
+        if d > 0 and self.lazy_draft:
+            self._catch_up(B)
         if self.use_graphs:
             key = (Bp, self._keys, filtering, greedy_only, d)
             if key not in self.graphs:
@@ -357,12 +404,15 @@ class ModelRunner:
         else:
             fn(Bp)
         out = torch.cat([self.out_tokens[:B, :d + 1], self.out_n[:B, None], self.out_props[:B, :d]], 1).cpu()
+        if d == 0 and self.lazy_draft:
+            for r in range(B):
+                self.lag[r] += 1
         return out[:, :d + 1], out[:, d + 1], out[:, d + 2:]
 
     def _capture(self, fn, Bp: int):
         # the warm-up run advances row state; restore it. Its KV and capture writes land beyond every
         # row's committed length, where they are masked out and overwritten, so they need no restore.
-        state = [self.cache_len, self.next_tok] + ([self.d_hidden] if self.draft is not None else [])
+        state = [self.cache_len, self.next_tok] + ([self.d_hidden, self.d_len] if self.draft is not None else [])
         saved = [t.clone() for t in state]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

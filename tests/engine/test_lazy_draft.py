@@ -1,0 +1,48 @@
+"""Depth-0 rounds leave the draft behind; the first speculative round after them catches it up in one batched
+extend from the captured states. What the draft then proposes must equal what a draft extended every round
+(the eager path, taken when there are no capture stores) proposes, at every round of a mixed depth schedule."""
+import itertools
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.sequence import SamplingParams
+from aurora.models.draft import DraftConfig, new_draft
+
+
+def _run(tiny_target_dir, lazy: bool, schedule, topk: int, n_draft: int):
+    cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
+    eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=3),
+                    EngineConfig(max_batch=4, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=n_draft))
+    eng.runner.lazy_draft = lazy
+    depths = itertools.cycle(schedule)
+    eng.speculation.choose = lambda bucket: next(depths) if topk == 1 else (next(depths) and 3)
+    prompts = [[(5 * i + j) % 90 + 1 for j in range(4 + 7 * i)] for i in range(7)]  # lengths 4..46: uneven lags
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    seqs = [eng.add_request(p, params) for p in prompts]
+    steps = 0
+    while eng.has_work():
+        eng.step()
+        steps += 1
+    return [s.rounds for s in seqs], [s.output_ids for s in seqs], eng, steps
+
+
+@pytest.mark.parametrize("topk,n_draft", [(1, 4), (2, 5)])
+def test_caught_up_draft_proposes_as_an_eager_one(tiny_target_dir, topk, n_draft):
+    schedule = [0, 0, 0, 2, 0, 3, 3, 0, 0, 0, 0, 1, 2, 0]
+    lazy_rounds, lazy_out, eng, steps = _run(tiny_target_dir, True, schedule, topk, n_draft)
+    eager_rounds, eager_out, _, _ = _run(tiny_target_dir, False, schedule, topk, n_draft)
+    assert lazy_out == eager_out
+    assert sum(len(r) for r in lazy_rounds) > 20  # speculative rounds ran, after lags of several tokens
+    assert lazy_rounds == eager_rounds  # same proposals and acceptance, round by round
+    assert eng.runner.lag == [0] * 4  # released rows carry no lag
+
+
+def test_depth_zero_leaves_the_draft_untouched(tiny_target_dir):
+    """While serving decodes plainly the draft's KV cache is not written at all (it costs serving nothing)."""
+    _, _, eng, _ = _run(tiny_target_dir, True, [0], 1, 4)
+    assert torch.count_nonzero(eng.runner.dcache.k) == 0
+    _, _, eng, _ = _run(tiny_target_dir, False, [0], 1, 4)
+    assert torch.count_nonzero(eng.runner.dcache.k) > 0
