@@ -5,6 +5,7 @@
 
 Engine and trainer never import each other; this module is the only place that knows both.
 """
+import dataclasses
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
 from aurora.training.checkpoint import load_served_draft
 from aurora.server.config import ServeConfig
+from aurora.sharing import DeviceShare
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
@@ -80,8 +82,6 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
 def _sglang_memory_fraction(cfg: ServeConfig, draft, tconf: TrainConfig, dev: torch.device) -> float | None:
     """SGLang's --mem-fraction-static when the trainer shares its GPU and the user set none (aurora/budget.py);
     None leaves SGLang's own choice (trainer elsewhere, or the user's flag)."""
-    import dataclasses
-
     user = sglang_flag(cfg.sglang_args, "--mem-fraction-static")
     if not shares_gpu(str(dev), cfg.tp_size, cfg.sglang_args):
         log.info("trainer on %s, apart from SGLang's GPUs %s: no memory split needed", dev,
@@ -130,6 +130,20 @@ def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainCon
                     "--trainer-device cuda:N", line)
     else:
         log.info("%s", line)
+
+
+def _device_share(cfg: ServeConfig, trainer_dev: torch.device, engine_dev: torch.device, duty: float) -> DeviceShare:
+    """Built-in engine: how its trainer shares the device (aurora/sharing.py). A CPU: turns on the same cores.
+    The engine's GPU: a green context of `trainer_sms` SMs (default an eighth). Elsewhere: duty alone."""
+    same = trainer_dev.type == engine_dev.type and (trainer_dev.type == "cpu" or torch.device(
+        trainer_dev.type, trainer_dev.index or 0) == torch.device(engine_dev.type, engine_dev.index or 0))
+    sms = 0
+    if same and trainer_dev.type == "cuda":
+        total = torch.cuda.get_device_properties(engine_dev).multi_processor_count
+        sms = cfg.trainer_sms if cfg.trainer_sms is not None else max(8, total // 8)
+    share = DeviceShare(duty=duty, turns=same and trainer_dev.type == "cpu", sms=sms, busy_window_s=0.25)
+    log.info("trainer on %s beside serving on %s: %s", trainer_dev, engine_dev, share.status())
+    return share
 
 
 class Service:
@@ -182,14 +196,17 @@ class Service:
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
                              initial_acceptance=[0.0] * cfg.lookahead if day0 else None)
         engine = LLMEngine(target_dir, draft, econf)
-        aengine = AsyncEngine(engine, _served_name(cfg))
         if draft is None:
-            return cls(aengine, None, cfg)
+            return cls(AsyncEngine(engine, _served_name(cfg)), None, cfg)
         # the engine and trainer threads share one GIL: the switch interval bounds how long the engine waits for it
         # after each device sync while the trainer runs Python (process-wide; Python's own 5 ms by default)
         sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
+        share = _device_share(cfg, dev, engine.runner.device, tconf.duty)
+        if share.turns:  # the trainer has the cores to itself during its turns
+            tconf = dataclasses.replace(tconf, torch_threads=torch.get_num_threads())
+        aengine = AsyncEngine(engine, _served_name(cfg), share)
         if dev.type == "cuda" and dev == engine.runner.device:
             _log_local_split(cfg, engine, draft, tconf, dev)
 
@@ -197,7 +214,7 @@ class Service:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
                 d2t, t2d = vocab_from_samples(first_samples, draft.config.draft_vocab_size, draft.config.vocab_size)
                 engine.draft.set_vocab_map(d2t, t2d)  # in the engine thread (on_sample), never during a round
-            return OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft)
+            return OnlineTrainer(engine.draft, engine.target.lm_head.weight, tconf, aengine.swap_draft, share)
 
         if pruned:
             return cls(aengine, None, cfg, make_trainer, cfg.vocab_warmup_requests)

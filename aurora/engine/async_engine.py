@@ -14,13 +14,16 @@ import torch
 
 from aurora.engine.engine import LLMEngine
 from aurora.engine.sequence import SHUTDOWN_ERROR, RequestOutput, SamplingParams
+from aurora.sharing import DeviceShare
 
 log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str):
+    def __init__(self, engine: LLMEngine, model_name: str, share: DeviceShare | None = None):
+        """share: how a trainer shares the device (each step runs inside `share.serving()`)."""
         self.engine = engine
+        self.share = share or DeviceShare()
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
@@ -140,7 +143,8 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = eng.step()
+                with self.share.serving():
+                    outputs = eng.step()
                 self.error = None
             except Exception as e:  # a broken step fails its requests, never the process
                 log.exception("engine step failed")

@@ -138,6 +138,7 @@ class LLMEngine:
         self.request_errors = 0  # requests failed alone by an exception in their own work
         self.fault_seed = _fault_seed()
         self._last_depth = 0  # the first speculative round catches the draft up
+        self._last_round: tuple[int, int, float, float] | None = None  # (bucket, depth, start, end), not yet costed
 
     # ------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
@@ -199,6 +200,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        t_prefill = time.perf_counter()
         self._apply_swap()
         outputs: list[RequestOutput] = []
         for rid in list(self._aborts):
@@ -226,6 +228,7 @@ class LLMEngine:
                                        all(s.params.greedy for s in group), any(s.params.filters for s in group),
                                        with_draft=self._last_depth > 0)
             outputs += [self._append_guarded(seq, [tok]) for seq, tok in zip(group, toks) if seq.finish_reason is None]
+        prefill_s = time.perf_counter() - t_prefill
         running = [s for s in self.scheduler.running if s.finish_reason is None]
         if running:
             B = len(self.scheduler.running)
@@ -236,8 +239,10 @@ class LLMEngine:
             depth = self.speculation.choose(bucket) if self.draft is not None else 0
             self._last_depth = depth  # admissions prefill the draft too while serving speculates
             t0 = time.perf_counter()
+            self._time_last_round(t0 - prefill_s)
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
-            seconds = None if self.runner.captured else time.perf_counter() - t0
+            if self.draft is not None and not self.runner.captured:
+                self._last_round = (bucket, depth, t0, time.perf_counter())
             pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
             n_acc = n_acc.tolist()
             for seq in running:
@@ -258,10 +263,23 @@ class LLMEngine:
                 except Exception as e:
                     self._fail(seq, e)
             if self.draft is not None:
-                self.speculation.observe(bucket, depth, seconds, [n_acc[s.row] for s in running])
+                self.speculation.observe(bucket, depth, None, [n_acc[s.row] for s in running])
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
+        if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
+            self._time_last_round(None)
         return [o for o in outputs if o is not None]
+
+    def _time_last_round(self, until: float | None) -> None:
+        """A round costs serving the wall time from its start to the next round's start, less the admissions'
+        prefill in between (`until`): the host bookkeeping, token delivery and whatever else the process does
+        meanwhile (a trainer's Python and kernels, the HTTP front) are part of what a depth costs, and differ
+        by depth. until None: the round's own time (serving went idle after it)."""
+        if self._last_round is None:
+            return
+        bucket, depth, start, end = self._last_round
+        self._last_round = None
+        self.speculation.observe_cost(bucket, depth, (until if until is not None else end) - start)
 
     def _fail(self, seq: Sequence, e: Exception) -> None:
         """Per-request work raised: this sequence alone finishes with an error at the end of the step."""

@@ -171,18 +171,25 @@ class DepthController:
                         b.probe.append(d)
             return cur
 
+    def observe_cost(self, bucket: int, depth: int, seconds: float) -> None:
+        """A round's wall time: what serving it cost, from its start to the next round's (see LLMEngine.step)."""
+        if not seconds > 0:
+            return
+        with self._lock:
+            key = (bucket, depth)
+            recent = self._timings.setdefault(key, deque(maxlen=self.config.cost_window))
+            recent.append(seconds)
+            cap = 5 * statistics.median(recent)
+            self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
+            self._timed[key] = self._timed.get(key, 0) + 1
+
     def observe(self, bucket: int, depth: int, seconds: float | None, accepted: list[int]) -> None:
-        """After a round: its wall time (None: not timed, e.g. it captured a CUDA graph) and each row's
-        accepted draft count."""
+        """After a round: its wall time (None: timed apart through observe_cost, or not at all, e.g. it
+        captured a CUDA graph) and each row's accepted draft count."""
+        if seconds is not None:
+            self.observe_cost(bucket, depth, seconds)
         with self._lock:
             c = self.config
-            if seconds is not None and seconds > 0:
-                key = (bucket, depth)
-                recent = self._timings.setdefault(key, deque(maxlen=c.cost_window))
-                recent.append(seconds)
-                cap = 5 * statistics.median(recent)
-                self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
-                self._timed[key] = self._timed.get(key, 0) + 1
             b = self._buckets.get(bucket)
             if b is not None:
                 b.chosen[depth] = b.chosen.get(depth, 0) + 1

@@ -44,6 +44,7 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
+from aurora.sharing import DeviceShare
 from aurora.training.buffer import SampleBuffer
 from aurora.training.bounds import MIN_TOKENS, POLICIES, bound_samples, pack
 from aurora.training.checkpoint import read_trainer_state, write_checkpoint
@@ -99,8 +100,8 @@ class TrainConfig:
     resume: bool = False
     device: str = "cpu"
     torch_threads: int = 1
-    duty: float = 1.0                     # the most of the wall time the thread spends training (it rests after each
-                                          # batch); below 1 leaves the device (and a CPU's cores and the GIL) to serving
+    duty: float = 1.0                     # while serving is busy, the most of the wall time spent training (it rests
+                                          # after each step); below 1 leaves the device (and the GIL) to serving
     seed: int = 0
 
     def __post_init__(self):
@@ -132,14 +133,17 @@ class TrainConfig:
 
 
 class OnlineTrainer:
-    def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor | None, config: TrainConfig, publish):
-        """target_lm_head None: samples carry no target_hidden and train on one-hot targets (SGLang backend)."""
+    def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor | None, config: TrainConfig, publish,
+                 share: DeviceShare | None = None):
+        """target_lm_head None: samples carry no target_hidden and train on one-hot targets (SGLang backend).
+        share: how training shares the device with serving (aurora/sharing.py); default: `config.duty` alone."""
         if draft.embed is None:
             raise ValueError("draft has no embedding: call draft.share_embedding(target.embed_tokens) first")
         self.config = c = config
         self.device = torch.device(c.device)
         self.engine_dtype = draft.fc.weight.dtype
         self._publish_fn = publish
+        self.share = share or DeviceShare(duty=c.duty)
         self.master = self._fp32_copy(draft)
         self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
         self.lm_head = None if target_lm_head is None else target_lm_head.detach().to(self.device)
@@ -221,7 +225,7 @@ class OnlineTrainer:
         torch.get_num_threads()  # runs ATen's once-per-thread lazy init now, so it cannot later undo the next line
         torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL count only
         if self.device.type == "cuda":  # its own stream: serving's syncs never wait on training kernels
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
+            torch.cuda.set_stream(self.share.trainer_stream(self.device))
         ready.set()
         while not self._stop.is_set():
             try:
@@ -255,10 +259,7 @@ class OnlineTrainer:
             self._state = "idle"
             return
         self._state = "training"
-        t0 = time.perf_counter()
         self._train_batch(samples, fresh=self.buffer.last_batch_fresh)
-        if self.config.duty < 1.0:  # serving first: rest in proportion, so training takes at most `duty` of the time
-            self._stop.wait((time.perf_counter() - t0) * (1.0 - self.config.duty) / self.config.duty)
 
     def _train_batch(self, samples: list[Sample], fresh: bool) -> None:
         """Bounded steps over one buffer batch: samples split (or skipped) to the bound, packed so every step's
@@ -278,7 +279,10 @@ class OnlineTrainer:
             pending.setdefault(i, set()).add(j)
         try:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
-                self.train_step([s for _, (_, s) in group])
+                t0 = time.monotonic()
+                with self.share.training():
+                    self.train_step([s for _, (_, s) in group])
+                self.share.rest(time.monotonic() - t0, self._stop)  # serving first (aurora/sharing.py)
                 for j, (i, _) in group:
                     pending[i].discard(j)
                 self._succeeded()
@@ -395,7 +399,8 @@ class OnlineTrainer:
             with self._stats_lock:
                 self.requests_since_swap = 0
             try:
-                verdict, prediction = self._guard(candidate)
+                with self.share.training():  # the held-out replay is device work like a step
+                    verdict, prediction = self._guard(candidate)
             except Exception as e:
                 e.aurora_where = "guard"
                 raise
@@ -567,4 +572,5 @@ class OnlineTrainer:
                     "last_error": self.last_error, "last_guard": self.last_guard,
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
                     "requests_since_swap": self.requests_since_swap,
-                    "finished_requests": self.finished_requests, "sync_every": self.config.sync_every}
+                    "finished_requests": self.finished_requests, "sync_every": self.config.sync_every,
+                    "sharing": self.share.status()}

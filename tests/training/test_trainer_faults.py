@@ -256,15 +256,16 @@ def tokenizer_smollm():
 
 @pytest.mark.parametrize("duty", [1.0, 0.25])
 def test_duty_bounds_the_time_spent_training(target, samples, monkeypatch, duty):
-    """With duty d the thread rests after each batch so that batches take at most d of the wall time."""
+    """With duty d (and no engine reporting idle) the thread rests after each step so that steps take at most d
+    of the wall time."""
     tr, _ = make_trainer(target, samples, duty=duty, replay_passes=10 ** 6, min_samples_before_train=1)
     busy = []
 
-    def batch(samples, fresh):  # a batch that takes 20 ms, whatever the machine
+    def step(samples):  # a step that takes 20 ms, whatever the machine
         busy.append(0.02)
         time.sleep(0.02)
 
-    monkeypatch.setattr(tr, "_train_batch", batch)
+    monkeypatch.setattr(tr, "train_step", step)
     for s in samples:
         tr.add_sample(s)
     tr.start()

@@ -1,0 +1,125 @@
+"""How serving and the trainer share one device, so that learning never costs serving more than it is allowed.
+
+Serving comes first. The engine thread wraps each step in `serving()`; the trainer wraps each optimiser step
+in `training()` and then calls `rest(seconds)`:
+
+- `duty`: while serving is busy (a step ran within the last `busy_window_s`), the trainer rests after each step
+  in proportion to it, so it takes at most `duty` of the wall time; while serving is idle it trains freely.
+- `turns` (a CPU): serving and training take turns on the cores instead of running side by side. Two OpenMP
+  teams on the same cores slow each other far more than their share (trainer.py's module doc has the
+  numbers), so the trainer's step waits for the engine's step to end, and the engine's next step waits for
+  the trainer's; with `duty` that costs serving that fraction of its time and no more.
+- `sms` (a GPU): the trainer's kernels run in a CUDA green context of that many SMs, so serving's many small
+  kernels always find the rest of the SMs free instead of queueing behind a training GEMM's blocks.
+
+This module knows neither the engine nor the trainer; the service hands one DeviceShare to both.
+"""
+import logging
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DeviceShare:
+    def __init__(self, duty: float = 1.0, turns: bool = False, sms: int = 0, busy_window_s: float | None = None):
+        """busy_window_s None: no engine reports its steps here (SGLang serves in its own processes), so serving
+        counts as always busy and `duty` always applies."""
+        if not 0 < duty <= 1:
+            raise ValueError("duty must be in (0, 1]")
+        if sms < 0:
+            raise ValueError("sms must be >= 0 (0: the trainer's kernels may use every SM)")
+        self.duty, self.turns, self.sms, self.busy_window_s = duty, turns, sms, busy_window_s
+        self._cond = threading.Condition()
+        self._serving = self._training = self._want = self._waiting = False
+        self._last_step = 0.0
+        self.rested_s = self.trained_s = 0.0  # trainer seconds resting / inside training(), for /v1/draft
+
+    # ------------------------------------------------------------- engine thread
+    @contextmanager
+    def serving(self):
+        if not self.turns:
+            try:
+                yield
+            finally:
+                self._last_step = time.monotonic()
+            return
+        with self._cond:
+            self._waiting = True  # serving is busy while it waits for its turn, too
+            self._cond.wait_for(lambda: not (self._training or self._want))
+            self._waiting, self._serving = False, True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving = False
+                self._last_step = time.monotonic()
+                self._cond.notify_all()
+
+    def busy(self) -> bool:
+        return (self.busy_window_s is None or self._waiting
+                or time.monotonic() - self._last_step < self.busy_window_s)
+
+    # ------------------------------------------------------------- trainer thread
+    @contextmanager
+    def training(self):
+        t0 = time.monotonic()
+        if self.turns:
+            with self._cond:
+                self._want = True
+                self._cond.wait_for(lambda: not self._serving)
+                self._want, self._training = False, True
+        try:
+            yield
+        finally:
+            if self.turns:
+                with self._cond:
+                    self._training = False
+                    self._cond.notify_all()
+            self.trained_s += time.monotonic() - t0
+
+    def rest(self, seconds: float, stop: threading.Event) -> None:
+        """After a training step of `seconds`: rest so that training takes at most `duty` of the time serving is
+        busy; cut short when serving goes idle or `stop` is set."""
+        if self.duty >= 1:
+            return
+        until = time.monotonic() + seconds * (1 - self.duty) / self.duty
+        t0 = time.monotonic()
+        while not stop.is_set() and self.busy():
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            stop.wait(min(left, self.busy_window_s or left))
+        self.rested_s += time.monotonic() - t0
+
+    def trainer_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The trainer thread's CUDA stream: in a green context of `sms` SMs where the driver and torch offer
+        one, else an ordinary stream (logged)."""
+        if self.sms:
+            try:
+                from torch.cuda.green_contexts import GreenContext
+
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                total = torch.cuda.get_device_properties(index).multi_processor_count
+                if self.sms < total:
+                    ctx = GreenContext.create(num_sms=self.sms, device_id=index)
+                    self._green = ctx  # kept alive for the stream's lifetime
+                    if hasattr(ctx, "Stream"):
+                        stream = ctx.Stream()
+                    else:  # torch < 2.11: a stream made while the green context is current belongs to it
+                        ctx.set_context()
+                        stream = torch.cuda.Stream(device)
+                    log.info("trainer kernels run on %d of the %d SMs of %s (a CUDA green context)", self.sms,
+                             total, device)
+                    return stream
+            except Exception as e:  # an old driver or torch build: share every SM, at the priority streams give
+                log.warning("trainer SM partition unavailable (%s: %s): training kernels may use every SM",
+                            type(e).__name__, e)
+        return torch.cuda.Stream(device)
+
+    def status(self) -> dict:
+        return {"duty": self.duty, "turns": self.turns, "sms": self.sms,
+                "trained_s": round(self.trained_s, 3), "rested_s": round(self.rested_s, 3)}

@@ -1,0 +1,89 @@
+"""DeviceShare: serving first. On a CPU serving and training take turns (never both at once) and a busy server
+gives the trainer at most its duty of the wall time; an idle one lets it train freely. On a GPU the trainer's
+stream lives in a green context of a few SMs."""
+import threading
+import time
+
+import pytest
+import torch
+
+from aurora.sharing import DeviceShare
+
+
+def _run(share: DeviceShare, serve: bool, seconds: float = 1.2):
+    stop, spans = threading.Event(), {"serve": [], "train": []}
+
+    def engine():
+        while not stop.is_set():
+            with share.serving():
+                t0 = time.monotonic()
+                time.sleep(0.002)  # a step
+                spans["serve"].append((t0, time.monotonic()))
+
+    def trainer():
+        while not stop.is_set():
+            t0 = time.monotonic()
+            with share.training():
+                a = time.monotonic()
+                time.sleep(0.01)  # an optimiser step
+                spans["train"].append((a, time.monotonic()))
+            share.rest(time.monotonic() - t0, stop)
+
+    threads = [threading.Thread(target=trainer)] + ([threading.Thread(target=engine)] if serve else [])
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return spans, sum(b - a for a, b in spans["train"]) / seconds
+
+
+def test_turns_never_overlap_and_keep_to_the_duty():
+    spans, trained = _run(DeviceShare(duty=0.2, turns=True, busy_window_s=0.05), serve=True)
+    assert 0.1 < trained < 0.3, trained
+    assert len(spans["serve"]) > 100
+    for a, b in spans["train"]:  # no engine step ran inside a training turn
+        assert not any(s < b and e > a for s, e in spans["serve"])
+
+
+def test_side_by_side_without_turns_overlaps():  # the same check can fail: without turns the two run together
+    spans, _ = _run(DeviceShare(duty=1.0, turns=False, busy_window_s=0.05), serve=True, seconds=0.5)
+    assert any(s < b and e > a for a, b in spans["train"] for s, e in spans["serve"])
+
+
+def test_idle_serving_lets_the_trainer_train_freely():
+    _, trained = _run(DeviceShare(duty=0.2, turns=True, busy_window_s=0.05), serve=False, seconds=0.6)
+    assert trained > 0.8, trained
+
+
+def test_no_serving_signal_means_always_busy():  # SGLang serves elsewhere: the duty always applies
+    _, trained = _run(DeviceShare(duty=0.25), serve=False, seconds=0.8)
+    assert 0.15 < trained < 0.35, trained
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValueError):
+        DeviceShare(duty=0)
+    with pytest.raises(ValueError):
+        DeviceShare(sms=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (green contexts)")
+def test_trainer_stream_in_a_green_context():
+    share = DeviceShare(sms=8)
+    dev = torch.device("cuda", 0)
+    result = {}
+
+    def trainer():  # as the trainer thread does: its stream, then work on it
+        torch.cuda.set_stream(share.trainer_stream(dev))
+        a = torch.randn(512, 512, device=dev)
+        result["err"] = (a @ a - (a.double() @ a.double()).float()).abs().max().item()
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    t.join()
+    assert result["err"] < 1e-1
+    from torch.cuda.green_contexts import SUPPORTED
+    if SUPPORTED:
+        assert getattr(share, "_green", None) is not None
