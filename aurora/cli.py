@@ -55,10 +55,10 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "train_batch_tokens": "tokens per trainer step (at least one sample)",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
     "trainer_duty": "while serving is busy, the most of the wall time the trainer spends training, in (0, 1]: it "
-                    "rests after each step (idle serving lets it train freely). Default: 0.1 on a CPU, where serving "
-                    "and training take turns on the cores; 1 on CUDA",
+                    "rests after each step (idle serving lets it train freely). Default 0.1; on a CPU serving and "
+                    "training take turns on the cores",
     "trainer_sms": "CUDA, the trainer on the engine's GPU: SMs its kernels may use (a CUDA green context), serving "
-                   "keeps the rest; default an eighth of the GPU's SMs; 0: every SM",
+                   "keeps the rest; default a quarter of the GPU's SMs; 0: every SM",
     "gil_switch_ms": "built-in engine with a trainer: Python's GIL switch interval in ms (the engine thread wins the "
                      "GIL back from the trainer thread within it after every device sync)",
     "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "

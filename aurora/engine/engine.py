@@ -138,7 +138,7 @@ class LLMEngine:
         self.request_errors = 0  # requests failed alone by an exception in their own work
         self.fault_seed = _fault_seed()
         self._last_depth = 0  # the first speculative round catches the draft up
-        self._last_round: tuple[int, int, float, float] | None = None  # (bucket, depth, start, end), not yet costed
+        self._last_round: tuple | None = None  # (bucket, depth, start, end, committed tokens), not yet costed
 
     # ------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
@@ -239,10 +239,11 @@ class LLMEngine:
             depth = self.speculation.choose(bucket) if self.draft is not None else 0
             self._last_depth = depth  # admissions prefill the draft too while serving speculates
             t0 = time.perf_counter()
-            self._time_last_round(t0 - prefill_s)
+            self._time_last_round(t0 - prefill_s, t0)
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
             if self.draft is not None and not self.runner.captured:
-                self._last_round = (bucket, depth, t0, time.perf_counter())
+                self._last_round = (bucket, depth, t0, time.perf_counter(), 0)
+            committed = 0
             pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
             n_acc = n_acc.tolist()
             for seq in running:
@@ -253,6 +254,7 @@ class LLMEngine:
                     if depth > 0:
                         seq.rounds.append((seq.num_tokens - 1, props[r].tolist() + pad, n))
                     outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+                    committed += len(seq.output_ids) - before
                     if depth > 0:  # counted as committed: a stop or max_tokens may cut a round short
                         seq.verify_rounds += 1
                         seq.verify_tokens += len(seq.output_ids) - before
@@ -264,22 +266,27 @@ class LLMEngine:
                     self._fail(seq, e)
             if self.draft is not None:
                 self.speculation.observe(bucket, depth, None, [n_acc[s.row] for s in running])
+                if self._last_round is not None:
+                    self._last_round = self._last_round[:4] + (committed,)
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
-            self._time_last_round(None)
+            self._time_last_round(None, None)
         return [o for o in outputs if o is not None]
 
-    def _time_last_round(self, until: float | None) -> None:
+    def _time_last_round(self, until: float | None, next_start: float | None) -> None:
         """A round costs serving the wall time from its start to the next round's start, less the admissions'
         prefill in between (`until`): the host bookkeeping, token delivery and whatever else the process does
         meanwhile (a trainer's Python and kernels, the HTTP front) are part of what a depth costs, and differ
-        by depth. until None: the round's own time (serving went idle after it)."""
+        by depth. until None: the round's own time (serving went idle after it). What the round delivered, over
+        the whole time to `next_start` (prefill included), feeds the controller's guard rail."""
         if self._last_round is None:
             return
-        bucket, depth, start, end = self._last_round
+        bucket, depth, start, end, committed = self._last_round
         self._last_round = None
         self.speculation.observe_cost(bucket, depth, (until if until is not None else end) - start)
+        if next_start is not None:
+            self.speculation.observe_served(bucket, depth, committed, next_start - start)
 
     def _fail(self, seq: Sequence, e: Exception) -> None:
         """Per-request work raised: this sequence alone finishes with an error at the end of the step."""

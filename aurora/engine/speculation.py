@@ -21,6 +21,14 @@ Hysteresis: a bucket leaves its current depth only for one predicted `switch_mar
 are timed again for a round (their costs drift as caches grow), when they are predicted within
 `reprobe_window` of the current choice.
 
+A guard rail on what serving delivers: every round also reports its committed tokens and the wall time from its
+start to the next round's start with everything in between (admissions' prefill included), decayed over about
+`served_window` rounds per (bucket, depth). Once a speculating depth has `veto_after` such rounds and depth 0 a
+quarter as many (while a bucket speculates, its re-probes include a few plain rounds for this), and the depth delivered fewer tokens per second than plain decoding did (by `switch_margin`), it is
+vetoed at that bucket for `veto_rounds` rounds (or until the next draft version): the round timings and the
+acceptance model can both be right and the server still slower, when speculation costs something outside the
+rounds (the trainer's share of the process, the front, prefill).
+
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """
 import statistics
@@ -40,11 +48,15 @@ class SpeculationConfig:
     prior_weight: float = 64.0    # pseudo-rounds the held-out prediction counts for against observed rounds
     cost_window: int = 15         # timings per (bucket, depth) whose (clipped) mean is its cost
     forget: float = 1 / 4096      # per observed row-round: old acceptance evidence fades (traffic drifts)
+    served_window: int = 512      # rounds over which the delivered tokens/s per (bucket, depth) is averaged
+    veto_after: int = 64          # delivered-rate observations each side needs before a depth can be vetoed
+    veto_rounds: int = 4096       # rounds a vetoed depth stays out of the choice at its bucket
 
     def __post_init__(self):
         if not 0 <= self.switch_margin < 1 or not 0 <= self.forget < 1:
             raise ValueError("switch_margin and forget must be in [0, 1)")
-        for name in ("min_dwell", "probe_rounds", "reprobe_every", "cost_window"):
+        for name in ("min_dwell", "probe_rounds", "reprobe_every", "cost_window", "served_window", "veto_after",
+                     "veto_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.prior_weight <= 0 or self.reprobe_window < 0:
@@ -67,6 +79,7 @@ class _Bucket:
         self.rounds = 0             # rounds decided at this bucket
         self.probe: list[int] = []  # depths queued for timing, one round each
         self.chosen: dict[int, int] = {}  # depth -> rounds run at it
+        self.vetoed: dict[int, int] = {}  # depth -> the round of this bucket until which it is not chosen
 
 
 class DepthController:
@@ -86,6 +99,8 @@ class DepthController:
         self._prior: list[float] | None = None
         self._hits = [0.0] * max_depth                    # observed, conditional: hits[j] of tries[j]
         self._tries = [0.0] * max_depth
+        self._served: dict[tuple[int, int], list[float]] = {}  # (bucket, depth) -> [tokens, seconds, rounds], decayed
+        self.vetoes = 0
 
     # ------------------------------------------------------------- acceptance
     def new_version(self, version: int, predicted: list[float] | None) -> None:
@@ -98,6 +113,9 @@ class DepthController:
             self._hits, self._tries = [0.0] * self.K, [0.0] * self.K
             for b in self._buckets.values():
                 b.since_switch = self.config.min_dwell  # free to move at once
+                b.vetoed.clear()
+            for key in [k for k in self._served if k[1] > 0]:  # the old version's speculative rounds say nothing now
+                del self._served[key]
                 if self._prior is None and self.K not in b.probe and self.K in self.depths:
                     b.probe.extend([self.K] * self.config.probe_rounds)
 
@@ -149,16 +167,23 @@ class DepthController:
             known = {d: c for d in self.depths if (c := self.cost(bucket, d)) is not None}
             if 0 in self.depths and 0 not in known:
                 return 0  # time plain decoding first: every other choice is judged against it
-            speed = {d: expected_tokens(rates, d) / c for d, c in known.items()}
+            speed = {d: expected_tokens(rates, d) / c for d, c in known.items()
+                     if b.vetoed.get(d, 0) <= b.rounds}
             best = max(speed, key=speed.get)
             # an untimed depth is worth a probe if even a free round of it (costing the cheapest known round)
             # would beat the best known choice
             cheapest, bar = min(known.values()), speed[best] * (1 + self.config.switch_margin)
             for d in self.depths:
-                if d not in known and expected_tokens(rates, d) / cheapest > bar:
+                if d not in known and b.vetoed.get(d, 0) <= b.rounds and expected_tokens(rates, d) / cheapest > bar:
                     b.probe.extend([d] * self.config.probe_rounds)
                     return b.probe.pop(0)
             cur = b.depth if b.depth in speed else best
+            if cur and self._delivers_less(bucket, cur):
+                b.vetoed[cur] = b.rounds + self.config.veto_rounds
+                self.vetoes += 1
+                del speed[cur]
+                cur = best = max(speed, key=speed.get)
+                b.since_switch = 0
             if best != cur and b.since_switch >= self.config.min_dwell and \
                     speed[best] > speed[cur] * (1 + self.config.switch_margin):
                 cur = best
@@ -169,6 +194,9 @@ class DepthController:
                 for d in (cur - 1, cur + 1):
                     if d in speed and speed[d] >= speed[cur] * (1 - self.config.reprobe_window):
                         b.probe.append(d)
+                plain = self._served.get((bucket, 0))
+                if cur and 0 in self.depths and (plain is None or plain[2] < self.config.veto_after):
+                    b.probe.extend([0] * self.config.probe_rounds)  # the guard rail's reference
             return cur
 
     def observe_cost(self, bucket: int, depth: int, seconds: float) -> None:
@@ -182,6 +210,22 @@ class DepthController:
             cap = 5 * statistics.median(recent)
             self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
             self._timed[key] = self._timed.get(key, 0) + 1
+
+    def observe_served(self, bucket: int, depth: int, tokens: int, seconds: float) -> None:
+        """A round's committed tokens (all rows) and the wall time to the next round's start, everything included."""
+        if not seconds > 0:
+            return
+        with self._lock:
+            keep = 1 - 1 / self.config.served_window
+            s = self._served.setdefault((bucket, depth), [0.0, 0.0, 0])
+            s[0], s[1], s[2] = s[0] * keep + tokens, s[1] * keep + seconds, s[2] + 1
+
+    def _delivers_less(self, bucket: int, depth: int) -> bool:
+        mine, plain = self._served.get((bucket, depth)), self._served.get((bucket, 0))
+        n = self.config.veto_after
+        if mine is None or plain is None or mine[2] < n or plain[2] < n // 4:  # plain: few rounds once speculating
+            return False
+        return mine[0] / mine[1] < plain[0] / plain[1] * (1 - self.config.switch_margin)
 
     def observe(self, bucket: int, depth: int, seconds: float | None, accepted: list[int]) -> None:
         """After a round: its wall time (None: timed apart through observe_cost, or not at all, e.g. it
@@ -225,7 +269,10 @@ class DepthController:
                     "round_ms": {d: round(c * 1e3, 4) for d, c in costs.items() if c is not None},
                     "timed": {d: self._timed.get((bucket, d), 0) for d in self.depths},
                     "predicted_speedup": {d: round(v, 4) for d, v in pred.items()},
+                    "delivered_tok_s": {d: round(v[0] / v[1], 1) for (bb, d), v in sorted(self._served.items())
+                                        if bb == bucket and v[1] > 0},
+                    "vetoed": {d: until - b.rounds for d, until in b.vetoed.items() if until > b.rounds},
                     "realised_speedup": None if realised is None else round(realised, 4)}
             return {"adaptive": self.config.adaptive, "version": self.version, "depths": self.depths,
                     "predicted_acceptance": None if self._prior is None else [round(a, 4) for a in self._prior],
-                    "acceptance": [round(a, 4) for a in rates], "buckets": buckets}
+                    "acceptance": [round(a, 4) for a in rates], "vetoes": self.vetoes, "buckets": buckets}

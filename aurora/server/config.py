@@ -26,7 +26,7 @@ KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 # target's full vocabulary.
 DEVICE_DEFAULTS = {
     "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3, "trainer_duty": 0.1},
-    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4, "trainer_duty": 1.0},
+    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4, "trainer_duty": 0.1},
 }
 
 
@@ -89,7 +89,7 @@ class ServeConfig:
                                        # (it rests after each step; idle serving lets it train freely); None =
                                        # DEVICE_DEFAULTS. On a CPU, serving and training take turns on the cores
     trainer_sms: int | None = None     # CUDA, trainer on the engine's GPU: its kernels get this many SMs (a green
-                                       # context), serving the rest; None = an eighth of the GPU's SMs; 0 = all
+                                       # context), serving the rest; None = a quarter of the GPU's SMs; 0 = all
     gil_switch_ms: float = 5.0         # built-in engine with a trainer: Python's GIL switch interval (5 ms is
                                        # Python's own). The engine thread gives up the GIL at every device sync and
                                        # wins it back from the trainer thread within one interval; 0.5 ms measured

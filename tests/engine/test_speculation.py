@@ -167,3 +167,42 @@ def test_random_depth_every_round_is_greedy_lossless(tiny_target_dir, topk, node
     assert out == ref
     assert all(s.proposals.shape[1] == 3 for s in samples if s.proposals.numel())
     assert sum(s.verify_rounds for s in seqs) > 0
+
+
+def _simulate_served(ctl, rates, round_cost, hidden, rounds, rows=8, seed=0):
+    """As simulate, with the delivered rate reported too: each round's wall time is its cost plus `hidden(d)`,
+    time the round timings do not see (e.g. a trainer's share of the process while serving speculates)."""
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(rounds):
+        d = ctl.choose(8)
+        accepted = []
+        for _ in range(rows):
+            n = 0
+            while n < d and rng.random() < rates[n]:
+                n += 1
+            accepted.append(n)
+        ctl.observe(8, d, round_cost(d), accepted)
+        ctl.observe_served(8, d, rows + sum(accepted), round_cost(d) + hidden(d))
+        chosen.append(d)
+    return chosen
+
+
+@pytest.mark.parametrize("hidden,vetoed", [(3.0, True), (0.0, False)])
+def test_a_depth_that_delivers_less_than_plain_decoding_is_vetoed(hidden, vetoed):
+    """Day 0 decodes plainly; then a version predicted (and realised) good, whose round timings say speculating
+    pays. If its rounds hide time that the timings miss, what serving delivered vetoes each speculating depth
+    after veto_after rounds of it; if they hide nothing, the same controller keeps speculating."""
+    rates = [0.5] * K
+    cost = lambda d: 1.0 + 0.1 * d  # noqa: E731
+    ctl = DepthController(K)
+    ctl.new_version(0, [0.0] * K)
+    assert set(_simulate_served(ctl, rates, cost, lambda d: 0.0, 200)) == {0}
+    ctl.new_version(1, rates)
+    chosen = _simulate_served(ctl, rates, cost, lambda d: hidden * (d > 0), 1500)
+    assert chosen[:50].count(0) < 10  # the prediction turned speculation on at once
+    if vetoed:
+        assert chosen[-500:].count(0) >= 495 and ctl.vetoes == len(ctl.depths) - 1
+        assert set(ctl.snapshot()["buckets"][8]["vetoed"]) == {1, 2, 3, 4}
+    else:
+        assert ctl.vetoes == 0 and chosen[-500:].count(0) < 25
