@@ -1,7 +1,7 @@
 """How serving and the trainer share one device, so that learning never costs serving more than it is allowed.
 
-Serving comes first. The engine thread wraps each step in `serving()`; the trainer wraps each optimiser step
-in `training()` and then calls `rest(seconds)`:
+Serving comes first. The engine thread wraps each step in `serving()`; the trainer wraps its device work (each
+optimiser step, the guard's held-out pass) in `training()` and calls `rest()` after it:
 
 - `duty`: while serving is busy (a step ran within the last `busy_window_s`), the trainer rests after each step
   in proportion to it, so it takes at most `duty` of the wall time; while serving is idle it trains freely.
@@ -37,6 +37,7 @@ class DeviceShare:
         self._serving = self._training = self._want = self._waiting = False
         self._last_step = 0.0
         self.rested_s = self.trained_s = 0.0  # trainer seconds resting / inside training(), for /v1/draft
+        self._owed = 0.0  # seconds inside training() not yet rested for
 
     # ------------------------------------------------------------- engine thread
     @contextmanager
@@ -79,14 +80,18 @@ class DeviceShare:
                 with self._cond:
                     self._training = False
                     self._cond.notify_all()
-            self.trained_s += time.monotonic() - t0
+            spent = time.monotonic() - t0
+            self.trained_s += spent
+            self._owed += spent
 
-    def rest(self, seconds: float, stop: threading.Event) -> None:
-        """After a training step of `seconds`: rest so that training takes at most `duty` of the time serving is
-        busy; cut short when serving goes idle or `stop` is set."""
+    def rest(self, stop: threading.Event) -> None:
+        """After training (steps, the guard's held-out pass): rest so that everything done inside `training()`
+        since the last rest takes at most `duty` of the time serving is busy; cut short when serving goes idle
+        or `stop` is set."""
+        owed, self._owed = self._owed, 0.0
         if self.duty >= 1:
             return
-        until = time.monotonic() + seconds * (1 - self.duty) / self.duty
+        until = time.monotonic() + owed * (1 - self.duty) / self.duty
         t0 = time.monotonic()
         while not stop.is_set() and self.busy():
             left = until - time.monotonic()

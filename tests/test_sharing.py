@@ -22,12 +22,11 @@ def _run(share: DeviceShare, serve: bool, seconds: float = 1.2):
 
     def trainer():
         while not stop.is_set():
-            t0 = time.monotonic()
             with share.training():
                 a = time.monotonic()
                 time.sleep(0.01)  # an optimiser step
                 spans["train"].append((a, time.monotonic()))
-            share.rest(time.monotonic() - t0, stop)
+            share.rest(stop)
 
     threads = [threading.Thread(target=trainer)] + ([threading.Thread(target=engine)] if serve else [])
     for t in threads:

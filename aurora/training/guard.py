@@ -14,6 +14,8 @@ round from the prefill token, accept the draft's leading argmaxes that equal the
 on by accepted + 1 (`served_greedy_accept_length`). The guard compares candidate and live on one measure,
 so its bias cancels there.
 """
+import contextlib
+
 import torch
 
 from aurora.models.draft import Eagle3Draft
@@ -23,12 +25,14 @@ from aurora.training.ttt import batch_target, collate, trainable, ttt_forward
 
 
 def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor | None, ttt_length: int,
-                         target_to_draft: torch.Tensor, device="cpu", chunk_tokens: int | None = None) -> dict:
+                         target_to_draft: torch.Tensor, device="cpu", chunk_tokens: int | None = None,
+                         turn=contextlib.nullcontext) -> dict:
     """Returns accept_length (sampling, expected tokens per round), greedy_accept_length, and step_accept
     (mean a_k per step over trained positions). Positions count where all K steps have a target.
     chunk_tokens: the samples are scored in batches of at most this many padded tokens (samples longer than
     that are split into windows, see bounds.py), so memory is bounded whatever the held-out lengths; the
-    figures are the same sums as one batch gives, combined exactly."""
+    figures are the same sums as one batch gives, combined exactly. turn: a context each chunk runs inside (the
+    trainer's DeviceShare.training, so serving steps between chunks)."""
     K = ttt_length
     if chunk_tokens is None:
         groups = [trainable(samples)]
@@ -39,7 +43,8 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
         raise ValueError("no sample with >= 3 tokens")
     total = None
     for group in groups:
-        part = _acceptance_sums(draft, group, lm_head, K, target_to_draft, device)
+        with turn():
+            part = _acceptance_sums(draft, group, lm_head, K, target_to_draft, device)
         total = part if total is None else {k: total[k] + part[k] for k in total}
     n = max(total["positions"], 1)
     return {"accept_length": 1.0 + total["chain"] / n, "greedy_accept_length": 1.0 + total["chain_greedy"] / n,

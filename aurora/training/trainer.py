@@ -249,6 +249,8 @@ class OnlineTrainer:
             except Exception:
                 self._sync.set()  # the swap is retried after the back-off
                 raise
+            finally:
+                self.share.rest(self._stop)  # the guard's pass counts against the duty like a step
             self._succeeded(step=False)
         if self.buffer.captured < self.config.min_samples_before_train:
             self._state = "idle"
@@ -279,10 +281,9 @@ class OnlineTrainer:
             pending.setdefault(i, set()).add(j)
         try:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
-                t0 = time.monotonic()
                 with self.share.training():
                     self.train_step([s for _, (_, s) in group])
-                self.share.rest(time.monotonic() - t0, self._stop)  # serving first (aurora/sharing.py)
+                self.share.rest(self._stop)  # serving first (aurora/sharing.py)
                 for j, (i, _) in group:
                     pending[i].discard(j)
                 self._succeeded()
@@ -399,8 +400,7 @@ class OnlineTrainer:
             with self._stats_lock:
                 self.requests_since_swap = 0
             try:
-                with self.share.training():  # the held-out replay is device work like a step
-                    verdict, prediction = self._guard(candidate)
+                verdict, prediction = self._guard(candidate)  # its chunks run as training turns
             except Exception as e:
                 e.aurora_where = "guard"
                 raise
@@ -455,7 +455,7 @@ class OnlineTrainer:
         c = self.config  # the chunk shrinks with the batch size while backing off (an OOM there was the guard's)
         chunk = max(MIN_TOKENS, c.guard_chunk_tokens * self._batch_tokens // c.batch_tokens)
         return simulated_acceptance(self._scratch, samples, self.lm_head, c.ttt_length, self.target_to_draft,
-                                    self.device, chunk_tokens=chunk)
+                                    self.device, chunk_tokens=chunk, turn=self.share.training)
 
     def _publish(self, state: dict, acceptance: list[float] | None = None) -> int | None:
         """Raises (marked aurora_where "publish") when the engine refused the weights: it still serves the

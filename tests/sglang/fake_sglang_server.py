@@ -49,4 +49,5 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     with open(os.environ["FAKE_SGLANG_RECORD"], "a") as f:
         f.write(json.dumps(argv) + "\n")
+    time.sleep(float(os.environ.get("FAKE_SGLANG_START_DELAY", "0")))  # a real server takes a while to load
     ThreadingHTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), Handler).serve_forever()

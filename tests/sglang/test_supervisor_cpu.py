@@ -68,7 +68,8 @@ def run_requests(engine, n, max_tokens):
 
 def test_kill_and_hang_restart(tmp_path, tokenizer):
     record = tmp_path / "argv.jsonl"
-    env = dict(os.environ, FAKE_SGLANG_RECORD=str(record), FAKE_SGLANG_DELAY="0.05")
+    # each start takes 2 s, so the restart window outlasts /health's first poll on a loaded CI machine
+    env = dict(os.environ, FAKE_SGLANG_RECORD=str(record), FAKE_SGLANG_DELAY="0.05", FAKE_SGLANG_START_DELAY="2")
     port = free_port()
     server = SGLangServer([sys.executable, FAKE, "--port", str(port), "--speculative-draft-model-path", "/start"],
                           env, str(tmp_path / "sglang.log"), port)
