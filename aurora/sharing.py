@@ -43,10 +43,11 @@ class DeviceShare:
     @contextmanager
     def serving(self):
         if not self.turns:
+            self._serving = True
             try:
                 yield
             finally:
-                self._last_step = time.monotonic()
+                self._serving, self._last_step = False, time.monotonic()
             return
         with self._cond:
             self._waiting = True  # serving is busy while it waits for its turn, too
@@ -61,7 +62,7 @@ class DeviceShare:
                 self._cond.notify_all()
 
     def busy(self) -> bool:
-        return (self.busy_window_s is None or self._waiting
+        return (self.busy_window_s is None or self._waiting or self._serving  # a CPU prefill can outlast the window
                 or time.monotonic() - self._last_step < self.busy_window_s)
 
     # ------------------------------------------------------------- trainer thread

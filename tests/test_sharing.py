@@ -86,3 +86,25 @@ def test_trainer_stream_in_a_green_context():
     from torch.cuda.green_contexts import SUPPORTED
     if SUPPORTED:
         assert getattr(share, "_green", None) is not None
+
+
+def test_a_step_longer_than_the_busy_window_keeps_serving_busy():
+    """A CPU prefill can take longer than busy_window_s: the trainer must not read that as idle serving."""
+    share, stop = DeviceShare(duty=0.1, turns=False, busy_window_s=0.05), threading.Event()
+
+    def engine():
+        while not stop.is_set():
+            with share.serving():
+                time.sleep(0.3)
+
+    t = threading.Thread(target=engine)
+    t.start()
+    time.sleep(0.1)
+    with share.training():
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    share.rest(stop)
+    rested = time.monotonic() - t0
+    stop.set()
+    t.join()
+    assert rested > 0.35, rested  # 0.05 s trained at duty 0.1 owes 0.45 s

@@ -64,8 +64,9 @@ class EngineConfig:
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
                                   # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/*_s4.*)
     priority_stream: bool = True  # CUDA: engine steps run on a high-priority stream, so a trainer sharing the GPU
-                                  # (default-priority stream) yields SMs to serving whenever both have work. H200,
-                                  # SmolLM2: serving unchanged (+-4 %), trainer +8-13 % tokens/s (README, session 8)
+                                  # (default-priority stream) yields SMs to serving whenever both have work.
+                                  # H200, SmolLM2: serving unchanged (+-4 %), trainer +8-13 % tokens/s
+                                  # (docs/measurements.md)
 
     def __post_init__(self):
         if self.lookahead < 1:

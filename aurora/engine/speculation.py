@@ -24,10 +24,11 @@ are timed again for a round (their costs drift as caches grow), when they are pr
 A guard rail on what serving delivers: every round also reports its committed tokens and the wall time from its
 start to the next round's start with everything in between (admissions' prefill included), decayed over about
 `served_window` rounds per (bucket, depth). Once a speculating depth has `veto_after` such rounds and depth 0 a
-quarter as many (while a bucket speculates, its re-probes include a few plain rounds for this), and the depth delivered fewer tokens per second than plain decoding did (by `switch_margin`), it is
-vetoed at that bucket for `veto_rounds` rounds (or until the next draft version): the round timings and the
-acceptance model can both be right and the server still slower, when speculation costs something outside the
-rounds (the trainer's share of the process, the front, prefill).
+quarter as many (while a bucket speculates, its re-probes include a few plain rounds for this), and the depth
+delivered fewer tokens per second than plain decoding did (by `switch_margin`), it is vetoed at that bucket for
+`veto_rounds` rounds (or until the next draft version): the round timings and the acceptance model can both be
+right and the server still slower, when speculation costs something outside the rounds (the trainer's share of
+the process, the front, prefill).
 
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """

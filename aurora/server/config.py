@@ -76,7 +76,7 @@ class ServeConfig:
     buffer_gib: float = 2.0            # and its host-memory bound (a 4k-token MiniMax sample holds ~74 MB of states)
     replay_passes: int = 3             # times each captured sample is trained on; >1 uses the trainer's idle
                                        # time between requests (fresh samples always first); 3 beat 1 in every
-                                       # domain window of a 5,000-request GPU run (README, session 6)
+                                       # domain window of a 5,000-request GPU run (docs/measurements.md)
     draft_vocab_size: int | None = None  # scratch drafts: 0 = the target's vocabulary; N = the N most frequent
                                          # tokens of the first `vocab_warmup_requests` requests; None =
                                          # DEVICE_DEFAULTS (2048 on a CPU, the full vocabulary on CUDA)
