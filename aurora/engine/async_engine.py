@@ -155,7 +155,7 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         # one wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the
-        # loop's self-pipe, which took ~16 % of the engine thread at 16 streams (py-spy, no device work)
+        # loop's self-pipe, a large share of the engine thread at many streams (py-spy; docs/design.md)
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for o in outputs:
             target = self._streams.get(o.request_id)

@@ -62,11 +62,10 @@ class EngineConfig:
     train_on_prompt: bool = True  # prompt positions also enter the sample's loss mask
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
-                                  # installed (H100: 455 -> 701 tok/s at batch 1, results/engine/*_s4.*)
+                                  # installed: faster on the GPU (docs/measurements.md, results/engine/)
     priority_stream: bool = True  # CUDA: engine steps run on a high-priority stream, so a trainer sharing the GPU
                                   # (default-priority stream) yields SMs to serving whenever both have work.
-                                  # H200, SmolLM2: serving unchanged (+-4 %), trainer +8-13 % tokens/s
-                                  # (docs/measurements.md)
+                                  # Measured: serving no slower, the trainer faster (docs/measurements.md)
 
     def __post_init__(self):
         if self.lookahead < 1:

@@ -9,7 +9,7 @@ Replay (`replay_passes` > 1): a sample the trainer took goes to a replay ring an
 `replay_passes` times in all, whenever no fresh sample waits; fresh samples always come first. Replays are
 drawn at random from the whole ring, not oldest first, so idle-time steps revisit earlier traffic (another
 domain, hundreds of requests back) rather than repeating the last few requests. The trainer is
-otherwise idle most of the time (on the H100 it trained 9.9k tokens/s while serving produced ~1.8k), so
+otherwise idle most of the time (it trains tokens far faster than serving makes them: docs/measurements.md), so
 replay turns idle time into more optimiser steps per served request. Replay shares `max_bytes` with the
 queue and is evicted first (oldest first) when a fresh sample needs room; that is counted apart from
 `dropped`, since an evicted replay sample was already trained on.

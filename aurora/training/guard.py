@@ -8,10 +8,10 @@ bonus/correction token). Greedy serving accepts iff argmaxes agree; that chained
 
 Both are averages over positions, which is not what the engine reports (completion tokens / verify rounds):
 a round that starts in an easy stretch covers several positions at once, so positions overweight long
-chains. Measured on chat (scripts/sweep_train.py, H200): position-averaged greedy 1.85 where the engine
-served 1.36. For greedy serving the engine's figure can be replayed exactly: walk each completion round by
-round from the prefill token, accept the draft's leading argmaxes that equal the served next tokens, move
-on by accepted + 1 (`served_greedy_accept_length`). The guard compares candidate and live on one measure,
+chains: on chat the position average reads well above what the engine served (scripts/sweep_train.py;
+docs/measurements.md). For greedy serving the engine's figure can be replayed exactly: walk each completion
+round by round from the prefill token, accept the draft's leading argmaxes that equal the served next tokens,
+move on by accepted + 1 (`served_greedy_accept_length`). The guard compares candidate and live on one measure,
 so its bias cancels there.
 """
 import contextlib

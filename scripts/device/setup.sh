@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: bring what it lacks, in three calls (each call carries at most 64 MiB; the machine
-# is released 30 s after a call, so send them back to back). See README "Reproducing the GPU numbers".
-#   call 1, carry .dev/g0 .whl/a:  bash scripts/device/setup.sh 1
-#   call 2, carry .dev/g1 .whl/b:  bash scripts/device/setup.sh 2
-#   call 3, carry .sgl:            bash scripts/device/setup.sh 3 && scripts/device/env.sh <command>
+# On a bare GPU machine without network: install what it lacks, in three parts, each with its files copied over
+# (at most 64 MiB at a time; what lands in /tmp lasts only while the machine stays up, so run them back to back).
+# See docs/design.md "Reproducing the GPU numbers".
+#   part 1, with .dev/g0 .whl/a:  bash scripts/device/setup.sh 1
+#   part 2, with .dev/g1 .whl/b:  bash scripts/device/setup.sh 2
+#   part 3, with .sgl:            bash scripts/device/setup.sh 3 && scripts/device/env.sh <command>
 set -euo pipefail
 py=/opt/torch/.venv/bin/python3
 wheels() { "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$@"; }
