@@ -193,27 +193,36 @@ class ModelRunner:
         self.next_tok[:B] = tok
         self.cache_len[:B] += self.active[:B].long()
 
-    def _catch_up(self, B: int) -> None:
-        """Extend the draft over each row's lagging positions d_len..cache_len-1 in one forward (eager: its
-        shape is the largest lag), reading the captured aux states and token ids; the row is then current."""
-        G = max(self.lag[:B])
-        if G == 0:
-            return
+    def _catch_up(self, B: int, budget: int = 8192) -> None:
+        """Extend the draft over each lagging row's positions d_len..cache_len-1, reading the captured aux states
+        and token ids; the rows are then current. Eager (the shape is the largest lag), in forwards of at most
+        `budget` padded tokens over consecutive rows."""
+        lagging = [r for r in range(B) if self.lag[r]]
+        while lagging:
+            r0, G = lagging[0], self.lag[lagging[0]]
+            r1 = r0 + 1
+            while r1 < B and (r1 + 1 - r0) * max(G, self.lag[r1]) <= budget:
+                G, r1 = max(G, self.lag[r1]), r1 + 1
+            self._catch_up_rows(r0, r1, G)
+            lagging = [r for r in lagging if r >= r1]
+
+    def _catch_up_rows(self, r0: int, r1: int, G: int) -> None:
         dev = self.device
-        n, start = self.cache_len[:B], self.d_len[:B]
+        n, start = self.cache_len[r0:r1], self.d_len[r0:r1]
         j = torch.arange(G, device=dev)
         lag = n - start
         valid = j[None] < lag[:, None]
         pos = (start[:, None] + j).clamp_max(self.max_len - 1)
         nxt = (pos + 1).clamp_max(self.max_len - 1)
-        rows = torch.arange(B, device=dev)[:, None]
-        ids = torch.where(nxt == n[:, None], self.next_tok[:B, None], self.tok_store[rows, nxt])  # x[t+1] at t
+        rows = torch.arange(r0, r1, device=dev)[:, None]
+        ids = torch.where(nxt == n[:, None], self.next_tok[r0:r1, None], self.tok_store[rows, nxt])  # x[t+1] at t
         tree = (j[None, :, None] >= j[None, None, :]) & valid[:, None, :]
-        dh, _ = self._draft(ids, self.draft.project(self.aux_store[rows, pos]), start, tree, with_logits=False)
-        last = dh[torch.arange(B, device=dev), (lag - 1).clamp_min(0)]
-        self.d_hidden[:B] = torch.where((lag > 0)[:, None], last, self.d_hidden[:B])
-        self.d_len[:B] = n
-        self.lag[:B] = [0] * B
+        dh, _ = self._draft(ids, self.draft.project(self.aux_store[rows, pos]), start, tree, row0=r0,
+                            with_logits=False)
+        last = dh[torch.arange(r1 - r0, device=dev), (lag - 1).clamp_min(0)]
+        self.d_hidden[r0:r1] = torch.where((lag > 0)[:, None], last, self.d_hidden[r0:r1])
+        self.d_len[r0:r1] = n
+        self.lag[r0:r1] = [0] * (r1 - r0)
 
     def _spec_round(self, B: int, k: int):
         dev = self.device

@@ -12,11 +12,13 @@ from aurora.engine.sequence import SamplingParams
 from aurora.models.draft import DraftConfig, new_draft
 
 
-def _run(tiny_target_dir, lazy: bool, schedule, topk: int, n_draft: int):
+def _run(tiny_target_dir, lazy: bool, schedule, topk: int, n_draft: int, budget: int = 8192):
     cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
     eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=3),
                     EngineConfig(max_batch=4, max_model_len=128, lookahead=3, topk=topk, num_draft_tokens=n_draft))
     eng.runner.lazy_draft = lazy
+    catch_up = eng.runner._catch_up
+    eng.runner._catch_up = lambda B: catch_up(B, budget)
     depths = itertools.cycle(schedule)
     eng.speculation.choose = lambda bucket: next(depths) if topk == 1 else (next(depths) and 3)
     prompts = [[(5 * i + j) % 90 + 1 for j in range(4 + 7 * i)] for i in range(7)]  # lengths 4..46: uneven lags
@@ -29,10 +31,11 @@ def _run(tiny_target_dir, lazy: bool, schedule, topk: int, n_draft: int):
     return [s.rounds for s in seqs], [s.output_ids for s in seqs], eng, steps
 
 
-@pytest.mark.parametrize("topk,n_draft", [(1, 4), (2, 5)])
-def test_caught_up_draft_proposes_as_an_eager_one(tiny_target_dir, topk, n_draft):
+@pytest.mark.parametrize("topk,n_draft,budget", [(1, 4, 8192), (2, 5, 8192), (1, 4, 40)])
+def test_caught_up_draft_proposes_as_an_eager_one(tiny_target_dir, topk, n_draft, budget):
+    """budget 40: the catch-up runs in several forwards over groups of rows."""
     schedule = [0, 0, 0, 2, 0, 3, 3, 0, 0, 0, 0, 1, 2, 0]
-    lazy_rounds, lazy_out, eng, steps = _run(tiny_target_dir, True, schedule, topk, n_draft)
+    lazy_rounds, lazy_out, eng, steps = _run(tiny_target_dir, True, schedule, topk, n_draft, budget)
     eager_rounds, eager_out, _, _ = _run(tiny_target_dir, False, schedule, topk, n_draft)
     assert lazy_out == eager_out
     assert sum(len(r) for r in lazy_rounds) > 20  # speculative rounds ran, after lags of several tokens
