@@ -15,6 +15,17 @@ from tests.greedy import run_all
 K = 4
 
 
+def _accepted(rng: random.Random, rates, depth: int, rows: int) -> list[int]:
+    """Each row's accepted drafts in a round of `depth`, drawn from the true conditional rates."""
+    out = []
+    for _ in range(rows):
+        n = 0
+        while n < depth and rng.random() < rates[n]:
+            n += 1
+        out.append(n)
+    return out
+
+
 def simulate(ctl: DepthController, rates, cost, rounds: int, bucket: int = 8, rows: int = 8, seed: int = 0):
     """Drive the controller like the engine: choose, 'run' the round (time from the cost table, accepted
     drafts drawn from the true conditional rates), observe. Returns the depth of every round."""
@@ -22,12 +33,7 @@ def simulate(ctl: DepthController, rates, cost, rounds: int, bucket: int = 8, ro
     chosen = []
     for _ in range(rounds):
         d = ctl.choose(bucket)
-        accepted = []
-        for _ in range(rows):
-            n = 0
-            while n < d and rng.random() < rates[n]:
-                n += 1
-            accepted.append(n)
+        accepted = _accepted(rng, rates, d, rows)
         ctl.observe(bucket, d, cost(d) * (1 + 0.02 * (rng.random() - 0.5)), accepted)
         chosen.append(d)
     return chosen
@@ -176,12 +182,7 @@ def _simulate_served(ctl, rates, round_cost, hidden, rounds, rows=8, seed=0):
     chosen = []
     for _ in range(rounds):
         d = ctl.choose(8)
-        accepted = []
-        for _ in range(rows):
-            n = 0
-            while n < d and rng.random() < rates[n]:
-                n += 1
-            accepted.append(n)
+        accepted = _accepted(rng, rates, d, rows)
         ctl.observe(8, d, round_cost(d), accepted)
         ctl.observe_served(8, d, rows + sum(accepted), round_cost(d) + hidden(d))
         chosen.append(d)
