@@ -24,7 +24,8 @@ DEVICE = "cpu"  # the service and every engine compared with it (fp32), also on 
 def test_accept_length_rises_after_swaps(tmp_path):
     cfg = ServeConfig(target="smollm2", draft="scratch", draft_vocab_size=2048, vocab_warmup_requests=8,
                       sync_every=8, lookahead=3, max_batch=8, max_model_len=512, lr=1e-3, device=DEVICE,
-                      run_dir=str(tmp_path), wandb="disabled", adaptive_depth=False)
+                      run_dir=str(tmp_path), wandb="disabled", adaptive_depth=False,
+                      trainer_duty=1.0)  # learning is tested here, not the trainer's share of a busy server
     service = Service.from_config(cfg)
     tok = service.engine.tokenizer
     # a small, recurring workload (a service's traffic repeats): 8 coding prompts asked again and again

@@ -28,7 +28,8 @@ def test_load_with_swaps(tiny_target_dir, tmp_path, capsys):
     expected = {p: ref_engine.tokenizer.decode(s.output_ids) for p, s in zip(PROMPTS, seqs)}
 
     cfg = ServeConfig(target=tiny_target_dir, draft="scratch", sync_every=10, max_batch=32, max_model_len=256,
-                      lr=1e-3, device="cpu", run_dir=str(tmp_path), wandb="disabled")
+                      lr=1e-3, device="cpu", run_dir=str(tmp_path), wandb="disabled",
+                      trainer_duty=1.0)  # swaps under load are tested here, not the trainer's share
     service = Service.from_config(cfg)
     service.trainer.config.min_samples_before_train = 4
     latencies, tokens, wrong, errors = [], [], [], []

@@ -124,7 +124,8 @@ def test_kill_and_hang_restart(tmp_path, tokenizer):
             os.kill(server.proc.pid, signal.SIGSTOP)
             thread.join(15)
             assert all(isinstance(e, SGLangUnavailable) and "hung" in str(e) for _, e, _ in results), results
-            assert 1.5 <= time.monotonic() - stopped < 6
+            # hang_s counts from the last token, which came up to a poll before the stop
+            assert 1.0 <= time.monotonic() - stopped < 6
             wait_for(lambda: engine.state == "ok" and engine.restarts == 2, 30, "restarted after the hang")
             assert engine.draft_version == 9
             assert client.completions.create(model="aurora-test", prompt="x", max_tokens=3).usage.completion_tokens == 3
