@@ -85,20 +85,25 @@ class DeviceShare:
             self.trained_s += spent
             self._owed += spent
 
-    def rest(self, stop: threading.Event) -> None:
+    def rest(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """After training (steps, the guard's held-out pass): rest so that everything done inside `training()`
         since the last rest takes at most `duty` of the time serving is busy; cut short when serving goes idle
-        or `stop` is set."""
+        or `stop` is set. `wake` (a swap is due) ends the rest early: the rest not taken stays owed, so the
+        duty still holds over time while a swap never waits out a long rest."""
         owed, self._owed = self._owed, 0.0
         if self.duty >= 1:
             return
-        until = time.monotonic() + owed * (1 - self.duty) / self.duty
+        ratio = (1 - self.duty) / self.duty
+        until = time.monotonic() + owed * ratio
         t0 = time.monotonic()
         while not stop.is_set() and self.busy():
             left = until - time.monotonic()
             if left <= 0:
                 break
-            stop.wait(min(left, self.busy_window_s or left))
+            if wake is not None and wake.is_set():
+                self._owed += left / ratio
+                break
+            stop.wait(min(left, self.busy_window_s or left, 0.05))
         self.rested_s += time.monotonic() - t0
 
     def trainer_stream(self, device: torch.device) -> torch.cuda.Stream:

@@ -108,3 +108,17 @@ def test_a_step_longer_than_the_busy_window_keeps_serving_busy():
     stop.set()
     t.join()
     assert rested > 0.35, rested  # 0.05 s trained at duty 0.1 owes 0.45 s
+
+
+def test_a_due_swap_ends_the_rest_and_the_rest_stays_owed():
+    share, stop, wake = DeviceShare(duty=0.1), threading.Event(), threading.Event()
+    with share.training():
+        time.sleep(0.05)  # owes 0.45 s of rest
+    threading.Timer(0.1, wake.set).start()
+    t0 = time.monotonic()
+    share.rest(stop, wake)
+    assert time.monotonic() - t0 < 0.3  # the swap did not wait out the rest
+    wake.clear()
+    t0 = time.monotonic()
+    share.rest(stop, wake)  # what was not rested is rested after the swap
+    assert 0.25 < time.monotonic() - t0 < 0.6

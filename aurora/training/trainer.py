@@ -250,7 +250,7 @@ class OnlineTrainer:
                 self._sync.set()  # the swap is retried after the back-off
                 raise
             finally:
-                self.share.rest(self._stop)  # the guard's pass counts against the duty like a step
+                self.share.rest(self._stop, self._sync)  # the guard's pass counts against the duty like a step
             self._succeeded(step=False)
         if self.buffer.captured < self.config.min_samples_before_train:
             self._state = "idle"
@@ -283,7 +283,7 @@ class OnlineTrainer:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
                 with self.share.training():
                     self.train_step([s for _, (_, s) in group])
-                self.share.rest(self._stop)  # serving first (aurora/sharing.py)
+                self.share.rest(self._stop, self._sync)  # serving first (aurora/sharing.py); a due swap ends it
                 for j, (i, _) in group:
                     pending[i].discard(j)
                 self._succeeded()
