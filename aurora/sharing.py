@@ -71,8 +71,8 @@ class DeviceShare:
         t0 = time.monotonic()
         if self.turns:
             with self._cond:
-                self._want = True
-                self._cond.wait_for(lambda: not self._serving)
+                self._want = True  # one turn at a time (an admin's swap_now runs the guard from another thread)
+                self._cond.wait_for(lambda: not (self._serving or self._training))
                 self._want, self._training = False, True
         try:
             yield
