@@ -115,10 +115,10 @@ class DepthController:
             for b in self._buckets.values():
                 b.since_switch = self.config.min_dwell  # free to move at once
                 b.vetoed.clear()
-            for key in [k for k in self._served if k[1] > 0]:  # the old version's speculative rounds say nothing now
-                del self._served[key]
                 if self._prior is None and self.K not in b.probe and self.K in self.depths:
                     b.probe.extend([self.K] * self.config.probe_rounds)
+            for key in [k for k in self._served if k[1] > 0]:  # the old version's speculative rounds say nothing now
+                del self._served[key]
 
     def rates(self) -> list[float]:
         with self._lock:

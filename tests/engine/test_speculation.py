@@ -207,3 +207,14 @@ def test_a_depth_that_delivers_less_than_plain_decoding_is_vetoed(hidden, vetoed
         assert set(ctl.snapshot()["buckets"][8]["vetoed"]) == {1, 2, 3, 4}
     else:
         assert ctl.vetoes == 0 and chosen[-500:].count(0) < 25
+
+
+def test_a_version_without_prediction_is_observed_at_full_depth_on_every_bucket():
+    """A loaded draft's version with no held-out prediction: each bucket already in use probes the full depth."""
+    ctl = DepthController(K)
+    ctl.new_version(0, [0.0] * K)
+    for bucket in (1, 8):
+        simulate(ctl, [0.0] * K, lambda d: 1.0 + 0.1 * d, 40, bucket=bucket)
+    ctl.observe_served(8, 2, 8, 1.0)  # a speculative round of the old version on record
+    ctl.new_version(1, None)
+    assert [ctl.choose(1) for _ in range(3)] == [K] * 3 and [ctl.choose(8) for _ in range(3)] == [K] * 3
