@@ -135,8 +135,7 @@ def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainCon
 def _device_share(cfg: ServeConfig, trainer_dev: torch.device, engine_dev: torch.device, duty: float) -> DeviceShare:
     """Built-in engine: how its trainer shares the device (aurora/sharing.py). A CPU: turns on the same cores.
     The engine's GPU: a green context of `trainer_sms` SMs (default a quarter). Elsewhere: duty alone."""
-    same = trainer_dev.type == engine_dev.type and (trainer_dev.type == "cpu" or torch.device(
-        trainer_dev.type, trainer_dev.index or 0) == torch.device(engine_dev.type, engine_dev.index or 0))
+    same = trainer_dev.type == engine_dev.type and (trainer_dev.index or 0) == (engine_dev.index or 0)
     sms = 0
     if same and trainer_dev.type == "cuda":
         total = torch.cuda.get_device_properties(engine_dev).multi_processor_count

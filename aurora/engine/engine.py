@@ -241,9 +241,7 @@ class LLMEngine:
             t0 = time.perf_counter()
             self._time_last_round(t0 - prefill_s, t0)
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
-            if self.draft is not None and not self.runner.captured:
-                self._last_round = (bucket, depth, t0, time.perf_counter(), 0)
-            committed = 0
+            round_end, committed = time.perf_counter(), 0
             pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
             n_acc = n_acc.tolist()
             for seq in running:
@@ -266,8 +264,8 @@ class LLMEngine:
                     self._fail(seq, e)
             if self.draft is not None:
                 self.speculation.observe(bucket, depth, None, [n_acc[s.row] for s in running])
-                if self._last_round is not None:
-                    self._last_round = self._last_round[:4] + (committed,)
+                if not self.runner.captured:  # costed once the next round starts (_time_last_round)
+                    self._last_round = (bucket, depth, t0, round_end, committed)
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time

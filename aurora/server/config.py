@@ -25,8 +25,8 @@ KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 # frequent tokens of the first few requests, swaps often and takes bigger steps. draft_vocab_size 0 = the
 # target's full vocabulary.
 DEVICE_DEFAULTS = {
-    "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3, "trainer_duty": 0.1},
-    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4, "trainer_duty": 0.1},
+    "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3},
+    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4},
 }
 
 
@@ -85,9 +85,9 @@ class ServeConfig:
     train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
                                        # bigger kernels: worth it when the trainer shares a busy GPU
     trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
-    trainer_duty: float | None = None  # while serving is busy, the most of the wall time the trainer spends training
-                                       # (it rests after each step; idle serving lets it train freely); None =
-                                       # DEVICE_DEFAULTS. On a CPU, serving and training take turns on the cores
+    trainer_duty: float = 0.1          # while serving is busy, the most of the wall time the trainer spends training
+                                       # (it rests after each step; idle serving lets it train freely). On a CPU,
+                                       # serving and training take turns on the cores
     trainer_sms: int | None = None     # CUDA, trainer on the engine's GPU: its kernels get this many SMs (a green
                                        # context), serving the rest; None = a quarter of the GPU's SMs; 0 = all
     gil_switch_ms: float = 5.0         # built-in engine with a trainer: Python's GIL switch interval (5 ms is
@@ -146,7 +146,7 @@ class ServeConfig:
                    f"num_draft_tokens must be in [lookahead+1, topk*lookahead+1] = "
                    f"[{self.lookahead + 1}, {self.topk * self.lookahead + 1}], got {self.num_draft_tokens}")
         _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0), f"lr must be > 0, got {self.lr!r}")
-        _check(self.trainer_duty is None or (isinstance(self.trainer_duty, (int, float)) and 0 < self.trainer_duty <= 1),
+        _check(isinstance(self.trainer_duty, (int, float)) and 0 < self.trainer_duty <= 1,
                f"trainer_duty must be in (0, 1], got {self.trainer_duty!r}")
         _check(self.trainer_sms is None or (_is_int(self.trainer_sms) and self.trainer_sms >= 0),
                f"trainer_sms must be an integer >= 0 (0: every SM), got {self.trainer_sms!r}")

@@ -128,7 +128,7 @@ def test_training_settings_follow_the_device_unless_given():
     assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr) == (0, 800, 3e-4)
     given, chosen = ServeConfig(sync_every=5, draft_vocab_size=0).for_device("cpu")
     assert (given.sync_every, given.draft_vocab_size, given.lr) == (5, 0, 1e-3) and set(chosen) == {
-        "vocab_warmup_requests", "lr", "trainer_duty"}
+        "vocab_warmup_requests", "lr"}
     args = vars(build_parser().parse_args(["serve", "--sync-every", "7"]))
     assert args == {"command": "serve", "config": None, "sync_every": 7}  # unset flags stay unset
     with pytest.raises(ValueError, match="draft_vocab_size must be an integer >= 0"):
