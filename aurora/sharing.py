@@ -103,7 +103,7 @@ class DeviceShare:
             if wake is not None and wake.is_set():
                 self._owed += left / ratio
                 break
-            stop.wait(min(left, self.busy_window_s or left, 0.05))
+            stop.wait(min(left, 0.05))  # short waits: a swap falling due or serving going idle ends the rest
         self.rested_s += time.monotonic() - t0
 
     def trainer_stream(self, device: torch.device) -> torch.cuda.Stream:
