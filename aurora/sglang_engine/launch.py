@@ -119,7 +119,7 @@ class SGLangServer:
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} while starting:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/model_info", timeout=2).status_code == 200:
-                    self.children = _children(self.proc.pid)
+                    self.children = _watched_children(self.proc.pid)
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass
@@ -157,12 +157,23 @@ class SGLangServer:
         self._log.close()
 
 
-def _children(pid: int) -> list:
+def _watched_children(pid: int) -> list:
+    """SGLang's long-lived processes under the server: those it names `sglang::...` (schedulers, detokenizer;
+    setproctitle rewrites their command line), else the server's direct children. Other descendants come and
+    go while it serves (a kernel compile's workers, say): one of them exiting is no crash."""
     try:
         import psutil  # installed with SGLang
     except ImportError:
         return []
     try:
-        return psutil.Process(pid).children(recursive=True)
+        server = psutil.Process(pid)
+        named = []
+        for child in server.children(recursive=True):
+            try:
+                if (child.cmdline() or [""])[0].startswith("sglang::"):
+                    named.append(child)
+            except psutil.Error:
+                continue
+        return named or server.children()
     except psutil.Error:
         return []

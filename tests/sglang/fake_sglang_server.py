@@ -1,8 +1,11 @@
 """A stand-in for `sglang.launch_server` as a real child process (stdlib only, starts fast): /model_info,
 streamed /generate (one token every FAKE_SGLANG_DELAY seconds, SGLang's cumulative output_ids), /abort_request.
-Each start appends its argv to FAKE_SGLANG_RECORD, so a test can see what a restart was given."""
+Each start appends its argv to FAKE_SGLANG_RECORD, so a test can see what a restart was given.
+FAKE_SGLANG_CHILDREN=1 starts SGLang's kind of process tree: a long-lived child named `sglang::scheduler_TP0`
+(as setproctitle names it) and a short-lived unnamed one (a kernel compile's worker) that exits after 1.5 s."""
 import json
 import os
+import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,5 +52,9 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     with open(os.environ["FAKE_SGLANG_RECORD"], "a") as f:
         f.write(json.dumps(argv) + "\n")
+    if os.environ.get("FAKE_SGLANG_CHILDREN") == "1":
+        watch_parent = f"import os, time\nwhile os.getppid() == {os.getpid()}: time.sleep(0.2)"
+        subprocess.Popen(["sglang::scheduler_TP0", "-c", watch_parent], executable=sys.executable)
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
     time.sleep(float(os.environ.get("FAKE_SGLANG_START_DELAY", "0")))  # a real server takes a while to load
     ThreadingHTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), Handler).serve_forever()

@@ -138,6 +138,25 @@ def test_kill_and_hang_restart(tmp_path, tokenizer):
     assert not server.alive()
 
 
+def test_a_short_lived_descendant_is_no_crash(tmp_path):
+    """SGLang's processes come and go below the server while it serves (compile workers): only its named
+    long-lived processes count. On an H200 a recursive watch restarted a healthy SGLang mid-traffic."""
+    env = dict(os.environ, FAKE_SGLANG_RECORD=str(tmp_path / "argv.jsonl"), FAKE_SGLANG_CHILDREN="1")
+    port = free_port()
+    server = SGLangServer([sys.executable, FAKE, "--port", str(port)], env, str(tmp_path / "sglang.log"), port)
+    try:
+        server.wait_ready(60)
+        assert [c.cmdline()[0] for c in server.children] == ["sglang::scheduler_TP0"]
+        time.sleep(2.5)  # the unnamed child has exited by now
+        assert server.dead_child() is None
+        scheduler = server.children[0].pid
+        os.kill(scheduler, signal.SIGKILL)
+        wait_for(lambda: server.dead_child() is not None, 5, "the scheduler's death seen")
+        assert str(scheduler) in server.dead_child()
+    finally:
+        server.stop(timeout_s=5)
+
+
 def test_restart_gives_up_after_max_restarts(tmp_path):
     record = tmp_path / "argv.jsonl"
     env = dict(os.environ, FAKE_SGLANG_RECORD=str(record))
