@@ -160,7 +160,7 @@ class SGLangServer:
 def _watched_children(pid: int) -> list:
     """SGLang's long-lived processes under the server: those it names `sglang::...` (schedulers, detokenizer;
     setproctitle rewrites their command line), else the server's direct children. Other descendants come and
-    go while it serves (a kernel compile's workers, say): one of them exiting is no crash."""
+    go while it serves: one of them exiting is no crash."""
     try:
         import psutil  # installed with SGLang
     except ImportError:

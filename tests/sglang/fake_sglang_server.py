@@ -2,7 +2,7 @@
 streamed /generate (one token every FAKE_SGLANG_DELAY seconds, SGLang's cumulative output_ids), /abort_request.
 Each start appends its argv to FAKE_SGLANG_RECORD, so a test can see what a restart was given.
 FAKE_SGLANG_CHILDREN=1 starts SGLang's kind of process tree: a long-lived child named `sglang::scheduler_TP0`
-(as setproctitle names it) and a short-lived unnamed one (a kernel compile's worker) that exits after 1.5 s."""
+(as setproctitle names it) and a short-lived unnamed one that exits after 1.5 s."""
 import json
 import os
 import subprocess

@@ -139,7 +139,7 @@ def test_kill_and_hang_restart(tmp_path, tokenizer):
 
 
 def test_a_short_lived_descendant_is_no_crash(tmp_path):
-    """SGLang's processes come and go below the server while it serves (compile workers): only its named
+    """SGLang's processes come and go below the server while it serves: only its named
     long-lived processes count. On an H200 a recursive watch restarted a healthy SGLang mid-traffic."""
     env = dict(os.environ, FAKE_SGLANG_RECORD=str(tmp_path / "argv.jsonl"), FAKE_SGLANG_CHILDREN="1")
     port = free_port()
