@@ -31,8 +31,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "sglang_hang_timeout_s": "engine sglang: seconds without any response bytes while requests are in flight "
                              "before SGLang counts as hung and is restarted",
     "sglang_max_restarts": "engine sglang: restarts of a crashed or hung SGLang before Aurora gives up",
-    "adaptive_depth": "built-in engine: choose each step's speculation depth (0..lookahead) by measured cost and "
-                      "acceptance; false: always the full lookahead",
+    "adaptive_depth": "choose each step's speculation depth (0..lookahead; on SGLang among 0, 1, 2 and lookahead, "
+                      "with topk 1 and tp 1) by measured cost and acceptance; false: always the full lookahead",
     "max_batch": "most requests decoded together",
     "max_model_len": "context length (prompt + completion) in tokens",
     "device": "auto, cpu, cuda or cuda:N",

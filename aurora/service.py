@@ -233,8 +233,9 @@ class Service:
         from aurora.models.target import default_aux_layers
         from aurora.sglang_engine.capture import CaptureCollector
         from aurora.sglang_engine.engine import SGLangEngine
-        from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, free_port, server_command,
-                                                 server_env)
+        from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, drives_depth, free_port,
+                                                 server_command, server_env, write_adaptive_config)
+        from aurora.sglang_engine.plugin.depth import write_acceptance
 
         if importlib.util.find_spec("sglang") is None:
             raise RuntimeError("engine sglang needs SGLang: pip install 'aurora-spec[sglang]' (CUDA machines only)")
@@ -272,9 +273,20 @@ class Service:
             draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
             tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
             mem_fraction = _sglang_memory_fraction(cfg, draft, tconf, dev)
+        adaptive = None
+        if swap_dir is not None and drives_depth(cfg, draft_dir):
+            # the decision inside SGLang starts from version 0's prior: a day-0 head accepts nothing, so serving
+            # starts as plain decoding; a given or resumed draft (None) is observed at full depth first
+            day0 = cfg.draft == "scratch" and not _resuming(cfg, ckpt)
+            write_acceptance(swap_dir, 0, [0.0] * cfg.lookahead if day0 else None)
+            adaptive = write_adaptive_config(os.path.join(ipc, "adaptive.json"), cfg.lookahead)
+        elif draft is not None and cfg.adaptive_depth:
+            log.info("engine sglang runs the fixed depth %d: Aurora chooses SGLang's depth only with topk 1, "
+                     "sglang_swap step and tp_size 1", cfg.lookahead)
         port = free_port()
-        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction),
-                              server_env(address, swap_dir), os.path.join(cfg.run_dir, "sglang.log"), port)
+        server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive),
+                              server_env(address, swap_dir, adaptive is not None),
+                              os.path.join(cfg.run_dir, "sglang.log"), port)
         try:
             log.info("SGLang ready in %.0f s", server.wait_ready())
         except BaseException:

@@ -145,6 +145,8 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
         url = stack.enter_context(serve_in_thread(create_app(service, cfg)))
         asyncio.run(_traffic(url, 1, 1, a.prompt_len, 16, 0, a.prompt_vocab))  # warm-up
         phases = [("c1", 1, a.c1_requests, True), ("c16", 16, a.c16_requests, True)]
+        if mode == "target":  # step time at the verify's token counts (c x draft tokens): the round cost model's input
+            phases += [(f"c{n}", n, max(8, 4 * n), True) for n in a.target_concurrencies]
         if tr is not None:
             phases.append(("c16 capture off", 16, a.c16_requests, False))
         for i, (name, conc, n, capture) in enumerate(phases):
@@ -212,9 +214,12 @@ def main():
     ap.add_argument("--c1-requests", type=int, default=8)
     ap.add_argument("--c16-requests", type=int, default=64)
     ap.add_argument("--sync-every", type=int, default=800)
+    ap.add_argument("--target-concurrencies", default="", help="comma list: more concurrencies for mode target, e.g. "
+                    "5,80 (the token counts of a lookahead-4 verify at c1 and c16)")
     ap.add_argument("--kv-gb", type=float, default=12.0, help="SGLang's KV pool beyond the weights")
     ap.add_argument("--mem-fraction", type=float, default=None, help="override --mem-fraction-static")
     a = ap.parse_args()
+    a.target_concurrencies = [int(n) for n in a.target_concurrencies.split(",") if n]
     os.makedirs(a.out, exist_ok=True)
     import sglang
     base = os.path.join(a.dirs, f"L{a.layers}")

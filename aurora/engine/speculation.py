@@ -9,8 +9,11 @@ The controller picks the d that maximises E_d / c(B, d) from two things it measu
   round times are bimodal (most fast, some very slow) and throughput follows the mean, which a median misjudges;
   clipped, because a round that overlaps a stall elsewhere in the process (e.g. a checkpoint write) can take a
   hundred times its cost. Rounds that captured a CUDA graph are not timed. A depth not yet timed at a bucket
-  is estimated by a straight line through the depths that were (a round of depth d runs d-1 more draft steps
-  and verifies d+1 tokens, so cost grows about linearly in d); with fewer than two timed depths it is unknown
+  is interpolated between the nearest timed depths on either side (a round of depth d runs d-1 more draft
+  steps and verifies d+1 tokens, so cost grows about linearly in d once speculating); beyond the deepest timed
+  one it is extrapolated from the two deepest speculating depths only (the step from plain decoding to depth 1
+  carries a fixed cost, the draft's and the verify's set-up, that deeper depths do not add again: SGLang's
+  depth-1 round costs about two plain steps and its depth-4 round not much more). Without that it is unknown
   and gets probed when even a free round of that depth would beat the best known choice.
 - acceptance per position, per draft version: a prior from the trainer's held-out replay of the new
   version (`guard.simulated_acceptance`'s served-greedy walk), which lets the decision turn speculation on
@@ -18,8 +21,8 @@ The controller picks the d that maximises E_d / c(B, d) from two things it measu
 
 Hysteresis: a bucket leaves its current depth only for one predicted `switch_margin` faster, and not within
 `min_dwell` rounds of its last switch. Every `reprobe_every` rounds of a bucket the neighbours of its depth
-are timed again for a round (their costs drift as caches grow), when they are predicted within
-`reprobe_window` of the current choice.
+(among the depths the engine runs) are timed again for a round (their costs drift as caches grow), when they
+are predicted within `reprobe_window` of the current choice.
 
 A guard rail on what serving delivers: every round also reports its committed tokens and the wall time from its
 start to the next round's start with everything in between (admissions' prefill included), decayed over about
@@ -136,18 +139,23 @@ class DepthController:
 
     # ------------------------------------------------------------- costs
     def cost(self, bucket: int, depth: int) -> float | None:
-        """Measured, else a straight line through this bucket's timed depths, else None."""
+        """Measured; else interpolated between the nearest timed depths around it; else, beyond the deepest
+        timed depth, extrapolated from the two deepest timed speculating depths; else None."""
         c = self._cost.get((bucket, depth))
         if c is not None:
             return c
         pts = sorted((d, v) for (b, d), v in self._cost.items() if b == bucket)
-        if len(pts) < 2:
+        lo = [(d, v) for d, v in pts if d < depth]
+        hi = [(d, v) for d, v in pts if d > depth]
+        if lo and hi:
+            (d0, c0), (d1, c1) = lo[-1], hi[0]
+            return c0 + (c1 - c0) * (depth - d0) / (d1 - d0)
+        spec = [(d, v) for d, v in lo if d > 0]
+        if hi or len(spec) < 2:
             return None
-        n = len(pts)
-        mx, my = sum(d for d, _ in pts) / n, sum(v for _, v in pts) / n
-        sxx = sum((d - mx) ** 2 for d, _ in pts)
-        slope = max(sum((d - mx) * (v - my) for d, v in pts) / sxx, 0.0)  # a deeper round never costs less
-        return max(my + slope * (depth - mx), 1e-9)
+        (d0, c0), (d1, c1) = spec[-2:]
+        slope = max((c1 - c0) / (d1 - d0), 0.0)  # a deeper round never costs less
+        return max(c1 + slope * (depth - d1), 1e-9)
 
     # ------------------------------------------------------------- the decision
     def choose(self, bucket: int) -> int:
@@ -192,7 +200,8 @@ class DepthController:
             b.depth = cur
             b.since_switch += 1
             if b.rounds % self.config.reprobe_every == 0:
-                for d in (cur - 1, cur + 1):
+                i = self.depths.index(cur)
+                for d in self.depths[max(0, i - 1):i] + self.depths[i + 1:i + 2]:  # the neighbours it can run
                     if d in speed and speed[d] >= speed[cur] * (1 - self.config.reprobe_window):
                         b.probe.append(d)
                 plain = self._served.get((bucket, 0))

@@ -46,9 +46,10 @@ class ServeConfig:
     engine: str = "local"              # "local" (built-in engine) or "sglang"
     # speculative decoding
     lookahead: int = 4                 # the deepest draft chain per verify round
-    adaptive_depth: bool = True        # built-in engine: each step speculates 0..lookahead deep, whichever the
-                                       # measured round costs and the draft's acceptance make fastest (0 = plain
-                                       # decoding: a day-0 draft costs almost nothing); false: always lookahead
+    adaptive_depth: bool = True        # each step speculates 0..lookahead deep, whichever the measured round
+                                       # costs and the draft's acceptance make fastest (0 = plain decoding: a
+                                       # day-0 draft costs almost nothing); SGLang: among 0, 1, 2 and lookahead,
+                                       # with topk 1 and tp_size 1; false: always lookahead
     topk: int = 1
     num_draft_tokens: int | None = None  # tokens verified per round; None = lookahead + 1 (chain)
     max_batch: int = 32

@@ -48,7 +48,7 @@ class CaptureCollector:
         self._lock = threading.Lock()
         self._seq = 0
         self.counts = {"frames": 0, "samples": 0, "dropped_incomplete": 0, "dropped_gap": 0, "dropped_cached": 0,
-                       "sender_dropped": 0, "bytes": 0}
+                       "sender_dropped": 0, "frame_errors": 0, "bytes": 0}
         self._listener = Listener(address, family="AF_UNIX")
         self._stop = False
         threading.Thread(target=self._accept, name="aurora-capture-rx", daemon=True).start()
@@ -66,7 +66,15 @@ class CaptureCollector:
         try:
             while True:
                 head = conn.recv_bytes()
-                self.feed([head] + [conn.recv_bytes() for _ in range(wire.num_tensors(head))])
+                frames = [head] + [conn.recv_bytes() for _ in range(wire.num_tensors(head))]
+                try:
+                    self.feed(frames)
+                except Exception:  # one bad frame must not end capture: the requests it touched are dropped
+                    log.exception("capture: a frame could not be used")
+                    with self._lock:
+                        self.counts["frame_errors"] += 1
+                        for p in self._parts.values():
+                            p.broken = p.broken or "gap"
         except (EOFError, OSError):
             log.info("capture sender disconnected")
 
@@ -154,11 +162,14 @@ class CaptureCollector:
         mask = torch.ones(tokens.numel(), dtype=torch.bool)
         if not self.train_on_prompt:
             mask[:max(0, prompt_len - p.start)] = False
-        rounds = [r for r in p.rounds if r[0] < tokens.numel() - 1 and r[2] >= 0]
-        k = len(rounds[0][1]) if rounds else 0
+        # a depth-0 round proposed nothing (plain decoding); rounds of other depths are padded to the deepest
+        # with -1, "not proposed" (aurora/sample.py): SGLang's depth can change between one request's rounds
+        rounds = [r for r in p.rounds if r[0] < tokens.numel() - 1 and r[2] >= 0 and r[1]]
+        k = max((len(r[1]) for r in rounds), default=0)
         sample = Sample(rid, tokens, prompt_len - p.start, torch.cat(p.rows)[:need], None, mask,
                         round_start=torch.tensor([r[0] for r in rounds], dtype=torch.long),
-                        proposals=torch.tensor([r[1] for r in rounds], dtype=torch.long).view(len(rounds), k),
+                        proposals=torch.tensor([r[1] + [-1] * (k - len(r[1])) for r in rounds],
+                                               dtype=torch.long).view(len(rounds), k),
                         accepted=torch.tensor([r[2] for r in rounds], dtype=torch.long),
                         draft_version=version, greedy=greedy)
         self._forget(rid)

@@ -32,6 +32,7 @@ from aurora.engine.stats import EngineStats
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import LOADER, SGLangServer
 from aurora.sglang_engine.plugin.loader import flatten
+from aurora.sglang_engine.plugin.depth import read_snapshot
 from aurora.sglang_engine.plugin.step_swap import Publisher
 
 log = logging.getLogger(__name__)
@@ -301,18 +302,20 @@ class SGLangEngine:
     def swap_draft(self, state: dict, version: int, acceptance: list[float] | None = None) -> threading.Event:
         """Copy new draft weights into SGLang's running draft worker (every TP rank), in place. Returns an
         Event set when done; `draft_version` changes only if the update succeeded. `acceptance` (the
-        trainer's prediction) is not used here: SGLang runs its fixed speculative depth."""
+        trainer's prediction) reaches the depth decision inside SGLang with a step swap (plugin/depth.py)."""
         if not self.speculative:
             raise RuntimeError("this engine runs without a draft")
         done = threading.Event()
-        threading.Thread(target=self._swap, args=(state, version, done), name="aurora-swap", daemon=True).start()
+        threading.Thread(target=self._swap, args=(state, version, done, acceptance), name="aurora-swap",
+                         daemon=True).start()
         return done
 
-    def _swap(self, state: dict, version: int, done: threading.Event) -> None:
+    def _swap(self, state: dict, version: int, done: threading.Event, acceptance=None) -> None:
         with self._swap_lock:
             try:
                 named = [(k, v.detach()) for k, v in state.items() if k not in ("d2t", "t2d")]
-                seconds = self._step_swap(named) if self._publisher is not None else self._pause_swap(named)
+                seconds = (self._step_swap(named, acceptance) if self._publisher is not None
+                           else self._pause_swap(named))
                 end = time.perf_counter()
                 self.swap_ms.append(1000 * seconds)
                 self.swap_windows.append((end - seconds, end))
@@ -342,10 +345,10 @@ class SGLangEngine:
             raise RuntimeError(f"update_weights_from_tensor: {r.get('message')}")
         return time.perf_counter() - t0
 
-    def _step_swap(self, named: list) -> float:
+    def _step_swap(self, named: list, acceptance=None) -> float:
         """No pause: the ranks apply the weights between two steps. Returns the seconds until all had."""
         t0 = time.perf_counter()
-        v = self._publisher.publish(named)
+        v = self._publisher.publish(named, acceptance=acceptance)
         while True:  # ranks apply at their next step: an idle server applies when traffic returns
             try:
                 self._publisher.wait_applied(v, 1.0)
@@ -385,6 +388,8 @@ class SGLangEngine:
                      engine_requests_failed=self.requests_failed)
         if self.collector is not None:
             s["capture"] = dict(self.collector.counts, pending=self.collector.pending())
+        if self._publisher is not None and (depth := read_snapshot(self._publisher.dir)) is not None:
+            s["speculation"] = depth  # the decision inside SGLang's scheduler (plugin/depth.py)
         return s
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:

@@ -6,6 +6,7 @@ crashed or hung SGLang is visible and restartable without taking Aurora's HTTP f
 is the same `sglang.launch_server` a production deployment runs (its flags pass through `sglang_args`).
 One loopback HTTP hop per request is the price: well under a millisecond beside a decoding round.
 """
+import json
 import logging
 import os
 import shlex
@@ -18,6 +19,7 @@ import time
 import httpx
 
 from aurora.budget import sglang_flag
+from aurora.sglang_engine.plugin.depth import DEPTH_ENV
 
 log = logging.getLogger(__name__)
 LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
@@ -45,9 +47,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fraction: float | None = None) -> list[str]:
+def adaptive_depths(lookahead: int) -> list[int]:
+    """The speculative depths SGLang builds a runtime state (and CUDA graphs) for when Aurora drives the depth:
+    plain decoding, the two shallowest and the full lookahead (each state costs start-up time and graph memory;
+    the decision interpolates costs between depths it timed)."""
+    return sorted({0, 1, 2, lookahead} & set(range(lookahead + 1)))
+
+
+def drives_depth(cfg, draft_dir: str | None) -> bool:
+    """Aurora chooses SGLang's depth (plugin/depth.py): adaptive_depth, a chain draft, step swaps (the depth
+    prior travels with them) and one TP rank (ranks would each have to choose the same depth every forward)."""
+    return (draft_dir is not None and cfg.adaptive_depth and cfg.topk == 1 and cfg.sglang_swap == "step"
+            and cfg.tp_size == 1)
+
+
+def write_adaptive_config(path: str, lookahead: int) -> str:
+    """SGLang's --speculative-adaptive-config: one slot for every batch size with Aurora's candidate depths.
+    SGLang's own rule is never fed (plugin/depth.py); its warm-up is set beyond reach all the same."""
+    with open(path, "w") as f:
+        json.dump({"1": {"candidate_steps": adaptive_depths(lookahead)}, "warmup_batches": 2 ** 62}, f)
+    return path
+
+
+def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fraction: float | None = None,
+                   adaptive_config: str | None = None) -> list[str]:
     """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone.
-    `mem_fraction`: Aurora's --mem-fraction-static (aurora/budget.py), used only when sglang_args has none."""
+    `mem_fraction`: Aurora's --mem-fraction-static (aurora/budget.py), used only when sglang_args has none.
+    `adaptive_config`: SGLang's adaptive mode with these candidate depths (write_adaptive_config); the startup
+    depth is the full lookahead, the largest candidate, so that buffers SGLang sizes once at start (its shared
+    logits buffer) hold the deepest state."""
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", target, "--host", "127.0.0.1",
             "--port", str(port), "--tp-size", str(cfg.tp_size), "--max-running-requests", str(cfg.max_batch),
             "--context-length", str(cfg.max_model_len), "--dtype", "bfloat16"]
@@ -57,14 +85,17 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fract
         argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft_dir,
                  "--speculative-num-steps", str(cfg.lookahead), "--speculative-eagle-topk", str(cfg.topk),
                  "--speculative-num-draft-tokens", str(cfg.num_draft_tokens), "--custom-weight-loader", LOADER]
+        if adaptive_config is not None:
+            argv += ["--speculative-adaptive", "--speculative-adaptive-config", adaptive_config]
     if mem_fraction is not None and sglang_flag(cfg.sglang_args, "--mem-fraction-static") is None:
         argv += ["--mem-fraction-static", f"{mem_fraction:.3f}"]
     return argv + shlex.split(cfg.sglang_args)
 
 
-def server_env(capture_address: str | None, swap_dir: str | None = None) -> dict:
+def server_env(capture_address: str | None, swap_dir: str | None = None, drive_depth: bool = False) -> dict:
     """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given,
-    step swaps when a swap directory is."""
+    step swaps when a swap directory is, Aurora's depth decision with drive_depth (a depth-0 round then skips
+    the draft extend: plain decoding costs what the target alone does)."""
     env = dict(os.environ)
     env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +106,10 @@ def server_env(capture_address: str | None, swap_dir: str | None = None) -> dict
         env["AURORA_CAPTURE_ADDR"] = capture_address
     if swap_dir:
         env["AURORA_SWAP_DIR"] = swap_dir
+    env.pop(DEPTH_ENV, None)
+    if drive_depth:
+        env[DEPTH_ENV] = "1"
+        env["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"] = "1"
     return env
 
 

@@ -6,6 +6,8 @@ forwards:
   _draft_extend_for_prefill(batch, target_hidden_states, ...)  aux states of every prefilled token
   _draft_extend_for_decode(batch, batch_result)                 aux states of the verified block, the
                                                                  block's tokens and the accept lengths
+With Aurora driving the speculative depth (depth.py, `AURORA_DEPTH`), a depth-0 round skips the draft extend
+and reaches EAGLEWorkerV2._stub_skipped_draft_extend instead: capture and step swaps are wrapped there too.
 Each wrapper enqueues asynchronous device->host copies on the scheduler's stream plus an event, and returns;
 a sender thread waits for the event and ships wire frames to Aurora (AURORA_CAPTURE_ADDR). Only TP rank 0
 sends: after the target's all-reduce every rank holds the same aux states. Only requests whose id starts with
@@ -21,6 +23,7 @@ import torch
 from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3 as _SGLangEagle3
 
 from aurora.sglang_engine import wire
+from aurora.sglang_engine.plugin import depth
 from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
@@ -82,6 +85,7 @@ def _on_decode(batch, result, ndt: int) -> None:
     hidden = result.logits_output.hidden_states
     if hidden is None or not batch.reqs or not _captured(batch):
         return
+    ndt = getattr(result, "speculative_num_draft_tokens", None) or ndt  # the width this block was verified at
     draft = getattr(batch.spec_info, "draft_token", None)
     tensors = {"hidden": _host(hidden[:len(batch.reqs) * ndt]), "accept": _host(result.accept_lens.to(torch.int64))}
     if draft is not None:
@@ -98,15 +102,22 @@ def install() -> None:
         return
     from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank  # 0.5.17-0.5.23
     from sglang.srt.speculative.eagle_worker_v2 import EagleDraftWorker as W
+    from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
     for name in ("_draft_extend_for_prefill", "_draft_extend_for_decode"):
         if not hasattr(W, name):
             raise RuntimeError(f"aurora plugin: this SGLang has no EagleDraftWorker.{name} (built for 0.5.17)")
     rank = get_tensor_model_parallel_rank()
     _sender = _Sender(address) if address and rank == 0 else None
     _applier = Applier(swap_dir, rank) if swap_dir else None
+    driving = os.environ.get(depth.DEPTH_ENV) == "1" and swap_dir is not None
+    if driving:
+        depth.install(_applier)
     prefill, decode = W._draft_extend_for_prefill, W._draft_extend_for_decode
+    stub = EAGLEWorkerV2._stub_skipped_draft_extend
 
     def draft_extend_for_prefill(self, batch, target_hidden_states, *args, **kwargs):
+        if driving:
+            depth.mark_prefill()
         if _sender is not None:
             _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
         if _applier is not None:  # between steps, in stream order: the draft forwards below see the new weights
@@ -120,6 +131,15 @@ def install() -> None:
             _applier.poll(self.draft_runner.model)
         return decode(self, batch, batch_result, *args, **kwargs)
 
+    def stub_skipped_draft_extend(self, batch, batch_output, *args, **kwargs):  # a depth-0 round
+        if _sender is not None:
+            _on_decode(batch, batch_output, 1)
+        if _applier is not None:
+            _applier.poll(self.draft_worker.draft_runner.model)
+        return stub(self, batch, batch_output, *args, **kwargs)
+
     W._draft_extend_for_prefill, W._draft_extend_for_decode = draft_extend_for_prefill, draft_extend_for_decode
+    EAGLEWorkerV2._stub_skipped_draft_extend = stub_skipped_draft_extend
     _installed = True
-    log.info("aurora plugin installed on TP rank %d (capture to %s, step swaps from %s)", rank, address, swap_dir)
+    log.info("aurora plugin installed on TP rank %d (capture to %s, step swaps from %s, depth %s)", rank, address,
+             swap_dir, "Aurora's" if driving else "SGLang's")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401 - registers tensor reductions with ForkingPickler
 
+from aurora.sglang_engine.plugin.depth import write_acceptance
 from aurora.sglang_engine.plugin.loader import layout_of, views
 
 SLOTS = 64  # control ints: version + up to 63 ranks
@@ -60,9 +61,11 @@ class Publisher:
     def acked(self) -> int:
         return int(self.ctl[1:1 + self.tp_size].min())
 
-    def publish(self, named: list, timeout_s: float = 30.0) -> int:
+    def publish(self, named: list, timeout_s: float = 30.0, acceptance: list[float] | None = None) -> int:
         """Copy (name, tensor) weights into the next buffer and announce them. Returns the new version; raises
-        TimeoutError if the ranks did not apply the previous version in time (nothing is announced then)."""
+        TimeoutError if the ranks did not apply the previous version in time (nothing is announced then).
+        acceptance: the trainer's prediction for the new draft, for the depth decision inside SGLang (depth.py),
+        written before the version is announced."""
         if self.buffers is None:
             self._share(named)
         v = self.version + 1
@@ -71,6 +74,7 @@ class Publisher:
         torch.cat([t.reshape(-1) for _, t in named], out=buf)
         if buf.is_cuda:
             torch.cuda.current_stream(buf.device).synchronize()  # the bytes are in place before anyone reads them
+        write_acceptance(self.dir, v, acceptance)
         self.ctl[0] = v
         self.ctl.flush()
         self.version = v

@@ -1,0 +1,155 @@
+"""Aurora's depth decision inside SGLang (plugin/depth.py), on the CPU: a fake EAGLEWorkerV2 with SGLang's
+adaptive-state interface, a fake clock, and the real Publisher / acceptance files the trainer's swaps write.
+Day 0 decodes plainly; a version whose held-out prediction pays turns speculation on before any speculative
+round was paid for; a depth that costs more than it yields is left. Plus SGLang's launch flags and the
+collector's handling of one request whose rounds ran at different depths."""
+import json
+import time
+
+import torch
+
+from aurora.server.config import ServeConfig
+from aurora.sglang_engine.capture import CaptureCollector
+from aurora.sglang_engine.launch import adaptive_depths, drives_depth, server_command, server_env, write_adaptive_config
+from aurora.sglang_engine.plugin import depth
+from aurora.sglang_engine.plugin.step_swap import Publisher
+from tests.sglang.test_capture_cpu import Sender, _rows, _wait
+
+
+class FakeController:
+    def __init__(self, worker, depths):
+        self.worker, self._states = worker, {d: f"state-{d}" for d in depths}
+        self.activations = []
+
+    def _activate(self, steps):  # SGLang's: apply that candidate's runtime state
+        self.activations.append(steps)
+        self.worker.speculative_num_steps = steps
+
+
+class FakeWorker:
+    def __init__(self, depths, start):
+        self.speculative_num_steps = start
+        self.adaptive_controller = FakeController(self, depths)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def _serve(driver, clock, rounds, bs, cost_ms, accept):
+    """`rounds` decode forwards at batch size bs: launch, the device works cost_ms[depth], the result arrives
+    with `accept(depth)` correct drafts per request."""
+    seen = []
+    for _ in range(rounds):
+        driver.before_decode(bs)
+        d = driver.worker.speculative_num_steps
+        seen.append(d)
+        clock.t += cost_ms[d] / 1e3
+        driver.on_result([accept(d)] * bs, bs, d + 1)
+    return seen
+
+
+def test_day0_plain_then_a_paying_version_speculates(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(depth.time, "perf_counter", clock)
+    swap = str(tmp_path / "swap")
+    depth.write_acceptance(swap, 0, [0.0] * 4)  # what service.py writes for a day-0 head
+    worker = FakeWorker([0, 1, 2, 4], start=4)  # SGLang starts at the deepest state (its buffers' size)
+    applied = {"v": 0}
+    drv = depth.Driver(worker, swap, lambda: applied["v"])
+    cost = {0: 10.0, 1: 13.0, 2: 15.0, 4: 17.0}  # ms per round at this batch size
+    seen = _serve(drv, clock, 200, 16, cost, lambda d: 0)
+    assert set(seen) == {0}, "a day-0 draft must never be paid for"
+    # the trainer publishes version 1 with a held-out prediction that pays: written before it is announced
+    pub = Publisher(swap, tp_size=1)
+    pub.publish([("w", torch.zeros(4))], timeout_s=0, acceptance=[0.8, 0.7, 0.6, 0.5])
+    assert json.load(open(depth.accept_path(swap, 1)))["acceptance"] == [0.8, 0.7, 0.6, 0.5]
+    applied["v"] = 1  # the rank applied it (step_swap.Applier)
+    # the rounds realise what was predicted: the chain's length is drawn from the per-position rates
+    rates, rng = [0.8, 0.7, 0.6, 0.5], torch.Generator().manual_seed(0)
+
+    def accept(d):
+        n = 0
+        while n < d and torch.rand(1, generator=rng).item() < rates[n]:
+            n += 1
+        return n
+    seen = _serve(drv, clock, 400, 16, cost, accept)
+    assert seen[0] > 0, "the prediction alone turns speculation on"
+    assert max(set(seen[100:]), key=seen[100:].count) == 4  # E_4/17 ms beats E_2/15, E_1/13 and 1/10 ms
+    snap = drv.ctl.snapshot()
+    assert snap["version"] == 1 and snap["buckets"][16]["depth"] == 4
+    assert snap["buckets"][16]["round_ms"][0] == 10.0
+
+
+def test_a_depth_that_does_not_pay_is_left(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(depth.time, "perf_counter", clock)
+    swap = str(tmp_path / "swap")
+    depth.write_acceptance(swap, 0, [0.9, 0.9, 0.9, 0.9])  # an optimistic prediction ...
+    worker = FakeWorker([0, 1, 2, 4], start=4)
+    drv = depth.Driver(worker, swap, lambda: 0)
+    cost = {0: 10.0, 1: 21.0, 2: 23.0, 4: 26.0}  # ... on a card where a speculative round costs > 2 plain ones
+    seen = _serve(drv, clock, 600, 1, cost, lambda d: 0)  # ... and a draft that accepts nothing
+    assert seen[-200:].count(0) >= 190
+    assert worker.adaptive_controller.activations[0] == 0  # plain decoding is timed first
+
+
+def test_snapshot_file_and_idle_gaps(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(depth.time, "perf_counter", clock)
+    swap = str(tmp_path / "swap")
+    depth.write_acceptance(swap, 0, [0.0] * 4)
+    drv = depth.Driver(FakeWorker([0, 1, 2, 4], start=4), swap, lambda: 0)
+    _serve(drv, clock, 5, 3, {0: 5.0}, lambda d: 0)
+    clock.t += 30.0  # serving idle for 30 s: the next round is timed from its own launch, not the last result
+    drv.before_decode(3)
+    clock.t += 0.005
+    drv.on_result([0, 0, 0], 3, 1)
+    assert depth.read_snapshot(swap)["buckets"]["4"]["round_ms"]["0"] == 5.0
+    assert depth.bucket_of(1) == 1 and depth.bucket_of(3) == 4 and depth.bucket_of(16) == 16
+
+
+def test_launch_flags_for_the_driven_depth(tmp_path):
+    cfg = ServeConfig(engine="sglang", target="x", lookahead=4, max_batch=16)
+    assert drives_depth(cfg, "/m/draft") and not drives_depth(cfg, None)
+    assert not drives_depth(ServeConfig(engine="sglang", target="x", tp_size=2), "/m/draft")
+    assert not drives_depth(ServeConfig(engine="sglang", target="x", adaptive_depth=False), "/m/draft")
+    assert adaptive_depths(4) == [0, 1, 2, 4] and adaptive_depths(1) == [0, 1]
+    path = write_adaptive_config(str(tmp_path / "adaptive.json"), 4)
+    assert json.load(open(path))["1"]["candidate_steps"] == [0, 1, 2, 4]
+    argv = server_command(cfg, "/m/target", "/m/draft", 31000, adaptive_config=path)
+    joined = " ".join(argv)
+    assert f"--speculative-adaptive --speculative-adaptive-config {path}" in joined
+    assert "--speculative-num-steps 4" in joined  # the deepest candidate: SGLang sizes its buffers for it
+    assert "--speculative-adaptive" not in " ".join(server_command(cfg, "/m/target", "/m/draft", 31000))
+    env = server_env("/tmp/a.sock", "/tmp/swap", drive_depth=True)
+    assert env[depth.DEPTH_ENV] == "1" and env["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"] == "1"
+    assert depth.DEPTH_ENV not in server_env("/tmp/a.sock", "/tmp/swap")
+
+
+def test_one_request_at_several_depths_is_one_sample(tmp_path):
+    """Rounds of depth 4, 0 (plain decoding: nothing proposed) and 1 in one request: the rows follow the accepted
+    tokens whatever the depth; the proposals are padded with -1 to the deepest; the depth-0 round is no round."""
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=5)
+    tx = Sender(col.address)
+    tx.send({"kind": "prefill", "rids": ["c-A"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 1)})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 5},
+            {"hidden": _rows(5, 5, 1), "accept": torch.tensor([3]), "draft": torch.tensor([50, 51, 52, 53, 54])})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 1},
+            {"hidden": _rows(8, 1, 1), "accept": torch.tensor([1]), "draft": torch.tensor([58])})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 2},
+            {"hidden": _rows(9, 2, 1), "accept": torch.tensor([2]), "draft": torch.tensor([59, 60])})
+    _wait(lambda: col.counts["frames"] == 4)
+    col.finish("c-A", list(range(100, 112)), 5, True, 1)  # 5 prompt + 7 completion: rows 0..10
+    _wait(lambda: len(got) == 1)
+    s = got[0]
+    torch.testing.assert_close(s.aux_hidden, _rows(0, 11, 1))
+    assert s.round_start.tolist() == [5, 9]
+    assert s.proposals.tolist() == [[51, 52, 53, 54], [60, -1, -1, -1]] and s.accepted.tolist() == [2, 1]
+    assert col.counts["frame_errors"] == 0
+    col.close()
