@@ -128,7 +128,8 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
         args += f" --dtype {dtype}"  # after Aurora's own --dtype bfloat16: SGLang's parser keeps the last
     run_dir = os.path.join(a.out, f"run-L{a.layers}-{mode}-{dtype}")
     cfg = ServeConfig.load(YAML, target=dirs["target"], draft=dirs["draft"] if mode == "eagle3" else None,
-                           run_dir=run_dir, sglang_args=args, sync_every=a.sync_every, wandb="disabled")
+                           run_dir=run_dir, sglang_args=args, sync_every=a.sync_every, wandb="disabled",
+                           adaptive_depth=a.adaptive_depth)
     row = {"layers": a.layers, "mode": mode, "dtype": dtype, "mem_fraction_static": round(frac, 3),
            "aux_layers": aux_layers_for(a.layers), "sglang_args": args}
     torch.cuda.reset_peak_memory_stats()
@@ -214,6 +215,8 @@ def main():
     ap.add_argument("--c1-requests", type=int, default=8)
     ap.add_argument("--c16-requests", type=int, default=64)
     ap.add_argument("--sync-every", type=int, default=800)
+    ap.add_argument("--adaptive-depth", action="store_true", help="Aurora chooses SGLang's depth (default: the fixed "
+                    "lookahead, whose round cost this run measures)")
     ap.add_argument("--target-concurrencies", default="", help="comma list: more concurrencies for mode target, e.g. "
                     "5,80 (the token counts of a lookahead-4 verify at c1 and c16)")
     ap.add_argument("--kv-gb", type=float, default=12.0, help="SGLang's KV pool beyond the weights")

@@ -4,7 +4,9 @@ process, clients over HTTP, distinct prompts, from day 0.
   python scripts/speedup_run.py --requests 2000 --concurrency 16 --window 500 \
       --mode aurora= --mode none="--draft none" --out results/speedup/h200
 
-Each `--mode NAME=ARGS` starts `aurora serve ARGS` (the shipped defaults plus ARGS), sends `--warmup` requests
+Each `--mode NAME=ARGS` starts `aurora serve ARGS` (the shipped defaults plus ARGS), or with ARGS starting
+`@sglang` plain `python -m sglang.launch_server` on the same target (the embedded default's directory) with the
+rest of ARGS and the flags Aurora itself would give it (context length, running requests, bf16), then sends `--warmup` requests
 (GSM8K questions, not timed), then the measured stream: `--requests` distinct chat-like prompts (AlpacaEval,
 MT-bench, IFEval, Arena-Hard, in a fixed shuffled order; no prompt is sent twice while the stream is shorter than
 the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the same tokens in every mode), from
@@ -47,14 +49,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plain_sglang_command(args: str, port: int) -> list[str]:
+    """`@sglang ARGS`: SGLang's own server on the target Aurora serves by default, as Aurora would start it."""
+    from aurora.models import hub
+    from aurora.server.config import ServeConfig
+
+    cfg = ServeConfig()
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", hub.resolve(cfg.target), "--host",
+            "127.0.0.1", "--port", str(port), "--max-running-requests", str(cfg.max_batch), "--context-length",
+            str(cfg.max_model_len), "--dtype", "bfloat16", *shlex.split(args)]
+
+
 def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "aurora.cli", "serve", "--port", str(port), "--wandb", "disabled", *shlex.split(args)]
+    if args.startswith("@sglang"):
+        cmd = plain_sglang_command(args[len("@sglang"):], port)
+    else:
+        cmd = [sys.executable, "-m", "aurora.cli", "serve", "--port", str(port), "--wandb", "disabled",
+               *shlex.split(args)]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"aurora serve exited with {proc.returncode}; see {log_path}")
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 print(f"ready in {time.time() - t0:.0f} s", flush=True)
@@ -119,7 +136,8 @@ def main():
     for spec in a.mode:
         name, _, extra = spec.partition("=")
         port = free_port()
-        proc = start_server(f"--run-dir {os.path.join(a.out, name + '_run')} {extra}", port,
+        plain = extra.startswith("@sglang")
+        proc = start_server(extra if plain else f"--run-dir {os.path.join(a.out, name + '_run')} {extra}", port,
                             os.path.join(a.out, f"{name}_server.log"))
         url = f"http://127.0.0.1:{port}"
         try:
@@ -128,10 +146,13 @@ def main():
             t = time.perf_counter()
             rows = asyncio.run(drive(url, prompts, a.concurrency, a.max_tokens, model))
             wall = time.perf_counter() - t
-            draft = httpx.get(url + "/v1/draft").json()
-            metrics = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                       if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures", "aurora_requests",
-                                           "aurora_engine_", "aurora_draft_version", "aurora_accept_length "))]
+            draft, metrics = None, []
+            if not plain:
+                draft = httpx.get(url + "/v1/draft").json()
+                metrics = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                           if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
+                                               "aurora_requests", "aurora_engine_", "aurora_draft_version",
+                                               "aurora_accept_length "))]
         finally:
             proc.terminate()
             try:
