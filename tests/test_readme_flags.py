@@ -18,7 +18,7 @@ SCRIPT = re.compile(r"scripts/(\w+)\.py")
 OTHERS = r"pip|pip3|uv|py-spy|pytest|docker|curl|git|nvidia-smi|wandb|python3? -m (sglang|pytest|venv|pip)"
 # flags of those programs that the README may name alone in a sentence (SGLang's server, pip)
 FOREIGN = {"--no-deps", "--speculative-algorithm", "--speculative-draft-model-path", "--custom-weight-loader",
-           "--attention-backend", "--sampling-backend", "--mem-fraction-static"}
+           "--attention-backend", "--sampling-backend", "--mem-fraction-static", "--speculative-adaptive"}
 
 
 def help_flags(*argv: str, capsys) -> set[str]:

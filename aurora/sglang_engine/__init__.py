@@ -10,5 +10,6 @@ Two processes, one data path:
   capture.py  Aurora side of capture: frames -> per-request rows -> Sample at request finish
   wire.py     the frame format shared by both sides (no torch/SGLang imports beyond torch)
   plugin/     imported *inside* SGLang's scheduler processes (SGLANG_EXTERNAL_MODEL_PACKAGE): the capture
-              hooks and the draft-only in-place weight loader. Nothing else in Aurora runs there.
+              hooks, the step swap, the depth decision (aurora.engine.speculation's, over SGLang's adaptive
+              states) and the draft-only in-place weight loader. Nothing else in Aurora runs there.
 """

@@ -1,6 +1,7 @@
 """Imported inside SGLang's scheduler processes through SGLANG_EXTERNAL_MODEL_PACKAGE=aurora.sglang_engine.plugin.
 
 eagle3.py registers `LlamaForCausalLMEagle3` (SGLang's own EAGLE3 draft class, subclassed) so that building the
-draft installs Aurora's capture hooks in that process; loader.py is the draft-only weight loader named by
---custom-weight-loader. No SGLang source file is changed.
+draft installs Aurora's capture hooks in that process; step_swap.py applies published weights between steps;
+depth.py is Aurora's depth decision over SGLang's adaptive states; loader.py is the draft-only weight loader named
+by --custom-weight-loader. No SGLang source file is changed.
 """
