@@ -4,9 +4,12 @@ the first 16's.
 
 The server is the real command line in a child process (`python -m aurora.cli serve`), given only a port, a
 run directory and `--wandb disabled`, so every serving and training setting is the one a user gets on this
-machine (`--device cpu` is passed only to be sure of the device). Accept length of a window of requests =
-its completion tokens / its verify rounds, both from each response's `usage`. Exit status 0 when the gain is
-reached, 1 when not.
+machine (`--device cpu` is passed only to be sure of the device). Accept length of a window of requests = the
+tokens its decoding rounds committed / those rounds, where a plain-decoding round (depth 0: the engine judged
+that speculating would not pay) commits one token: from each response's `usage`, rounds = spec_verify_rounds +
+the tokens no verify round committed (the prefill's first token excluded). A day-0 server that never speculates
+therefore reads 1.0, and only a draft that serving actually speculates with moves it. Exit status 0 when the gain
+is reached, 1 when not.
 
     python scripts/cpu_learning_check.py --requests 112 --concurrency 8 --max-tokens 48
 """
@@ -74,8 +77,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def window(rows: list[dict]) -> float:
-    rounds = sum(r["rounds"] for r in rows)
-    return sum(r["tokens"] for r in rows) / rounds if rounds else 0.0
+    """Decoded tokens per decoding round (verify rounds plus plain one-token rounds) over the window's requests."""
+    decoded = sum(max(r["tokens"] - 1, 0) for r in rows)  # the first token comes from the prefill
+    rounds = sum(r["rounds"] + max(r["tokens"] - 1 - r["verified"], 0) for r in rows)
+    return decoded / rounds if rounds else 1.0
 
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[dict]:
@@ -91,8 +96,10 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
             r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
                                                      max_tokens=max_tokens, temperature=0)
             u = r.usage.model_dump()
-            rows.append({"done": len(rows) + 1, "prompt": i, "tokens": u["completion_tokens"],
-                         "rounds": u["spec_verify_rounds"], "t": round(time.time() - t0, 1)})
+            rounds = u["spec_verify_rounds"]
+            rows.append({"done": len(rows) + 1, "prompt": i, "tokens": u["completion_tokens"], "rounds": rounds,
+                         "verified": round((u.get("spec_accept_length") or 0.0) * rounds),
+                         "t": round(time.time() - t0, 1)})
             if len(rows) % 16 == 0:
                 print(f"t={rows[-1]['t']:6.0f}s requests={len(rows):4d} accept length of the last 16="
                       f"{window(rows[-16:]):.2f}", flush=True)

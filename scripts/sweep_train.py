@@ -13,8 +13,13 @@ the table shows the engine's measured accept length beside the simulated one.
 Grid keys: lr, epochs, vocab (0 = the target's vocabulary), batch (tokens per step), warmup (steps),
 head (random | target: the LM head starts as the target's rows for the draft vocabulary, folded with the
 target's final norm), reject (weight of the rejected-proposal term), train (the first N training samples, in
---domain order; 0 = all: a data-scaling curve, e.g. `--domain chat instruct arena --grid train=196,392,785,0`).
-Held-out scores are reported per domain.
+--domain order; 0 = all: a data-scaling curve, e.g. `--domain chat instruct arena --grid train=196,392,785,0`),
+seed (the draft's initialisation and the epochs' shuffle), targets (dist: the target's distribution from its
+final states | onehot: its own next token only, what SGLang samples carry), prompt (1: prompt positions are
+trained too, as the built-in engine captures them | 0: completion positions only), positions (served: TTT step k
+at rotary position t+k, as serving runs it | fixed: every step at t). Held-out scores are reported per domain,
+and each setting's mean and spread over its seeds at the end. The engine serves the held-out prompts at its
+full lookahead (no depth decision), so its accept length is the draft's, measured.
 """
 import argparse
 import asyncio
@@ -35,7 +40,9 @@ from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
 DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1,
-            "train": 0}
+            "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served"}
+CHOICES = {"head": ("random", "target"), "targets": ("dist", "onehot"), "positions": ("served", "fixed"),
+           "prompt": (0, 1)}
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -50,6 +57,8 @@ def parse_grid(items: list[str]) -> list[dict]:
             raise SystemExit(f"bad --grid item {item!r}: use key=v1,v2 with key in {sorted(DEFAULTS)}")
         kind = type(DEFAULTS[key])
         axes[key] = [kind(float(v)) if kind is int else kind(v) for v in values.split(",")]
+        if key in CHOICES and any(v not in CHOICES[key] for v in axes[key]):
+            raise SystemExit(f"bad --grid item {item!r}: {key} is one of {CHOICES[key]}")
     keys = list(axes)
     return [{**DEFAULTS, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
 
@@ -95,6 +104,7 @@ def main():
     args = ap.parse_args()
     settings = parse_grid(args.grid)
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=10 ** 9,
+                      adaptive_depth=False, draft_vocab_size=0,
                       device=args.device, max_batch=args.concurrency, run_dir=tempfile.mkdtemp(prefix="sweep-"),
                       wandb="disabled")
     service = Service.from_config(cfg)
@@ -129,8 +139,13 @@ def main():
     rows = []
     for st in settings:
         used = train[:st["train"]] if st["train"] else train
+        if st["targets"] == "onehot":
+            used = [dataclasses.replace(s, target_hidden=None) for s in used]
+        if not st["prompt"]:
+            used = [dataclasses.replace(s, loss_mask=s.loss_mask & (torch.arange(s.num_tokens) >= s.prompt_len))
+                    for s in used]
         dcfg = dataclasses.replace(base, draft_vocab_size=st["vocab"] or base.vocab_size)
-        draft = new_draft(dcfg, device=dev, seed=1)
+        draft = new_draft(dcfg, device=dev, seed=st["seed"])
         if dcfg.draft_vocab_size < dcfg.vocab_size:
             draft.set_vocab_map(*(t.to(dev) for t in vocab_from_samples(used, dcfg.draft_vocab_size,
                                                                         dcfg.vocab_size)))
@@ -138,12 +153,13 @@ def main():
             with torch.no_grad():
                 draft.lm_head.weight.copy_(fold[torch.arange(dcfg.draft_vocab_size, device=dev) + draft.d2t])
         draft.share_embedding(eng.target.embed_tokens)
-        trainer = OnlineTrainer(draft, lm_head, TrainConfig(lr=st["lr"], warmup_steps=st["warmup"],
-                                                            batch_tokens=st["batch"], reject_weight=st["reject"],
-                                                            ttt_length=args.lookahead, device=str(dev)),
+        tconf = TrainConfig(lr=st["lr"], warmup_steps=st["warmup"], batch_tokens=st["batch"],
+                            reject_weight=st["reject"], ttt_length=args.lookahead, device=str(dev),
+                            ttt_position_step=1 if st["positions"] == "served" else 0)
+        trainer = OnlineTrainer(draft, None if st["targets"] == "onehot" else lm_head, tconf,
                                 lambda sd, v, acc: service.engine.swap_draft(sd, v, acc).wait(60))
         t = time.perf_counter()
-        tokens = trainer.train_epochs(used, st["epochs"])
+        tokens = trainer.train_epochs(used, st["epochs"], seed=st["seed"])
         train_s = time.perf_counter() - t
         scores = {d: score(trainer.master, hs, lm_head, args.lookahead, trainer.target_to_draft, dev)
                   for d, hs in heldout.items()}
@@ -152,11 +168,20 @@ def main():
             trainer.swap_now()
             measured = asyncio.run(serve(service, eval_pools, args.max_tokens, args.concurrency, False))
         name = " ".join(f"{k}={v}" for k, v in st.items())
-        rows.append((name, scores[args.domain[0]][0]))
+        rows.append((name, scores[args.domain[0]][0], measured.get(args.domain[0])))
         cells = "".join(f" {r:6.3f}/{p:5.3f}/{'-' if d not in measured else f'{measured[d]:.3f}':>5s}"
                         for d, (r, p) in scores.items())
         print(f"{name:84s} {tokens:9d} {train_s:8.1f}{cells}", flush=True)
     service.shutdown()
+    groups: dict[str, list] = {}
+    for name, replayed, engine in rows:
+        groups.setdefault(" ".join(p for p in name.split() if not p.startswith("seed=")), []).append((replayed, engine))
+    print(f"\nheld-out {args.domain[0]}, mean and spread (max - min) over seeds: replayed / engine-measured")
+    for name, vals in groups.items():
+        rep = [v[0] for v in vals]
+        eng = [v[1] for v in vals if v[1] is not None]
+        cell = lambda xs: f"{sum(xs) / len(xs):.3f} ±{(max(xs) - min(xs)) / 2:.3f}" if xs else "-"  # noqa: E731
+        print(f"{name:90s} n={len(vals)}  {cell(rep)}  /  {cell(eng)}")
     print(f"\nbest on held-out {args.domain[0]}:", max(rows, key=lambda r: r[1])[0])
 
 

@@ -74,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     ttt_length: int = 4
     step_decay: float = 0.8
+    ttt_position_step: int = 1            # TTT step k at rotary position t + k (as served); 0 only for A/B sweeps
     reject_weight: float = 0.1
     batch_tokens: int = 2048
     sync_every: int = 800                 # finished requests between publishes
@@ -351,7 +352,7 @@ class OnlineTrainer:
         with self._model_lock:
             self.master.train()
             loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
-                                                   c.step_decay, c.reject_weight)
+                                                   c.step_decay, c.reject_weight, c.ttt_position_step)
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
             self.optimizer.zero_grad(set_to_none=True)

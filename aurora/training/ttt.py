@@ -154,14 +154,16 @@ class TTTAttend:
 
 
 def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logits: bool = True,
-                attn_chunk: int = ATTN_CHUNK):
-    """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd] or None without with_logits)."""
+                attn_chunk: int = ATTN_CHUNK, position_step: int = 1):
+    """Returns per step (pre-norm hidden [B,L,H], logits [B,L,Vd] or None without with_logits).
+    position_step: step k runs at rotary position t + k * position_step; 1 is how serving runs it, 0 (every step
+    at t) exists only to measure what that alignment is worth (scripts/sweep_train.py positions=fixed)."""
     B, L = batch.shape
     attend = TTTAttend(batch.key_valid, attn_chunk)
     g = draft.project(batch.aux)
     out = []
     for k in range(ttt_length):
-        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions + k, attend, with_logits)
+        h, logits = draft(batch.ids[:, k:k + L], g, batch.positions + k * position_step, attend, with_logits)
         out.append((h, logits))
         g = h
     return out
@@ -197,13 +199,13 @@ def target_rows(batch: TTTBatch, ttt_length: int) -> torch.Tensor:
 
 
 def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objective: str, ttt_length: int,
-             step_decay: float, reject_weight: float):
+             step_decay: float, reject_weight: float, position_step: int = 1):
     """Returns (loss, loss_per_step [K], acc_per_step [K]) for one batch; the last two detached tensors (no
     host sync here: the trainer reads everything in one).
     loss = sum_k decay^k * mean_k(div) + reject_weight * sum(-log(1-q(x))) / (trained step-0 rows)."""
     K = ttt_length
     tdist = batch_target(batch, draft, lm_head)
-    steps = ttt_forward(draft, batch, K, with_logits=False)
+    steps = ttt_forward(draft, batch, K, with_logits=False, position_step=position_step)
     masks = step_masks(batch, tdist, K).float()                         # [K,B,L]
     counts = masks.flatten(1).sum(1).clamp_min(1.0)                      # [K]
     decay = step_decay ** torch.arange(K, device=masks.device, dtype=torch.float32)
