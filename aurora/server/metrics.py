@@ -88,6 +88,9 @@ class StatusCollector:
             dropped.add_metric(["sender_queue_full"], _num(cap.get("sender_dropped")))
             yield dropped
             yield _counter("aurora_capture_bytes", "bytes of captured hidden states received", cap.get("bytes"))
+        spec = s.get("speculation")
+        if spec and spec.get("buckets"):  # the depth decision (aurora/engine/speculation.py), on either engine
+            yield from self._speculation(spec["buckets"])
         if "engine_state" in s:  # engine sglang's supervisor of the SGLang server process
             engine_state = GaugeMetricFamily("aurora_engine_state", "1 for the engine's current state", labels=["state"])
             engine_state.add_metric([str(s["engine_state"])], 1.0)
@@ -96,6 +99,34 @@ class StatusCollector:
                            s.get("engine_restarts"))
             yield _counter("aurora_engine_requests_failed_by_fault", "in-flight requests failed with 503 by an "
                            "SGLang crash or hang", s.get("engine_requests_failed"))
+
+    def _speculation(self, buckets: dict):
+        """Per batch bucket: the depth in use, rounds per depth, each depth's round cost (measured, or interpolated
+        between measured depths) and its predicted tokens/s relative to plain decoding, and the realised one.
+        Bucket keys are ints from the built-in engine, strings from SGLang's snapshot file (JSON)."""
+        depth = GaugeMetricFamily("aurora_spec_depth", "speculation depth in use (0 = plain decoding)",
+                                  labels=["bucket"])
+        rounds = CounterMetricFamily("aurora_spec_rounds_by_depth", "decoding rounds run at each depth",
+                                     labels=["bucket", "depth"])
+        cost = GaugeMetricFamily("aurora_spec_round_seconds", "cost of a round at each depth",
+                                 labels=["bucket", "depth"])
+        predicted = GaugeMetricFamily("aurora_spec_predicted_speedup", "predicted tokens/s of each depth over "
+                                      "plain decoding's (the draft's acceptance and the round costs)",
+                                      labels=["bucket", "depth"])
+        realised = GaugeMetricFamily("aurora_spec_realised_speedup", "realised tokens/s of the depth in use over "
+                                     "plain decoding's", labels=["bucket"])
+        for bucket, b in sorted(buckets.items(), key=lambda kv: int(kv[0])):
+            key = str(bucket)
+            depth.add_metric([key], _num(b.get("depth")))
+            for d, n in (b.get("rounds_by_depth") or {}).items():
+                rounds.add_metric([key, str(d)], _num(n))
+            for d, ms in (b.get("round_ms") or {}).items():
+                cost.add_metric([key, str(d)], _num(ms) / 1e3)
+            for d, x in (b.get("predicted_speedup") or {}).items():
+                predicted.add_metric([key, str(d)], _num(x))
+            if b.get("realised_speedup") is not None:
+                realised.add_metric([key], _num(b["realised_speedup"]))
+        yield from (depth, rounds, cost, predicted, realised)
 
     def _trainer(self, t: dict):
         state = GaugeMetricFamily("aurora_trainer_state", "1 for the trainer's current state", labels=["state"])

@@ -30,6 +30,11 @@ def flatten_status(status: dict) -> dict:
         row[f"serve/accept_length_by_version/{version}"] = value
     for position, value in enumerate(engine.get("accept_rate_by_position") or []):
         row[f"serve/accept_rate_by_position/{position}"] = value
+    for bucket, b in ((engine.get("speculation") or {}).get("buckets") or {}).items():  # the depth decision
+        row[f"serve/depth/{bucket}"] = b.get("depth")                                   # over time, per bucket
+        row[f"serve/predicted_speedup/{bucket}"] = (b.get("predicted_speedup") or {}).get(
+            b.get("depth"), (b.get("predicted_speedup") or {}).get(str(b.get("depth"))))
+        row[f"serve/realised_speedup/{bucket}"] = b.get("realised_speedup")
     if trainer is not None:
         for k in ("state", "version", "steps", "samples_captured", "samples_dropped", "buffer_size", "swaps",
                   "swaps_refused", "failures", "last_error", "tokens_per_second", "tokens_trained",

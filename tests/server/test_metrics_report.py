@@ -128,3 +128,40 @@ def test_an_unhandled_error_is_counted_as_500_not_disconnected(server):
                for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
     assert samples[("aurora_requests_total", (("code", "500"), ("route", "/v1/completions")))] == 1
     assert ("aurora_requests_total", (("code", "disconnected"), ("route", "/v1/completions"))) not in samples
+
+
+def test_the_depth_decision_is_exported_from_either_engine():
+    """/metrics carries the decision per batch bucket: from the built-in engine's snapshot (int keys) and from
+    SGLang's snapshot file (the same dict through JSON: string keys)."""
+    from aurora.engine.speculation import DepthController
+    from aurora.server.metrics import StatusCollector
+
+    ctl = DepthController(4, depths=[0, 1, 2, 4])
+    ctl.new_version(1, [0.9, 0.8, 0.7, 0.6])
+    for _ in range(40):
+        d = ctl.choose(16)
+        ctl.observe(16, d, {0: 0.010, 1: 0.012, 2: 0.013, 4: 0.015}[d], [min(d, 3)] * 16)
+    snap = ctl.snapshot()
+
+    class Stub:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def draft_status(self):
+            return {"speculation": self.spec}
+
+    for spec in (snap, json.loads(json.dumps(snap))):
+        got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in StatusCollector(Stub(spec)).collect() for s in fam.samples}
+        assert got[("aurora_spec_depth", (("bucket", "16"),))] == snap["buckets"][16]["depth"] > 0
+        assert got[("aurora_spec_round_seconds", (("bucket", "16"), ("depth", "0")))] == 0.010
+        assert got[("aurora_spec_predicted_speedup", (("bucket", "16"), ("depth", "0")))] == 1.0
+        assert sum(v for (n, _), v in got.items() if n == "aurora_spec_rounds_by_depth_total") == 40
+
+
+def test_the_depth_decision_is_logged_over_time():
+    snap = {"buckets": {16: {"depth": 2, "predicted_speedup": {0: 1.0, 2: 1.3}, "realised_speedup": 1.2}}}
+    for spec in (snap, json.loads(json.dumps(snap))):
+        row = flatten_status({"speculation": spec, "requests_finished": 1})
+        assert row["serve/depth/16"] == 2 and row["serve/predicted_speedup/16"] == 1.3
+        assert row["serve/realised_speedup/16"] == 1.2
