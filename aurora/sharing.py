@@ -37,6 +37,8 @@ class DeviceShare:
         self._serving = self._training = self._want = self._waiting = False
         self._last_step = 0.0
         self.rested_s = self.trained_s = 0.0  # trainer seconds resting / inside training(), for /v1/draft
+        self.turn_wait_s = 0.0  # serving's seconds waiting for a training turn to end (turns only): the engine
+                                # keeps them out of its round costs, which they would blur by depth at random
         self._owed = 0.0  # seconds inside training() not yet rested for
 
     # ------------------------------------------------------------- engine thread
@@ -51,7 +53,9 @@ class DeviceShare:
             return
         with self._cond:
             self._waiting = True  # serving is busy while it waits for its turn, too
+            t0 = time.perf_counter()
             self._cond.wait_for(lambda: not (self._training or self._want))
+            self.turn_wait_s += time.perf_counter() - t0
             self._waiting, self._serving = False, True
         try:
             yield

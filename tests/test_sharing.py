@@ -122,3 +122,31 @@ def test_a_due_swap_ends_the_rest_and_the_rest_stays_owed():
     t0 = time.monotonic()
     share.rest(stop, wake)  # what was not rested is rested after the swap
     assert 0.25 < time.monotonic() - t0 < 0.6
+
+
+def test_serving_counts_its_waits_for_training_turns():
+    share = DeviceShare(duty=1.0, turns=True, busy_window_s=0.05)
+    with share.training():
+        t = threading.Thread(target=lambda: share.serving().__enter__())  # waits for the turn to end
+        t.start()
+        time.sleep(0.2)
+    t.join()
+    assert 0.15 < share.turn_wait_s < 1.0, share.turn_wait_s
+
+
+def test_a_training_turn_between_rounds_is_no_rounds_cost():
+    """The engine keeps the wait out of the round before it: cost and delivered rate as if it had not happened."""
+    from aurora.engine.engine import LLMEngine
+    from aurora.engine.speculation import DepthController
+
+    eng = LLMEngine.__new__(LLMEngine)  # the timing bookkeeping alone, no model
+    eng.speculation, eng._excluded = DepthController(4), 0.0
+    eng._last_round = (8, 2, 10.0, 10.1, 16)  # bucket 8, depth 2: started at 10.0, ended 10.1, 16 tokens
+    eng.exclude_from_round(0.5)               # then the trainer's turn held the cores for 0.5 s
+    eng._time_last_round(10.65, 10.70)        # the next step's prefill ran 10.65..10.70
+    assert abs(eng.speculation.cost(8, 2) - 0.15) < 1e-9
+    served = eng.speculation.snapshot()["buckets"]  # no bucket state yet: the rate is read from the table
+    assert served == {} and abs(eng.speculation._served[(8, 2)][1] - 0.20) < 1e-9
+    eng.exclude_from_round(0.3)               # a wait before an untimed round (a graph capture) is dropped
+    eng._time_last_round(11.0, 11.0)
+    assert eng._excluded == 0.0

@@ -143,7 +143,9 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                waited = self.share.turn_wait_s
                 with self.share.serving():
+                    eng.exclude_from_round(self.share.turn_wait_s - waited)  # the trainer's turn: no depth's cost
                     outputs = eng.step()
                 self.error = None
             except Exception as e:  # a broken step fails its requests, never the process

@@ -139,6 +139,7 @@ class LLMEngine:
         self.fault_seed = _fault_seed()
         self._last_depth = 0  # the first speculative round catches the draft up
         self._last_round: tuple | None = None  # (bucket, depth, start, end, committed tokens), not yet costed
+        self._excluded = 0.0  # seconds since the last round that were no round's doing (exclude_from_round)
 
     # ------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
@@ -272,6 +273,12 @@ class LLMEngine:
             self._time_last_round(None, None)
         return [o for o in outputs if o is not None]
 
+    def exclude_from_round(self, seconds: float) -> None:
+        """Time between two steps that serving spent on nothing of its own (on a CPU: waiting for the trainer's
+        turn on the cores). It is the same whatever the depth, so it is kept out of the last round's cost and
+        delivered rate; left in, it lands on whichever depth ran before it and the decision follows noise."""
+        self._excluded += max(seconds, 0.0)
+
     def _time_last_round(self, until: float | None, next_start: float | None) -> None:
         """A round costs serving the wall time from its start to the next round's start, less the admissions'
         prefill in between (`until`): the host bookkeeping, token delivery and whatever else the process does
@@ -279,12 +286,14 @@ class LLMEngine:
         by depth. until None: the round's own time (serving went idle after it). What the round delivered, over
         the whole time to `next_start` (prefill included), feeds the controller's guard rail."""
         if self._last_round is None:
+            self._excluded = 0.0
             return
         bucket, depth, start, end, committed = self._last_round
-        self._last_round = None
-        self.speculation.observe_cost(bucket, depth, (until if until is not None else end) - start)
+        self._last_round, gap, self._excluded = None, self._excluded, 0.0
+        cost = max((until if until is not None else end) - start - gap, end - start)
+        self.speculation.observe_cost(bucket, depth, cost)
         if next_start is not None:
-            self.speculation.observe_served(bucket, depth, committed, next_start - start)
+            self.speculation.observe_served(bucket, depth, committed, max(next_start - start - gap, end - start))
 
     def _fail(self, seq: Sequence, e: Exception) -> None:
         """Per-request work raised: this sequence alone finishes with an error at the end of the step."""
