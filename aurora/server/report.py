@@ -4,6 +4,7 @@ accept_length.png  accept length served vs requests finished, a dashed line at e
 accept_rate.png    acceptance rate per lookahead position over time
 train_loss.png     training loss per TTT step over time
 throughput.png     serving and training tokens per second over time
+depth.png          the speculation depth chosen per batch bucket vs requests finished (when the run logged one)
 
 A row is plotted only where its number means something: accept length and rates once a verify round finished
 (before that they read 0, which no draft served), losses once the trainer stepped. Throughput is the change of
@@ -120,4 +121,13 @@ def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     ax.plot(*rate(rows, "serve/generated_tokens"), label="serving (generated tokens/s)")
     ax.plot(*rate(rows, "train/tokens_trained"), label="training (tokens/s, replays included)")
     paths.append(_save(fig, ax, out_dir, "throughput.png", "Throughput", "seconds", "tokens per second"))
+
+    buckets = _indexed(rows, "serve/depth")  # the depth decision (aurora/engine/speculation.py), per batch bucket
+    if buckets:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key in buckets:
+            ax.step(*_series(rows, "serve/requests_finished", key), where="post",
+                    label=f"batch bucket {key.rsplit('/', 1)[1]}")
+        paths.append(_save(fig, ax, out_dir, "depth.png", "Speculation depth chosen (0 = plain decoding)",
+                           "requests served", "depth"))
     return paths

@@ -70,13 +70,14 @@ def test_report_from_synthetic_jsonl(tmp_path, capsys):
                    "serve/generated_tokens": 1500 * i, "train/tokens_trained": 4500 * i, "train/steps": i,
                    "train/tokens_per_second": 900.0, "train/state": "training",
                    **{f"serve/accept_rate_by_position/{j}": 0.8 - 0.15 * j for j in range(4)},
-                   **{f"train/loss_step/{k}": 3.0 - 0.03 * i + 0.2 * k for k in range(4)}}
+                   **{f"train/loss_step/{k}": 3.0 - 0.03 * i + 0.2 * k for k in range(4)},
+                   **({f"serve/depth/{b}": min(version * 2, 4) for b in (1, 16)} if i >= 5 else {})}
             f.write(json.dumps(row) + "\n")
         f.write('{"torn": ')  # a run killed mid-write
     assert main(["report", str(run), "--out", str(tmp_path / "plots")]) == 0
     paths = capsys.readouterr().out.split()
     assert {os.path.basename(p) for p in paths} == {"accept_length.png", "accept_rate.png", "train_loss.png",
-                                                    "throughput.png"}
+                                                    "throughput.png", "depth.png"}
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
     assert main(["report", str(tmp_path / "nothing")]) == 1
