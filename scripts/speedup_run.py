@@ -50,14 +50,14 @@ def free_port() -> int:
 
 
 def plain_sglang_command(args: str, port: int) -> list[str]:
-    """`@sglang ARGS`: SGLang's own server on the target Aurora serves by default, as Aurora would start it."""
+    """`@sglang ARGS`: SGLang's own server on the target Aurora serves by default, started as Aurora starts it
+    without a draft (launch.server_command), ARGS appended."""
     from aurora.models import hub
     from aurora.server.config import ServeConfig
+    from aurora.sglang_engine.launch import server_command
 
-    cfg = ServeConfig()
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", hub.resolve(cfg.target), "--host",
-            "127.0.0.1", "--port", str(port), "--max-running-requests", str(cfg.max_batch), "--context-length",
-            str(cfg.max_model_len), "--dtype", "bfloat16", *shlex.split(args)]
+    cfg = ServeConfig(engine="sglang", draft=None, sglang_args=args)
+    return server_command(cfg, hub.resolve(cfg.target), None, port)
 
 
 def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) -> subprocess.Popen:
