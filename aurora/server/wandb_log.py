@@ -31,9 +31,9 @@ def flatten_status(status: dict) -> dict:
     for position, value in enumerate(engine.get("accept_rate_by_position") or []):
         row[f"serve/accept_rate_by_position/{position}"] = value
     for bucket, b in ((engine.get("speculation") or {}).get("buckets") or {}).items():  # the depth decision
+        predicted = {str(d): x for d, x in (b.get("predicted_speedup") or {}).items()}  # int keys, or JSON's str
         row[f"serve/depth/{bucket}"] = b.get("depth")                                   # over time, per bucket
-        row[f"serve/predicted_speedup/{bucket}"] = (b.get("predicted_speedup") or {}).get(
-            b.get("depth"), (b.get("predicted_speedup") or {}).get(str(b.get("depth"))))
+        row[f"serve/predicted_speedup/{bucket}"] = predicted.get(str(b.get("depth")))
         row[f"serve/realised_speedup/{bucket}"] = b.get("realised_speedup")
     if trainer is not None:
         for k in ("state", "version", "steps", "samples_captured", "samples_dropped", "buffer_size", "swaps",
