@@ -11,9 +11,11 @@ rest of ARGS and the flags Aurora itself would give it (context length, running 
 MT-bench, IFEval, Arena-Hard, in a fixed shuffled order; no prompt is sent twice while the stream is shorter than
 the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the same tokens in every mode), from
 `--concurrency` clients. tokens/s per window of `--window` finished requests = the window's completion tokens /
-the time from the previous window's last finish to this one's. Modes run one after the other on the same
-machine; the table gives each window's tokens/s and its ratio to the first mode named `none` (or the last mode).
-Writes <out>/<mode>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
+the time from the previous window's last finish to this one's. `--concurrency 1,4,16` runs the concurrencies
+in that order against one start of each server, each on the next `--requests` prompts of the stream (after its own
+warm-up), so a learning draft sees them in that order. Modes run one after the other on the same machine; the
+table gives, per concurrency, each window's tokens/s and its ratio to the mode named `none` (or the last mode).
+Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
 """
 import argparse
 import asyncio
@@ -119,18 +121,28 @@ def windows(rows: list[dict], size: int) -> list[dict]:
     return out
 
 
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", action="append", required=True, help="NAME=extra aurora serve args (repeatable)")
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=ints, default=[2000], help="per concurrency (one, or one per concurrency)")
     ap.add_argument("--warmup", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=ints, default=[16], help="e.g. 1,4,16: run in this order, one server")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--out", default="results/speedup/run")
     a = ap.parse_args()
+    if len(a.requests) == 1:
+        a.requests = a.requests * len(a.concurrency)
+    if len(a.requests) != len(a.concurrency):
+        ap.error("--requests: one number, or one per --concurrency")
     os.makedirs(a.out, exist_ok=True)
-    prompts = prompt_stream(a.requests)
+    stream, segments = prompt_stream(sum(a.requests)), []
+    for n in a.requests:  # each concurrency gets the next prompts of the one stream: no prompt repeats across them
+        segments.append(stream[sum(len(x) for x in segments):][:n])
     warm = load_prompts("math")[:a.warmup]
     summary = {"args": vars(a), "modes": {}}
     for spec in a.mode:
@@ -140,51 +152,54 @@ def main():
         proc = start_server(extra if plain else f"--run-dir {os.path.join(a.out, name + '_run')} {extra}", port,
                             os.path.join(a.out, f"{name}_server.log"))
         url = f"http://127.0.0.1:{port}"
+        mode = summary["modes"][name] = {"args": extra, "by_concurrency": {}}
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            asyncio.run(drive(url, warm, a.concurrency, a.max_tokens, model))
-            t = time.perf_counter()
-            rows = asyncio.run(drive(url, prompts, a.concurrency, a.max_tokens, model))
-            wall = time.perf_counter() - t
-            draft, metrics = None, []
+            for c, prompts in zip(a.concurrency, segments):
+                asyncio.run(drive(url, warm, c, a.max_tokens, model))
+                t = time.perf_counter()
+                rows = asyncio.run(drive(url, prompts, c, a.max_tokens, model))
+                wall = time.perf_counter() - t
+                with open(os.path.join(a.out, f"{name}_c{c}_requests.csv"), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+                total = sum(r["completion_tokens"] for r in rows)
+                mode["by_concurrency"][c] = {"windows": windows(rows, min(a.window, len(rows))),
+                                             "tokens_per_s": total / wall,
+                                             "failed": sum(r["status"] != 200 for r in rows)}
+                print(f"{name} c{c}: {total / wall:.1f} tok/s over {len(rows)} requests, "
+                      f"{mode['by_concurrency'][c]['failed']} failed", flush=True)
             if not plain:
-                draft = httpx.get(url + "/v1/draft").json()
-                metrics = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                           if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
-                                               "aurora_requests", "aurora_engine_", "aurora_draft_version",
-                                               "aurora_accept_length "))]
+                mode["draft"] = httpx.get(url + "/v1/draft").json()
+                mode["metrics"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                                   if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
+                                                       "aurora_requests", "aurora_engine_", "aurora_draft_version",
+                                                       "aurora_accept_length "))]
         finally:
             proc.terminate()
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        with open(os.path.join(a.out, f"{name}_requests.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        total = sum(r["completion_tokens"] for r in rows)
-        summary["modes"][name] = {"args": extra, "windows": windows(rows, a.window), "tokens_per_s": total / wall,
-                                  "failed": sum(r["status"] != 200 for r in rows), "draft": draft,
-                                  "metrics": metrics}
-        print(f"{name}: {total / wall:.1f} tok/s over {len(rows)} requests, "
-              f"{summary['modes'][name]['failed']} failed", flush=True)
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    names = list(summary["modes"])
+    names = [n for n in summary["modes"] if len(summary["modes"][n]["by_concurrency"]) == len(a.concurrency)]
     base = "none" if "none" in names else names[-1]
-    print(f"\ntok/s per window of {a.window} requests (c{a.concurrency}, {a.max_tokens} tokens, ratio to {base}):")
-    print(f"{'window':>12} " + " ".join(f"{n:>22}" for n in names))
-    for i, wb in enumerate(summary["modes"][base]["windows"]):
-        cells = []
-        for n in names:
-            wn = summary["modes"][n]["windows"][i]
-            al = f" al {wn['accept_length']:.2f}" if wn["accept_length"] else ""
-            cells.append(f"{wn['tokens_per_s']:8.1f} {wn['tokens_per_s'] / wb['tokens_per_s']:5.2f}x{al:>8}")
-        print(f"{wb['window']:>12} " + " ".join(f"{c:>22}" for c in cells))
-    print(f"{'all':>12} " + " ".join(f"{summary['modes'][n]['tokens_per_s']:8.1f} "
-                                      f"{summary['modes'][n]['tokens_per_s'] / summary['modes'][base]['tokens_per_s']:5.2f}x"
-                                      f"{'':8}" for n in names))
+    for c in a.concurrency:
+        runs = {n: summary["modes"][n]["by_concurrency"][c] for n in names}
+        print(f"\ntok/s per window of {a.window} requests (c{c}, {a.max_tokens} tokens, ratio to {base}):")
+        print(f"{'window':>12} " + " ".join(f"{n:>22}" for n in names))
+        for i, wb in enumerate(runs[base]["windows"]):
+            cells = []
+            for n in names:
+                wn = runs[n]["windows"][i]
+                al = f" al {wn['accept_length']:.2f}" if wn["accept_length"] else ""
+                cells.append(f"{wn['tokens_per_s']:8.1f} {wn['tokens_per_s'] / wb['tokens_per_s']:5.2f}x{al:>8}")
+            print(f"{wb['window']:>12} " + " ".join(f"{x:>22}" for x in cells))
+        print(f"{'all':>12} " + " ".join(f"{runs[n]['tokens_per_s']:8.1f} "
+                                          f"{runs[n]['tokens_per_s'] / runs[base]['tokens_per_s']:5.2f}x{'':8}"
+                                          for n in names))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: str | None = None   # constrain the output to this JSON schema (a JSON string)
     logprobs: int | None = None      # None: none; N: each output token's log-probability and the top N
+    # tokens between two outputs the caller needs: 1 for a streaming client; a non-streaming response needs only
+    # the first (its status) and the last. Honoured where each output crosses processes (SGLang's streamed
+    # /generate); the built-in engine's outputs stay in process and ignore it
+    stream_interval: int = 1
 
     def __post_init__(self):
         # the ranges are what the engine's per-row tensors hold: an int64 seed, an int32-safe top_k (SGLang keeps
@@ -58,6 +62,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise ValueError("seed must be an integer in [0, 2^63)")
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise ValueError("stream_interval must be a positive integer")
 
     @property
     def greedy(self) -> bool:

@@ -32,6 +32,10 @@ TokenId = Annotated[int, Field(ge=0, lt=INT64)]
 
 MAX_PROMPTS = 16          # prompts in one /v1/completions request
 MAX_LOGIT_BIAS = 300      # OpenAI's limit on logit_bias entries
+# a non-streaming response is written once, at the end: the engine is asked for an output every this many tokens
+# only, not every token (each one costs SGLang's scheduler, detokenizer and HTTP hop a message); the outputs in
+# between are the supervisor's sign of progress on a long request (aurora/sglang_engine/supervisor.py)
+NONSTREAM_INTERVAL = 32
 
 
 class StreamOptions(BaseModel):
@@ -105,6 +109,7 @@ class SamplingRequest(BaseModel):
             logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
             json_schema=None if rf is None else rf.schema_string(),
             logprobs=self.top_logprobs_wanted(),
+            stream_interval=1 if self.stream else NONSTREAM_INTERVAL,
         )
 
     @property

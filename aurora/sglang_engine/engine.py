@@ -63,6 +63,8 @@ def sampling_params(p: SamplingParams, stop_strings: bool = True) -> dict:
         sp["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
     if p.json_schema is not None:
         sp["json_schema"] = p.json_schema   # SGLang's grammar backend (xgrammar) constrains the output
+    if p.stream_interval > 1 and (stop_strings or not p.stop):  # else the stop strings are matched here, per token
+        sp["stream_interval"] = p.stream_interval
     return sp
 
 

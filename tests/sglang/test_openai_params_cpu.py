@@ -42,11 +42,16 @@ def fake_sglang(tokenizer, calls: list):
         text = JSON_TEXT if "json_schema" in sp else PLAIN  # a grammar-following model, as SGLang's would be
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:sp["max_new_tokens"]]
         top_n = body.get("top_logprobs_num", 0)
+        interval = sp.get("stream_interval") or 1
+        body["chunks_sent"] = 0
 
         async def stream():
             for end in range(2, len(ids) + 2, 2):  # two tokens per verify round, cumulative as SGLang streams
                 out = ids[:end]
                 done = len(out) == len(ids)
+                if not done and interval > 1 and len(out) % interval != 1:  # SGLang's rule (output_streamer.py)
+                    continue
+                body["chunks_sent"] += 1
                 meta = {"spec_verify_ct": end // 2, "finish_reason": {"type": "stop"} if done else None}
                 if body.get("return_logprob"):
                     dists = [distribution(j, t) for j, t in enumerate(out)]
@@ -123,6 +128,41 @@ def test_chat_logprobs_reach_sglang_and_come_back_in_openais_shape(sglang, token
     assert calls[-1]["top_logprobs_num"] == 0 and all(c.top_logprobs == [] for c in r.choices[0].logprobs.content)
     r = client.chat.completions.create(model="aurora-test", messages=MESSAGES, max_tokens=32)
     assert "return_logprob" not in calls[-1] and r.choices[0].logprobs is None
+
+
+def test_a_response_written_once_is_not_streamed_token_by_token(sglang, tokenizer):
+    """Every output SGLang streams costs its scheduler, its detokenizer and the HTTP hop a message: a response
+    written once at the end asks for one every NONSTREAM_INTERVAL tokens, a streaming one for every token."""
+    from aurora.server.protocol import NONSTREAM_INTERVAL
+
+    client, calls = sglang
+    n = len(tokenizer(PLAIN, add_special_tokens=False)["input_ids"])
+    rounds = -(-n // 2)
+    r = client.chat.completions.create(model="aurora-test", messages=MESSAGES, max_tokens=32, logprobs=True)
+    assert calls[-1]["sampling_params"]["stream_interval"] == NONSTREAM_INTERVAL > 1
+    assert calls[-1]["chunks_sent"] == 1 < rounds  # the stand-in's answer is shorter than one interval
+    assert r.choices[0].message.content == PLAIN and r.usage.completion_tokens == n
+    assert [c.logprob for c in r.choices[0].logprobs.content] == pytest.approx(
+        [x for _, x, _ in expected(tokenizer, PLAIN, 0)], abs=1e-9)  # a cumulative chunk: all tokens' logprobs
+    text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="aurora-test", messages=MESSAGES, max_tokens=32, stream=True) if ch.choices)
+    assert "stream_interval" not in calls[-1]["sampling_params"] and calls[-1]["chunks_sent"] == rounds
+    assert text == PLAIN
+
+
+def test_stop_strings_matched_here_keep_sglang_streaming_every_token():
+    """Without a tokenizer in SGLang, Aurora matches stop strings in its own text stream and aborts: that needs
+    every token, so the interval is dropped then (and kept when there is no stop string)."""
+    from aurora.engine.sequence import SamplingParams
+    from aurora.sglang_engine.engine import sampling_params
+
+    coarse = SamplingParams(max_tokens=8, stop=["\n"], stream_interval=32)
+    assert sampling_params(coarse)["stream_interval"] == 32
+    assert "stream_interval" not in sampling_params(coarse, stop_strings=False)
+    assert sampling_params(SamplingParams(max_tokens=8, stream_interval=32), stop_strings=False)["stream_interval"] == 32
+    assert "stream_interval" not in sampling_params(SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="stream_interval"):
+        SamplingParams(stream_interval=0)
 
 
 def _close(a, b) -> bool:
