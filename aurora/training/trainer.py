@@ -176,6 +176,7 @@ class OnlineTrainer:
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
+        self._steps_published = self.steps  # optimiser steps in the version last published
 
     # ---- serving-side API: cheap, never blocks on training ----
     def add_sample(self, sample: Sample) -> bool:
@@ -251,6 +252,12 @@ class OnlineTrainer:
         return self._sync if self.steps > self._steps_at_swap else None
 
     def _iteration(self) -> None:
+        if self._sync.is_set() and self.steps == self._steps_published:
+            # nothing learnt since the last version (no samples yet, or all of them failed): the same weights
+            # again would cost a guard pass and a swap, and the engine would re-observe an unchanged draft
+            self._sync.clear()
+            with self._stats_lock:
+                self.requests_since_swap = 0
         if self._sync.is_set():
             self._sync.clear()
             self._steps_at_swap = self.steps
@@ -479,6 +486,7 @@ class OnlineTrainer:
             raise
         with self._stats_lock:
             self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
+            self._steps_published = self.steps
         self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
         if self.config.checkpoint_dir:
             try:

@@ -73,6 +73,10 @@ def test_sync_every_publishes_from_thread_and_rollback(target, samples):
     for _ in range(3):
         tr.request_finished()
     wait_for(lambda: engine.versions == [1])
+    steps = tr.status()["steps"]
+    for s in samples[12:24]:  # more traffic: a version is published only when something was learnt since
+        assert tr.add_sample(s)
+    wait_for(lambda: tr.status()["steps"] > steps)
     for _ in range(3):
         tr.request_finished()
     wait_for(lambda: engine.versions == [1, 2])
@@ -85,6 +89,25 @@ def test_sync_every_publishes_from_thread_and_rollback(target, samples):
     st = tr.status()
     assert st["state"] == "stopped" and st["version"] == 3 and st["failures"] == 0 and st["swaps"] == 3
     assert st["requests_since_swap"] == 0 and st["sync_every"] == 3
+
+
+def test_a_due_swap_with_nothing_learnt_publishes_nothing(target, samples):
+    """Requests finish before any sample trained (day 0, or a trainer that fails every step): the same weights
+    again would only cost a guard pass and a swap, and restart the engine's observations of an unchanged draft."""
+    tr, engine = make_trainer(target, samples, sync_every=2, min_samples_before_train=4, batch_tokens=200)
+    tr.start()
+    for _ in range(6):
+        tr.request_finished()
+    time.sleep(0.5)
+    assert engine.versions == [] and tr.status()["requests_since_swap"] == 0 and tr.status()["version"] == 0
+    for s in samples[:8]:
+        assert tr.add_sample(s)
+    wait_for(lambda: tr.status()["steps"] >= 1)
+    for _ in range(2):
+        tr.request_finished()
+    wait_for(lambda: engine.versions == [1])
+    tr.stop()
+    assert tr.status()["failures"] == 0
 
 
 @pytest.mark.parametrize("fault", ["raise", "nan"])
