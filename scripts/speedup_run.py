@@ -85,6 +85,14 @@ def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) ->
     raise TimeoutError(f"aurora serve not ready in {timeout} s; see {log_path}")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str) -> list[dict]:
     sem, rows, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
@@ -177,11 +185,7 @@ def main():
                                                        "aurora_requests", "aurora_engine_", "aurora_draft_version",
                                                        "aurora_accept_length "))]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     names = [n for n in summary["modes"] if len(summary["modes"][n]["by_concurrency"]) == len(a.concurrency)]

@@ -71,35 +71,49 @@ def test_logprobs_equal_huggingface_log_softmax(stack, hf):
         assert c.logprob == pytest.approx(logp[j, out[j]].item(), abs=0.1)   # bf16 against fp32
         assert c.top_logprobs[0].token == c.token                            # greedy: the top token
         ref_top = logp[j].topk(5)
-        assert [t.logprob for t in c.top_logprobs] == pytest.approx(ref_top.values.tolist(), abs=0.1)
+        # bf16 logits near 25 are quantised in steps of 0.125; a logprob carries that error twice (logit and
+        # log-sum-exp), so the tail of the top-5 is held to 0.25
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(ref_top.values.tolist(), abs=0.25)
 
 
-def penalised_greedy(model, ids, n, frequency=0.0, presence=0.0, bias=None) -> list[int]:
-    """Target-only greedy with OpenAI's penalties: logit - frequency * count - presence * (count > 0) + bias."""
-    out = []
+def penalised_logits(model, ids, out, frequency=0.0, presence=0.0, bias=None) -> list:
+    """Per generated position t, the target's fp32 logits after out[:t] with OpenAI's penalties and bias applied:
+    logit - frequency * count - presence * (count > 0) + bias, counts over the tokens generated so far."""
     with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + out])).logits[0, -1].double()
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).double() \
-                if out else torch.zeros_like(logits)
-            logits = logits - frequency * counts - presence * (counts > 0).double()
-            for t, b in (bias or {}).items():
-                logits[t] += b
-            out.append(int(logits.argmax()))
-    return out
+        logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:].double()
+    rows = []
+    for t in range(len(out)):
+        counts = torch.bincount(torch.tensor(out[:t], dtype=torch.long), minlength=logits.shape[-1]).double()
+        row = logits[t] - frequency * counts - presence * (counts > 0).double()
+        for k, b in (bias or {}).items():
+            row[k] += b
+        rows.append((logits[t], row))
+    return rows
 
 
-def test_penalties_and_logit_bias_match_a_plain_torch_decode(stack, hf):
+NEAR_TIE = 0.5  # fp32 logits: below it, a bf16 engine may order two tokens either way
+
+
+def test_penalties_match_a_plain_torch_reference(stack, hf):
+    """Along SGLang's own output, every token is the penalised argmax of the fp32 reference (up to a bf16 near-tie),
+    and somewhere the penalty decided the token: without it the reference clearly prefers another."""
     client, service = stack
     model, tok = hf
     ids = prompt_ids(tok)
     for kw in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}):
-        r = client.chat.completions.create(model=service.engine.model_name, messages=MESSAGES, max_tokens=TOKENS,
+        r = client.chat.completions.create(model=service.engine.model_name, messages=MESSAGES, max_tokens=48,
                                            temperature=0, **kw)
-        ref = tok.decode(penalised_greedy(model, ids, TOKENS, kw.get("frequency_penalty", 0.0),
-                                          kw.get("presence_penalty", 0.0)), skip_special_tokens=True)
-        got = r.choices[0].message.content
-        assert got[:24] == ref[:24], (kw, got, ref)  # bf16 vs fp32: the first tokens
+        out = tok(r.choices[0].message.content, add_special_tokens=False)["input_ids"]
+        rows = penalised_logits(model, ids, out, kw.get("frequency_penalty", 0.0), kw.get("presence_penalty", 0.0))
+        gaps = [float(pen.max() - pen[o]) for (_, pen), o in zip(rows, out)]
+        decided = [t for t, ((raw, pen), o) in enumerate(zip(rows, out)) if float(raw.max() - raw[o]) > 1.0]
+        assert max(gaps) < NEAR_TIE, (kw, r.choices[0].message.content, gaps)
+        assert decided, (kw, "the penalty never changed a token: this prompt cannot tell it from no penalty")
+
+
+def test_logit_bias_forces_a_token(stack, hf):
+    client, service = stack
+    _, tok = hf
     token = tok(" banana", add_special_tokens=False)["input_ids"][0]
     r = client.chat.completions.create(model=service.engine.model_name, messages=MESSAGES, max_tokens=4,
                                        temperature=0, logit_bias={str(token): 100})

@@ -42,8 +42,11 @@ SWAP = os.environ.get("AURORA_SGLANG_SWAP", "step")  # or "pause"; run the file 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     run = tmp_path_factory.mktemp("sglang")
+    # a fixed depth (the lookahead): these tests are about speculative rounds, their capture and swaps; with the
+    # depth decision on, a day-0 draft serves at depth 0 and stays there while speculation does not pay on this
+    # tiny target (tests/sglang/test_openai_params_gpu.py runs the shipped default, depth decision on)
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=SYNC, lr=1e-3, max_batch=32,
-                      max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_swap=SWAP,
+                      max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_swap=SWAP, adaptive_depth=False,
                       sglang_args=EXTRA + " --mem-fraction-static 0.45")
     target_dir = hub.resolve("smollm2")
     port = free_port()

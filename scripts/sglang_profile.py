@@ -1,0 +1,169 @@
+"""Where one SGLang decoding round goes, per mode and concurrency: SGLang's own torch profiler (/start_profile) over
+`--steps` steady decode forwards of its scheduler, summarised per round (GPU machine only).
+
+  scripts/device/env.sh python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --out /tmp/prof \
+      --mode plain="@sglang $SA" --mode aurora="--engine sglang --draft scratch --sglang-args='$SA'"
+
+Modes as in speedup_run.py (`@sglang ARGS`: plain SGLang; else `aurora serve ARGS`, whose SGLang is found from its
+log). Load goes straight to SGLang's /generate: `C` clients, each request a distinct random token-id prompt
+(`--prompt-len`, ids below 32,000: valid for every target here) and `--max-tokens` new tokens with ignore_eos, so
+the profiled window is steady decoding at C running requests. Request ids start with "c-", so Aurora's plugin
+captures them as it captures served traffic. Per round the table gives: wall time, GPU busy time (union of kernels
+and copies), kernel and graph launches, SGLang's stage annotations (draft, verify, draft_extend), and with
+`--stack` the inclusive time of each Python function of the scheduler thread (Aurora's wrappers among them; the
+Python tracer slows every call, so read that column for shares, not for absolute time). Writes <out>/profile.json.
+"""
+import argparse
+import asyncio
+import glob
+import gzip
+import json
+import os
+import random
+import re
+import shlex
+import time
+from collections import Counter, defaultdict
+
+import httpx
+
+from speedup_run import free_port, start_server, stop_server
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+            "cudaMemcpyAsync", "cudaMemsetAsync")
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def sglang_url(mode_args: str, port: int, log_path: str) -> str:
+    if mode_args.startswith("@sglang"):
+        return f"http://127.0.0.1:{port}"
+    with open(log_path, errors="replace") as f:
+        ports = re.findall(r"starting SGLang: .*?--port (\d+)", f.read())
+    if not ports:
+        raise RuntimeError(f"no SGLang start line in {log_path}")
+    return f"http://127.0.0.1:{ports[-1]}"
+
+
+async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, stop: asyncio.Event) -> int:
+    rng, done = random.Random(concurrency), [0]
+
+    async def client(h, c):
+        i = 0
+        while not stop.is_set():
+            ids = [rng.randrange(100, 32000) for _ in range(prompt_len)]
+            body = {"input_ids": ids, "rid": f"c-prof-{c}-{i}-{time.monotonic_ns()}",
+                    "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+            i += 1
+            try:
+                await h.post("/generate", json=body)
+                done[0] += 1
+            except httpx.HTTPError:
+                return
+
+    async with httpx.AsyncClient(base_url=url, timeout=None) as h:
+        tasks = [asyncio.create_task(client(h, c)) for c in range(concurrency)]
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return done[0]
+
+
+async def profile_once(url: str, concurrency: int, a, out_dir: str, stack: bool) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stop = asyncio.Event()
+    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.max_tokens, stop))
+    await asyncio.sleep(a.settle)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as h:
+        r = await h.post("/start_profile", json={"output_dir": out_dir, "num_steps": a.steps,
+                                                 "activities": ["CPU", "GPU"], "with_stack": stack,
+                                                 "record_shapes": False})
+        if r.status_code != 200:
+            raise RuntimeError(f"/start_profile: {r.status_code} {r.text[:300]}")
+    trace = None
+    for _ in range(600):  # SGLang writes the trace when the steps are done
+        files = glob.glob(os.path.join(out_dir, "**", "*.trace.json*"), recursive=True)
+        if files:
+            size = os.path.getsize(files[0])
+            await asyncio.sleep(2)
+            if os.path.getsize(files[0]) == size:
+                trace = files[0]
+                break
+        await asyncio.sleep(1)
+    stop.set()
+    await loader
+    if trace is None:
+        raise RuntimeError(f"no trace in {out_dir}")
+    return trace
+
+
+def _union(intervals: list) -> float:
+    total, end = 0.0, -1.0
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def summarise(trace: str, steps: int) -> dict:
+    opener = gzip.open if trace.endswith(".gz") else open
+    with opener(trace, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    per_tid = Counter(e["tid"] for e in events if e.get("cat") == "cpu_op")
+    main = per_tid.most_common(1)[0][0]  # the scheduler thread launches nearly every op
+    host = [e for e in events if e.get("tid") == main]
+    t0, t1 = min(e["ts"] for e in host), max(e["ts"] + e["dur"] for e in host)
+    gpu = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_CATS]
+    launches = Counter(e["name"] for e in host if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                       and e["name"] in LAUNCHES)
+    annotations, python = defaultdict(float), defaultdict(float)
+    for e in host:
+        if e.get("cat") == "user_annotation" and not e["name"].startswith("ProfilerStep"):
+            annotations[e["name"]] += e["dur"]
+        elif e.get("cat") == "python_function":
+            python[e["name"]] += e["dur"]
+    ms = lambda us: round(us / 1000 / steps, 4)  # noqa: E731 (per round, in ms)
+    return {"round_ms": ms(t1 - t0), "gpu_busy_ms": ms(_union(gpu)),
+            "launches_per_round": {k: round(v / steps, 1) for k, v in launches.most_common()},
+            "annotations_ms": {k: ms(v) for k, v in sorted(annotations.items(), key=lambda kv: -kv[1])[:20]},
+            "python_ms": {k: ms(v) for k, v in sorted(python.items(), key=lambda kv: -kv[1])[:60]}}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", action="append", required=True, help="NAME=ARGS, as in speedup_run.py")
+    p.add_argument("--concurrency", default="1,16")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--settle", type=float, default=6.0, help="seconds of load before profiling")
+    p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
+    p.add_argument("--out", default="results/sglang/profile")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    result = {}
+    for spec in a.mode:
+        name, _, args = spec.partition("=")
+        port, log_path = free_port(), os.path.join(a.out, f"{name}_server.log")
+        proc = start_server(args, port, log_path)
+        try:
+            url = sglang_url(args, port, log_path)
+            for c in [int(x) for x in a.concurrency.split(",")]:
+                for stack in (False, True) if a.stack else (False,):
+                    tag = f"{name}_c{c}" + ("_stack" if stack else "")
+                    trace = asyncio.run(profile_once(url, c, a, os.path.join(a.out, tag), stack))
+                    result[tag] = s = summarise(trace, a.steps)
+                    print(f"{tag:24s} round {s['round_ms']:.3f} ms  gpu busy {s['gpu_busy_ms']:.3f} ms  "
+                          f"launches {sum(s['launches_per_round'].values()):.0f}  {s['annotations_ms']}", flush=True)
+        finally:
+            stop_server(proc)
+        with open(os.path.join(a.out, "profile.json"), "w") as f:
+            json.dump({"args": vars(a), "result": result}, f, indent=1)
+    print("\n| mode | round ms | GPU busy ms | launches / round |\n|---|---|---|---|")
+    for tag, s in result.items():
+        print(f"| {tag} | {s['round_ms']:.3f} | {s['gpu_busy_ms']:.3f} | {sum(s['launches_per_round'].values()):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
