@@ -1,5 +1,5 @@
-"""Helpers shared by the engine's end-to-end tests: run requests to completion, the 50-prompt two-domain
-SmolLM2 set (25 chat, 25 code) every speculative configuration is compared on, and a captured sample checked
+"""Helpers shared by the engine's end-to-end tests: run requests to completion, the two-domain SmolLM2 prompt
+set (half chat, half code) every speculative configuration is compared on, and a captured sample checked
 against Hugging Face."""
 import torch
 
@@ -13,9 +13,9 @@ def run_all(engine, prompts, params):
     return [s.output_ids for s in seqs], seqs
 
 
-def two_domain_prompts(tok):
-    return chat_ids(tok, load_prompts("chat", 25)) + \
-           [tok(p)["input_ids"][-200:] for p in load_prompts("code", 25)]
+def two_domain_prompts(tok, per_domain: int = 12):
+    return chat_ids(tok, load_prompts("chat", per_domain)) + \
+           [tok(p)["input_ids"][-200:] for p in load_prompts("code", per_domain)]
 
 
 def check_sample(s, hf, aux_layers, atol=1e-4) -> int:

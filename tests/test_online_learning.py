@@ -2,7 +2,8 @@
 from live requests, the trainer thread learning, hot swaps every few requests under concurrent load, and
 the accept length that the engine itself measures on later requests rising clearly above 1.0 — while every
 greedy output stays identical to target-only decoding, before, during and after the swaps. The trained draft
-then drafts chains and trees at batch 1 and 8 over 50 prompts of two domains, equal to target-only greedy."""
+then drafts chains and trees at batch 1 and 8, on the prompts it learned and on two domains it never saw,
+equal to target-only greedy."""
 import asyncio
 import time
 
@@ -26,6 +27,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
                       sync_every=8, lookahead=3, max_batch=8, max_model_len=512, lr=1e-3, device=DEVICE,
                       run_dir=str(tmp_path), wandb="disabled", adaptive_depth=False,
                       trainer_duty=1.0)  # learning is tested here, not the trainer's share of a busy server
+    t_start = time.monotonic()
     service = Service.from_config(cfg)
     tok = service.engine.tokenizer
     # a small, recurring workload (a service's traffic repeats): 8 coding prompts asked again and again
@@ -51,10 +53,10 @@ def test_accept_length_rises_after_swaps(tmp_path):
 
     async def drive():
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 240:
+        while time.monotonic() - t0 < 480:  # a bound for a slow machine; here it ends on the learning
             await asyncio.gather(*(one(p) for p in prompts))
             st = service.draft_status()
-            if st["draft_version"] >= 4 and len(results) >= 24 and _recent(results[-8:]) > 1.5:
+            if st["trainer"]["swaps"] >= 2 and _recent(results[-8:]) > 1.5:
                 break
 
     try:
@@ -71,20 +73,12 @@ def test_accept_length_rises_after_swaps(tmp_path):
     assert first < 1.15
     assert late > 1.5, (late, status["accept_length_by_version"])
     assert (tmp_path / "checkpoint" / "draft" / "model.safetensors").exists()
-    # the trained draft drafting a tree (top-3, 8 nodes): still exactly the target's greedy text, and accepted
-    # paths now run through the tree's KV compaction
-    tree = LLMEngine(service.engine.engine.target_path, load_served_draft(str(tmp_path / "checkpoint")),
-                     EngineConfig(max_batch=8, max_model_len=512, lookahead=3, topk=3, num_draft_tokens=8,
-                                  device=DEVICE, adaptive=False))
-    seqs = [tree.add_request(p, params) for p in prompts]
-    while tree.has_work():
-        tree.step()
-    assert [s.output_ids for s in seqs] == [expected[tuple(p)] for p in prompts]
-    tree_accept = _recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs])
-    print(f"tree (topk 3, 8 nodes) with the trained draft: accept length {tree_accept:.3f}")
-    assert tree_accept > 1.3
-    # the trained draft on the two-domain set: chain and tree, batch 1 and 8, token for token target-only greedy
-    many, short = two_domain_prompts(tok), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    print(f"learning phase {time.monotonic() - t_start:.0f} s")
+    # the trained draft as chain and tree (top-3, 8 nodes) at batch 1 and 8, on the prompts it learned (accepted
+    # drafts, and accepted tree paths through the KV compaction) and on two domains it never saw: token for
+    # token target-only greedy every time
+    learned = len(prompts)
+    many, short = prompts + two_domain_prompts(tok, 3), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     target = service.engine.engine.target_path
     want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024, device=DEVICE)),
                       many, short)
@@ -97,9 +91,10 @@ def test_accept_length_rises_after_swaps(tmp_path):
         eng.on_sample = captured.append
         got, seqs = run_all(eng, many, short)
         assert got == want, (batch, topk)
-        accept = _recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs])
-        print(f"trained draft, 50 prompts, batch {batch}, topk {topk}: accept length {accept:.3f}")
-        assert accept > 1.1  # accepted drafts (and the tree's KV compaction) were exercised
+        accept = _recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs[:learned]])
+        print(f"trained draft, batch {batch}, topk {topk}: accept length {accept:.3f} on the learned prompts, "
+              f"{_recent([(0, s.verify_tokens, s.verify_rounds) for s in seqs[learned:]]):.3f} on unseen ones")
+        assert accept > 1.3
         if topk == 1:  # the trainer's replay of greedy serving (guard.py) counts what the engine counted
             sim = simulated_acceptance(eng.draft, captured, eng.target.lm_head.weight, 3, eng.draft.target_to_draft())
             rounds = sum(s.verify_rounds for s in seqs)
@@ -107,9 +102,10 @@ def test_accept_length_rises_after_swaps(tmp_path):
                   f"engine {rounds}); position-averaged {sim['greedy_accept_length']:.3f}")
             assert sim["completion_tokens"] == sum(len(s.output_ids) for s in seqs)
             assert abs(sim["rounds"] - rounds) <= 2  # a near-tie argmax may flip between two fp32 code paths
-        # what those requests left for the trainer: HF's hidden states, truthful rounds (every 5th sample)
+        # what those requests left for the trainer: HF's hidden states, truthful rounds (every 4th sample)
         assert len(captured) == len(many)
-        assert sum(check_sample(s, hf, eng.target.aux_layers, atol=2e-3) for s in captured[::5]) > 0
+        assert sum(check_sample(s, hf, eng.target.aux_layers, atol=2e-3) for s in captured[::4]) > 0
+    print(f"whole test {time.monotonic() - t_start:.0f} s")
 
 
 def _recent(rows):

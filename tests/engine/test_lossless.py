@@ -25,7 +25,7 @@ def greedy_setup(smollm2_dir):
 
 def test_target_only_equals_hf_generate(smollm2_dir, greedy_setup):
     prompts, params, reference = greedy_setup
-    prompts, reference = prompts[::12], reference[::12]
+    prompts, reference = prompts[::6], reference[::6]
     if torch.cuda.is_available():  # the shared reference ran in bf16 there; HF runs in fp32: compare like with like
         fp32 = LLMEngine(smollm2_dir, None, EngineConfig(max_batch=8, max_model_len=1024, dtype="float32"))
         reference, _ = run_all(fp32, prompts, params)
@@ -41,8 +41,8 @@ def test_greedy_lossless_untrained_draft(smollm2_dir, greedy_setup, batch, topk,
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(smollm2_dir)), seed=7)
     eng = LLMEngine(smollm2_dir, draft, EngineConfig(max_batch=batch, max_model_len=1024, lookahead=4, topk=topk, adaptive=False,
                                                      num_draft_tokens=draft_tokens))
-    outs, seqs = run_all(eng, prompts if batch > 1 else prompts[::5], params)
-    assert outs == (reference if batch > 1 else reference[::5])
+    outs, seqs = run_all(eng, prompts if batch > 1 else prompts[::3], params)
+    assert outs == (reference if batch > 1 else reference[::3])
     assert all(s.verify_rounds > 0 for s in seqs)
 
 

@@ -34,8 +34,8 @@ def test_fused_kernels_engine_equals_unfused(tiny_target_dir, monkeypatch):
     _count(monkeypatch, kv_cache, "rope_cache_write", calls)
     for name in ("add_rms_norm", "silu_mul"):
         _count(monkeypatch, layers.fused_ops, name, calls)
-    prompts = [[(5 * i + j) % 90 + 1 for j in range(2 + i % 9)] for i in range(8)]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[(5 * i + j) % 90 + 1 for j in range(2 + 3 * i % 9)] for i in range(6)]  # 6 requests, batch 4
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     cfg = dict(max_batch=4, max_model_len=64, lookahead=3, dtype="float32")  # fp32 on a GPU too: exact comparison
     ref_ids, ref_samples = _serve(LLMEngine(tiny_target_dir, None, EngineConfig(**cfg, fused_kernels=False)), prompts,
                                   params)
