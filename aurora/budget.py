@@ -150,4 +150,5 @@ def trainer_probe(trainer, aux_dim: int, vocab: int, dtype=torch.bfloat16, seed:
         return Sample(f"probe-{T}", torch.randint(0, vocab, (T,), generator=g), T // 2,
                       torch.randn(T - 1, aux_dim, generator=g).to(dtype), None, torch.arange(T) >= T // 2)
     trainer.train_step([sample(min(c.batch_tokens, c.max_sample_tokens or c.batch_tokens))])
-    trainer._score(trainer._history[-1][1], [sample(c.guard_chunk_tokens)])
+    live = trainer._history[-1][1]
+    trainer._simulate([live, live], [sample(c.guard_chunk_tokens)])  # a guard: candidate and live, one chunk

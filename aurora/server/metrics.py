@@ -148,6 +148,8 @@ class StatusCollector:
                        t.get("samples_dropped"))
         yield _counter("aurora_swaps_total", "draft hot-swaps into the engine", t.get("swaps"))
         yield _counter("aurora_swaps_refused_total", "hot-swaps refused by the evaluation gate", t.get("swaps_refused"))
+        yield _counter("aurora_swaps_deferred_total", "due hot-swaps that waited for enough training to pay for "
+                       "their guard pass", t.get("swaps_deferred"))
         yield _counter("aurora_trainer_failures_total", "trainer failures", t.get("failures"))
         by_kind = CounterMetricFamily("aurora_trainer_failures_by_kind", "trainer failures by kind", labels=["kind"])
         for kind, n in sorted((t.get("failures_by_kind") or {}).items()):

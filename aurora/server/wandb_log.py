@@ -37,7 +37,7 @@ def flatten_status(status: dict) -> dict:
         row[f"serve/realised_speedup/{bucket}"] = b.get("realised_speedup")
     if trainer is not None:
         for k in ("state", "version", "steps", "samples_captured", "samples_dropped", "buffer_size", "swaps",
-                  "swaps_refused", "failures", "last_error", "tokens_per_second", "tokens_trained",
+                  "swaps_refused", "swaps_deferred", "failures", "last_error", "tokens_per_second", "tokens_trained",
                   "requests_since_swap"):
             row[f"train/{k}"] = trainer.get(k)
         for step, value in enumerate(trainer.get("loss_per_step") or []):

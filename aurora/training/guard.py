@@ -33,6 +33,16 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
     that are split into windows, see bounds.py), so memory is bounded whatever the held-out lengths; the
     figures are the same sums as one batch gives, combined exactly. turn: a context each chunk runs inside (the
     trainer's DeviceShare.training, so serving steps between chunks)."""
+    return simulated_acceptances(draft, [None], samples, lm_head, ttt_length, target_to_draft, device, chunk_tokens,
+                                 turn)[0]
+
+
+def simulated_acceptances(draft: Eagle3Draft, states: list[dict | None], samples: list[Sample],
+                          lm_head: torch.Tensor | None, ttt_length: int, target_to_draft: torch.Tensor, device="cpu",
+                          chunk_tokens: int | None = None, turn=contextlib.nullcontext) -> list[dict]:
+    """simulated_acceptance of several weights on the same samples, one result per state: each chunk's target
+    distribution (the target's LM head over its whole vocabulary, the larger part of a pass for a small draft)
+    is computed once and every state is loaded into `draft` in turn to score it (None: `draft` as it is)."""
     K = ttt_length
     if chunk_tokens is None:
         groups = [trainable(samples)]
@@ -41,11 +51,15 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
         groups = [[s for _, s in g] for g in pack(items, chunk_tokens)]
     if not groups or not groups[0]:
         raise ValueError("no sample with >= 3 tokens")
-    total = None
+    totals = [None] * len(states)
     for group in groups:
         with turn():
-            part = _acceptance_sums(draft, group, lm_head, K, target_to_draft, device)
-        total = part if total is None else {k: total[k] + part[k] for k in total}
+            parts = _acceptance_sums(draft, states, group, lm_head, K, target_to_draft, device)
+        totals = [p if t is None else {k: t[k] + p[k] for k in t} for t, p in zip(totals, parts)]
+    return [_summary(total) for total in totals]
+
+
+def _summary(total: dict) -> dict:
     n = max(total["positions"], 1)
     return {"accept_length": 1.0 + total["chain"] / n, "greedy_accept_length": 1.0 + total["chain_greedy"] / n,
             "served_greedy_accept_length": total["verified"] / max(total["rounds"], 1),
@@ -56,9 +70,10 @@ def simulated_acceptance(draft: Eagle3Draft, samples: list[Sample], lm_head: tor
 
 
 @torch.no_grad()
-def _acceptance_sums(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.Tensor | None, K: int,
-                     target_to_draft: torch.Tensor, device) -> dict:
-    """The sums simulated_acceptance averages, over one batch (float64 on the host, so chunks add exactly)."""
+def _acceptance_sums(draft: Eagle3Draft, states: list[dict | None], samples: list[Sample], lm_head: torch.Tensor | None,
+                     K: int, target_to_draft: torch.Tensor, device) -> list[dict]:
+    """The sums simulated_acceptance averages, over one batch, per state (float64 on the host, so chunks add
+    exactly)."""
     batch = collate(samples, K, target_to_draft, device)
     B, L = batch.shape
     tdist = batch_target(batch, draft, lm_head)
@@ -69,22 +84,27 @@ def _acceptance_sums(draft: Eagle3Draft, samples: list[Sample], lm_head: torch.T
     t_arg = torch.cat([t_arg, t_arg.new_full((B, K), -1)], 1)
     valid = torch.stack([batch.target_mask[:, 1 + k:1 + k + L] for k in range(K)])  # [K,B,L]
     served = target_to_draft.to(batch.ids.device)[batch.ids]                      # [B,L+K] draft id of x[i+1], -1
-    acc, greedy, hits = [], [], []
-    for k, (_, logits) in enumerate(ttt_forward(draft, batch, K)):
-        q = logits.float().softmax(-1)
-        acc.append(torch.minimum(p_pad[:, 1 + k:1 + k + L], q).sum(-1))        # [B,L]
-        arg = logits.argmax(-1)
-        greedy.append((arg == t_arg[:, 1 + k:1 + k + L]).float())
-        hits.append(arg == served[:, 1 + k:1 + k + L])  # step k at t guessed the served token x[t+2+k]
-    acc, greedy = torch.stack(acc), torch.stack(greedy)                          # [K,B,L]
     full = valid.all(0)                                                          # [B,L]
     chain = lambda a: float((a.cumprod(0).sum(0) * full).double().sum())  # noqa: E731
-    tokens, verified, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)  # batch rows
-    return {"chain": chain(acc), "chain_greedy": chain(greedy), "positions": int(full.sum()),
-            "step_sum": (acc * valid).flatten(1).double().sum(1).cpu(),
-            "step_count": valid.flatten(1).double().sum(1).cpu(), "tokens": tokens, "verified": verified,
-            "rounds": rounds, "tried": torch.tensor(tried, dtype=torch.float64),
-            "hit": torch.tensor(hit, dtype=torch.float64)}
+    out = []
+    for state in states:
+        if state is not None:
+            draft.load_state_dict(state, strict=False)
+        acc, greedy, hits = [], [], []
+        for k, (_, logits) in enumerate(ttt_forward(draft, batch, K)):
+            q = logits.float().softmax(-1)
+            acc.append(torch.minimum(p_pad[:, 1 + k:1 + k + L], q).sum(-1))        # [B,L]
+            arg = logits.argmax(-1)
+            greedy.append((arg == t_arg[:, 1 + k:1 + k + L]).float())
+            hits.append(arg == served[:, 1 + k:1 + k + L])  # step k at t guessed the served token x[t+2+k]
+        acc, greedy = torch.stack(acc), torch.stack(greedy)                          # [K,B,L]
+        tokens, verified, rounds, tried, hit = _walk_rounds(torch.stack(hits).cpu(), trainable(samples), K)
+        out.append({"chain": chain(acc), "chain_greedy": chain(greedy), "positions": int(full.sum()),
+                    "step_sum": (acc * valid).flatten(1).double().sum(1).cpu(),
+                    "step_count": valid.flatten(1).double().sum(1).cpu(), "tokens": tokens, "verified": verified,
+                    "rounds": rounds, "tried": torch.tensor(tried, dtype=torch.float64),
+                    "hit": torch.tensor(hit, dtype=torch.float64)})
+    return out
 
 
 def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int, int, int, list[int], list[int]]:

@@ -49,7 +49,7 @@ from aurora.training.buffer import SampleBuffer
 from aurora.training.bounds import MIN_TOKENS, POLICIES, bound_samples, pack
 from aurora.training.checkpoint import read_trainer_state, write_checkpoint
 from aurora.training.faults import KINDS, FaultInjector, NonFiniteLoss, failure_kind
-from aurora.training.guard import finite_state, simulated_acceptance
+from aurora.training.guard import finite_state, simulated_acceptances
 from aurora.training.loss import OBJECTIVES
 from aurora.training.ttt import collate, ttt_loss
 
@@ -80,6 +80,9 @@ class TrainConfig:
     sync_every: int = 800                 # finished requests between publishes
     min_samples_before_train: int = 16
     guard_margin: float = 0.05            # refuse if candidate accept_length < live's - margin (tokens/round)
+    guard_share: float = 0.25             # the most of the trainer's time its guard passes may take: a due swap
+                                          # waits, training on, until the steps since the last swap took
+                                          # (1 - share) / share times the last guard pass; 1 = never wait
     sample_rate: float = 1.0              # fraction of offered samples kept
     buffer_samples: int = 4096
     buffer_bytes: int = 2 << 30
@@ -118,6 +121,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 < self.duty <= 1:
             raise ValueError("duty must be in (0, 1]")
+        if not 0 < self.guard_share <= 1:
+            raise ValueError("guard_share must be in (0, 1]")
         if not 0 < self.step_decay <= 1 or not 0 < self.sample_rate <= 1:
             raise ValueError("step_decay and sample_rate must be in (0, 1]")
         if self.keep_versions < 2:
@@ -162,6 +167,8 @@ class OnlineTrainer:
         self._thread: threading.Thread | None = None
         self.version, self.steps, self.swaps, self.swaps_refused, self.failures = 0, 0, 0, 0, 0
         self._steps_at_swap = 0  # optimiser steps when the last due swap was tried (see _wake)
+        self._last_guard_s, self._step_s_since_swap = 0.0, 0.0  # see _guard_paid_for
+        self.swaps_deferred, self._deferring = 0, False
         self.requests_since_swap, self.finished_requests, self.samples_invalid = 0, 0, 0
         self._consecutive_failures, self._state, self.last_error, self.last_guard = 0, "idle", None, None
         self.failures_by_kind = dict.fromkeys(KINDS, 0)
@@ -245,11 +252,29 @@ class OnlineTrainer:
                 raise
 
     def _wake(self) -> threading.Event | None:
-        """What may cut a rest short: a due swap, only when an optimiser step came since the last swap. After a
-        swap the rest is taken in full (the rest it cut stays owed): were every due swap to cut the rest, the
-        duty would not hold wherever swaps fall due faster than a step's rest ends (a CPU: a step of seconds, a
-        rest of nine times that, a swap every 16 requests), and serving would lose half its time, not a tenth."""
-        return self._sync if self.steps > self._steps_at_swap else None
+        """What may cut a rest short: a due swap, only when an optimiser step came since the last swap and the
+        guard is paid for. After a swap the rest is taken in full (the rest it cut stays owed): were every due
+        swap to cut the rest, the duty would not hold wherever swaps fall due faster than a step's rest ends (a
+        CPU: a step of seconds, a rest of nine times that, a swap every 16 requests), and serving would lose half
+        its time, not a tenth."""
+        return self._sync if self.steps > self._steps_at_swap and self._guard_paid_for() else None
+
+    def _guard_paid_for(self) -> bool:
+        """Whether the steps since the last swap took long enough that another guard pass (timed as the last
+        one) keeps the guard within `guard_share` of the trainer's time. Where swaps fall due faster than the
+        trainer steps (a CPU: a held-out pass over the target's whole vocabulary costs several optimiser
+        steps, and swaps are due every 16 requests), guarding every due swap would leave the trainer's duty to
+        the guard and next to nothing to learning; the swap instead waits for the training that makes it worth
+        a guard. On a GPU at 800 requests per swap the steps outweigh the guard and nothing waits."""
+        share = self.config.guard_share
+        paid = share >= 1 or self._step_s_since_swap * share >= (1 - share) * self._last_guard_s
+        if not paid and self._sync.is_set() and not self._deferring:
+            self._deferring = True
+            with self._stats_lock:
+                self.swaps_deferred += 1
+            log.info("swap due, deferred: %.1f s of training since the last swap against a %.1f s guard pass "
+                     "(guard_share %.2f)", self._step_s_since_swap, self._last_guard_s, share)
+        return paid
 
     def _iteration(self) -> None:
         if self._sync.is_set() and self.steps == self._steps_published:
@@ -258,13 +283,14 @@ class OnlineTrainer:
             self._sync.clear()
             with self._stats_lock:
                 self.requests_since_swap = 0
-        if self._sync.is_set():
+        if self._sync.is_set() and self._guard_paid_for():
             self._sync.clear()
-            self._steps_at_swap = self.steps
+            self._steps_at_swap, self._step_s_since_swap, self._deferring = self.steps, 0.0, False
             try:
                 self._swap()
             except Exception:
-                self._sync.set()  # the swap is retried after the back-off
+                self._sync.set()  # the swap is retried after the back-off, without waiting to pay for a guard
+                self._last_guard_s = 0.0
                 raise
             finally:
                 self.share.rest(self._stop, self._wake())  # the guard's pass counts against the duty like a step
@@ -394,6 +420,7 @@ class OnlineTrainer:
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
             self.tokens_trained += batch.num_tokens
             self.steps += 1
+            self._step_s_since_swap += dt
         return loss_f
 
     # ---- publishing ----
@@ -454,25 +481,23 @@ class OnlineTrainer:
         heldout = self.buffer.heldout()
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
             return None, None
-        sim = self._simulate(candidate, heldout)
-        cand = sim["accept_length"]
-        live = self._score(self._history[-1][1], heldout)
+        t0 = time.perf_counter()
+        sim, live_sim = self._simulate([candidate, self._history[-1][1]], heldout)
+        self._last_guard_s = time.perf_counter() - t0
+        cand, live = sim["accept_length"], live_sim["accept_length"]
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
         if cand < live - self.config.guard_margin:
             return self.last_guard, None
         return None, sim["served_greedy_step_accept"]
 
-    def _score(self, state: dict, samples: list[Sample]) -> float:
-        return self._simulate(state, samples)["accept_length"]
-
-    def _simulate(self, state: dict, samples: list[Sample]) -> dict:
+    def _simulate(self, states: list[dict], samples: list[Sample]) -> list[dict]:
+        """The states' simulated acceptance on the samples, the target's side computed once for all."""
         self.faults.check("guard_error")
         self.faults.check("guard_oom")
-        self._scratch.load_state_dict(state, strict=False)
         c = self.config  # the chunk shrinks with the batch size while backing off (an OOM there was the guard's)
         chunk = max(MIN_TOKENS, c.guard_chunk_tokens * self._batch_tokens // c.batch_tokens)
-        return simulated_acceptance(self._scratch, samples, self.lm_head, c.ttt_length, self.target_to_draft,
-                                    self.device, chunk_tokens=chunk, turn=self.share.training)
+        return simulated_acceptances(self._scratch, states, samples, self.lm_head, c.ttt_length,
+                                     self.target_to_draft, self.device, chunk_tokens=chunk, turn=self.share.training)
 
     def _publish(self, state: dict, acceptance: list[float] | None = None) -> int | None:
         """Raises (marked aurora_where "publish") when the engine refused the weights: it still serves the
@@ -580,7 +605,8 @@ class OnlineTrainer:
                     "samples_invalid": self.samples_invalid, "buffer_size": self.buffer.size,
                     "buffer_bytes": self.buffer.bytes, "heldout_size": len(self.buffer.heldout()),
                     "replay_size": self.buffer.replay_size, "replay_evicted": self.buffer.replay_evicted,
-                    "swaps": self.swaps, "swaps_refused": self.swaps_refused, "failures": self.failures,
+                    "swaps": self.swaps, "swaps_refused": self.swaps_refused, "swaps_deferred": self.swaps_deferred,
+                    "failures": self.failures,
                     "failures_by_kind": dict(self.failures_by_kind), "last_failure_kind": self.last_failure_kind,
                     "consecutive_failures": self._consecutive_failures,
                     "max_consecutive_failures": self.config.max_consecutive_failures,

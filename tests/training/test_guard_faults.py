@@ -8,6 +8,7 @@ import torch
 import aurora.training.trainer as trainer_mod
 from aurora.models.draft import new_draft
 from aurora.training import OnlineTrainer, TrainConfig
+from aurora.training.guard import simulated_acceptance, simulated_acceptances
 from conftest import make_draft
 
 
@@ -108,6 +109,71 @@ def test_a_due_swap_with_nothing_learnt_publishes_nothing(target, samples):
     wait_for(lambda: engine.versions == [1])
     tr.stop()
     assert tr.status()["failures"] == 0
+
+
+def test_one_guard_pass_scores_candidate_and_live_as_two_separate_passes(target, trained, heldout):
+    """The guard computes the target's side once and scores both weights on it: each figure equals a pass of
+    its own over a draft that holds only those weights."""
+    train, state, _ = trained
+    tr, _ = make_trainer(target, train, heldout)
+    live = tr._snapshot()
+    tr.master.load_state_dict(state)
+    cand = tr._snapshot()
+    both = simulated_acceptances(tr._scratch, [cand, live], heldout, tr.lm_head, 3, tr.target_to_draft,
+                                 chunk_tokens=80)
+    for got, weights in zip(both, (cand, live)):
+        alone = make_draft(target, train, seed=3)
+        alone.load_state_dict(weights, strict=False)
+        want = simulated_acceptance(alone.float(), heldout, tr.lm_head, 3, tr.target_to_draft, chunk_tokens=80)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+    assert both[0]["accept_length"] > both[1]["accept_length"] + 0.05  # trained vs day-0 weights: two answers
+
+
+def test_a_due_swap_waits_until_training_pays_for_its_guard(target, samples, heldout, monkeypatch):
+    """guard_share 0.25: after a guard pass of G seconds the next due swap waits, training on, until the steps
+    since the last swap took 3 G; the deferral is counted once per due swap. guard_share 1: no wait."""
+    step_s, guard_s = 0.05, 0.4
+    real_step, real_sim = OnlineTrainer.train_step, OnlineTrainer._simulate
+    log = []  # ("step", seconds) / ("guard", steps so far)
+
+    def slow_step(self, batch):
+        t0 = time.perf_counter()
+        time.sleep(step_s)
+        out = real_step(self, batch)
+        log.append(("step", time.perf_counter() - t0))
+        return out
+
+    def slow_guard(self, states, samples_):
+        log.append(("guard", None))
+        time.sleep(guard_s)
+        return real_sim(self, states, samples_)
+
+    monkeypatch.setattr(OnlineTrainer, "train_step", slow_step)
+    monkeypatch.setattr(OnlineTrainer, "_simulate", slow_guard)
+    for share, waits in ((0.25, True), (1.0, False)):
+        log.clear()
+        tr, engine = make_trainer(target, samples, heldout, sync_every=1, min_samples_before_train=1,
+                                  batch_tokens=100, guard_share=share, replay_passes=4)
+        tr.buffer.heldout_every = 0  # the held-out ring is full: from here every sample trains
+        tr.start()
+        for s in samples[:40]:
+            tr.add_sample(s)
+        for _ in range(2):  # the first swap is due at once; the second as soon as the first is done
+            wait_for(lambda: tr.status()["steps"] > tr._steps_at_swap)
+            tr.request_finished()
+            wait_for(lambda: len(engine.versions) == 1 + (_ == 1), timeout=60)
+        tr.stop()
+        guards = [i for i, (kind, _) in enumerate(log) if kind == "guard"]
+        between = sum(dt for kind, dt in log[guards[0]:guards[1]] if kind == "step")
+        st = tr.status()
+        print(f"guard_share {share}: {between:.2f} s of steps between the two guards, last guard {tr._last_guard_s:.2f} s")
+        if waits:
+            assert between >= 3 * guard_s, log
+            assert st["swaps_deferred"] == 1
+        else:
+            assert between < 3 * guard_s and st["swaps_deferred"] == 0, log
 
 
 @pytest.mark.parametrize("fault", ["raise", "nan"])
