@@ -324,8 +324,10 @@ class OnlineTrainer:
             pending.setdefault(i, set()).add(j)
         try:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
+                spent = self.share.trained_s
                 with self.share.training():
                     self.train_step([s for _, (_, s) in group])
+                self._step_s_since_swap += self.share.trained_s - spent  # a turn's wait included, as in the guard's
                 self.share.rest(self._stop, self._wake())  # serving first (aurora/sharing.py); a due swap ends it
                 for j, (i, _) in group:
                     pending[i].discard(j)
@@ -420,7 +422,6 @@ class OnlineTrainer:
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
             self.tokens_trained += batch.num_tokens
             self.steps += 1
-            self._step_s_since_swap += dt
         return loss_f
 
     # ---- publishing ----
@@ -481,9 +482,9 @@ class OnlineTrainer:
         heldout = self.buffer.heldout()
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
             return None, None
-        t0 = time.perf_counter()
+        spent = self.share.trained_s  # the time its chunks held the device, as the duty counts it
         sim, live_sim = self._simulate([candidate, self._history[-1][1]], heldout)
-        self._last_guard_s = time.perf_counter() - t0
+        self._last_guard_s = self.share.trained_s - spent
         cand, live = sim["accept_length"], live_sim["accept_length"]
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
         if cand < live - self.config.guard_margin:

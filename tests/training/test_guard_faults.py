@@ -147,7 +147,8 @@ def test_a_due_swap_waits_until_training_pays_for_its_guard(target, samples, hel
 
     def slow_guard(self, states, samples_):
         log.append(("guard", None))
-        time.sleep(guard_s)
+        with self.share.training():  # a slower held-out pass, as the duty sees it
+            time.sleep(guard_s)
         return real_sim(self, states, samples_)
 
     monkeypatch.setattr(OnlineTrainer, "train_step", slow_step)
