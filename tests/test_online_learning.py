@@ -78,7 +78,7 @@ def test_accept_length_rises_after_swaps(tmp_path):
     # drafts, and accepted tree paths through the KV compaction) and on two domains it never saw: token for
     # token target-only greedy every time
     learned = len(prompts)
-    many, short = prompts + two_domain_prompts(tok, 3), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    many, short = prompts + two_domain_prompts(tok, 1), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     target = service.engine.engine.target_path
     want, _ = run_all(LLMEngine(target, None, EngineConfig(max_batch=8, max_model_len=1024, device=DEVICE)),
                       many, short)

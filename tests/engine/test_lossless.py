@@ -18,7 +18,7 @@ def greedy_setup(smollm2_dir):
     target_only = LLMEngine(smollm2_dir, None, EngineConfig(max_batch=8, max_model_len=1024))
     tok = target_only.tokenizer
     prompts = two_domain_prompts(tok)
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
     reference, _ = run_all(target_only, prompts, params)
     return prompts, params, reference
 
@@ -31,7 +31,7 @@ def test_target_only_equals_hf_generate(smollm2_dir, greedy_setup):
         reference, _ = run_all(fp32, prompts, params)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     for p, ref in zip(prompts, reference):
-        out = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, min_new_tokens=20)
+        out = hf.generate(torch.tensor([p]), max_new_tokens=14, do_sample=False, min_new_tokens=14)
         assert out[0, len(p):].tolist() == ref
 
 

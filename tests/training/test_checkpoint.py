@@ -74,7 +74,7 @@ def test_kill9_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     script.write_text(WRITER)
     here = os.path.dirname(__file__)
     interrupted = 0
-    for trial, delay in enumerate([0.0, 0.004, 0.011]):
+    for trial, delay in enumerate([0.0, 0.007]):
         ckpt = tmp_path / f"ckpt{trial}"
         proc = subprocess.Popen([sys.executable, str(script), str(ckpt), here], stdout=subprocess.PIPE, text=True)
         try:
@@ -92,4 +92,4 @@ def test_kill9_during_checkpoint_write_leaves_previous_loadable(tmp_path):
         draft = load_served_draft(str(ckpt))
         w = float(draft.fc.weight.detach()[0, 0])
         assert bool((draft.fc.weight == w).all()) and w in (v, v + 1)  # the draft dir may be one save ahead
-    print(f"\n{interrupted}/3 kills landed mid-write")
+    print(f"\n{interrupted}/2 kills landed mid-write")
