@@ -136,7 +136,7 @@ def test_a_due_swap_waits_until_training_pays_for_its_guard(target, samples, hel
     since the last swap took 3 G; the deferral is counted once per due swap. guard_share 1: no wait."""
     step_s, guard_s = 0.05, 0.4
     real_step, real_sim = OnlineTrainer.train_step, OnlineTrainer._simulate
-    log = []  # ("step", seconds) / ("guard", steps so far)
+    log = []  # ("step", seconds) / ("guard", None), in order
 
     def slow_step(self, batch):
         t0 = time.perf_counter()
@@ -161,15 +161,16 @@ def test_a_due_swap_waits_until_training_pays_for_its_guard(target, samples, hel
         tr.start()
         for s in samples[:40]:
             tr.add_sample(s)
-        for _ in range(2):  # the first swap is due at once; the second as soon as the first is done
+        for n in (1, 2):  # the first swap is due at once; the second as soon as the first is done
             wait_for(lambda: tr.status()["steps"] > tr._steps_at_swap)
             tr.request_finished()
-            wait_for(lambda: len(engine.versions) == 1 + (_ == 1), timeout=60)
+            wait_for(lambda: len(engine.versions) == n, timeout=60)
         tr.stop()
         guards = [i for i, (kind, _) in enumerate(log) if kind == "guard"]
         between = sum(dt for kind, dt in log[guards[0]:guards[1]] if kind == "step")
         st = tr.status()
-        print(f"guard_share {share}: {between:.2f} s of steps between the two guards, last guard {tr._last_guard_s:.2f} s")
+        print(f"guard_share {share}: {between:.2f} s of steps between the two guards, "
+              f"last guard {tr._last_guard_s:.2f} s")
         if waits:
             assert between >= 3 * guard_s, log
             assert st["swaps_deferred"] == 1
