@@ -44,8 +44,13 @@ def sglang_url(mode_args: str, port: int, log_path: str) -> str:
     return f"http://127.0.0.1:{ports[-1]}"
 
 
-async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, stop: asyncio.Event) -> int:
-    rng, done = random.Random(concurrency), [0]
+async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, stop: asyncio.Event,
+               route: str = "generate", model: str | None = None) -> list[float]:
+    """Closed-loop clients until `stop`; returns the completion time of every finished request. route "generate":
+    SGLang's /generate, one response; "generate_stream": the same as Aurora's SGLang engine sends it (streamed,
+    an output every 32 tokens, read line by line); "openai": `url`'s /v1/completions (token-id prompts) with
+    `model`, one response."""
+    rng, done = random.Random(concurrency), []
 
     async def client(h, c):
         i = 0
@@ -53,10 +58,21 @@ async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, sto
             ids = [rng.randrange(100, 32000) for _ in range(prompt_len)]
             body = {"input_ids": ids, "rid": f"c-prof-{c}-{i}-{time.monotonic_ns()}",
                     "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+            if route == "generate_stream":
+                body.update(stream=True)
+                body["sampling_params"]["stream_interval"] = 32
+            elif route == "openai":
+                body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             i += 1
             try:
-                await h.post("/generate", json=body)
-                done[0] += 1
+                if route == "generate_stream":
+                    async with h.stream("POST", "/generate", json=body) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+                else:
+                    r = await h.post("/generate" if route == "generate" else "/v1/completions", json=body)
+                if r.status_code == 200:
+                    done.append(time.perf_counter())
             except httpx.HTTPError:
                 return
 
@@ -66,7 +82,59 @@ async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, sto
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return done[0]
+    return done
+
+
+def spy_summary(raw: str, top: int = 45) -> str:
+    """py-spy's raw stacks -> the share of samples in which each function was on the stack (inclusive), and the
+    functions the samples ended in (self)."""
+    inclusive, own, total = Counter(), Counter(), 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            frames, n = stack.split(";"), int(n)
+            total += n
+            for name in {fr.split(":")[0] for fr in frames}:
+                inclusive[name] += n
+            own[frames[-1].split(":")[0]] += n
+    share = lambda c: [f"{v / max(total, 1):6.1%}  {k}" for k, v in c.most_common(top)]  # noqa: E731
+    return "\n".join([f"{total} samples; on the stack:", *share(inclusive), "", "where the samples ended:",
+                      *share(own)[:20]]) + "\n"
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds used so far by the server's front process (Aurora's, or plain SGLang's HTTP process)."""
+    import psutil  # installed with SGLang
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def rate(url: str, concurrency: int, a, route: str, model: str | None = None, pid: int | None = None,
+               spy: str | None = None) -> tuple:
+    """(served tokens/s, CPU cores the process `pid` used meanwhile): `--rate-s` seconds after `--settle`,
+    requests of `--rate-tokens` (every request runs to its length: ignore_eos) on `route` (see load). `spy`: a
+    py-spy record of `pid` over the window goes there (raw stacks)."""
+    stop = asyncio.Event()
+    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.rate_tokens, stop, route, model))
+    await asyncio.sleep(a.settle)
+    t0, c0 = time.perf_counter(), cpu_s(pid) if pid else 0.0
+    spying = None
+    if spy is not None:
+        # --nonblocking: py-spy's default pauses the process at every sample, which slows the front it times
+        spying = await asyncio.create_subprocess_exec("py-spy", "record", "--nonblocking", "-p", str(pid), "-d",
+                                                      str(int(a.rate_s)), "-r", "200", "-f", "raw", "-o", spy + ".raw",
+                                                      stdout=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(a.rate_s)
+    if spying is not None:
+        await spying.wait()
+        with open(spy, "w") as f:
+            f.write(spy_summary(spy + ".raw"))
+        os.remove(spy + ".raw")
+    t1, c1 = time.perf_counter(), cpu_s(pid) if pid else 0.0
+    stop.set()
+    done = await loader
+    return sum(t0 <= t < t1 for t in done) * a.rate_tokens / (t1 - t0), (c1 - c0) / (t1 - t0)
 
 
 async def profile_once(url: str, concurrency: int, a, out_dir: str, stack: bool) -> str:
@@ -138,6 +206,10 @@ def main():
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--settle", type=float, default=6.0, help="seconds of load before profiling")
+    p.add_argument("--rate-s", type=float, default=0.0, help="also time served tokens/s for this long per concurrency")
+    p.add_argument("--rate-tokens", type=int, default=128)
+    p.add_argument("--rate-only", action="store_true", help="time tokens/s only, no profile")
+    p.add_argument("--spy", action="store_true", help="py-spy the front process during the OpenAI-route timing")
     p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
     p.add_argument("--out", default="results/sglang/profile")
     a = p.parse_args()
@@ -150,7 +222,17 @@ def main():
         try:
             url = sglang_url(args, port, log_path)
             for c in [int(x) for x in a.concurrency.split(",")]:
-                for stack in (False, True) if a.stack else (False,):
+                if a.rate_s > 0:  # the OpenAI front users call (Aurora's, or plain SGLang's own), then /generate
+                    front = f"http://127.0.0.1:{port}"
+                    model = httpx.get(front + "/v1/models", timeout=10).json()["data"][0]["id"]
+                    for route, u, m in (("openai", front, model), ("generate", url, None),
+                                        ("generate_stream", url, None)):
+                        spy = (os.path.join(a.out, f"spy_{name}_c{c}.txt") if a.spy and route == "openai" else None)
+                        tps, cores = asyncio.run(rate(u, c, a, route, m, proc.pid, spy))
+                        result[f"{name}_c{c}_{route}"] = {"tok_s": tps, "front_cpu_cores": cores}
+                        print(f"{name}_c{c}: {tps:.0f} tok/s at {route} ({a.rate_tokens} tokens), front process "
+                              f"{cores:.2f} cores", flush=True)
+                for stack in () if a.rate_only else (False, True) if a.stack else (False,):
                     tag = f"{name}_c{c}" + ("_stack" if stack else "")
                     trace = asyncio.run(profile_once(url, c, a, os.path.join(a.out, tag), stack))
                     result[tag] = s = summarise(trace, a.steps)
@@ -162,6 +244,8 @@ def main():
             json.dump({"args": vars(a), "result": result}, f, indent=1)
     print("\n| mode | round ms | GPU busy ms | launches / round |\n|---|---|---|---|")
     for tag, s in result.items():
+        if "round_ms" not in s:
+            continue
         print(f"| {tag} | {s['round_ms']:.3f} | {s['gpu_busy_ms']:.3f} | {sum(s['launches_per_round'].values()):.0f} |")
 
 

@@ -91,10 +91,19 @@ class Generator:
         self.engine = engine
         self.served_models = served_models
         self.metrics = metrics   # ServerMetrics: latency histograms per generation; None = not recorded
+        self._vocab: int | None = None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold (added tokens included). Counted once: len() of a transformers 5.12
+        tokenizer rebuilds its vocabulary on every call, and per request that was most of the front's time."""
+        if self._vocab is None:
+            self._vocab = len(self.tokenizer)
+        return self._vocab
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_models:
@@ -167,11 +176,11 @@ class Generator:
                 prompts.append(self._encode(prompt, "prompt"))
                 echo.append(prompt)
             else:
-                vocab = len(self.tokenizer)
-                if max(prompt) >= vocab:
-                    raise RequestError(400, f"prompt token ids must be < vocabulary size {vocab}", param="prompt")
+                if max(prompt) >= self.vocab_size:
+                    raise RequestError(400, f"prompt token ids must be < vocabulary size {self.vocab_size}",
+                                       param="prompt")
                 prompts.append(list(prompt))
-                echo.append(self.tokenizer.decode(prompt, skip_special_tokens=True))
+                echo.append(self.tokenizer.decode(prompt, skip_special_tokens=True) if req.echo else "")
         p = self._prepare(req, prompts, req.max_tokens or DEFAULT_COMPLETION_TOKENS, "cmpl")
         p.echo = echo if req.echo else None
         return p

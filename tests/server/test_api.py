@@ -41,6 +41,24 @@ def test_completion_accepts_token_ids_and_target_name(server, tokenizer):
     assert r.choices[0].text == echo(tokenizer, "hello world", 4)
 
 
+def test_token_id_prompts_echo_and_range_with_the_vocabulary_counted_once(server, tokenizer, monkeypatch):
+    """Token-id prompts are checked against the vocabulary (added tokens included) and echoed as their text; the
+    vocabulary is counted once, not per request (len() of a transformers 5.12 tokenizer rebuilds it each call)."""
+    url, service = server
+    counted = []
+    cls = type(service.engine.tokenizer)
+    size = len(service.engine.tokenizer)
+    monkeypatch.setattr(cls, "__len__", lambda self: counted.append(1) or size, raising=False)
+    ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    c = client(url)
+    for _ in range(3):
+        r = c.completions.create(model="aurora-test", prompt=ids, max_tokens=2, echo=True)
+        assert r.choices[0].text == tokenizer.decode(ids) + echo(tokenizer, "hello world", 2)
+    with pytest.raises(openai.BadRequestError, match=f"vocabulary size {size}"):
+        c.completions.create(model="aurora-test", prompt=[1, size], max_tokens=2)
+    assert len(counted) <= 1
+
+
 def test_chat_uses_the_chat_template(server, tokenizer):
     url, _ = server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
