@@ -1,7 +1,7 @@
 """Where one SGLang decoding round goes, per mode and concurrency: SGLang's own torch profiler (/start_profile) over
 `--steps` steady decode forwards of its scheduler, summarised per round (GPU machine only).
 
-  scripts/device/env.sh python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --out /tmp/prof \
+  scripts/device/env.sh python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --rate-s 8 --out /tmp/prof \
       --mode plain="@sglang $SA" --mode aurora="--engine sglang --draft scratch --sglang-args='$SA'"
 
 Modes as in speedup_run.py (`@sglang ARGS`: plain SGLang; else `aurora serve ARGS`, whose SGLang is found from its
@@ -11,7 +11,12 @@ the profiled window is steady decoding at C running requests. Request ids start 
 captures them as it captures served traffic. Per round the table gives: wall time, GPU busy time (union of kernels
 and copies), kernel and graph launches, SGLang's stage annotations (draft, verify, draft_extend), and with
 `--stack` the inclusive time of each Python function of the scheduler thread (Aurora's wrappers among them; the
-Python tracer slows every call, so read that column for shares, not for absolute time). Writes <out>/profile.json.
+Python tracer slows every call, so read that column for shares, not for absolute time).
+`--rate-s S` first times served tokens/s for S seconds on three routes: the OpenAI route users call (Aurora's front,
+or plain SGLang's own; token-id prompts), SGLang's /generate in one response, and /generate streamed as Aurora's
+engine calls it, with the CPU the front process used meanwhile; `--spy` adds a py-spy summary of the front process
+over the OpenAI-route window (`spy_<mode>_c<C>.txt`; py-spy on PATH). `--rate-only` skips the profile. Writes
+<out>/profile.json.
 """
 import argparse
 import asyncio
