@@ -19,7 +19,7 @@ from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
-from aurora.training.checkpoint import load_served_draft
+from aurora.training.checkpoint import load_served_draft, read_acceptance
 from aurora.server.config import ServeConfig
 from aurora.sharing import DeviceShare
 from aurora.training.trainer import OnlineTrainer, TrainConfig
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 
 def _served_name(cfg: ServeConfig) -> str:
     return cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
+
+
+def _initial_acceptance(cfg: ServeConfig, ckpt: str) -> list[float] | None:
+    """The served draft's per-position acceptance before serving has measured any. A fresh head accepts next to
+    nothing: serving starts as plain decoding and speculates once a trained version's held-out prediction says it
+    pays. A resumed draft starts from its checkpointed prediction; a given draft, or a resumed one without a
+    prediction (None), is observed at full depth first."""
+    if cfg.draft == "scratch" and not _resuming(cfg, ckpt):
+        return [0.0] * cfg.lookahead
+    return read_acceptance(ckpt) if _resuming(cfg, ckpt) else None
 
 
 def _resuming(cfg: ServeConfig, ckpt: str) -> bool:
@@ -186,14 +196,11 @@ class Service:
             # a scratch head with a pruned vocabulary waits for the first requests' tokens to fix its map
             pruned = (cfg.draft == "scratch" and not _resuming(cfg, ckpt)
                       and draft.config.draft_vocab_size < draft.config.vocab_size)
-        # a fresh head accepts next to nothing: serving starts as plain decoding and speculates once a trained
-        # version's held-out prediction says it pays; a given or resumed draft is observed at full depth first
-        day0 = cfg.draft == "scratch" and not _resuming(cfg, ckpt)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
-                             initial_acceptance=[0.0] * cfg.lookahead if day0 else None)
+                             initial_acceptance=_initial_acceptance(cfg, ckpt))
         engine = LLMEngine(target_dir, draft, econf)
         if draft is None:
             return cls(AsyncEngine(engine, _served_name(cfg)), None, cfg)
@@ -275,10 +282,7 @@ class Service:
             mem_fraction = _sglang_memory_fraction(cfg, draft, tconf, dev)
         adaptive = None
         if swap_dir is not None and drives_depth(cfg, draft_dir):
-            # the decision inside SGLang starts from version 0's prior: a day-0 head accepts nothing, so serving
-            # starts as plain decoding; a given or resumed draft (None) is observed at full depth first
-            day0 = cfg.draft == "scratch" and not _resuming(cfg, ckpt)
-            write_acceptance(swap_dir, 0, [0.0] * cfg.lookahead if day0 else None)
+            write_acceptance(swap_dir, 0, _initial_acceptance(cfg, ckpt))  # version 0's prior, inside SGLang
             adaptive = write_adaptive_config(os.path.join(ipc, "adaptive.json"), cfg.lookahead)
         elif draft is not None and cfg.adaptive_depth:
             log.info("engine sglang runs the fixed depth %d: Aurora chooses SGLang's depth only with topk 1, "

@@ -13,8 +13,11 @@ the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the 
 `--concurrency` clients. tokens/s per window of `--window` finished requests = the window's completion tokens /
 the time from the previous window's last finish to this one's. `--concurrency 1,4,16` runs the concurrencies
 in that order against one start of each server, each on the next `--requests` prompts of the stream (after its own
-warm-up), so a learning draft sees them in that order. Modes run one after the other on the same machine; the
-table gives, per concurrency, each window's tokens/s and its ratio to the mode named `none` (or the last mode).
+warm-up), so a learning draft sees them in that order. Modes run one after the other on the same machine; with
+`--blocks K` each mode's stream is cut into K blocks and the modes take turns block by block (a fresh start of each
+server per block, Aurora's with `--resume`: it goes on from the draft, optimiser, version and prediction the block
+before checkpointed; its capture buffer starts empty), so a machine whose speed drifts over minutes slows every
+mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and its ratio to the mode named `none` (or the last mode).
 Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
 """
 import argparse
@@ -141,51 +144,67 @@ def main():
     ap.add_argument("--concurrency", type=ints, default=[16], help="e.g. 1,4,16: run in this order, one server")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--blocks", type=int, default=1,
+                    help="split each mode's stream into this many blocks and run the modes' blocks in turn, each on a "
+                         "fresh start of its server (Aurora's resumes the draft the block before left), so that "
+                         "the machine's drift over the run touches every mode alike")
     ap.add_argument("--out", default="results/speedup/run")
     a = ap.parse_args()
     if len(a.requests) == 1:
         a.requests = a.requests * len(a.concurrency)
     if len(a.requests) != len(a.concurrency):
         ap.error("--requests: one number, or one per --concurrency")
+    if a.blocks < 1 or any(n < a.blocks for n in a.requests):
+        ap.error("--blocks: at least 1, and at most --requests")
     os.makedirs(a.out, exist_ok=True)
     stream, segments = prompt_stream(sum(a.requests)), []
     for n in a.requests:  # each concurrency gets the next prompts of the one stream: no prompt repeats across them
         segments.append(stream[sum(len(x) for x in segments):][:n])
     warm = load_prompts("math")[:a.warmup]
     summary = {"args": vars(a), "modes": {}}
-    for spec in a.mode:
-        name, _, extra = spec.partition("=")
-        port = free_port()
-        plain = extra.startswith("@sglang")
-        proc = start_server(extra if plain else f"--run-dir {os.path.join(a.out, name + '_run')} {extra}", port,
-                            os.path.join(a.out, f"{name}_server.log"))
-        url = f"http://127.0.0.1:{port}"
-        mode = summary["modes"][name] = {"args": extra, "by_concurrency": {}}
-        try:
-            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            for c, prompts in zip(a.concurrency, segments):
-                asyncio.run(drive(url, warm, c, a.max_tokens, model))
-                t = time.perf_counter()
-                rows = asyncio.run(drive(url, prompts, c, a.max_tokens, model))
-                wall = time.perf_counter() - t
-                with open(os.path.join(a.out, f"{name}_c{c}_requests.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    w.writeheader()
-                    w.writerows(rows)
-                total = sum(r["completion_tokens"] for r in rows)
-                mode["by_concurrency"][c] = {"windows": windows(rows, min(a.window, len(rows))),
-                                             "tokens_per_s": total / wall,
-                                             "failed": sum(r["status"] != 200 for r in rows)}
-                print(f"{name} c{c}: {total / wall:.1f} tok/s over {len(rows)} requests, "
-                      f"{mode['by_concurrency'][c]['failed']} failed", flush=True)
-            if not plain:
-                mode["draft"] = httpx.get(url + "/v1/draft").json()
-                mode["metrics"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                                   if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
-                                                       "aurora_requests", "aurora_engine_", "aurora_draft_version",
-                                                       "aurora_accept_length "))]
-        finally:
-            stop_server(proc)
+    rows_of, wall_of = {}, {}  # (mode, concurrency) -> measured rows (time offset over blocks), measured seconds
+    for b in range(a.blocks):
+        for spec in a.mode:
+            name, _, extra = spec.partition("=")
+            port = free_port()
+            plain = extra.startswith("@sglang")
+            run_dir = os.path.join(a.out, name + "_run")  # a later block resumes the draft the last one left
+            log_name = f"{name}_server.log" if a.blocks == 1 else f"{name}_server_b{b}.log"
+            proc = start_server(extra if plain else f"--run-dir {run_dir}{' --resume' if b else ''} {extra}", port,
+                                os.path.join(a.out, log_name))
+            url = f"http://127.0.0.1:{port}"
+            mode = summary["modes"].setdefault(name, {"args": extra, "by_concurrency": {}})
+            try:
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                for c, prompts in zip(a.concurrency, segments):
+                    part = prompts[b * len(prompts) // a.blocks:(b + 1) * len(prompts) // a.blocks]
+                    asyncio.run(drive(url, warm, c, a.max_tokens, model))
+                    t = time.perf_counter()
+                    rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
+                    wall = time.perf_counter() - t
+                    offset = wall_of.get((name, c), 0.0)
+                    rows_of.setdefault((name, c), []).extend(dict(r, t=r["t"] + offset, block=b) for r in rows)
+                    wall_of[(name, c)] = offset + wall
+                    total = sum(r["completion_tokens"] for r in rows)
+                    print(f"{name} c{c}{f' block {b}' if a.blocks > 1 else ''}: {total / wall:.1f} tok/s over "
+                          f"{len(rows)} requests, {sum(r['status'] != 200 for r in rows)} failed", flush=True)
+                if not plain and b == a.blocks - 1:
+                    mode["draft"] = httpx.get(url + "/v1/draft").json()
+                    mode["metrics"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                                       if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
+                                                           "aurora_requests", "aurora_engine_", "aurora_draft_version",
+                                                           "aurora_accept_length "))]
+            finally:
+                stop_server(proc)
+    for (name, c), rows in rows_of.items():
+        with open(os.path.join(a.out, f"{name}_c{c}_requests.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        summary["modes"][name]["by_concurrency"][c] = {
+            "windows": windows(rows, min(a.window, len(rows))),
+            "tokens_per_s": sum(r["completion_tokens"] for r in rows) / wall_of[(name, c)],
+            "failed": sum(r["status"] != 200 for r in rows)}
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     names = [n for n in summary["modes"] if len(summary["modes"][n]["by_concurrency"]) == len(a.concurrency)]

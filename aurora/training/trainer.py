@@ -181,6 +181,7 @@ class OnlineTrainer:
             log.warning("trainer fault injection is on: %s", self.faults.spec)
         self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
+        self.acceptance: list[float] | None = None  # the held-out prediction of the version last published
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
         self._steps_published = self.steps  # optimiser steps in the version last published
@@ -210,8 +211,8 @@ class OnlineTrainer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("trainer already started")
-        if self._resumed:  # the engine may hold other weights: hand it the restored ones first
-            self._publish_fn(self._history[-1][1], self.version, None)
+        if self._resumed:  # the engine may hold other weights: hand it the restored ones first, with their prediction
+            self._publish_fn(self._history[-1][1], self.version, self.acceptance)
         # the master copy was made on the caller's stream (the engine's, for a day-0 pruned vocabulary): finish it
         # before the thread works on it from its own stream
         if self.device.type == "cuda":
@@ -512,7 +513,7 @@ class OnlineTrainer:
             raise
         with self._stats_lock:
             self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
-            self._steps_published = self.steps
+            self._steps_published, self.acceptance = self.steps, acceptance
         self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
         if self.config.checkpoint_dir:
             try:
@@ -546,6 +547,7 @@ class OnlineTrainer:
         with self._publish_lock, self._model_lock:
             state = {"master": self.master.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
+                     "acceptance": self.acceptance,
                      "counters": {k: getattr(self, k) for k in ("version", "steps", "swaps", "swaps_refused",
                                                                  "failures", "finished_requests")}}
             write_checkpoint(path, self.master, self.engine_dtype, state)
@@ -561,6 +563,7 @@ class OnlineTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         for k, v in state["counters"].items():
             setattr(self, k, v)
+        self.acceptance = state.get("acceptance")  # absent in checkpoints written before it was kept
         return True
 
     def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:

@@ -10,7 +10,7 @@ import time
 import torch
 
 from aurora.training import OnlineTrainer, TrainConfig
-from aurora.training.checkpoint import load_served_draft, read_trainer_state
+from aurora.training.checkpoint import load_served_draft, read_acceptance, read_trainer_state
 from conftest import make_draft
 
 
@@ -45,6 +45,51 @@ def test_checkpoint_resume_round_trip(target, samples, tmp_path):
     # training continues identically from the restored state
     a, b = tr.train_step(samples[40:48]), tr2.train_step(samples[40:48])
     assert abs(a - b) < 1e-6
+
+
+def test_a_resumed_trainer_hands_the_engine_its_versions_prediction(target, samples, tmp_path):
+    """The held-out prediction published with a version is checkpointed with it: a restarted server decides how
+    far to speculate from it at once instead of first speculating at full depth to find out."""
+    published = []
+    cfg = TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), heldout_every=2)
+    tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, cfg,
+                       lambda sd, v, acc: published.append((v, acc)))
+    for s in samples[:16]:
+        tr.add_sample(s)  # every second one is held out for the guard's replay
+    assert tr.buffer.heldout()
+    tr.train_step(samples[16:24])
+    assert tr.swap_now() == 1
+    (version, predicted), = published
+    assert version == 1 and len(predicted) == 3 and all(0.0 <= p <= 1.0 for p in predicted)
+    assert read_acceptance(str(tmp_path)) == predicted
+
+    got = []
+    tr2 = OnlineTrainer(make_draft(target, samples, seed=5), target.lm_head.weight,
+                        TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), resume=True, heldout_every=2),
+                        lambda sd, v, acc: got.append((v, acc)))
+    tr2.start()
+    tr2.stop()
+    assert got == [(1, predicted)]
+    assert read_acceptance(str(tmp_path / "nowhere")) is None
+
+
+def test_the_served_prior_day0_resumed_and_given(tmp_path):
+    """What the depth decision starts from: zeros for a fresh head (plain decoding), the checkpointed prediction
+    when resuming, nothing (observe at full depth) for a given draft or a checkpoint without a prediction."""
+    from aurora.server.config import ServeConfig
+    from aurora.service import _initial_acceptance
+    from aurora.training.checkpoint import atomic_torch_save
+
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    cfg = lambda **kw: ServeConfig(lookahead=3, run_dir=str(tmp_path), wandb="disabled", **kw)  # noqa: E731
+    assert _initial_acceptance(cfg(draft="scratch"), str(ckpt)) == [0.0] * 3
+    atomic_torch_save({"acceptance": [0.6, 0.4, 0.2]}, str(ckpt / "trainer.pt"))
+    assert _initial_acceptance(cfg(draft="scratch", resume=True), str(ckpt)) == [0.6, 0.4, 0.2]
+    assert _initial_acceptance(cfg(draft="scratch"), str(ckpt)) == [0.0] * 3  # not resuming: a fresh head
+    assert _initial_acceptance(cfg(draft=str(tmp_path / "some-draft")), str(ckpt)) is None
+    atomic_torch_save({"counters": {}}, str(ckpt / "trainer.pt"))  # written before the prediction was kept
+    assert _initial_acceptance(cfg(draft="scratch", resume=True), str(ckpt)) is None
 
 
 WRITER = textwrap.dedent("""
