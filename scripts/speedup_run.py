@@ -17,7 +17,8 @@ warm-up), so a learning draft sees them in that order. Modes run one after the o
 `--blocks K` each mode's stream is cut into K blocks and the modes take turns block by block (a fresh start of each
 server per block, Aurora's with `--resume`: it goes on from the draft, optimiser, version and prediction the block
 before checkpointed; its capture buffer starts empty), so a machine whose speed drifts over minutes slows every
-mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and its ratio to the mode named `none` (or the last mode).
+mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and
+its ratio to the mode named `none` (or the last mode).
 Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
 """
 import argparse
