@@ -19,7 +19,7 @@ from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
-from aurora.training.checkpoint import load_served_draft, read_acceptance
+from aurora.training.checkpoint import load_served_draft
 from aurora.server.config import ServeConfig
 from aurora.sharing import DeviceShare
 from aurora.training.trainer import OnlineTrainer, TrainConfig
@@ -35,11 +35,10 @@ def _served_name(cfg: ServeConfig) -> str:
 def _initial_acceptance(cfg: ServeConfig, ckpt: str) -> list[float] | None:
     """The served draft's per-position acceptance before serving has measured any. A fresh head accepts next to
     nothing: serving starts as plain decoding and speculates once a trained version's held-out prediction says it
-    pays. A resumed draft starts from its checkpointed prediction; a given draft, or a resumed one without a
-    prediction (None), is observed at full depth first."""
-    if cfg.draft == "scratch" and not _resuming(cfg, ckpt):
-        return [0.0] * cfg.lookahead
-    return read_acceptance(ckpt) if _resuming(cfg, ckpt) else None
+    pays. A resumed draft's checkpointed prediction comes with the trainer's republish of the restored weights
+    (OnlineTrainer.start), which both engines apply before their first round; a given draft (None) is observed at
+    full depth first."""
+    return [0.0] * cfg.lookahead if cfg.draft == "scratch" and not _resuming(cfg, ckpt) else None
 
 
 def _resuming(cfg: ServeConfig, ckpt: str) -> bool:

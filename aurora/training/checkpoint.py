@@ -5,8 +5,8 @@ Layout under a checkpoint directory:
                to draft.tmp and renamed into place; a crash between its two renames leaves draft.old.
   trainer.pt   fp32 master weights, AdamW and scheduler state, counters, version, and that version's held-out
                acceptance prediction (a resumed server decides how far to speculate from it at once): torch.save
-               to a temp file, fsync, os.replace, fsync of the directory. Resume reads only this file, so it is always a
-               consistent (weights, optimiser, version) triple, whatever instant a crash hit.
+               to a temp file, fsync, os.replace, fsync of the directory. Resume reads only this file, so it is
+               always a consistent (weights, optimiser, version) triple, whatever instant a crash hit.
 """
 import os
 
@@ -46,12 +46,6 @@ def read_trainer_state(directory: str, device="cpu") -> dict | None:
     if not os.path.exists(path):
         return None
     return torch.load(path, map_location=device, weights_only=True)
-
-
-def read_acceptance(directory: str) -> list[float] | None:
-    """The checkpointed version's predicted per-position acceptance (None: no checkpoint, or none was made)."""
-    state = read_trainer_state(directory)
-    return None if state is None else state.get("acceptance")
 
 
 def load_served_draft(directory: str, dtype=torch.float32, device="cpu") -> Eagle3Draft:

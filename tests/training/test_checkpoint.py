@@ -10,7 +10,7 @@ import time
 import torch
 
 from aurora.training import OnlineTrainer, TrainConfig
-from aurora.training.checkpoint import load_served_draft, read_acceptance, read_trainer_state
+from aurora.training.checkpoint import atomic_torch_save, load_served_draft, read_trainer_state
 from conftest import make_draft
 
 
@@ -61,7 +61,7 @@ def test_a_resumed_trainer_hands_the_engine_its_versions_prediction(target, samp
     assert tr.swap_now() == 1
     (version, predicted), = published
     assert version == 1 and len(predicted) == 3 and all(0.0 <= p <= 1.0 for p in predicted)
-    assert read_acceptance(str(tmp_path)) == predicted
+    assert read_trainer_state(str(tmp_path))["acceptance"] == predicted
 
     got = []
     tr2 = OnlineTrainer(make_draft(target, samples, seed=5), target.lm_head.weight,
@@ -70,26 +70,33 @@ def test_a_resumed_trainer_hands_the_engine_its_versions_prediction(target, samp
     tr2.start()
     tr2.stop()
     assert got == [(1, predicted)]
-    assert read_acceptance(str(tmp_path / "nowhere")) is None
+
+    state = read_trainer_state(str(tmp_path))  # a checkpoint written before the prediction was kept
+    del state["acceptance"]
+    atomic_torch_save(state, str(tmp_path / "trainer.pt"))
+    old = []
+    tr3 = OnlineTrainer(make_draft(target, samples, seed=6), target.lm_head.weight,
+                        TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), resume=True, heldout_every=2),
+                        lambda sd, v, acc: old.append((v, acc)))
+    tr3.start()
+    tr3.stop()
+    assert old == [(1, None)]  # no prediction: the engine observes the draft at full depth first
 
 
 def test_the_served_prior_day0_resumed_and_given(tmp_path):
-    """What the depth decision starts from: zeros for a fresh head (plain decoding), the checkpointed prediction
-    when resuming, nothing (observe at full depth) for a given draft or a checkpoint without a prediction."""
+    """What the engine's depth decision starts from: zeros for a fresh head (plain decoding); nothing for a given
+    draft, nor for a resumed one, whose prediction arrives with the trainer's republish (test above)."""
     from aurora.server.config import ServeConfig
     from aurora.service import _initial_acceptance
-    from aurora.training.checkpoint import atomic_torch_save
 
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
     cfg = lambda **kw: ServeConfig(lookahead=3, run_dir=str(tmp_path), wandb="disabled", **kw)  # noqa: E731
     assert _initial_acceptance(cfg(draft="scratch"), str(ckpt)) == [0.0] * 3
     atomic_torch_save({"acceptance": [0.6, 0.4, 0.2]}, str(ckpt / "trainer.pt"))
-    assert _initial_acceptance(cfg(draft="scratch", resume=True), str(ckpt)) == [0.6, 0.4, 0.2]
+    assert _initial_acceptance(cfg(draft="scratch", resume=True), str(ckpt)) is None
     assert _initial_acceptance(cfg(draft="scratch"), str(ckpt)) == [0.0] * 3  # not resuming: a fresh head
     assert _initial_acceptance(cfg(draft=str(tmp_path / "some-draft")), str(ckpt)) is None
-    atomic_torch_save({"counters": {}}, str(ckpt / "trainer.pt"))  # written before the prediction was kept
-    assert _initial_acceptance(cfg(draft="scratch", resume=True), str(ckpt)) is None
 
 
 WRITER = textwrap.dedent("""
