@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 
 import httpx
 
+from aurora.server.protocol import NONSTREAM_INTERVAL
 from speedup_run import free_port, start_server, stop_server
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
@@ -52,8 +53,8 @@ def sglang_url(mode_args: str, port: int, log_path: str) -> str:
 async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, stop: asyncio.Event,
                route: str = "generate", model: str | None = None) -> list[float]:
     """Closed-loop clients until `stop`; returns the completion time of every finished request. route "generate":
-    SGLang's /generate, one response; "generate_stream": the same as Aurora's SGLang engine sends it (streamed,
-    an output every 32 tokens, read line by line); "openai": `url`'s /v1/completions (token-id prompts) with
+    SGLang's /generate, one response; "generate_stream": the same as Aurora's SGLang engine sends it for a
+    non-streaming request (streamed, an output every NONSTREAM_INTERVAL tokens, read line by line); "openai": `url`'s /v1/completions (token-id prompts) with
     `model`, one response."""
     rng, done = random.Random(concurrency), []
 
@@ -65,7 +66,7 @@ async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, sto
                     "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
             if route == "generate_stream":
                 body.update(stream=True)
-                body["sampling_params"]["stream_interval"] = 32
+                body["sampling_params"]["stream_interval"] = NONSTREAM_INTERVAL
             elif route == "openai":
                 body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             i += 1
@@ -118,8 +119,8 @@ def cpu_s(pid: int) -> float:
 async def rate(url: str, concurrency: int, a, route: str, model: str | None = None, pid: int | None = None,
                spy: str | None = None) -> tuple:
     """(served tokens/s, CPU cores the process `pid` used meanwhile): `--rate-s` seconds after `--settle`,
-    requests of `--rate-tokens` (every request runs to its length: ignore_eos) on `route` (see load). `spy`: a
-    py-spy record of `pid` over the window goes there (raw stacks)."""
+    requests of `--rate-tokens` (every request runs to its length: ignore_eos) on `route` (see load). `spy`: the
+    spy_summary of a py-spy record of `pid` over the window is written there."""
     stop = asyncio.Event()
     loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.rate_tokens, stop, route, model))
     await asyncio.sleep(a.settle)
