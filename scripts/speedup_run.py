@@ -137,6 +137,42 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+METRICS = ("aurora_swaps", "aurora_samples", "aurora_trainer_failures", "aurora_requests", "aurora_engine_",
+           "aurora_draft_version", "aurora_accept_length ")  # the /metrics lines kept in summary.json
+
+
+def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode: dict, rows_of: dict,
+              wall_of: dict) -> None:
+    """Block `b` of mode `name` on a fresh start of its server: each concurrency's share of its segment after a
+    warm-up. Its rows join rows_of[(name, c)] at the measured time so far (wall_of), so that windows run on."""
+    port, plain = free_port(), extra.startswith("@sglang")
+    run_dir = os.path.join(a.out, name + "_run")  # a later block resumes the draft the last one left
+    log_name = f"{name}_server.log" if a.blocks == 1 else f"{name}_server_b{b}.log"
+    proc = start_server(extra if plain else f"--run-dir {run_dir}{' --resume' if b else ''} {extra}", port,
+                        os.path.join(a.out, log_name))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        for c, prompts in zip(a.concurrency, segments):
+            part = prompts[b * len(prompts) // a.blocks:(b + 1) * len(prompts) // a.blocks]
+            asyncio.run(drive(url, warm, c, a.max_tokens, model))
+            t = time.perf_counter()
+            rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
+            wall = time.perf_counter() - t
+            offset = wall_of.get((name, c), 0.0)
+            rows_of.setdefault((name, c), []).extend(dict(r, t=r["t"] + offset, block=b) for r in rows)
+            wall_of[(name, c)] = offset + wall
+            total = sum(r["completion_tokens"] for r in rows)
+            print(f"{name} c{c}{f' block {b}' if a.blocks > 1 else ''}: {total / wall:.1f} tok/s over "
+                  f"{len(rows)} requests, {sum(r['status'] != 200 for r in rows)} failed", flush=True)
+        if not plain and b == a.blocks - 1:
+            mode["draft"] = httpx.get(url + "/v1/draft").json()
+            mode["metrics"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                               if line.startswith(METRICS)]
+    finally:
+        stop_server(proc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", action="append", required=True, help="NAME=extra aurora serve args (repeatable)")
@@ -164,50 +200,24 @@ def main():
     warm = load_prompts("math")[:a.warmup]
     summary = {"args": vars(a), "modes": {}}
     rows_of, wall_of = {}, {}  # (mode, concurrency) -> measured rows (time offset over blocks), measured seconds
-    for b in range(a.blocks):
-        for spec in a.mode:
-            name, _, extra = spec.partition("=")
-            port = free_port()
-            plain = extra.startswith("@sglang")
-            run_dir = os.path.join(a.out, name + "_run")  # a later block resumes the draft the last one left
-            log_name = f"{name}_server.log" if a.blocks == 1 else f"{name}_server_b{b}.log"
-            proc = start_server(extra if plain else f"--run-dir {run_dir}{' --resume' if b else ''} {extra}", port,
-                                os.path.join(a.out, log_name))
-            url = f"http://127.0.0.1:{port}"
-            mode = summary["modes"].setdefault(name, {"args": extra, "by_concurrency": {}})
-            try:
-                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                for c, prompts in zip(a.concurrency, segments):
-                    part = prompts[b * len(prompts) // a.blocks:(b + 1) * len(prompts) // a.blocks]
-                    asyncio.run(drive(url, warm, c, a.max_tokens, model))
-                    t = time.perf_counter()
-                    rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
-                    wall = time.perf_counter() - t
-                    offset = wall_of.get((name, c), 0.0)
-                    rows_of.setdefault((name, c), []).extend(dict(r, t=r["t"] + offset, block=b) for r in rows)
-                    wall_of[(name, c)] = offset + wall
-                    total = sum(r["completion_tokens"] for r in rows)
-                    print(f"{name} c{c}{f' block {b}' if a.blocks > 1 else ''}: {total / wall:.1f} tok/s over "
-                          f"{len(rows)} requests, {sum(r['status'] != 200 for r in rows)} failed", flush=True)
-                if not plain and b == a.blocks - 1:
-                    mode["draft"] = httpx.get(url + "/v1/draft").json()
-                    mode["metrics"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                                       if line.startswith(("aurora_swaps", "aurora_samples", "aurora_trainer_failures",
-                                                           "aurora_requests", "aurora_engine_", "aurora_draft_version",
-                                                           "aurora_accept_length "))]
-            finally:
-                stop_server(proc)
-    for (name, c), rows in rows_of.items():
-        with open(os.path.join(a.out, f"{name}_c{c}_requests.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        summary["modes"][name]["by_concurrency"][c] = {
-            "windows": windows(rows, min(a.window, len(rows))),
-            "tokens_per_s": sum(r["completion_tokens"] for r in rows) / wall_of[(name, c)],
-            "failed": sum(r["status"] != 200 for r in rows)}
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+    try:  # what was measured is written even when a later block or mode fails
+        for b in range(a.blocks):
+            for spec in a.mode:
+                name, _, extra = spec.partition("=")
+                run_block(a, b, name, extra, segments, warm, summary["modes"].setdefault(
+                    name, {"args": extra, "by_concurrency": {}}), rows_of, wall_of)
+    finally:
+        for (name, c), rows in rows_of.items():
+            with open(os.path.join(a.out, f"{name}_c{c}_requests.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            summary["modes"][name]["by_concurrency"][c] = {
+                "windows": windows(rows, min(a.window, len(rows))),
+                "tokens_per_s": sum(r["completion_tokens"] for r in rows) / wall_of[(name, c)],
+                "failed": sum(r["status"] != 200 for r in rows)}
+        with open(os.path.join(a.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
     names = [n for n in summary["modes"] if len(summary["modes"][n]["by_concurrency"]) == len(a.concurrency)]
     base = "none" if "none" in names else names[-1]
     for c in a.concurrency:
