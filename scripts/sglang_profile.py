@@ -11,7 +11,8 @@ the profiled window is steady decoding at C running requests. Request ids start 
 captures them as it captures served traffic. Per round the table gives: wall time, GPU busy time (union of kernels
 and copies), kernel and graph launches, SGLang's stage annotations (draft, verify, draft_extend), and with
 `--stack` the inclusive time of each Python function of the scheduler thread (Aurora's wrappers among them; the
-Python tracer slows every call, so read that column for shares, not for absolute time).
+Python tracer slows every call, so read that column for shares, not for absolute time), and the GPU time of each
+kernel or copy by name.
 `--rate-s S` first times served tokens/s for S seconds on three routes: the OpenAI route users call (Aurora's front,
 or plain SGLang's own; token-id prompts), SGLang's /generate in one response, and /generate streamed as Aurora's
 engine calls it, with the CPU the front process used meanwhile; `--spy` adds a py-spy summary of the front process
@@ -189,6 +190,10 @@ def summarise(trace: str, steps: int) -> dict:
     host = [e for e in events if e.get("tid") == main]
     t0, t1 = min(e["ts"] for e in host), max(e["ts"] + e["dur"] for e in host)
     gpu = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_CATS]
+    kernels = defaultdict(float)  # GPU time per kernel (or copy) name: what the GPU busy time is made of
+    for e in events:
+        if e.get("cat") in GPU_CATS:
+            kernels[e["name"][:120]] += e["dur"]
     launches = Counter(e["name"] for e in host if e.get("cat") in ("cuda_runtime", "cuda_driver")
                        and e["name"] in LAUNCHES)
     annotations, python = defaultdict(float), defaultdict(float)
@@ -201,6 +206,7 @@ def summarise(trace: str, steps: int) -> dict:
     return {"round_ms": ms(t1 - t0), "gpu_busy_ms": ms(_union(gpu)),
             "launches_per_round": {k: round(v / steps, 1) for k, v in launches.most_common()},
             "annotations_ms": {k: ms(v) for k, v in sorted(annotations.items(), key=lambda kv: -kv[1])[:20]},
+            "kernels_ms": {k: ms(v) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:40]},
             "python_ms": {k: ms(v) for k, v in sorted(python.items(), key=lambda kv: -kv[1])[:60]}}
 
 
@@ -215,6 +221,7 @@ def main():
     p.add_argument("--rate-s", type=float, default=0.0, help="also time served tokens/s for this long per concurrency")
     p.add_argument("--rate-tokens", type=int, default=128)
     p.add_argument("--rate-only", action="store_true", help="time tokens/s only, no profile")
+    p.add_argument("--routes", default="openai,generate,generate_stream", help="the routes --rate-s times")
     p.add_argument("--spy", action="store_true", help="py-spy the front process during the OpenAI-route timing")
     p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
     p.add_argument("--out", default="results/sglang/profile")
@@ -233,6 +240,8 @@ def main():
                     model = httpx.get(front + "/v1/models", timeout=10).json()["data"][0]["id"]
                     for route, u, m in (("openai", front, model), ("generate", url, None),
                                         ("generate_stream", url, None)):
+                        if route not in a.routes.split(","):
+                            continue
                         spy = (os.path.join(a.out, f"spy_{name}_c{c}.txt") if a.spy and route == "openai" else None)
                         tps, cores = asyncio.run(rate(u, c, a, route, m, proc.pid, spy))
                         result[f"{name}_c{c}_{route}"] = {"tok_s": tps, "front_cpu_cores": cores}
@@ -243,7 +252,8 @@ def main():
                     trace = asyncio.run(profile_once(url, c, a, os.path.join(a.out, tag), stack))
                     result[tag] = s = summarise(trace, a.steps)
                     print(f"{tag:24s} round {s['round_ms']:.3f} ms  gpu busy {s['gpu_busy_ms']:.3f} ms  "
-                          f"launches {sum(s['launches_per_round'].values()):.0f}  {s['annotations_ms']}", flush=True)
+                          f"launches {sum(s['launches_per_round'].values()):.0f}  {s['annotations_ms']}\n  kernels "
+                          f"{dict(list(s['kernels_ms'].items())[:6])}", flush=True)
         finally:
             stop_server(proc)
         with open(os.path.join(a.out, "profile.json"), "w") as f:

@@ -67,13 +67,17 @@ def plain_sglang_command(args: str, port: int) -> list[str]:
 
 
 def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) -> subprocess.Popen:
-    if args.startswith("@sglang"):
+    env = None
+    if args.startswith("@sglang+env"):  # plain SGLang in the environment Aurora gives it without a draft
+        from aurora.sglang_engine.launch import server_env
+        cmd, env = plain_sglang_command(args[len("@sglang+env"):], port), server_env(None)
+    elif args.startswith("@sglang"):
         cmd = plain_sglang_command(args[len("@sglang"):], port)
     else:
         cmd = [sys.executable, "-m", "aurora.cli", "serve", "--port", str(port), "--wandb", "disabled",
                *shlex.split(args)]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:

@@ -23,7 +23,7 @@ import torch
 from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3 as _SGLangEagle3
 
 from aurora.sglang_engine import wire
-from aurora.sglang_engine.plugin import depth
+from aurora.sglang_engine.plugin import depth, verify_attention
 from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
@@ -38,6 +38,10 @@ class LlamaForCausalLMEagle3(_SGLangEagle3):
 
 
 EntryClass = LlamaForCausalLMEagle3
+
+# SGLang's model registry imports this module before it builds any model or attention backend
+if os.environ.get(verify_attention.ENV) == "1":
+    verify_attention.enable()
 
 
 class _Sender:
