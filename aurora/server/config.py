@@ -66,6 +66,9 @@ class ServeConfig:
     sglang_hang_timeout_s: float = 120.0  # engine sglang: requests in flight and no response for this long =
                                           # hung: in-flight requests get 503, SGLang is restarted
     sglang_max_restarts: int = 3       # engine sglang: restart attempts in a row before serving stays down
+    sglang_splitkv_verify: bool = False  # engine sglang, triton attention, topk 1: verify attention through SGLang's
+                                         # split-KV kernel (plugin/verify_attention.py); off until a GPU run has
+                                         # measured it
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
