@@ -45,6 +45,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                    "'pause' uses SGLang's pause -> update -> continue",
     "sglang_splitkv_verify": "engine sglang with the triton attention backend and topk 1: run the verify forward's "
                              "attention through SGLang's split-KV kernel instead of its prefill kernel",
+    "sglang_capture_topk": "engine sglang: capture the target's K most likely tokens at every verified position and "
+                           "train on that distribution (0: on the target's next token only)",
     "sglang_args": "extra flags for SGLang's server, verbatim, e.g. '--mem-fraction-static 0.6' (engine sglang)",
     "objective": "divergence the draft is trained with: fkl, rkl or tv",
     "lr": "draft learning rate (AdamW peak, after warm-up)",

@@ -5,11 +5,16 @@ The target's distribution is kept as its final normed hidden state per position 
 the trainer recomputes target logits with the frozen target LM head, exactly, at a fraction of the bytes.
 An engine that cannot expose that state (SGLang keeps only the aux states) leaves target_hidden None: the
 trainer then learns from the target's own next tokens (one-hot targets: the argmax under greedy serving,
-a draw from the target's distribution under sampling, so cross-entropy still estimates KL(target||draft)).
+a draw from the target's distribution under sampling, so cross-entropy still estimates KL(target||draft)),
+or, where the engine captured them, from the target's K most likely tokens with their logits and the
+log-sum-exp over the whole vocabulary (target_topk_*: SGLang's verify logits, a row per verified position;
+positions without them, such as prompt positions, stay one-hot).
 """
 from dataclasses import dataclass, field
 
 import torch
+
+TOPK_FIELDS = ("target_topk_ids", "target_topk_logits", "target_lse")  # row-aligned with aux_hidden, or all None
 
 
 @dataclass
@@ -31,6 +36,10 @@ class Sample:
     accepted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))      # [R]
     draft_version: int = 0
     greedy: bool = True
+    # the target's top K at positions 0..T-2 (row t: its distribution of x[t+1]), only without target_hidden
+    target_topk_ids: torch.Tensor | None = None     # [T-1, K] int32 target ids, -1 in rows without them
+    target_topk_logits: torch.Tensor | None = None  # [T-1, K] float logits of those ids
+    target_lse: torch.Tensor | None = None          # [T-1] float32 log-sum-exp of the row's full logits
 
     def __post_init__(self):
         T = self.token_ids.numel()
@@ -40,6 +49,13 @@ class Sample:
                              f"{self.aux_hidden.shape[0]} aux and {target_rows} target")
         if self.loss_mask.shape != (T,):
             raise ValueError(f"sample {self.request_id}: loss_mask must be [{T}]")
+        topk = [getattr(self, f) for f in TOPK_FIELDS]
+        if any(t is not None for t in topk):
+            ids, logits, lse = topk
+            if self.target_hidden is not None or ids is None or logits is None or lse is None \
+                    or ids.dim() != 2 or ids.shape[0] != T - 1 or logits.shape != ids.shape or lse.shape != (T - 1,):
+                raise ValueError(f"sample {self.request_id}: target_topk_ids/logits [T-1, K] and target_lse [T-1] "
+                                 f"come together, without target_hidden")
 
     @property
     def num_tokens(self) -> int:
@@ -48,4 +64,5 @@ class Sample:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.token_ids, self.aux_hidden, self.target_hidden,
                                                           self.loss_mask, self.round_start, self.proposals,
-                                                          self.accepted) if t is not None)
+                                                          self.accepted, self.target_topk_ids,
+                                                          self.target_topk_logits, self.target_lse) if t is not None)

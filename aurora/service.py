@@ -287,7 +287,9 @@ class Service:
             log.info("engine sglang runs the fixed depth %d: Aurora chooses SGLang's depth only with topk 1, "
                      "sglang_swap step and tp_size 1", cfg.lookahead)
         port = free_port()
-        env = server_env(address, swap_dir, adaptive is not None, chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1)
+        env = server_env(address, swap_dir, adaptive is not None,
+                         chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
+                         capture_topk=cfg.sglang_capture_topk)
         server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive), env,
                               os.path.join(cfg.run_dir, "sglang.log"), port)
         try:

@@ -69,6 +69,9 @@ class ServeConfig:
     sglang_splitkv_verify: bool = False  # engine sglang, triton attention, topk 1: verify attention through SGLang's
                                          # split-KV kernel (plugin/verify_attention.py); off until a GPU run has
                                          # measured it
+    sglang_capture_topk: int = 0       # engine sglang: capture the target's K most likely tokens at every verified
+                                       # position, so the trainer learns its distribution, not only its next token
+                                       # (aurora/sample.py); 0 = next tokens only. Off until a GPU run measured it
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
@@ -172,6 +175,8 @@ class ServeConfig:
             _check(self.device in ("auto", "cuda"), "engine sglang runs on CUDA: leave device at auto")
         _check(isinstance(self.sglang_hang_timeout_s, (int, float)) and self.sglang_hang_timeout_s > 0,
                f"sglang_hang_timeout_s must be > 0, got {self.sglang_hang_timeout_s!r}")
+        _check(_is_int(self.sglang_capture_topk) and 0 <= self.sglang_capture_topk <= 1024,
+               f"sglang_capture_topk must be an integer in [0, 1024], got {self.sglang_capture_topk!r}")
         _check(_is_int(self.sglang_max_restarts) and self.sglang_max_restarts >= 0,
                f"sglang_max_restarts must be an integer >= 0, got {self.sglang_max_restarts!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")

@@ -9,7 +9,8 @@ round, of which the first accept_len rows are the target's states at accepted to
 Frames lost in the sender (a gap in `seq`) invalidate the requests in flight: dropped, counted.
 
 Samples carry no target_hidden (SGLang keeps only the aux states): the trainer learns from the target's own
-tokens (aurora/sample.py).
+tokens (aurora/sample.py), or from the target's top K at the verified positions where the decode frames carry
+it (`sglang_capture_topk`); prefill rows have none (SGLang computes no logits for prompt positions).
 """
 import logging
 import threading
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 class _Partial:
     start: int = -1                                   # token index of the first row
     rows: list = field(default_factory=list)          # tensors [n_i, 3H]
+    dists: list = field(default_factory=list)         # per rows entry: (topk_ids, topk_logits, lse) or None
     n: int = 0
     rounds: list = field(default_factory=list)        # (round_start relative to start, proposals, accepted)
     broken: str | None = None
@@ -114,6 +116,7 @@ class CaptureCollector:
                 p.broken = "gap"
                 continue
             p.rows.append(rows)
+            p.dists.append(None)
             p.n += n
             self._try_emit(rid, p)
 
@@ -121,6 +124,10 @@ class CaptureCollector:
         k = h["ndt"]
         hidden = t["hidden"].view(len(h["rids"]), k, -1)
         draft = t["draft"].view(len(h["rids"]), k) if "draft" in t else None
+        dist = None
+        if "topk_ids" in t:
+            bs = len(h["rids"])
+            dist = (t["topk_ids"].view(bs, k, -1), t["topk_logits"].view(bs, k, -1), t["lse"].view(bs, k))
         for b, (rid, a) in enumerate(zip(h["rids"], t["accept"].tolist())):
             p = self._part(rid)
             if p is None or p.broken or p.start < 0:
@@ -128,6 +135,7 @@ class CaptureCollector:
             if draft is not None:
                 p.rounds.append((p.n, draft[b, 1:].tolist(), a - 1))
             p.rows.append(hidden[b, :a])
+            p.dists.append(None if dist is None else tuple(x[b, :a] for x in dist))
             p.n += a
             self._try_emit(rid, p)
 
@@ -171,13 +179,30 @@ class CaptureCollector:
                         proposals=torch.tensor([r[1] + [-1] * (k - len(r[1])) for r in rounds],
                                                dtype=torch.long).view(len(rounds), k),
                         accepted=torch.tensor([r[2] for r in rounds], dtype=torch.long),
-                        draft_version=version, greedy=greedy)
+                        draft_version=version, greedy=greedy, **self._topk(p, need))
         self._forget(rid)
         self.counts["samples"] += 1
         try:
             self.on_sample(sample)
         except Exception:
             log.exception("on_sample failed")
+
+    @staticmethod
+    def _topk(p: _Partial, need: int) -> dict:
+        """The sample's target_topk_* fields from the rows' distributions (-1 ids where a row had none), or {}."""
+        k = next((d[0].shape[1] for d in p.dists if d is not None), 0)
+        if not k:
+            return {}
+        ids, logits, lse = [], [], []
+        for rows, d in zip(p.rows, p.dists):
+            n = rows.shape[0]
+            if d is None or d[0].shape[1] != k:
+                d = (torch.full((n, k), -1, dtype=torch.int32), torch.zeros(n, k), torch.zeros(n))
+            ids.append(d[0])
+            logits.append(d[1])
+            lse.append(d[2])
+        return {"target_topk_ids": torch.cat(ids)[:need], "target_topk_logits": torch.cat(logits)[:need],
+                "target_lse": torch.cat(lse)[:need]}
 
     def _drop(self, rid: str, why: str) -> None:
         self.counts[why] += 1

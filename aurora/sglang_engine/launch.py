@@ -20,6 +20,7 @@ import httpx
 
 from aurora.budget import sglang_flag
 from aurora.sglang_engine.plugin.depth import DEPTH_ENV
+from aurora.sglang_engine.wire import TOPK_ENV
 from aurora.sglang_engine.plugin.verify_attention import ENV as SPLITKV_ENV
 
 log = logging.getLogger(__name__)
@@ -94,19 +95,23 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fract
 
 
 def server_env(capture_address: str | None, swap_dir: str | None = None, drive_depth: bool = False,
-               chain: bool = False) -> dict:
-    """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given,
-    step swaps when a swap directory is, Aurora's depth decision with drive_depth (a depth-0 round then skips
-    the draft extend: plain decoding costs what the target alone does), split-KV verify attention with chain
-    (a topk-1 draft: plugin/verify_attention.py)."""
+               chain: bool = False, capture_topk: int = 0) -> dict:
+    """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given (with
+    the target's top `capture_topk` per verified position when > 0), step swaps when a swap directory is,
+    Aurora's depth decision with drive_depth (a depth-0 round then skips the draft extend: plain decoding costs
+    what the target alone does), split-KV verify attention with chain (a topk-1 draft:
+    plugin/verify_attention.py)."""
     env = dict(os.environ)
     env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     env.pop("AURORA_CAPTURE_ADDR", None)
     env.pop("AURORA_SWAP_DIR", None)
+    env.pop(TOPK_ENV, None)
     if capture_address:
         env["AURORA_CAPTURE_ADDR"] = capture_address
+        if capture_topk > 0:
+            env[TOPK_ENV] = str(capture_topk)
     if swap_dir:
         env["AURORA_SWAP_DIR"] = swap_dir
     env.pop(DEPTH_ENV, None)

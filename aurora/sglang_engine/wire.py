@@ -5,12 +5,15 @@ multiprocessing.connection (unix socket). `seq` numbers messages so the receiver
   kind "prefill": rids, prefix (tokens already cached before this chunk), lens (rows per request); tensor
                   hidden [sum(lens), 3H]: target aux states of the chunk's tokens, request by request.
   kind "decode":  rids, ndt (tokens verified per request); tensors hidden [bs*ndt, 3H], draft [bs*ndt] (the
-                  verified block: last token, then the draft's proposals), accept [bs] (accepted + bonus).
+                  verified block: last token, then the draft's proposals), accept [bs] (accepted + bonus), and
+                  with a top K asked for (target_topk) topk_ids [bs*ndt, K] int32, topk_logits [bs*ndt, K]
+                  float32, lse [bs*ndt] float32: the target's distribution at each verified position.
 """
 import json
 
 import torch
 
+TOPK_ENV = "AURORA_CAPTURE_TOPK"  # K for the decode frames' target_topk (set by launch.server_env; 0 or unset: none)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.int64,
                                                       torch.int32)}
 
@@ -35,3 +38,11 @@ def decode(frames: list[bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
         t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
         tensors[name] = t.view(_DTYPES[dtype]).view(shape)
     return header, tensors
+
+
+def target_topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The decode frame's distribution tensors from the verify forward's logits [rows, V] (on their device):
+    the k largest, highest first, and the log-sum-exp over the whole row."""
+    top = logits.topk(k, dim=-1)
+    return {"topk_ids": top.indices.to(torch.int32), "topk_logits": top.values.float(),
+            "lse": torch.logsumexp(logits.float(), dim=-1)}

@@ -10,7 +10,7 @@ for what remains.
 """
 from dataclasses import replace
 
-from aurora.sample import Sample
+from aurora.sample import TOPK_FIELDS, Sample
 
 POLICIES = ("split", "skip")
 MIN_TOKENS = 16  # below this a window trains almost nothing and the overlap dominates
@@ -31,6 +31,7 @@ def split_sample(s: Sample, max_tokens: int) -> list[Sample]:
             s, request_id=f"{s.request_id}#{len(out)}", token_ids=s.token_ids[a:b], prompt_len=max(1, s.prompt_len - a),
             aux_hidden=s.aux_hidden[a:b - 1],
             target_hidden=None if s.target_hidden is None else s.target_hidden[a:b - 1],
+            **{f: getattr(s, f)[a:b - 1] for f in TOPK_FIELDS if getattr(s, f) is not None},
             loss_mask=s.loss_mask[a:b], round_start=s.round_start[keep] - a, proposals=s.proposals[keep],
             accepted=s.accepted[keep]))
         if b == T:

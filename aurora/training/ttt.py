@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
-from aurora.training.loss import TargetDist, divergence, one_hot_distribution, rejection_term, target_distribution
+from aurora.training.loss import (TargetDist, divergence, one_hot_distribution, rejection_term, target_distribution,
+                                  with_topk)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TTTBatch:
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
     num_tokens: int
+    topk: tuple | None = None    # one-hot batches: (ids [B*L, K] target ids, -1 where none; logits [B*L, K];
+                                 # lse [B*L]), the target's top K where the samples carry it (aurora/sample.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,6 +68,10 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     th = None if one_hot else torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype)
     key_valid = torch.zeros(B, L, dtype=torch.bool)
     target_mask = torch.zeros(B, L + K, dtype=torch.bool)
+    kt = max((s.target_topk_ids.shape[1] for s in samples if s.target_topk_ids is not None), default=0)
+    topk = None
+    if one_hot and kt:
+        topk = (torch.full((B, L, kt), -1, dtype=torch.int32), torch.zeros(B, L, kt), torch.zeros(B, L))
     rows, toks = [], []
     for b, s in enumerate(samples):
         n = s.num_tokens - 1
@@ -72,6 +79,10 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
         aux[b, :n] = s.aux_hidden
         if th is not None:
             th[b, :n] = s.target_hidden
+        if topk is not None and s.target_topk_ids is not None:
+            k = s.target_topk_ids.shape[1]
+            topk[0][b, :n, :k], topk[1][b, :n, :k] = s.target_topk_ids, s.target_topk_logits
+            topk[2][b, :n] = s.target_lse
         key_valid[b, :n] = True
         target_mask[b, :n] = s.loss_mask[1:].bool()
         for start, props, a in zip(s.round_start.tolist(), s.proposals.tolist(), s.accepted.tolist()):
@@ -95,7 +106,8 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     target_mask=to(target_mask),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
-                    num_tokens=sum(s.num_tokens for s in samples))
+                    num_tokens=sum(s.num_tokens for s in samples),
+                    topk=None if topk is None else tuple(to(t.reshape(B * L, *t.shape[2:])) for t in topk))
 
 
 def _uploader(device):
@@ -171,12 +183,15 @@ def ttt_forward(draft: Eagle3Draft, batch: TTTBatch, ttt_length: int, with_logit
 
 def batch_target(batch: TTTBatch, draft: Eagle3Draft, lm_head: torch.Tensor | None) -> TargetDist:
     """The target distribution at every row b*L+i: from the target's final states through its LM head, or
-    one-hot at the next token x[i+1] = ids[b, i] when the samples carry no final states."""
+    when the samples carry no final states, the target's top K where captured and elsewhere one-hot at the next
+    token x[i+1] = ids[b, i]."""
     d2t_ids = torch.arange(draft.config.draft_vocab_size, device=draft.d2t.device) + draft.d2t
     if batch.target_hidden is None:
         B, L = batch.shape
         next_ids = batch.ids[:, :L].reshape(-1)
-        return one_hot_distribution(next_ids, d2t_ids.to(batch.ids.device), draft.config.vocab_size)
+        d2t_ids = d2t_ids.to(batch.ids.device)
+        dist = one_hot_distribution(next_ids, d2t_ids, draft.config.vocab_size)
+        return dist if batch.topk is None else with_topk(dist, *batch.topk, d2t_ids, draft.config.vocab_size)
     return target_distribution(batch.target_hidden, lm_head, d2t_ids)
 
 

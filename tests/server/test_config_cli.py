@@ -38,6 +38,7 @@ def test_yaml_then_flags(tmp_path):
     ({"train_batch_tokens": 0}, "train_batch_tokens must be an integer >= 1"),
     ({"buffer_gib": 0}, "buffer_gib must be > 0"),
     ({"sglang_swap": "drain"}, "sglang_swap must be pause or step"),
+    ({"sglang_capture_topk": -1}, "sglang_capture_topk must be an integer in [0, 1024]"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -97,6 +97,44 @@ def test_frames_become_samples(tmp_path):
     col.close()
 
 
+def _logits(first_pos, n, V=16):
+    """Verify logits whose top token at token index p is p % V, its runner-up (p + 1) % V."""
+    g = torch.Generator().manual_seed(first_pos)
+    x = torch.randn(n, V, generator=g)
+    for r in range(n):
+        x[r, (first_pos + r) % V], x[r, (first_pos + r + 1) % V] = 9.0, 8.0
+    return x
+
+
+def test_decode_frames_carry_the_targets_top_k(tmp_path):
+    """Prefill rows carry no distribution (-1); each verified block's accepted rows carry theirs; a frame without
+    one (top K not asked for, or a depth change) leaves its rows -1 too."""
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=5)
+    tx = Sender(col.address)
+    tx.send({"kind": "prefill", "rids": ["c-A"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 1)})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": _rows(5, 3, 1), "accept": torch.tensor([2]), "draft": torch.tensor([1, 2, 3]),
+             **wire.target_topk(_logits(5, 3), 4)})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": _rows(7, 3, 1), "accept": torch.tensor([1]), "draft": torch.tensor([1, 2, 3])})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": _rows(8, 3, 1), "accept": torch.tensor([3]), "draft": torch.tensor([1, 2, 3]),
+             **wire.target_topk(_logits(8, 3), 4)})
+    _wait(lambda: col.counts["frames"] == 4)
+    col.finish("c-A", list(range(100, 111)), 5, True, 0)  # 11 tokens: rows 0..9
+    _wait(lambda: len(got) == 1)
+    s = got[0]
+    ids = s.target_topk_ids
+    assert ids.shape == (10, 4) and ids.dtype == torch.int32
+    assert ids[:5].eq(-1).all() and ids[7].eq(-1).all()              # prompt rows; the frame without a top K
+    assert ids[[5, 6, 8, 9], 0].tolist() == [5, 6, 8, 9] and ids[[5, 6, 8, 9], 1].tolist() == [6, 7, 9, 10]
+    full = torch.cat([_logits(5, 3)[:2], _logits(8, 3)[:2]])
+    torch.testing.assert_close(s.target_lse[[5, 6, 8, 9]], torch.logsumexp(full, -1))
+    torch.testing.assert_close(s.target_topk_logits[[5, 6, 8, 9]], full.topk(4, -1).values)
+    col.close()
+
+
 def test_unfinished_requests_time_out_and_are_counted(tmp_path):
     col = CaptureCollector(str(tmp_path / "c.sock"), lambda s: None, timeout_s=0.2)
     tx = Sender(col.address)
@@ -132,6 +170,8 @@ def test_server_command_and_env():
     assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "aurora.sglang_engine.plugin"
     assert env["AURORA_CAPTURE_ADDR"] == "/tmp/a.sock" and "AURORA_CAPTURE_ADDR" not in server_env(None)
     assert os.path.isdir(os.path.join(env["PYTHONPATH"].split(os.pathsep)[0], "aurora"))
+    assert server_env("/tmp/a.sock", capture_topk=32)[wire.TOPK_ENV] == "32" and wire.TOPK_ENV not in env
+    assert wire.TOPK_ENV not in server_env(None, capture_topk=32)  # no capture, no top K
 
 
 def test_request_mapping_and_stats():

@@ -5,7 +5,9 @@ draft worker, so capture (and the step swap, step_swap.py) wraps them instead of
 forwards:
   _draft_extend_for_prefill(batch, target_hidden_states, ...)  aux states of every prefilled token
   _draft_extend_for_decode(batch, batch_result)                 aux states of the verified block, the
-                                                                 block's tokens and the accept lengths
+                                                                 block's tokens and the accept lengths (and
+                                                                 with AURORA_CAPTURE_TOPK the target's top K
+                                                                 from the verify logits)
 With Aurora driving the speculative depth (depth.py, `AURORA_DEPTH`), a depth-0 round skips the draft extend
 and reaches EAGLEWorkerV2._stub_skipped_draft_extend instead: capture and step swaps are wrapped there too.
 Each wrapper enqueues asynchronous device->host copies on the scheduler's stream plus an event, and returns;
@@ -28,6 +30,7 @@ from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
 ADDR_ENV, SWAP_ENV, CAPTURE_PREFIX = "AURORA_CAPTURE_ADDR", "AURORA_SWAP_DIR", "c-"
+TOPK = int(os.environ.get(wire.TOPK_ENV) or 0)  # the target's top K per verified position (0: none)
 _sender, _applier, _installed = None, None, False
 
 
@@ -90,10 +93,16 @@ def _on_decode(batch, result, ndt: int) -> None:
     if hidden is None or not batch.reqs or not _captured(batch):
         return
     ndt = getattr(result, "speculative_num_draft_tokens", None) or ndt  # the width this block was verified at
+    n = len(batch.reqs) * ndt
     draft = getattr(batch.spec_info, "draft_token", None)
-    tensors = {"hidden": _host(hidden[:len(batch.reqs) * ndt]), "accept": _host(result.accept_lens.to(torch.int64))}
+    tensors = {"hidden": _host(hidden[:n]), "accept": _host(result.accept_lens.to(torch.int64))}
     if draft is not None:
-        tensors["draft"] = _host(draft[:len(batch.reqs) * ndt].to(torch.int64))
+        tensors["draft"] = _host(draft[:n].to(torch.int64))
+    # the verify forward's logits, one row per verified position (penalties, logit_bias and grammar masks of the
+    # requests that use them already applied in place: the distribution this verify accepted from)
+    logits = getattr(result.logits_output, "next_token_logits", None) if TOPK else None
+    if logits is not None and logits.dim() == 2 and logits.shape[0] >= n:
+        tensors.update({k: _host(v) for k, v in wire.target_topk(logits[:n], min(TOPK, logits.shape[1])).items()})
     _sender.put({"kind": "decode", "rids": [r.rid for r in batch.reqs], "ndt": ndt}, tensors)
 
 
@@ -145,5 +154,5 @@ def install() -> None:
     W._draft_extend_for_prefill, W._draft_extend_for_decode = draft_extend_for_prefill, draft_extend_for_decode
     EAGLEWorkerV2._stub_skipped_draft_extend = stub_skipped_draft_extend
     _installed = True
-    log.info("aurora plugin installed on TP rank %d (capture to %s, step swaps from %s, depth %s)", rank, address,
-             swap_dir, "Aurora's" if driving else "SGLang's")
+    log.info("aurora plugin installed on TP rank %d (capture to %s with the target's top %d, step swaps from %s, "
+             "depth %s)", rank, address, TOPK, swap_dir, "Aurora's" if driving else "SGLang's")
