@@ -141,7 +141,8 @@ class TrainConfig:
 class OnlineTrainer:
     def __init__(self, draft: Eagle3Draft, target_lm_head: torch.Tensor | None, config: TrainConfig, publish,
                  share: DeviceShare | None = None):
-        """target_lm_head None: samples carry no target_hidden and train on one-hot targets (SGLang backend).
+        """target_lm_head None: samples carry no target_hidden and train on the target's top K where they carry
+        it, else on one-hot targets (SGLang backend; aurora/sample.py).
         share: how training shares the device with serving (aurora/sharing.py); default: `config.duty` alone."""
         if draft.embed is None:
             raise ValueError("draft has no embedding: call draft.share_embedding(target.embed_tokens) first")
