@@ -20,8 +20,8 @@ import httpx
 
 from aurora.budget import sglang_flag
 from aurora.sglang_engine.plugin.depth import DEPTH_ENV
-from aurora.sglang_engine.wire import TOPK_ENV
 from aurora.sglang_engine.plugin.verify_attention import ENV as SPLITKV_ENV
+from aurora.sglang_engine.wire import TOPK_ENV
 
 log = logging.getLogger(__name__)
 LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
