@@ -2,7 +2,7 @@
 captures from its live requests, trains, and swaps the draft in while clients stream (GPU machine only).
 
 Independent references: a second SGLang serving the target alone (greedy outputs), Hugging Face's
-output_hidden_states (captured aux states), SGLang's own per-request spec stats (accept length).
+output_hidden_states and logits (captured aux states and top K), SGLang's own per-request spec stats (accept length).
 Run there (see README, "GPU machine"):
   AURORA_SGLANG_ARGS="--attention-backend triton --sampling-backend pytorch" python -m pytest tests/sglang -s
 """
@@ -37,6 +37,10 @@ EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cu
 SYNC, TOKENS, CLIENTS = 40, 64, 16
 RESULTS = os.environ.get("AURORA_RESULTS")  # a directory: measurements are written there as JSON
 SWAP = os.environ.get("AURORA_SGLANG_SWAP", "step")  # or "pause"; run the file once per mode
+# the switches that wait for a GPU run before they become defaults, on here so that this module checks them:
+# top-K capture (compared with Hugging Face's logits below) and split-KV verify attention (greedy vs target-only)
+TOPK = int(os.environ.get("AURORA_SGLANG_TOPK", "8"))
+SPLITKV = os.environ.get("AURORA_SGLANG_SPLITKV", "1") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,7 @@ def stack(tmp_path_factory):
     # tiny target (tests/sglang/test_openai_params_gpu.py runs the shipped default, depth decision on)
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", sync_every=SYNC, lr=1e-3, max_batch=32,
                       max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_swap=SWAP, adaptive_depth=False,
+                      sglang_capture_topk=TOPK, sglang_splitkv_verify=SPLITKV,
                       sglang_args=EXTRA + " --mem-fraction-static 0.45")
     target_dir = hub.resolve("smollm2")
     port = free_port()
@@ -160,7 +165,7 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
     assert len(captured) >= len(prompts), service.engine.stats().get("capture")
     # every captured row against Hugging Face's hidden states for the same tokens (fp32, independent code)
     hf = ties.hf
-    worst = 1.0
+    worst, top = 1.0, {"rows": 0, "top1_served": 0, "logit_err": 0.0, "lse_err": 0.0}
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for s in captured[:8]:
         # the sample starts after SGLang's cached prefix (never recomputed): rebuild the request's full tokens
@@ -168,19 +173,35 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
                     if len(pid) >= s.prompt_len and pid[len(pid) - s.prompt_len:] == s.token_ids[:s.prompt_len].tolist())
         off = len(full) - s.num_tokens
         with torch.no_grad():
-            hs = hf(torch.tensor([full], device="cuda"), output_hidden_states=True).hidden_states
-        want = torch.cat([hs[i] for i in (2, 15, 27)], -1)[0, off:-1]  # positions off..T-2 (aux of Aurora's target)
+            out = hf(torch.tensor([full], device="cuda"), output_hidden_states=True)
+        want = torch.cat([out.hidden_states[i] for i in (2, 15, 27)], -1)[0, off:-1]  # positions off..T-2
         cos = torch.nn.functional.cosine_similarity(s.aux_hidden.cuda().float(), want, dim=-1)
         worst = min(worst, float(cos.min()))
         assert s.aux_hidden.shape == (s.num_tokens - 1, 3 * 576) and s.target_hidden is None
         assert s.round_start.numel() > 0 and int(s.accepted.max()) <= 4
+        if TOPK:  # the target's top K at every verified (completion) row, against HF's fp32 logits there
+            assert s.target_topk_ids is not None and s.target_topk_ids.shape == (s.num_tokens - 1, TOPK)
+            rows = (s.target_topk_ids[:, 0] >= 0).nonzero().flatten()
+            assert rows.numel() > 0 and int(rows.min()) >= s.prompt_len - 1  # prompt rows carry none
+            ref = out.logits[0, off:-1].float()[rows.cuda()]
+            ids = s.target_topk_ids[rows].long().cuda()
+            top["rows"] += rows.numel()
+            top["top1_served"] += int((s.target_topk_ids[rows, 0].long() == s.token_ids[rows + 1]).sum())
+            err = (ref.gather(1, ids) - s.target_topk_logits[rows].cuda()).abs().max()
+            top["logit_err"] = max(top["logit_err"], float(err))
+            err = (torch.logsumexp(ref, -1) - s.target_lse[rows].cuda()).abs().max()
+            top["lse_err"] = max(top["lse_err"], float(err))
     print(f"captured aux states vs HF fp32: worst row cosine {worst:.4f} over {min(8, len(captured))} samples")
     assert worst > 0.99
+    if TOPK:
+        print(f"captured top {TOPK} vs HF fp32 logits: {top}")
+        assert top["top1_served"] >= 0.99 * top["rows"]  # greedy: the captured argmax is the token served (ties)
+        assert top["logit_err"] < 1.0 and top["lse_err"] < 1.0  # bf16 logits near 25 step by 0.125
     _save("capture_check.json", {"greedy_equal": f"{len(same)}/{len(prompts)}",
                                  "divergences_token_and_fp32_gap": [(t, g) for _, t, g in parts],
                                  "control_target_only_batched_vs_sequential": {
                                      "equal": len(prompts) - len(control), "divergences": control},
-                                 "worst_cosine_vs_hf": worst,
+                                 "worst_cosine_vs_hf": worst, "topk_vs_hf": top,
                                  "capture": service.engine.stats()["capture"]})
 
 
