@@ -26,7 +26,8 @@ def reference(q, k_ext, v_ext, k_buf, v_buf, prefix_lens, kv_indices, width, sca
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("thd,khd->htk", q[rows].float(), k) * scale  # [H, width, n + width]
-        causal = torch.arange(n + width, device=q.device)[None, :] <= (n + torch.arange(width, device=q.device))[:, None]
+        key, query = torch.arange(n + width, device=q.device), n + torch.arange(width, device=q.device)
+        causal = key[None, :] <= query[:, None]
         s = s.masked_fill(~causal[None], float("-inf"))
         out.append(torch.einsum("htk,khd->thd", s.softmax(-1), v))
     return torch.cat(out)
