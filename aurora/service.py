@@ -36,8 +36,8 @@ def _initial_acceptance(cfg: ServeConfig, ckpt: str) -> list[float] | None:
     """The served draft's per-position acceptance before serving has measured any. A fresh head accepts next to
     nothing: serving starts as plain decoding and speculates once a trained version's held-out prediction says it
     pays. A resumed draft's checkpointed prediction comes with the trainer's republish of the restored weights
-    (OnlineTrainer.start), which both engines apply before their first round; a given draft (None) is observed at
-    full depth first."""
+    (OnlineTrainer.start; zeros again for a scratch head that never published a version), which both engines apply
+    before their first round; a given draft (None) is observed at full depth first."""
     return [0.0] * cfg.lookahead if cfg.draft == "scratch" and not _resuming(cfg, ckpt) else None
 
 
@@ -169,7 +169,8 @@ class Service:
     def _attach(self, trainer: OnlineTrainer) -> None:
         self.trainer = trainer
         self.engine.set_callbacks(trainer.add_sample, lambda seq: trainer.request_finished())
-        trainer.start()
+        cfg = self.config
+        trainer.start(unguarded=[0.0] * cfg.lookahead if cfg is not None and cfg.draft == "scratch" else None)
 
     def _collect_day0(self, sample) -> None:  # engine thread; cheap until the warm-up is complete
         self._first.append(sample)

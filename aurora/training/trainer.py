@@ -209,11 +209,14 @@ class OnlineTrainer:
                 self._sync.set()  # the trainer thread publishes between steps
 
     # ---- lifecycle ----
-    def start(self) -> None:
+    def start(self, unguarded: list[float] | None = None) -> None:
+        """unguarded: the prediction to hand the engine with restored weights of version 0, which never passed a
+        guard (a scratch head: zeros, plain decoding until a version's prediction says speculation pays)."""
         if self._thread is not None:
             raise RuntimeError("trainer already started")
         if self._resumed:  # the engine may hold other weights: hand it the restored ones first, with their prediction
-            self._publish_fn(self._history[-1][1], self.version, self.acceptance)
+            acceptance = unguarded if self.acceptance is None and self.version == 0 else self.acceptance
+            self._publish_fn(self._history[-1][1], self.version, acceptance)
         # the master copy was made on the caller's stream (the engine's, for a day-0 pruned vocabulary): finish it
         # before the thread works on it from its own stream
         if self.device.type == "cuda":

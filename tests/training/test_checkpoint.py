@@ -83,6 +83,23 @@ def test_a_resumed_trainer_hands_the_engine_its_versions_prediction(target, samp
     assert old == [(1, None)]  # no prediction: the engine observes the draft at full depth first
 
 
+def test_a_resumed_head_that_never_published_is_served_as_unguarded(target, samples, tmp_path):
+    """Version 0 checkpointed without a swap (trained, never guarded): resumed, it is handed to the engine with
+    the caller's prior for unguarded weights (zeros for a scratch head), not as unknown (full-depth probing)."""
+    cfg = TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path))
+    tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, cfg, lambda sd, v, acc: None)
+    tr.train_step(samples[:8])
+    tr.save()
+    for unguarded, want in (([0.0] * 3, [0.0] * 3), (None, None)):
+        got = []
+        tr2 = OnlineTrainer(make_draft(target, samples, seed=5), target.lm_head.weight,
+                            TrainConfig(ttt_length=3, checkpoint_dir=str(tmp_path), resume=True),
+                            lambda sd, v, acc: got.append((v, acc)))
+        tr2.start(unguarded=unguarded)
+        tr2.stop()
+        assert got == [(0, want)]
+
+
 def test_the_served_prior_day0_resumed_and_given(tmp_path):
     """What the engine's depth decision starts from: zeros for a fresh head (plain decoding); nothing for a given
     draft, nor for a resumed one, whose prediction arrives with the trainer's republish (test above)."""
