@@ -15,7 +15,9 @@ head (random | target: the LM head starts as the target's rows for the draft voc
 target's final norm), reject (weight of the rejected-proposal term), train (the first N training samples, in
 --domain order; 0 = all: a data-scaling curve, e.g. `--domain chat instruct arena --grid train=196,392,785,0`),
 seed (the draft's initialisation and the epochs' shuffle), targets (dist: the target's distribution from its
-final states | onehot: its own next token only, what SGLang samples carry), prompt (1: prompt positions are
+final states | onehot: its own next token only, what SGLang samples carry by default | topkN: its N most likely
+tokens at completion positions, one-hot at prompt positions, what SGLang samples carry with
+--sglang-capture-topk N), prompt (1: prompt positions are
 trained too, as the built-in engine captures them | 0: completion positions only), positions (served: TTT step k
 at rotary position t+k, as serving runs it | fixed: every step at t). Held-out scores are reported per domain,
 and each setting's mean and spread over its seeds at the end. The engine serves the held-out prompts at its
@@ -57,10 +59,29 @@ def parse_grid(items: list[str]) -> list[dict]:
             raise SystemExit(f"bad --grid item {item!r}: use key=v1,v2 with key in {sorted(DEFAULTS)}")
         kind = type(DEFAULTS[key])
         axes[key] = [kind(float(v)) if kind is int else kind(v) for v in values.split(",")]
-        if key in CHOICES and any(v not in CHOICES[key] for v in axes[key]):
+        if key in CHOICES and any(v not in CHOICES[key] and not _topk(key, v) for v in axes[key]):
             raise SystemExit(f"bad --grid item {item!r}: {key} is one of {CHOICES[key]}")
     keys = list(axes)
     return [{**DEFAULTS, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _topk(key: str, value) -> int:
+    """N of a `targets=topkN` value, else 0."""
+    v = str(value)
+    return int(v[4:]) if key == "targets" and v.startswith("topk") and v[4:].isdigit() and int(v[4:]) > 0 else 0
+
+
+@torch.no_grad()
+def with_topk(s, lm_head, k: int):
+    """s as SGLang's capture would carry it with a top k: the target's k most likely tokens (and the full
+    log-sum-exp) at the verified rows, none at the prefill rows (a row predicts the next token; the first decode
+    round verifies from token index prompt_len on)."""
+    full = (s.target_hidden.to(lm_head.device, lm_head.dtype) @ lm_head.t()).float()
+    top = full.topk(k, -1)
+    ids = top.indices.to(torch.int32).cpu()
+    ids[:s.prompt_len] = -1
+    return dataclasses.replace(s, target_hidden=None, target_topk_ids=ids, target_topk_logits=top.values.cpu(),
+                               target_lse=torch.logsumexp(full, -1).cpu())
 
 
 async def serve(service, pools: dict[str, list[list[int]]], max_tokens: int, concurrency: int, capture: bool):
@@ -141,6 +162,8 @@ def main():
         used = train[:st["train"]] if st["train"] else train
         if st["targets"] == "onehot":
             used = [dataclasses.replace(s, target_hidden=None) for s in used]
+        elif _topk("targets", st["targets"]):
+            used = [with_topk(s, lm_head, _topk("targets", st["targets"])) for s in used]
         if not st["prompt"]:
             used = [dataclasses.replace(s, loss_mask=s.loss_mask & (torch.arange(s.num_tokens) >= s.prompt_len))
                     for s in used]
@@ -156,7 +179,7 @@ def main():
         tconf = TrainConfig(lr=st["lr"], warmup_steps=st["warmup"], batch_tokens=st["batch"],
                             reject_weight=st["reject"], ttt_length=args.lookahead, device=str(dev),
                             ttt_position_step=1 if st["positions"] == "served" else 0)
-        trainer = OnlineTrainer(draft, None if st["targets"] == "onehot" else lm_head, tconf,
+        trainer = OnlineTrainer(draft, None if st["targets"] != "dist" else lm_head, tconf,
                                 lambda sd, v, acc: service.engine.swap_draft(sd, v, acc).wait(60))
         t = time.perf_counter()
         tokens = trainer.train_epochs(used, st["epochs"], seed=st["seed"])
