@@ -64,5 +64,5 @@ class Sample:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.token_ids, self.aux_hidden, self.target_hidden,
                                                           self.loss_mask, self.round_start, self.proposals,
-                                                          self.accepted, self.target_topk_ids,
-                                                          self.target_topk_logits, self.target_lse) if t is not None)
+                                                          self.accepted, *(getattr(self, f) for f in TOPK_FIELDS))
+                   if t is not None)

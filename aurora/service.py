@@ -32,13 +32,19 @@ def _served_name(cfg: ServeConfig) -> str:
     return cfg.target if cfg.target != hub.EMBEDDED_DEFAULT else "SmolLM2-135M-Instruct"
 
 
+def _scratch_prior(cfg: ServeConfig) -> list[float] | None:
+    """The acceptance of weights no guard has scored: a scratch head accepts next to nothing (zeros: serving
+    decodes plainly and speculates once a trained version's held-out prediction says it pays); a given draft
+    (None) is observed at full depth first."""
+    return [0.0] * cfg.lookahead if cfg.draft == "scratch" else None
+
+
 def _initial_acceptance(cfg: ServeConfig, ckpt: str) -> list[float] | None:
-    """The served draft's per-position acceptance before serving has measured any. A fresh head accepts next to
-    nothing: serving starts as plain decoding and speculates once a trained version's held-out prediction says it
-    pays. A resumed draft's checkpointed prediction comes with the trainer's republish of the restored weights
-    (OnlineTrainer.start; zeros again for a scratch head that never published a version), which both engines apply
-    before their first round; a given draft (None) is observed at full depth first."""
-    return [0.0] * cfg.lookahead if cfg.draft == "scratch" and not _resuming(cfg, ckpt) else None
+    """The served draft's per-position acceptance before serving has measured any: _scratch_prior, unless resuming.
+    A resumed draft's checkpointed prediction comes with the trainer's republish of the restored weights
+    (OnlineTrainer.start; the scratch prior again for a version that was never published), which both engines
+    apply before their first round."""
+    return None if _resuming(cfg, ckpt) else _scratch_prior(cfg)
 
 
 def _resuming(cfg: ServeConfig, ckpt: str) -> bool:
@@ -169,8 +175,7 @@ class Service:
     def _attach(self, trainer: OnlineTrainer) -> None:
         self.trainer = trainer
         self.engine.set_callbacks(trainer.add_sample, lambda seq: trainer.request_finished())
-        cfg = self.config
-        trainer.start(unguarded=[0.0] * cfg.lookahead if cfg is not None and cfg.draft == "scratch" else None)
+        trainer.start(unguarded=None if self.config is None else _scratch_prior(self.config))
 
     def _collect_day0(self, sample) -> None:  # engine thread; cheap until the warm-up is complete
         self._first.append(sample)

@@ -37,6 +37,7 @@ from aurora.models.draft import new_draft
 from aurora.prompts import chat_ids, load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
+from aurora.sglang_engine import wire
 from aurora.training.guard import simulated_acceptance
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
@@ -76,12 +77,11 @@ def with_topk(s, lm_head, k: int):
     """s as SGLang's capture would carry it with a top k: the target's k most likely tokens (and the full
     log-sum-exp) at the verified rows, none at the prefill rows (a row predicts the next token; the first decode
     round verifies from token index prompt_len on)."""
-    full = (s.target_hidden.to(lm_head.device, lm_head.dtype) @ lm_head.t()).float()
-    top = full.topk(k, -1)
-    ids = top.indices.to(torch.int32).cpu()
-    ids[:s.prompt_len] = -1
-    return dataclasses.replace(s, target_hidden=None, target_topk_ids=ids, target_topk_logits=top.values.cpu(),
-                               target_lse=torch.logsumexp(full, -1).cpu())
+    logits = s.target_hidden.to(lm_head.device, lm_head.dtype) @ lm_head.t()
+    top = {name: t.cpu() for name, t in wire.target_topk(logits, k).items()}  # what the plugin ships
+    top["topk_ids"][:s.prompt_len] = -1
+    return dataclasses.replace(s, target_hidden=None, target_topk_ids=top["topk_ids"],
+                               target_topk_logits=top["topk_logits"], target_lse=top["lse"])
 
 
 async def serve(service, pools: dict[str, list[list[int]]], max_tokens: int, concurrency: int, capture: bool):

@@ -66,20 +66,21 @@ def with_topk(base: TargetDist, topk_ids: torch.Tensor, topk_logits: torch.Tenso
     ids (-1 in rows without), topk_logits [N, K], lse [N] over the full vocabulary. Such a row's logits are the K
     tokens' (the rest at -1e4, so the draft-vocabulary softmax is the top K renormalised) and its full_probs the
     K tokens' exact probabilities; its argmax is the top-1 token."""
+    dev = base.logits.device
+    topk_ids, topk_logits, lse = topk_ids.to(dev), topk_logits.to(dev), lse.to(dev)
     rows = topk_ids[:, 0] >= 0
     if not bool(rows.any()):
         return base
-    dev = base.logits.device
     t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=dev)
     t2d[draft_to_target] = torch.arange(draft_to_target.numel(), device=dev)
-    ids = topk_ids[rows].to(dev).long()
+    ids = topk_ids[rows].long()
     d = torch.where(ids >= 0, t2d[ids.clamp_min(0)], -1)                       # [n, K] draft ids, -1 outside
     part = torch.full((d.shape[0], base.logits.shape[1] + 1), -1e4, device=dev)  # a spare column takes the -1s
-    part.scatter_(1, torch.where(d >= 0, d, part.shape[1] - 1), topk_logits[rows].to(dev).float())
+    part.scatter_(1, torch.where(d >= 0, d, part.shape[1] - 1), topk_logits[rows].float())
     logits, lse_full, in_vocab = base.logits.clone(), base.lse_full.clone(), base.in_vocab.clone()
-    logits[rows.to(dev)] = part[:, :-1]
-    lse_full[rows.to(dev)] = lse[rows].to(dev).float()
-    in_vocab[rows.to(dev)] = d[:, 0] >= 0
+    logits[rows] = part[:, :-1]
+    lse_full[rows] = lse[rows].float()
+    in_vocab[rows] = d[:, 0] >= 0
     return TargetDist(logits, lse_full, in_vocab)
 
 
