@@ -16,7 +16,9 @@ kernel or copy by name.
 `--rate-s S` first times served tokens/s for S seconds on three routes: the OpenAI route users call (Aurora's front,
 or plain SGLang's own; token-id prompts), SGLang's /generate in one response, and /generate streamed as Aurora's
 engine calls it, with the CPU the front process used meanwhile; `--spy` adds a py-spy summary of the front process
-over the OpenAI-route window (`spy_<mode>_c<C>.txt`; py-spy on PATH). `--rate-only` skips the profile. Writes
+over the OpenAI-route window (`spy_<mode>_c<C>.txt`; py-spy on PATH), `--spy-scheduler` one of SGLang's scheduler
+process over the /generate window, per thread, idle samples included (`spy_sched_<mode>_c<C>.txt`: where the
+scheduler thread's round goes, its waits on the GPU among it). `--rate-only` skips the profile. Writes
 <out>/profile.json.
 """
 import argparse
@@ -92,21 +94,37 @@ async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, sto
     return done
 
 
-def spy_summary(raw: str, top: int = 45) -> str:
+def spy_summary(raw: str, top: int = 45, threads: bool = False) -> str:
     """py-spy's raw stacks -> the share of samples in which each function was on the stack (inclusive), and the
-    functions the samples ended in (self)."""
-    inclusive, own, total = Counter(), Counter(), 0
+    functions the samples ended in (self). `threads`: the stacks were recorded with --threads (their first frame
+    names the thread), summarised per thread, busiest first."""
+    groups: dict = defaultdict(lambda: (Counter(), Counter(), [0]))
     with open(raw) as f:
         for line in f:
             stack, _, n = line.rstrip("\n").rpartition(" ")
             frames, n = stack.split(";"), int(n)
-            total += n
+            key = frames.pop(0) if threads and len(frames) > 1 else "all threads"
+            inclusive, own, total = groups[key]
+            total[0] += n
             for name in {fr.split(":")[0] for fr in frames}:
                 inclusive[name] += n
             own[frames[-1].split(":")[0]] += n
-    share = lambda c: [f"{v / max(total, 1):6.1%}  {k}" for k, v in c.most_common(top)]  # noqa: E731
-    return "\n".join([f"{total} samples; on the stack:", *share(inclusive), "", "where the samples ended:",
-                      *share(own)[:20]]) + "\n"
+    out = []
+    for key, (inclusive, own, total) in sorted(groups.items(), key=lambda kv: -kv[1][2][0]):
+        share = lambda c: [f"{v / max(total[0], 1):6.1%}  {k}" for k, v in c.most_common(top)]  # noqa: E731
+        out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "", "where the samples ended:",
+                *share(own)[:20], ""]
+    return "\n".join(out)
+
+
+def scheduler_pid() -> int | None:
+    """SGLang's (first) scheduler process: it names itself sglang::scheduler*."""
+    import psutil  # installed with SGLang
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("sglang::scheduler" in part for part in proc.info["cmdline"] or ()):
+            return proc.pid
+    return None
 
 
 def cpu_s(pid: int) -> float:
@@ -118,26 +136,30 @@ def cpu_s(pid: int) -> float:
 
 
 async def rate(url: str, concurrency: int, a, route: str, model: str | None = None, pid: int | None = None,
-               spy: str | None = None) -> tuple:
+               spy: str | None = None, spy_pid: int | None = None) -> tuple:
     """(served tokens/s, CPU cores the process `pid` used meanwhile): `--rate-s` seconds after `--settle`,
     requests of `--rate-tokens` (every request runs to its length: ignore_eos) on `route` (see load). `spy`: the
-    spy_summary of a py-spy record of `pid` over the window is written there."""
+    spy_summary of a py-spy record of `spy_pid` (default `pid`) over the window is written there; of another
+    process than `pid`, with every thread apart and idle samples kept."""
     stop = asyncio.Event()
     loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.rate_tokens, stop, route, model))
     await asyncio.sleep(a.settle)
     t0, c0 = time.perf_counter(), cpu_s(pid) if pid else 0.0
     spying = None
+    threads = spy_pid is not None and spy_pid != pid
     if spy is not None:
-        # --nonblocking: py-spy's default pauses the process at every sample, which slows the front it times
-        spying = await asyncio.create_subprocess_exec("py-spy", "record", "--nonblocking", "-p", str(pid), "-d",
-                                                      str(int(a.rate_s)), "-r", "200", "-f", "raw", "-o", spy + ".raw",
+        # --nonblocking: py-spy's default pauses the process at every sample, which slows the process it times
+        extra = ["--threads", "--idle"] if threads else []
+        spying = await asyncio.create_subprocess_exec("py-spy", "record", "--nonblocking", *extra, "-p",
+                                                      str(spy_pid or pid), "-d", str(int(a.rate_s)), "-r", "200",
+                                                      "-f", "raw", "-o", spy + ".raw",
                                                       stdout=asyncio.subprocess.DEVNULL)
     await asyncio.sleep(a.rate_s)
     if spying is not None:
         await spying.wait()
         with open(spy, "w") as f:
-            f.write(spy_summary(spy + ".raw"))
-        os.remove(spy + ".raw")
+            f.write(spy_summary(spy + ".raw", threads=threads))
+        # the raw stacks stay beside the summary: another cut of them needs no new run
     t1, c1 = time.perf_counter(), cpu_s(pid) if pid else 0.0
     stop.set()
     done = await loader
@@ -223,6 +245,8 @@ def main():
     p.add_argument("--rate-only", action="store_true", help="time tokens/s only, no profile")
     p.add_argument("--routes", default="openai,generate,generate_stream", help="the routes --rate-s times")
     p.add_argument("--spy", action="store_true", help="py-spy the front process during the OpenAI-route timing")
+    p.add_argument("--spy-scheduler", action="store_true",
+                   help="py-spy SGLang's scheduler process during the /generate timing")
     p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
     p.add_argument("--out", default="results/sglang/profile")
     a = p.parse_args()
@@ -242,8 +266,14 @@ def main():
                                         ("generate_stream", url, None)):
                         if route not in a.routes.split(","):
                             continue
-                        spy = (os.path.join(a.out, f"spy_{name}_c{c}.txt") if a.spy and route == "openai" else None)
-                        tps, cores = asyncio.run(rate(u, c, a, route, m, proc.pid, spy))
+                        spy, spy_pid = None, None
+                        if a.spy and route == "openai":
+                            spy = os.path.join(a.out, f"spy_{name}_c{c}.txt")
+                        elif a.spy_scheduler and route == "generate":
+                            spy, spy_pid = os.path.join(a.out, f"spy_sched_{name}_c{c}.txt"), scheduler_pid()
+                            if spy_pid is None:
+                                raise RuntimeError("--spy-scheduler: no sglang::scheduler process found")
+                        tps, cores = asyncio.run(rate(u, c, a, route, m, proc.pid, spy, spy_pid))
                         result[f"{name}_c{c}_{route}"] = {"tok_s": tps, "front_cpu_cores": cores}
                         print(f"{name}_c{c}: {tps:.0f} tok/s at {route} ({a.rate_tokens} tokens), front process "
                               f"{cores:.2f} cores", flush=True)

@@ -66,9 +66,9 @@ class ServeConfig:
     sglang_hang_timeout_s: float = 120.0  # engine sglang: requests in flight and no response for this long =
                                           # hung: in-flight requests get 503, SGLang is restarted
     sglang_max_restarts: int = 3       # engine sglang: restart attempts in a row before serving stays down
-    sglang_splitkv_verify: bool = False  # engine sglang, triton attention, topk 1: verify attention through SGLang's
-                                         # split-KV kernel (plugin/verify_attention.py); off until a GPU run has
-                                         # measured it
+    sglang_splitkv_verify: bool = True  # engine sglang, triton attention, topk 1: verify attention through SGLang's
+                                        # split-KV kernel instead of its serial prefill kernel
+                                        # (plugin/verify_attention.py); other backends are not touched
     sglang_capture_topk: int = 0       # engine sglang: capture the target's K most likely tokens at every verified
                                        # position, so the trainer learns its distribution, not only its next token
                                        # (aurora/sample.py); 0 = next tokens only. Off until a GPU run measured it

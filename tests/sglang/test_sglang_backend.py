@@ -165,7 +165,8 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
     assert len(captured) >= len(prompts), service.engine.stats().get("capture")
     # every captured row against Hugging Face's hidden states for the same tokens (fp32, independent code)
     hf = ties.hf
-    worst, top = 1.0, {"rows": 0, "top1_served": 0, "logit_err": 0.0, "lse_err": 0.0}
+    worst, top = 1.0, {"rows": 0, "top1_served": 0, "ties": 0, "not_top1": 0, "logit_err": 0.0,
+                        "lse_err": 0.0}
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for s in captured[:8]:
         # the sample starts after SGLang's cached prefix (never recomputed): rebuild the request's full tokens
@@ -186,7 +187,16 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
             ref = out.logits[0, off:-1].float()[rows.cuda()]
             ids = s.target_topk_ids[rows].long().cuda()
             top["rows"] += rows.numel()
-            top["top1_served"] += int((s.target_topk_ids[rows, 0].long() == s.token_ids[rows + 1]).sum())
+            served = s.token_ids[rows + 1].long()
+            hit = s.target_topk_ids[rows, 0].long() == served
+            top["top1_served"] += int(hit.sum())
+            # greedy serves the argmax of these very logits: a row whose top 1 is not the served token must hold
+            # the served token at the top 1's logit (a bf16 tie, which topk and argmax may break differently)
+            at = (s.target_topk_ids[rows] == served[:, None]).int().argmax(1)
+            tied = (s.target_topk_ids[rows].long() == served[:, None]).any(1) & (
+                s.target_topk_logits[rows].gather(1, at[:, None])[:, 0] == s.target_topk_logits[rows, 0])
+            top["ties"] += int((~hit & tied).sum())
+            top["not_top1"] += int((~hit & ~tied).sum())
             err = (ref.gather(1, ids) - s.target_topk_logits[rows].cuda()).abs().max()
             top["logit_err"] = max(top["logit_err"], float(err))
             err = (torch.logsumexp(ref, -1) - s.target_lse[rows].cuda()).abs().max()
@@ -195,7 +205,7 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
     assert worst > 0.99
     if TOPK:
         print(f"captured top {TOPK} vs HF fp32 logits: {top}")
-        assert top["top1_served"] >= 0.99 * top["rows"]  # greedy: the captured argmax is the token served (ties)
+        assert top["not_top1"] == 0 and top["top1_served"] >= 0.95 * top["rows"]  # every miss a tie
         assert top["logit_err"] < 1.0 and top["lse_err"] < 1.0  # bf16 logits near 25 step by 0.125
     _save("capture_check.json", {"greedy_equal": f"{len(same)}/{len(prompts)}",
                                  "divergences_token_and_fp32_gap": [(t, g) for _, t, g in parts],
