@@ -118,6 +118,56 @@ def _checkpoint_check(run_dir: str, aux: list[int]) -> dict:
             "eagle_aux_hidden_state_layer_ids": ids, "dtypes": sorted(dtypes), "fc": fc}
 
 
+def _spy(a, tag: str) -> list:
+    """py-spy (raw stacks, every thread, idle kept, not pausing the process) of Aurora's process and of SGLang's
+    scheduler for --spy-s seconds from now: where capture and training cost serving at this shape."""
+    import psutil  # installed with SGLang
+
+    os.makedirs(a.spy, exist_ok=True)
+    pids = {"aurora": os.getpid()}
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("sglang::scheduler" in part for part in proc.info["cmdline"] or ()):
+            pids["scheduler"] = proc.pid
+            break
+    return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-p", str(pid), "-d",
+                              str(a.spy_s), "-r", "200", "-f", "raw", "-o",
+                              os.path.join(a.spy, f"spy_L{a.layers}_{tag}_{who}.raw")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for who, pid in pids.items()]
+
+
+def _depth_sweep(a, url, service, tr) -> dict:
+    """The trainer stopped (so that round costs are serving's alone), capture on: c16 at Aurora's decision, then
+    each depth pinned in turn (plugin/depth.py's force file) at c1 and c16. Per phase: served tok/s, accept
+    length, and the scheduler's own round cost at that depth and batch bucket (depth.json's round_ms)."""
+    from aurora.sglang_engine.plugin.depth import bucket_of, read_snapshot, write_forced_depth
+
+    tr.stop(timeout=60)
+    swap_dir = service.engine._publisher.dir
+    out = {"trainer_stopped_c16": asyncio.run(_traffic(url, 16, a.c16_requests, a.prompt_len, a.max_tokens, 11,
+                                                       a.prompt_vocab))}
+    print(f"L{a.layers} trainer stopped, c16: {out['trainer_stopped_c16']['tokens_per_s']:.1f} tok/s", flush=True)
+    seed = 20
+    try:
+        for conc, n in ((1, a.sweep_requests[0]), (16, a.sweep_requests[1])):
+            for d in a.depth_sweep:
+                write_forced_depth(swap_dir, d)
+                time.sleep(0.6)  # every scheduler looks for the file at least every 0.25 s
+                seed += 1
+                res = asyncio.run(_traffic(url, conc, n, a.prompt_len, a.max_tokens, seed, a.prompt_vocab))
+                time.sleep(2.5)  # depth.json is rewritten at most every 2 s
+                snap = read_snapshot(swap_dir) or {}
+                b = (snap.get("buckets") or {}).get(str(bucket_of(conc))) or {}
+                res.update(depth=d, forced=snap.get("forced"), round_ms=(b.get("round_ms") or {}).get(str(d)),
+                           timed=(b.get("timed") or {}).get(str(d)), results=snap.get("results"),
+                           delivered_tok_s=b.get("delivered_tok_s"))
+                out[f"c{conc} d{d}"] = res
+                print(f"L{a.layers} c{conc} depth {d}: {res['tokens_per_s']:9.1f} tok/s  accept {res['accept_length']}"
+                      f"  round {res['round_ms']} ms  failed {res['failed']}", flush=True)
+    finally:
+        write_forced_depth(swap_dir, None)
+    return out
+
+
 def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
     weights = LAYER_GB * a.layers + FIXED_GB
     frac = a.mem_fraction or min(0.9, (weights + a.kv_gb) / (torch.cuda.mem_get_info()[1] / GB))
@@ -152,6 +202,7 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
             phases.append(("c16 capture off", 16, a.c16_requests, False))
         for i, (name, conc, n, capture) in enumerate(phases):
             service.engine.sample_rate = 1.0 if capture else 0.0
+            spies = _spy(a, f"{mode}_{name.replace(' ', '_')}") if a.spy and name == "c16" else []
             cap0 = dict(service.engine.stats().get("capture") or {})
             tt0 = tr.status()["tokens_trained"] if tr else 0
             res = asyncio.run(_traffic(url, conc, n, a.prompt_len, a.max_tokens, 1 + i, a.prompt_vocab))
@@ -166,6 +217,8 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
                            trainer_tokens_per_s_ema=ts["tokens_per_second"],
                            trainer_tokens_per_s=(ts["tokens_trained"] - tt0) / res["seconds"],
                            trainer_steps=ts["steps"], trainer_state=ts["state"], trainer_failures=ts["failures"])
+            for p in spies:
+                p.wait()
             row[name] = res
             print(f"L{a.layers} {mode:6s} {dtype:8s} {name:16s} {res['tokens_per_s']:9.1f} tok/s  "
                   f"accept {res['accept_length']}  failed {res['failed']}", flush=True)
@@ -175,15 +228,20 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
             v0 = service.engine.draft_version
             v = tr.swap_now()  # the guard, then the engine's swap in a thread of its own
             deadline = time.time() + float(os.environ.get("SWAP_WAIT_S", 120))
+            # a step swap applies at SGLang's next forward: a request every so often, as traffic would
+            trickle = 0
             while v is not None and service.engine.draft_version != v and time.time() < deadline:
-                time.sleep(0.05)
+                trickle += 1
+                asyncio.run(_traffic(url, 1, 1, 16, 4, 100 + trickle, a.prompt_vocab))
             ts = tr.status()
             row["swap"] = {"version": v, "acknowledged": v is not None and service.engine.draft_version == v != v0,
                            "refused": ts["last_guard"] if v is None else None,
                            "swap_ms": list(service.engine.swap_ms), "swaps": service.engine.swaps,
                            "swap_failures": service.engine.swap_failures, "trainer_swaps": ts["swaps"],
-                           "swaps_refused": ts["swaps_refused"]}
+                           "swaps_refused": ts["swaps_refused"], "trickle_requests": trickle}
             row["after swap"] = asyncio.run(_traffic(url, 4, 8, a.prompt_len, a.max_tokens, 7, a.prompt_vocab))
+            if a.depth_sweep:
+                row["sweep"] = _depth_sweep(a, url, service, tr)
             buf = tr.status()
             per_sample = buf["buffer_bytes"] / buf["buffer_size"] if buf["buffer_size"] else None
             row["buffer"] = {"bytes": buf["buffer_bytes"], "samples": buf["buffer_size"],
@@ -198,7 +256,8 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
         service.shutdown()
     if tr is not None:
         row["checkpoint"] = _checkpoint_check(run_dir, aux_layers_for(a.layers))
-    row["failed_total"] = sum(row[k]["failed"] for k in row if isinstance(row[k], dict) and "failed" in row[k])
+    phases = [v for v in row.values() if isinstance(v, dict)] + list(row.get("sweep", {}).values())
+    row["failed_total"] = sum(p["failed"] for p in phases if "failed" in p)
     return row
 
 
@@ -219,10 +278,21 @@ def main():
                     "lookahead, whose round cost this run measures)")
     ap.add_argument("--target-concurrencies", default="", help="comma list: more concurrencies for mode target, e.g. "
                     "5,80 (the token counts of a lookahead-4 verify at c1 and c16)")
+    ap.add_argument("--depth-sweep", default="", help="comma list of depths (with --adaptive-depth): after the swap, "
+                    "stop the trainer and pin each depth in turn at c1 and c16 (the round cost model's input; "
+                    "Aurora's candidate depths are 0, 1, 2 and the lookahead)")
+    ap.add_argument("--sweep-requests", default="6,32", help="requests per pinned depth at c1 and at c16")
+    ap.add_argument("--spy", default="", help="a folder: py-spy Aurora's process and SGLang's scheduler during the "
+                    "c16 phase (py-spy on PATH; summarise with scripts/sglang_profile.py's spy_summary)")
+    ap.add_argument("--spy-s", type=int, default=3, help="seconds of py-spy, from the c16 phase's start")
     ap.add_argument("--kv-gb", type=float, default=12.0, help="SGLang's KV pool beyond the weights")
     ap.add_argument("--mem-fraction", type=float, default=None, help="override --mem-fraction-static")
     a = ap.parse_args()
     a.target_concurrencies = [int(n) for n in a.target_concurrencies.split(",") if n]
+    a.depth_sweep = [int(d) for d in a.depth_sweep.split(",") if d]
+    a.sweep_requests = [int(n) for n in a.sweep_requests.split(",")]
+    if a.depth_sweep and not a.adaptive_depth:
+        ap.error("--depth-sweep pins Aurora's depth decision: it needs --adaptive-depth")
     os.makedirs(a.out, exist_ok=True)
     import sglang
     base = os.path.join(a.dirs, f"L{a.layers}")

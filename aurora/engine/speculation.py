@@ -209,6 +209,14 @@ class DepthController:
                     b.probe.extend([0] * self.config.probe_rounds)  # the guard rail's reference
             return cur
 
+    def pinned(self, bucket: int, depth: int) -> int:
+        """A round run at a depth fixed from outside (a benchmark's sweep): counted at its bucket, not decided."""
+        with self._lock:
+            b = self._buckets.setdefault(bucket, _Bucket(depth))
+            b.rounds += 1
+            b.depth = depth  # observe() counts the round in rounds_by_depth
+            return depth
+
     def observe_cost(self, bucket: int, depth: int, seconds: float) -> None:
         """A round's wall time: what serving it cost, from its start to the next round's (see LLMEngine.step)."""
         if not seconds > 0:

@@ -128,7 +128,13 @@ class CaptureCollector:
         if "topk_ids" in t:
             bs = len(h["rids"])
             dist = (t["topk_ids"].view(bs, k, -1), t["topk_logits"].view(bs, k, -1), t["lse"].view(bs, k))
-        for b, (rid, a) in enumerate(zip(h["rids"], t["accept"].tolist())):
+        if "accept" in t:
+            accept = t["accept"].tolist()
+        elif k == 1:  # a depth-0 round: one verified token per request, nothing proposed (wire.py)
+            accept = [1] * len(h["rids"])
+        else:
+            raise ValueError(f"a decode frame of width {k} without accept lengths")
+        for b, (rid, a) in enumerate(zip(h["rids"], accept)):
             p = self._part(rid)
             if p is None or p.broken or p.start < 0:
                 continue

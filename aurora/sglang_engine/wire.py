@@ -5,7 +5,8 @@ multiprocessing.connection (unix socket). `seq` numbers messages so the receiver
   kind "prefill": rids, prefix (tokens already cached before this chunk), lens (rows per request); tensor
                   hidden [sum(lens), 3H]: target aux states of the chunk's tokens, request by request.
   kind "decode":  rids, ndt (tokens verified per request); tensors hidden [bs*ndt, 3H], draft [bs*ndt] (the
-                  verified block: last token, then the draft's proposals), accept [bs] (accepted + bonus), and
+                  verified block: last token, then the draft's proposals), accept [bs] (accepted + bonus; draft
+                  and accept are left out at ndt 1, a depth-0 round: one token each, nothing proposed), and
                   with a top K asked for (target_topk) topk_ids [bs*ndt, K] int32, topk_logits [bs*ndt, K]
                   float32, lse [bs*ndt] float32: the target's distribution at each verified position.
 """

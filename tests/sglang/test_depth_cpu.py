@@ -113,6 +113,26 @@ def test_snapshot_file_and_idle_gaps(tmp_path, monkeypatch):
     assert depth.bucket_of(1) == 1 and depth.bucket_of(3) == 4 and depth.bucket_of(16) == 16
 
 
+def test_a_pinned_depth_overrides_the_decision_and_is_costed(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(depth.time, "perf_counter", clock)
+    monkeypatch.setattr(depth, "FORCE_CHECK_S", 0.0)
+    swap = str(tmp_path / "swap")
+    depth.write_acceptance(swap, 0, [0.0] * 4)  # day 0: the decision alone would stay at depth 0
+    drv = depth.Driver(FakeWorker([0, 1, 2, 4], start=4), swap, lambda: 0)
+    cost = {0: 5.0, 1: 9.0, 2: 11.0, 4: 14.0}
+    for d in (1, 2, 4, 0):
+        depth.write_forced_depth(swap, d)
+        assert set(_serve(drv, clock, 40, 16, cost, lambda d: 0)) == {d}
+        assert drv.ctl.snapshot()["buckets"][16]["round_ms"][d] == cost[d]  # timed while pinned
+    depth.write_forced_depth(swap, 3)  # not a built depth: ignored, the decision runs
+    assert set(_serve(drv, clock, 40, 16, cost, lambda d: 0)) == {0}
+    depth.write_forced_depth(swap, None)
+    assert set(_serve(drv, clock, 40, 16, cost, lambda d: 0)) == {0} and drv.forced is None
+    drv.write_snapshot()
+    assert depth.read_snapshot(swap)["forced"] is None
+
+
 def test_launch_flags_for_the_driven_depth(tmp_path):
     cfg = ServeConfig(engine="sglang", target="x", lookahead=4, max_batch=16)
     assert drives_depth(cfg, "/m/draft") and not drives_depth(cfg, None)
@@ -140,8 +160,7 @@ def test_one_request_at_several_depths_is_one_sample(tmp_path):
     tx.send({"kind": "prefill", "rids": ["c-A"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 1)})
     tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 5},
             {"hidden": _rows(5, 5, 1), "accept": torch.tensor([3]), "draft": torch.tensor([50, 51, 52, 53, 54])})
-    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 1},
-            {"hidden": _rows(8, 1, 1), "accept": torch.tensor([1]), "draft": torch.tensor([58])})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 1}, {"hidden": _rows(8, 1, 1)})  # as the plugin sends it
     tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 2},
             {"hidden": _rows(9, 2, 1), "accept": torch.tensor([2]), "draft": torch.tensor([59, 60])})
     _wait(lambda: col.counts["frames"] == 4)
@@ -152,4 +171,8 @@ def test_one_request_at_several_depths_is_one_sample(tmp_path):
     assert s.round_start.tolist() == [5, 9]
     assert s.proposals.tolist() == [[51, 52, 53, 54], [60, -1, -1, -1]] and s.accepted.tolist() == [2, 1]
     assert col.counts["frame_errors"] == 0
+    # a wider block must say how much of it was accepted: a frame without that breaks its requests, visibly
+    tx.send({"kind": "prefill", "rids": ["c-B"], "prefix": [0], "lens": [5]}, {"hidden": _rows(0, 5, 1)})
+    tx.send({"kind": "decode", "rids": ["c-B"], "ndt": 3}, {"hidden": _rows(5, 3, 1)})
+    _wait(lambda: col.counts["frame_errors"] == 1)
     col.close()

@@ -19,9 +19,14 @@ day-0 draft: serving starts as plain decoding). Depth 0 is SGLang's trivial veri
 same graphs) with the draft extend skipped (SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND): capture and step swaps go on
 through that path's hook (eagle3.py). What the decision sees is written to `depth.json` for /v1/draft.
 
+A benchmark can pin the depth: `force-depth.json` ({"depth": d}) in the swap directory, looked for every
+FORCE_CHECK_S, overrides the decision while it exists (d must be one of the built depths); rounds are costed as
+usual, so a sweep over the depths fills the cost table that `scripts/round_cost_model.py` reads.
+
 TP > 1 is not driven here: every rank would have to choose the same depth at every forward, and the timings are
 each rank's own.
 """
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ from aurora.engine.speculation import DepthController, SpeculationConfig
 log = logging.getLogger("aurora.sglang.depth")
 DEPTH_ENV = "AURORA_DEPTH"       # "1": Aurora drives SGLang's adaptive states (set by launch.server_env)
 SNAPSHOT_EVERY_S = 2.0
+FORCE_FILE, FORCE_CHECK_S = "force-depth.json", 0.25
 
 
 def accept_path(swap_dir: str, version: int) -> str:
@@ -55,6 +61,18 @@ def read_acceptance(swap_dir: str, version: int) -> list[float] | None:
         return None
 
 
+def write_forced_depth(swap_dir: str, depth: int | None) -> None:
+    """Pin every scheduler's depth (None: back to Aurora's decision)."""
+    path = os.path.join(swap_dir, FORCE_FILE)
+    if depth is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump({"depth": int(depth)}, f)
+    os.replace(path + ".tmp", path)
+
+
 def bucket_of(bs: int) -> int:
     """Batch sizes share a cost table per power of two (1, 2, 4, 8, ...)."""
     return 1 << max(0, int(bs) - 1).bit_length()
@@ -73,6 +91,9 @@ class Driver:
         self._last_result: float | None = None
         self._prefilled = False
         self._written = 0.0
+        self.forced: int | None = None
+        self.results: dict[str, int] = {}  # decode results by the depth they were verified at, and untimed ones
+        self._force_checked = 0.0
         self._check_version()
         log.info("aurora drives SGLang's speculative depth among %s", self.depths)
 
@@ -82,11 +103,30 @@ class Driver:
             self.version = v
             self.ctl.new_version(v, read_acceptance(self.swap_dir, v))
 
+    def _check_forced(self) -> None:
+        now = time.monotonic()
+        if now - self._force_checked < FORCE_CHECK_S:
+            return
+        self._force_checked = now
+        try:
+            with open(os.path.join(self.swap_dir, FORCE_FILE)) as f:
+                d = int(json.load(f)["depth"])
+        except (OSError, ValueError, KeyError, TypeError):
+            d = None
+        if d is not None and d not in self.depths:
+            log.warning("aurora: forced depth %d is not one of SGLang's built depths %s: ignored", d, self.depths)
+            d = None
+        if d != self.forced:
+            log.info("aurora: depth %s", "decided again" if d is None else f"pinned at {d}")
+            self.forced = d
+
     def before_decode(self, bs: int) -> None:
         if bs <= 0:
             return
         self._check_version()
-        depth = self.ctl.choose(bucket_of(bs))
+        self._check_forced()
+        b = bucket_of(bs)
+        depth = self.ctl.choose(b) if self.forced is None else self.ctl.pinned(b, self.forced)
         if depth != self.worker.speculative_num_steps:
             self.worker.adaptive_controller._activate(depth)
         self._launched.append(time.perf_counter())
@@ -101,6 +141,8 @@ class Driver:
         start = launched if self._last_result is None else max(self._last_result, launched)
         period = now - start
         bucket = bucket_of(bs or len(correct))
+        key = f"d{depth}" + (" after a prefill" if self._prefilled else "")
+        self.results[key] = self.results.get(key, 0) + 1
         self.ctl.observe(bucket, depth, None if self._prefilled else period, list(correct))
         self.ctl.observe_served(bucket, depth, sum(correct) + len(correct), period)
         self._last_result, self._prefilled = now, False
@@ -112,7 +154,7 @@ class Driver:
         try:
             tmp = os.path.join(self.swap_dir, "depth.json.tmp")
             with open(tmp, "w") as f:
-                json.dump(self.ctl.snapshot(), f)
+                json.dump(dict(self.ctl.snapshot(), forced=self.forced, results=self.results), f)
             os.replace(tmp, os.path.join(self.swap_dir, "depth.json"))
         except OSError:
             log.exception("aurora: could not write the depth snapshot")

@@ -94,10 +94,12 @@ def _on_decode(batch, result, ndt: int) -> None:
         return
     ndt = getattr(result, "speculative_num_draft_tokens", None) or ndt  # the width this block was verified at
     n = len(batch.reqs) * ndt
+    tensors = {"hidden": _host(hidden[:n])}
     draft = getattr(batch.spec_info, "draft_token", None)
-    tensors = {"hidden": _host(hidden[:n]), "accept": _host(result.accept_lens.to(torch.int64))}
-    if draft is not None:
-        tensors["draft"] = _host(draft[:n].to(torch.int64))
+    if ndt > 1:  # a depth-0 round verifies one token and proposes none: nothing to say beyond its aux states
+        tensors["accept"] = _host(result.accept_lens.to(torch.int64))
+        if draft is not None:
+            tensors["draft"] = _host(draft[:n].to(torch.int64))
     # the verify forward's logits, one row per verified position (penalties, logit_bias and grammar masks of the
     # requests that use them already applied in place: the distribution this verify accepted from)
     logits = getattr(result.logits_output, "next_token_logits", None) if TOPK else None
