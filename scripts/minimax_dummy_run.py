@@ -6,13 +6,19 @@ configs/minimax-m2.5-dummy.yaml through Aurora's normal path (ServeConfig -> Ser
   ... --layers 10 --dtypes bfloat16 --modes target,eagle3     # a second depth, and the target alone
 
 Per (mode, dtype), one SGLang start: `--dtype float16` is the real checkpoint's activation dtype (its
-captured states are fp16, the draft stays bf16: the conversion path). Phases: warm-up request; c1 (--c1-requests)
+captured states are fp16, the draft stays bf16: the conversion path). Phases: warm-up (below); c1 (--c1-requests)
 and c16 (--c16-requests) with capture + training; c16 with capture off (the engine's sample rate 0); an explicit
 swap (guarded, step swap, acknowledged by every rank); one request after it. Reports served tok/s, accept length,
 failed requests, wire bytes per captured token (and what the 2 GiB buffer bound holds in requests), the
 trainer's tokens/s against the captured tokens/s, swap time, the GPU memory split, the captured samples'
 shapes and dtypes, and the checkpoint's format. Prints a table and writes OUT/minimax_dummy.json.
 Random weights: accept length means nothing here; this is about cost, memory and correctness at real sizes.
+
+Warm-up: Triton compiles a kernel the first time it meets a new specialisation (batch size 1, a multiple of 16, any
+other; each depth's token count), in SGLang's scheduler (attention metadata, verify) and in Aurora's trainer (the
+fused loss). A server pays that once; a phase of a few seconds that pays it measures the compiler. So every
+measured phase follows an unmeasured one of the same concurrency (and pinned depth), and the first waits for the
+trainer's first steps (--warm 0: the old single warm-up request, to see what a cold server costs).
 """
 import argparse
 import asyncio
@@ -143,6 +149,7 @@ def _depth_sweep(a, url, service, tr) -> dict:
 
     tr.stop(timeout=60)
     swap_dir = service.engine._publisher.dir
+    _warm(a, url, 16, a.c16_requests // 4, 50)
     out = {"trainer_stopped_c16": asyncio.run(_traffic(url, 16, a.c16_requests, a.prompt_len, a.max_tokens, 11,
                                                        a.prompt_vocab))}
     print(f"L{a.layers} trainer stopped, c16: {out['trainer_stopped_c16']['tokens_per_s']:.1f} tok/s", flush=True)
@@ -153,6 +160,7 @@ def _depth_sweep(a, url, service, tr) -> dict:
                 write_forced_depth(swap_dir, d)
                 time.sleep(0.6)  # every scheduler looks for the file at least every 0.25 s
                 seed += 1
+                _warm(a, url, conc, max(2, n // 4), seed)
                 res = asyncio.run(_traffic(url, conc, n, a.prompt_len, a.max_tokens, seed, a.prompt_vocab))
                 time.sleep(2.5)  # depth.json is rewritten at most every 2 s
                 snap = read_snapshot(swap_dir) or {}
@@ -166,6 +174,12 @@ def _depth_sweep(a, url, service, tr) -> dict:
     finally:
         write_forced_depth(swap_dir, None)
     return out
+
+
+def _warm(a, url, conc: int, n: int, seed: int) -> None:
+    """An unmeasured pass: n requests, conc at a time (a concurrency's ramp-down meets every smaller batch size)."""
+    if a.warm:
+        asyncio.run(_traffic(url, conc, n, a.prompt_len, a.max_tokens, 1000 + seed, a.prompt_vocab))
 
 
 def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
@@ -194,7 +208,12 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
     stack = contextlib.ExitStack()
     try:
         url = stack.enter_context(serve_in_thread(create_app(service, cfg)))
-        asyncio.run(_traffic(url, 1, 1, a.prompt_len, 16, 0, a.prompt_vocab))  # warm-up
+        asyncio.run(_traffic(url, 1, 1, a.prompt_len, 16, 0, a.prompt_vocab))
+        _warm(a, url, 16, 48, 0)
+        t_warm = time.time()
+        while a.warm and tr is not None and tr.status()["steps"] < 2 and time.time() - t_warm < 120:
+            _warm(a, url, 16, 16, 1)  # the trainer's first steps compile its kernels: not inside a measured phase
+        row["warm_s"] = time.time() - t0 - row["start_s"]
         phases = [("c1", 1, a.c1_requests, True), ("c16", 16, a.c16_requests, True)]
         if mode == "target":  # step time at the verify's token counts (c x draft tokens): the round cost model's input
             phases += [(f"c{n}", n, max(8, 4 * n), True) for n in a.target_concurrencies]
@@ -202,6 +221,7 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
             phases.append(("c16 capture off", 16, a.c16_requests, False))
         for i, (name, conc, n, capture) in enumerate(phases):
             service.engine.sample_rate = 1.0 if capture else 0.0
+            _warm(a, url, conc, max(2, n // 4), 10 + i)
             spies = _spy(a, f"{mode}_{name.replace(' ', '_')}") if a.spy and name == "c16" else []
             cap0 = dict(service.engine.stats().get("capture") or {})
             tt0 = tr.status()["tokens_trained"] if tr else 0
@@ -285,6 +305,8 @@ def main():
     ap.add_argument("--spy", default="", help="a folder: py-spy Aurora's process and SGLang's scheduler during the "
                     "c16 phase (py-spy on PATH; summarise with scripts/sglang_profile.py's spy_summary)")
     ap.add_argument("--spy-s", type=int, default=3, help="seconds of py-spy, from the c16 phase's start")
+    ap.add_argument("--warm", type=int, default=1, help="1: an unmeasured pass before every measured phase (see "
+                    "above); 0: one warm-up request only")
     ap.add_argument("--kv-gb", type=float, default=12.0, help="SGLang's KV pool beyond the weights")
     ap.add_argument("--mem-fraction", type=float, default=None, help="override --mem-fraction-static")
     a = ap.parse_args()
