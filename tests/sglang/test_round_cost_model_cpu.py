@@ -1,0 +1,61 @@
+"""scripts/round_cost_model.py on runs made up from known lines: the fit recovers them, and the projection and
+speedups equal the formula worked by hand."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import round_cost_model as rcm  # noqa: E402
+
+# seconds: (fixed, per layer) per concurrency, for the target step and the rounds of depth 0 and 4
+LINES = {"target": {1: (1e-3, 1e-4), 16: (2e-3, 2e-4)}, 0: {1: (2e-3, 1.2e-4), 16: (3e-3, 2.4e-4)},
+         4: {1: (3e-3, 4e-4), 16: (5e-3, 5e-4)}}
+ACCEPT = 1.25
+
+
+def _run(tmp_path, L):
+    t = lambda name, c: LINES[name][c][0] + LINES[name][c][1] * L  # noqa: E731
+    sweep = {f"c{c} d{d}": {"depth": d, "failed": 0, "accept_length": ACCEPT, "tokens_per_s": c * ACCEPT / t(d, c)}
+             for c in (1, 16) for d in (0, 4)}
+    sweep["trainer_stopped_c16"] = {"failed": 0, "tokens_per_s": 1.0}
+    log = {"layers": L, "rows": [
+        {"mode": "target", "c1": {"tokens_per_s": 1 / t("target", 1)}, "c16": {"tokens_per_s": 16 / t("target", 16)}},
+        {"mode": "eagle3", "sweep": sweep}]}
+    path = tmp_path / f"minimax_dummy_L{L}.json"
+    path.write_text(json.dumps(log))
+    return str(path)
+
+
+def test_the_fit_recovers_the_lines_and_the_projection_is_the_formula(tmp_path):
+    paths = [_run(tmp_path, L) for L in (4, 10, 16)]
+    mdl = rcm.model(rcm.measurements(paths), K=4)
+    for name, per_c in LINES.items():
+        for c, (fixed, per_layer) in per_c.items():
+            assert mdl["lines"][name][c] == pytest.approx((fixed, per_layer), rel=1e-6)
+    proj = rcm.projection(mdl, 4, layers=62, tp=4, weight_scale=0.5, allreduces=2, allreduce_s=20e-6,
+                          accepts=[1.0, 2.62, 6.0])
+    full = {n: LINES[n][1][0] + 62 * (LINES[n][1][1] * 0.5 / 4 + 2 * 20e-6) for n in LINES}
+    assert proj[1]["target_step_ms"] == pytest.approx(1e3 * full["target"])
+    r2 = full[0] + 2 * (full[4] - full[0]) / 4  # lookahead 2: two of the four draft steps
+    assert proj[1]["speedup"][2][2.62] == pytest.approx(2.62 * full["target"] / r2)
+    assert 6.0 not in proj[1]["speedup"][2] and 6.0 in proj[1]["speedup"][5]  # accept <= lookahead + 1
+    assert proj[1]["break_even_accept"][2] == pytest.approx(r2 / full["target"])
+
+
+def test_the_script_writes_its_table_plot_and_json(tmp_path):
+    paths = [_run(tmp_path, L) for L in (4, 10)]
+    out = tmp_path / "proj"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "round_cost_model.py"), *paths, "--out", str(out)],
+                         capture_output=True, text=True, check=True)
+    assert "| 4 |" in res.stdout and "break-even" in res.stdout
+    assert (out / "projection.png").stat().st_size > 10_000
+    assert "weight_scale=0.5" in json.loads((out / "projection.json").read_text())["variants"]
+
+
+def test_one_layer_count_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="two or more layer counts"):
+        rcm.model(rcm.measurements([_run(tmp_path, 4)]), K=4)
