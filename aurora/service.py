@@ -20,6 +20,7 @@ from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
 from aurora.training.checkpoint import load_served_draft
+from aurora.training.pacing import CapturePacer
 from aurora.server.config import ServeConfig
 from aurora.sharing import DeviceShare
 from aurora.training.trainer import OnlineTrainer, TrainConfig
@@ -308,6 +309,8 @@ class Service:
                               swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir,
                               stop_strings="--skip-tokenizer-init" not in shlex.split(cfg.sglang_args))
         service = cls(engine, None if draft is None else OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        if service.trainer is not None and cfg.capture_pacing:
+            engine.pacer = CapturePacer(service.trainer.buffer)
         engine.supervise(hang_s=cfg.sglang_hang_timeout_s, max_restarts=cfg.sglang_max_restarts,
                          draft_for_restart=lambda: service._restart_draft(draft_dir))
         return service

@@ -88,6 +88,9 @@ class StatusCollector:
             dropped.add_metric(["sender_queue_full"], _num(cap.get("sender_dropped")))
             yield dropped
             yield _counter("aurora_capture_bytes", "bytes of captured hidden states received", cap.get("bytes"))
+            if "capture_rate" in cap:  # training/pacing.py: the share of requests captured now, times sample_rate
+                yield _gauge("aurora_capture_rate", "fraction of admitted requests captured (pacing x sample_rate)",
+                             cap["capture_rate"] * cap.get("sample_rate", 1.0))
         spec = s.get("speculation")
         if spec and spec.get("buckets"):  # the depth decision (aurora/engine/speculation.py), on either engine
             yield from self._speculation(spec["buckets"])

@@ -123,6 +123,7 @@ class SGLangEngine:
         self.draft_version = 0
         self.on_sample = self.on_finished = None
         self.collector, self.sample_rate = collector, sample_rate
+        self.pacer = None  # set by the service: an object whose rate() scales sample_rate (training/pacing.py)
         if swap_mode not in ("pause", "step") or (swap_mode == "step") != (swap_dir is not None):
             raise ValueError("swap_mode is 'pause', or 'step' with the swap_dir SGLang was started with")
         self.swap_mode = swap_mode
@@ -201,7 +202,8 @@ class SGLangEngine:
                              f"max_model_len {self.max_model_len}")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         capture = (self.collector is not None and params.capture and self.on_sample is not None
-                   and self._rng.random() < self.sample_rate)  # decided at admission: unsampled rows are never sent
+                   and self._rng.random() < self.sample_rate * (self.pacer.rate() if self.pacer else 1.0))
+        # decided at admission: an unsampled request's rows are never copied or sent
         rid = ("c-" if capture else "n-") + request_id
         self._rids[request_id] = rid
         body = request_body(prompt_ids, params, rid, self.stop_strings)
@@ -389,7 +391,9 @@ class SGLangEngine:
             s.update(engine_state=self.state, engine_fault=self.fault, engine_restarts=self.restarts,
                      engine_requests_failed=self.requests_failed)
         if self.collector is not None:
-            s["capture"] = dict(self.collector.counts, pending=self.collector.pending())
+            s["capture"] = dict(self.collector.counts, pending=self.collector.pending(), sample_rate=self.sample_rate)
+            if self.pacer is not None:
+                s["capture"].update(self.pacer.status())
         if self._publisher is not None and (depth := read_snapshot(self._publisher.dir)) is not None:
             s["speculation"] = depth  # the decision inside SGLang's scheduler (plugin/depth.py)
         return s

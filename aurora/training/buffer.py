@@ -44,6 +44,7 @@ class SampleBuffer:
         self._heldout: deque[Sample] = deque(maxlen=max(heldout_size, 1))
         self._cond = threading.Condition()
         self._bytes = 0
+        self._fresh_bytes = 0  # of _bytes, the queue's (fresh samples not yet taken)
         self.captured = 0  # samples offered to put
         self.dropped = 0   # samples lost to the bounds (either policy) or too large to ever fit
         self.replay_evicted = 0  # replayed samples evicted early for fresh ones (already trained on once)
@@ -72,9 +73,11 @@ class SampleBuffer:
             while self._queue and (len(self._queue) >= self.max_samples or self._bytes + nbytes > self.max_bytes):
                 _, old = self._queue.popleft()
                 self._bytes -= old
+                self._fresh_bytes -= old
                 self.dropped += 1
             self._queue.append((sample, nbytes))
             self._bytes += nbytes
+            self._fresh_bytes += nbytes
             self._cond.notify()
             return True
 
@@ -89,6 +92,7 @@ class SampleBuffer:
             if self._queue:
                 while self._queue and (not batch or tokens + self._queue[0][0].num_tokens <= max_tokens):
                     sample, nbytes = self._queue.popleft()
+                    self._fresh_bytes -= nbytes
                     tokens += sample.num_tokens
                     batch.append(sample)
                     if self.replay_passes > 1 and len(self._replay) < self.max_samples:
@@ -110,6 +114,10 @@ class SampleBuffer:
                 if self._replay[i][2] == 0:
                     self._bytes -= self._replay.pop(i)[1]
             return batch
+
+    def fresh_fill(self) -> float:
+        """How full the fresh queue is, in [0, 1]: the fuller of its samples and its bytes against the bounds."""
+        return max(len(self._queue) / self.max_samples, self._fresh_bytes / self.max_bytes)
 
     def heldout(self) -> list[Sample]:
         with self._cond:

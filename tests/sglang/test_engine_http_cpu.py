@@ -123,13 +123,14 @@ def test_capture_drops_and_swap_time_are_metrics():
         def draft_status(self):
             return {"draft_version": 3, "swap_failures": 1, "swap_ms_last": 120.0, "trainer": None,
                     "capture": {"dropped_incomplete": 2, "dropped_gap": 1, "dropped_cached": 0, "sender_dropped": 4,
-                                "bytes": 1000}}
+                                "bytes": 1000, "capture_rate": 0.25, "sample_rate": 0.5}}
     reg = CollectorRegistry()
     reg.register(StatusCollector(Svc()))
     text = generate_latest(reg).decode()
     for line in ('aurora_capture_dropped_total{reason="incomplete"} 2.0', 'aurora_capture_dropped_total{reason="gap"} 1.0',
                  'aurora_capture_dropped_total{reason="sender_queue_full"} 4.0', "aurora_engine_swap_seconds 0.12",
-                 "aurora_engine_swap_failures_total 1.0", "aurora_capture_bytes_total 1000.0"):
+                 "aurora_engine_swap_failures_total 1.0", "aurora_capture_bytes_total 1000.0",
+                 "aurora_capture_rate 0.125"):
         assert line in text, line
 
 
@@ -157,3 +158,50 @@ def test_sglang_refuses_clearly_before_starting_anything(tiny_target_dir, tmp_pa
     with pytest.raises(ValueError, match=r"sglang_swap pause does not work with SGLang 0.5.23"):
         Service.from_config(ServeConfig(engine="sglang", target=tiny_target_dir, run_dir=str(tmp_path),
                                         sglang_swap="pause"))
+
+
+def test_the_pacer_scales_which_requests_are_captured():
+    """Capture is decided at admission from sample_rate x the pacer's rate: the rid SGLang sees says which."""
+    class Collector:  # what the engine calls on a CaptureCollector
+        on_sample, counts = None, {}
+
+        def pending(self):
+            return 0
+
+        def finish(self, *a, **kw):
+            pass
+
+        def discard(self, rid):
+            pass
+
+    class Pacer:
+        value = 1.0
+
+        def rate(self):
+            return self.value
+
+        def status(self):
+            return {"capture_rate": self.value}
+
+    calls = []
+    with live_server(fake_sglang(calls)) as url:
+        eng = SGLangEngine(StubServer(url), tokenizer=None, model_name="m", max_model_len=64, lookahead=4,
+                           collector=Collector())
+        eng.set_callbacks(on_sample=lambda s: None)
+        eng.pacer = Pacer()
+
+        def rids(n):
+            async def one(i):
+                return [o async for o in eng.generate([1, 2], SamplingParams(max_tokens=2), request_id=f"r{i}")]
+            start = len(calls)
+            for i in range(n):
+                asyncio.run(one(i))
+            return [body["rid"][:2] for name, body in calls[start:] if name == "generate"]
+
+        assert rids(20) == ["c-"] * 20
+        eng.pacer.value = 1e-9
+        assert rids(20) == ["n-"] * 20
+        eng.pacer.value, eng.sample_rate = 1.0, 0.5
+        kept = rids(200).count("c-")
+        assert 70 < kept < 130  # sample_rate is the ceiling the pacer scales
+        assert eng.stats()["capture"]["capture_rate"] == 1.0 and eng.stats()["capture"]["sample_rate"] == 0.5

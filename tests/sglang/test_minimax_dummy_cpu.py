@@ -76,6 +76,9 @@ def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
                 assert r.choices[0].finish_reason == "length"
                 body = calls[-1][1]
                 assert body["input_ids"] == [3, 4, 5] and body["rid"].startswith("c-")  # captured for training
+                # paced by the trainer's own buffer (capture_pacing, the default): an empty queue captures all
+                assert service.engine.pacer.buffer is service.trainer.buffer
+                assert service.engine.stats()["capture"]["capture_rate"] == 1.0
                 r = client.completions.create(model=target, prompt="t3 t4", max_tokens=9, stop=["t7"], temperature=0)
                 assert r.choices[0].text == "t8 " and r.choices[0].finish_reason == "stop"
                 gen = [b for name, b in calls if name == "generate"][-1]
