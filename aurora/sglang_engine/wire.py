@@ -9,6 +9,8 @@ multiprocessing.connection (unix socket). `seq` numbers messages so the receiver
                   and accept are left out at ndt 1, a depth-0 round: one token each, nothing proposed), and
                   with a top K asked for (target_topk) topk_ids [bs*ndt, K] int32, topk_logits [bs*ndt, K]
                   float32, lse [bs*ndt] float32: the target's distribution at each verified position.
+A frame carries only the requests Aurora captures (rid prefix "c-"): the rows of the others are left on the GPU
+(`request_rows`, `segment_rows`), so a paced capture rate cuts the copies, not only the wire.
 """
 import json
 
@@ -39,6 +41,26 @@ def decode(frames: list[bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
         t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
         tensors[name] = t.view(_DTYPES[dtype]).view(shape)
     return header, tensors
+
+
+def request_rows(keep: list[int], bs: int, width: int, t: torch.Tensor) -> torch.Tensor:
+    """The rows of requests `keep` (batch positions, ascending) of a request-major block of bs requests, `width`
+    rows each (t may hold padding rows beyond bs * width). All requests: a view, no copy."""
+    t = t[:bs * width]
+    if len(keep) == bs:
+        return t
+    ix = torch.as_tensor(keep, device=t.device)
+    return t.view(bs, width, *t.shape[1:]).index_select(0, ix).flatten(0, 1)
+
+
+def segment_rows(keep: list[int], lens: list[int], t: torch.Tensor) -> torch.Tensor:
+    """The rows of segments `keep` (ascending) of t, laid out as consecutive segments of `lens` rows."""
+    if len(keep) == len(lens):
+        return t[:sum(lens)]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    return torch.cat([t[starts[i]:starts[i + 1]] for i in keep])
 
 
 def target_topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:

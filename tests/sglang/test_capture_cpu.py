@@ -192,3 +192,84 @@ def test_flat_payload_round_trip():
     assert [k for k, _ in back] == ["fc.weight", "norm.weight", "lm_head.weight", "other"]
     for (k, v), (_, w) in zip(named, back):
         assert torch.equal(v, w)
+
+
+def test_only_the_captured_requests_rows_are_sent(tmp_path):
+    """The plugin cuts a batch's rows down to its captured requests (wire.request_rows / segment_rows) before the
+    copy: a batch of three with the middle one not captured gives the two samples the full batch would."""
+    H, ndt = 3, 2
+    full = torch.arange(3 * ndt * H, dtype=torch.float32).view(3 * ndt, H)
+    padded = torch.cat([full, torch.full((4, H), -1.0)])  # a CUDA graph's padding rows beyond bs * ndt
+    keep = [0, 2]
+    ref = torch.cat([full[0:ndt], full[2 * ndt:3 * ndt]])
+    torch.testing.assert_close(wire.request_rows(keep, 3, ndt, padded), ref)
+    assert wire.request_rows([0, 1, 2], 3, ndt, padded).data_ptr() == padded.data_ptr()  # all kept: a view
+    torch.testing.assert_close(wire.request_rows(keep, 3, 1, torch.tensor([5, 6, 7, 0])), torch.tensor([5, 7]))
+    seg = torch.arange(9, dtype=torch.float32)[:, None]
+    torch.testing.assert_close(wire.segment_rows([0, 2], [2, 3, 4], seg), seg[[0, 1, 5, 6, 7, 8]])
+    torch.testing.assert_close(wire.segment_rows([1], [2, 3, 4], seg), seg[2:5])
+
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=5)
+    tx = Sender(col.address)
+    rids, lens, prefix = ["c-A", "n-X", "c-B"], [4, 5, 3], [0, 0, 0]
+    hidden = torch.cat([_rows(0, 4, 1), _rows(0, 5, 9), _rows(0, 3, 2)])
+    tx.send({"kind": "prefill", "rids": [rids[i] for i in keep], "lens": [lens[i] for i in keep],
+             "prefix": [prefix[i] for i in keep]}, {"hidden": wire.segment_rows(keep, lens, hidden)})
+    block = torch.cat([_rows(4, 3, 1), _rows(5, 3, 9), _rows(3, 3, 2)])  # ndt 3, request-major
+    accept, draft = torch.tensor([3, 2, 1]), torch.arange(9)
+    tx.send({"kind": "decode", "rids": [rids[i] for i in keep], "ndt": 3},
+            {"hidden": wire.request_rows(keep, 3, 3, block), "accept": wire.request_rows(keep, 3, 1, accept),
+             "draft": wire.request_rows(keep, 3, 3, draft)})
+    _wait(lambda: col.counts["frames"] == 2)
+    col.finish("c-A", list(range(100, 108)), 4, True, 1)   # 4 prompt + 4 new: rows 0..6
+    col.finish("c-B", list(range(200, 205)), 3, True, 1)   # 3 prompt + 2 new: rows 0..3
+    _wait(lambda: len(got) == 2)
+    a, b = sorted(got, key=lambda s: s.request_id)
+    torch.testing.assert_close(a.aux_hidden, _rows(0, 7, 1))
+    assert a.proposals.tolist() == [[1, 2]] and a.accepted.tolist() == [2]
+    torch.testing.assert_close(b.aux_hidden, _rows(0, 4, 2))
+    assert b.proposals.tolist() == [[7, 8]] and b.accepted.tolist() == [0]
+    assert col.counts["frame_errors"] == 0
+    col.close()
+
+
+def test_the_plugin_sends_only_captured_requests(monkeypatch):
+    """plugin/eagle3.py's wrappers themselves (SGLang's draft class stubbed: the module imports it), on fake
+    prefill and verify batches whose middle request is not captured: the frames carry the captured requests'
+    rows, draft tokens and accept lengths only, in batch order."""
+    import importlib
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    for name in ("sglang", "sglang.srt", "sglang.srt.models", "sglang.srt.models.llama_eagle3"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["sglang.srt.models.llama_eagle3"].LlamaForCausalLMEagle3 = type("Eagle3", (), {})
+    import aurora.sglang_engine.plugin as plugin
+
+    name = "aurora.sglang_engine.plugin.eagle3"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(plugin, "eagle3", None, raising=False)  # undone after the test: no stubbed plugin stays
+    monkeypatch.setitem(sys.modules, name, None)
+    del sys.modules[name]
+    eagle3 = importlib.import_module(name)
+    sent = []
+    monkeypatch.setattr(eagle3, "_sender", NS(put=lambda header, tensors: sent.append((header, tensors))))
+    reqs = [NS(rid="c-A"), NS(rid="n-X"), NS(rid="c-B")]
+    idle = NS(is_idle=lambda: False)
+    hidden = torch.cat([_rows(0, 4, 1), _rows(0, 5, 9), _rows(0, 3, 2)])
+    eagle3._on_prefill(NS(reqs=reqs, forward_mode=idle, extend_lens=[4, 5, 3], prefix_lens=[0, 2, 0]), hidden)
+    (h, t), = sent
+    assert h == {"kind": "prefill", "rids": ["c-A", "c-B"], "lens": [4, 3], "prefix": [0, 0]}
+    torch.testing.assert_close(t["hidden"], torch.cat([_rows(0, 4, 1), _rows(0, 3, 2)]))
+    block = torch.cat([_rows(4, 3, 1), _rows(5, 3, 9), _rows(3, 3, 2), torch.zeros(3, D)])  # + graph padding
+    result = NS(logits_output=NS(hidden_states=block, next_token_logits=None), accept_lens=torch.tensor([3, 2, 1, 0]),
+                speculative_num_draft_tokens=3)
+    eagle3._on_decode(NS(reqs=reqs, spec_info=NS(draft_token=torch.arange(12))), result, 5)
+    h, t = sent[1]
+    assert h == {"kind": "decode", "rids": ["c-A", "c-B"], "ndt": 3}
+    torch.testing.assert_close(t["hidden"], torch.cat([_rows(4, 3, 1), _rows(3, 3, 2)]))
+    assert t["accept"].tolist() == [3, 1] and t["draft"].tolist() == [0, 1, 2, 6, 7, 8]
+    eagle3._on_decode(NS(reqs=[reqs[1]], spec_info=None), result, 3)  # nobody captured: nothing sent
+    assert len(sent) == 2

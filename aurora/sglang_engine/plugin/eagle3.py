@@ -81,31 +81,35 @@ def _captured(batch) -> list[int]:
 
 
 def _on_prefill(batch, hidden: torch.Tensor) -> None:
-    if batch.forward_mode.is_idle() or hidden is None or not _captured(batch):
+    keep = [] if batch.forward_mode.is_idle() or hidden is None else _captured(batch)
+    if not keep:
         return
     lens = [int(n) for n in batch.extend_lens]
-    _sender.put({"kind": "prefill", "rids": [r.rid for r in batch.reqs], "lens": lens,
-                 "prefix": [int(p) for p in batch.prefix_lens]}, {"hidden": _host(hidden[:sum(lens)])})
+    _sender.put({"kind": "prefill", "rids": [batch.reqs[i].rid for i in keep], "lens": [lens[i] for i in keep],
+                 "prefix": [int(batch.prefix_lens[i]) for i in keep]},
+                {"hidden": _host(wire.segment_rows(keep, lens, hidden))})
 
 
 def _on_decode(batch, result, ndt: int) -> None:
     hidden = result.logits_output.hidden_states
-    if hidden is None or not batch.reqs or not _captured(batch):
+    keep = [] if hidden is None or not batch.reqs else _captured(batch)
+    if not keep:
         return
     ndt = getattr(result, "speculative_num_draft_tokens", None) or ndt  # the width this block was verified at
-    n = len(batch.reqs) * ndt
-    tensors = {"hidden": _host(hidden[:n])}
+    bs = len(batch.reqs)
+    rows = lambda t, width=ndt: wire.request_rows(keep, bs, width, t)  # noqa: E731 - the captured requests' rows
+    tensors = {"hidden": _host(rows(hidden))}
     draft = getattr(batch.spec_info, "draft_token", None)
     if ndt > 1:  # a depth-0 round verifies one token and proposes none: nothing to say beyond its aux states
-        tensors["accept"] = _host(result.accept_lens.to(torch.int64))
+        tensors["accept"] = _host(rows(result.accept_lens, 1).to(torch.int64))
         if draft is not None:
-            tensors["draft"] = _host(draft[:n].to(torch.int64))
+            tensors["draft"] = _host(rows(draft).to(torch.int64))
     # the verify forward's logits, one row per verified position (penalties, logit_bias and grammar masks of the
     # requests that use them already applied in place: the distribution this verify accepted from)
     logits = getattr(result.logits_output, "next_token_logits", None) if TOPK else None
-    if logits is not None and logits.dim() == 2 and logits.shape[0] >= n:
-        tensors.update({k: _host(v) for k, v in wire.target_topk(logits[:n], min(TOPK, logits.shape[1])).items()})
-    _sender.put({"kind": "decode", "rids": [r.rid for r in batch.reqs], "ndt": ndt}, tensors)
+    if logits is not None and logits.dim() == 2 and logits.shape[0] >= bs * ndt:
+        tensors.update({k: _host(v) for k, v in wire.target_topk(rows(logits), min(TOPK, logits.shape[1])).items()})
+    _sender.put({"kind": "decode", "rids": [batch.reqs[i].rid for i in keep], "ndt": ndt}, tensors)
 
 
 def install() -> None:
