@@ -144,7 +144,9 @@ def _spy(a, tag: str) -> list:
 def _depth_sweep(a, url, service, tr) -> dict:
     """The trainer stopped (so that round costs are serving's alone), capture on: c16 at Aurora's decision, then
     each depth pinned in turn (plugin/depth.py's force file) at c1 and c16. Per phase: served tok/s, accept
-    length, and the scheduler's own round cost at that depth and batch bucket (depth.json's round_ms)."""
+    length, and the scheduler's own round cost at that depth and batch bucket (depth.json's round_ms). With capture
+    pacing on (the default), a stopped trainer's full queue soon takes capture down to the pacer's floor: these
+    phases then cost what a paced server pays (--no-pacing: every request captured)."""
     from aurora.sglang_engine.plugin.depth import bucket_of, read_snapshot, write_forced_depth
 
     tr.stop(timeout=60)
@@ -193,7 +195,7 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
     run_dir = os.path.join(a.out, f"run-L{a.layers}-{mode}-{dtype}")
     cfg = ServeConfig.load(YAML, target=dirs["target"], draft=dirs["draft"] if mode == "eagle3" else None,
                            run_dir=run_dir, sglang_args=args, sync_every=a.sync_every, wandb="disabled",
-                           adaptive_depth=a.adaptive_depth)
+                           adaptive_depth=a.adaptive_depth, capture_pacing=not a.no_pacing)
     row = {"layers": a.layers, "mode": mode, "dtype": dtype, "mem_fraction_static": round(frac, 3),
            "aux_layers": aux_layers_for(a.layers), "sglang_args": args}
     torch.cuda.reset_peak_memory_stats()
@@ -232,8 +234,13 @@ def run_one(a, mode: str, dtype: str, dirs: dict) -> dict:
                 ts = tr.status()
                 kept = cap.get("samples", 0) - cap0.get("samples", 0)
                 wire = cap.get("bytes", 0) - cap0.get("bytes", 0)
-                res.update(capture_samples=kept, wire_bytes_per_token=wire / res["captured_tokens"]
-                           if kept else None, captured_tokens_per_s=res["captured_tokens"] / res["seconds"],
+                # with capture pacing (the default) only some requests are captured: count their tokens alone
+                # (every request here has the same length)
+                tokens = kept * res["captured_tokens"] / max(res["requests"], 1)
+                res.update(capture_samples=kept, capture_rate=cap.get("capture_rate"),
+                           wire_bytes_per_token=wire / tokens if kept else None,
+                           captured_tokens_per_s=tokens / res["seconds"],
+                           offered_tokens_per_s=res["captured_tokens"] / res["seconds"],
                            trainer_tokens_per_s_ema=ts["tokens_per_second"],
                            trainer_tokens_per_s=(ts["tokens_trained"] - tt0) / res["seconds"],
                            trainer_steps=ts["steps"], trainer_state=ts["state"], trainer_failures=ts["failures"])
@@ -305,6 +312,8 @@ def main():
     ap.add_argument("--spy", default="", help="a folder: py-spy Aurora's process and SGLang's scheduler during the "
                     "c16 phase (py-spy on PATH; summarise with scripts/sglang_profile.py's spy_summary)")
     ap.add_argument("--spy-s", type=int, default=3, help="seconds of py-spy, from the c16 phase's start")
+    ap.add_argument("--no-pacing", action="store_true", help="capture every request (capture_pacing off): "
+                    "the capture cost at its full rate")
     ap.add_argument("--warm", type=int, default=1, help="1: an unmeasured pass before every measured phase (see "
                     "above); 0: one warm-up request only")
     ap.add_argument("--kv-gb", type=float, default=12.0, help="SGLang's KV pool beyond the weights")
