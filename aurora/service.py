@@ -20,9 +20,9 @@ from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
 from aurora.training.checkpoint import load_served_draft
-from aurora.training.pacing import CapturePacer
 from aurora.server.config import ServeConfig
 from aurora.sharing import DeviceShare
+from aurora.training.pacing import CapturePacer
 from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
