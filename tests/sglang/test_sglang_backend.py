@@ -281,7 +281,9 @@ def test_swaps_under_load_accept_length_rises(stack):
     swaps0 = engine.swaps
     t0 = time.time()
     asyncio.run(run(n_requests))
-    while service.trainer.steps < 250 and time.time() - t0 < 150:  # each sample trains once: more traffic
+    # each sample trains once: more traffic until the trainer has had its steps (the bound is for a stuck trainer;
+    # stopping on time alone judged a slow run's learning by fewer steps)
+    while service.trainer.steps < 250 and time.time() - t0 < 300:
         asyncio.run(run(320))
         n_requests += 320
     service.trainer.swap_now()        # the latest weights (unless the guard refuses), then every prompt again
@@ -291,7 +293,8 @@ def test_swaps_under_load_accept_length_rises(stack):
     stats = engine.stats()
     by_version = stats["accept_length_by_version"]
     print(f"{n_requests} requests in {elapsed:.0f} s; swaps {engine.swaps - swaps0} ({list(engine.swap_ms)} ms); "
-          f"failures {len(failures)}; outputs != target-only {len(wrong)}; accept length by version {by_version}")
+          f"failures {len(failures)}; outputs != target-only {len(wrong)}; trainer steps {service.trainer.steps}; "
+          f"accept length by version {by_version}")
     g = sorted(b - a for a, b in gaps)
     # a stall shows as a gap between two chunks of a stream that overlaps a swap, longer than the gaps without one
     windows = list(engine.swap_windows)
