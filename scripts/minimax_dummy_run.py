@@ -127,14 +127,11 @@ def _checkpoint_check(run_dir: str, aux: list[int]) -> dict:
 def _spy(a, tag: str) -> list:
     """py-spy (raw stacks, every thread, idle kept, not pausing the process) of Aurora's process and of SGLang's
     scheduler for --spy-s seconds from now: where capture and training cost serving at this shape."""
-    import psutil  # installed with SGLang
+    from sglang_profile import scheduler_pid  # scripts/ is on the path of a script run from it
 
     os.makedirs(a.spy, exist_ok=True)
-    pids = {"aurora": os.getpid()}
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("sglang::scheduler" in part for part in proc.info["cmdline"] or ()):
-            pids["scheduler"] = proc.pid
-            break
+    pids = {"aurora": os.getpid(), "scheduler": scheduler_pid()}
+    pids = {who: pid for who, pid in pids.items() if pid is not None}
     return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-p", str(pid), "-d",
                               str(a.spy_s), "-r", "200", "-f", "raw", "-o",
                               os.path.join(a.spy, f"spy_L{a.layers}_{tag}_{who}.raw")],
@@ -168,7 +165,7 @@ def _depth_sweep(a, url, service, tr) -> dict:
                 snap = read_snapshot(swap_dir) or {}
                 b = (snap.get("buckets") or {}).get(str(bucket_of(conc))) or {}
                 res.update(depth=d, forced=snap.get("forced"), round_ms=(b.get("round_ms") or {}).get(str(d)),
-                           timed=(b.get("timed") or {}).get(str(d)), results=snap.get("results"),
+                           timed=(b.get("timed") or {}).get(str(d)), rounds_by_depth=b.get("rounds_by_depth"),
                            delivered_tok_s=b.get("delivered_tok_s"))
                 out[f"c{conc} d{d}"] = res
                 print(f"L{a.layers} c{conc} depth {d}: {res['tokens_per_s']:9.1f} tok/s  accept {res['accept_length']}"

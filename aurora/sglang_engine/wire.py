@@ -43,13 +43,12 @@ def decode(frames: list[bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, tensors
 
 
-def request_rows(keep: list[int], bs: int, width: int, t: torch.Tensor) -> torch.Tensor:
-    """The rows of requests `keep` (batch positions, ascending) of a request-major block of bs requests, `width`
-    rows each (t may hold padding rows beyond bs * width). All requests: a view, no copy."""
+def request_rows(ix: torch.Tensor | None, bs: int, width: int, t: torch.Tensor) -> torch.Tensor:
+    """The rows of the requests at batch positions `ix` (ascending, on t's device; None: all, a view, no copy) of a
+    request-major block of bs requests, `width` rows each (t may hold padding rows beyond bs * width)."""
     t = t[:bs * width]
-    if len(keep) == bs:
+    if ix is None:
         return t
-    ix = torch.as_tensor(keep, device=t.device)
     return t.view(bs, width, *t.shape[1:]).index_select(0, ix).flatten(0, 1)
 
 

@@ -200,11 +200,11 @@ def test_only_the_captured_requests_rows_are_sent(tmp_path):
     H, ndt = 3, 2
     full = torch.arange(3 * ndt * H, dtype=torch.float32).view(3 * ndt, H)
     padded = torch.cat([full, torch.full((4, H), -1.0)])  # a CUDA graph's padding rows beyond bs * ndt
-    keep = [0, 2]
+    keep, ix = [0, 2], torch.tensor([0, 2])
     ref = torch.cat([full[0:ndt], full[2 * ndt:3 * ndt]])
-    torch.testing.assert_close(wire.request_rows(keep, 3, ndt, padded), ref)
-    assert wire.request_rows([0, 1, 2], 3, ndt, padded).data_ptr() == padded.data_ptr()  # all kept: a view
-    torch.testing.assert_close(wire.request_rows(keep, 3, 1, torch.tensor([5, 6, 7, 0])), torch.tensor([5, 7]))
+    torch.testing.assert_close(wire.request_rows(ix, 3, ndt, padded), ref)
+    assert wire.request_rows(None, 3, ndt, padded).data_ptr() == padded.data_ptr()  # all kept: a view
+    torch.testing.assert_close(wire.request_rows(ix, 3, 1, torch.tensor([5, 6, 7, 0])), torch.tensor([5, 7]))
     seg = torch.arange(9, dtype=torch.float32)[:, None]
     torch.testing.assert_close(wire.segment_rows([0, 2], [2, 3, 4], seg), seg[[0, 1, 5, 6, 7, 8]])
     torch.testing.assert_close(wire.segment_rows([1], [2, 3, 4], seg), seg[2:5])
@@ -219,8 +219,8 @@ def test_only_the_captured_requests_rows_are_sent(tmp_path):
     block = torch.cat([_rows(4, 3, 1), _rows(5, 3, 9), _rows(3, 3, 2)])  # ndt 3, request-major
     accept, draft = torch.tensor([3, 2, 1]), torch.arange(9)
     tx.send({"kind": "decode", "rids": [rids[i] for i in keep], "ndt": 3},
-            {"hidden": wire.request_rows(keep, 3, 3, block), "accept": wire.request_rows(keep, 3, 1, accept),
-             "draft": wire.request_rows(keep, 3, 3, draft)})
+            {"hidden": wire.request_rows(ix, 3, 3, block), "accept": wire.request_rows(ix, 3, 1, accept),
+             "draft": wire.request_rows(ix, 3, 3, draft)})
     _wait(lambda: col.counts["frames"] == 2)
     col.finish("c-A", list(range(100, 108)), 4, True, 1)   # 4 prompt + 4 new: rows 0..6
     col.finish("c-B", list(range(200, 205)), 3, True, 1)   # 3 prompt + 2 new: rows 0..3

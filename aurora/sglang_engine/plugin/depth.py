@@ -92,7 +92,6 @@ class Driver:
         self._prefilled = False
         self._written = 0.0
         self.forced: int | None = None
-        self.results: dict[str, int] = {}  # decode results by the depth they were verified at, and untimed ones
         self._force_checked = 0.0
         self._check_version()
         log.info("aurora drives SGLang's speculative depth among %s", self.depths)
@@ -141,8 +140,6 @@ class Driver:
         start = launched if self._last_result is None else max(self._last_result, launched)
         period = now - start
         bucket = bucket_of(bs or len(correct))
-        key = f"d{depth}" + (" after a prefill" if self._prefilled else "")
-        self.results[key] = self.results.get(key, 0) + 1
         self.ctl.observe(bucket, depth, None if self._prefilled else period, list(correct))
         self.ctl.observe_served(bucket, depth, sum(correct) + len(correct), period)
         self._last_result, self._prefilled = now, False
@@ -154,7 +151,7 @@ class Driver:
         try:
             tmp = os.path.join(self.swap_dir, "depth.json.tmp")
             with open(tmp, "w") as f:
-                json.dump(dict(self.ctl.snapshot(), forced=self.forced, results=self.results), f)
+                json.dump(dict(self.ctl.snapshot(), forced=self.forced), f)
             os.replace(tmp, os.path.join(self.swap_dir, "depth.json"))
         except OSError:
             log.exception("aurora: could not write the depth snapshot")
