@@ -49,8 +49,9 @@ class CaptureCollector:
         self._done: OrderedDict = OrderedDict()  # rids already emitted or dropped: trailing frames are ignored
         self._lock = threading.Lock()
         self._seq = 0
-        self.counts = {"frames": 0, "samples": 0, "dropped_incomplete": 0, "dropped_gap": 0, "dropped_cached": 0,
-                       "sender_dropped": 0, "frame_errors": 0, "bytes": 0}
+        # admitted = samples + dropped_* + in flight (in_flight(): 0 once every admitted request has ended)
+        self.counts = {"admitted": 0, "frames": 0, "samples": 0, "dropped_incomplete": 0, "dropped_gap": 0,
+                       "dropped_cached": 0, "dropped_aborted": 0, "sender_dropped": 0, "frame_errors": 0, "bytes": 0}
         self._listener = Listener(address, family="AF_UNIX")
         self._stop = False
         threading.Thread(target=self._accept, name="aurora-capture-rx", daemon=True).start()
@@ -156,10 +157,23 @@ class CaptureCollector:
             self._try_emit(rid, p)
             self._sweep()
 
-    def discard(self, rid: str) -> None:
-        """An aborted or failed request leaves no sample."""
+    def admit(self, rid: str) -> None:
+        """`rid` was sent to SGLang marked for capture: it ends as a sample or as a drop counted by reason."""
         with self._lock:
-            self._forget(rid)
+            self.counts["admitted"] += 1
+
+    def discard(self, rid: str) -> None:
+        """An aborted or failed request leaves no sample (counted, unless it was already dropped)."""
+        with self._lock:
+            if rid not in self._done:
+                self._drop(rid, "dropped_aborted")
+
+    def in_flight(self) -> int:
+        """Admitted requests that have not yet become a sample or a counted drop."""
+        with self._lock:
+            self._sweep()
+            c = self.counts
+            return c["admitted"] - c["samples"] - sum(v for k, v in c.items() if k.startswith("dropped_"))
 
     def _try_emit(self, rid: str, p: _Partial) -> None:
         if p.finish is None:

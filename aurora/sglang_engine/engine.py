@@ -205,6 +205,8 @@ class SGLangEngine:
                    and self._rng.random() < self.sample_rate * (self.pacer.rate() if self.pacer else 1.0))
         # decided at admission: an unsampled request's rows are never copied or sent
         rid = ("c-" if capture else "n-") + request_id
+        if capture:
+            self.collector.admit(rid)
         self._rids[request_id] = rid
         body = request_body(prompt_ids, params, rid, self.stop_strings)
         version, reported, finished = self.draft_version, 0, False
@@ -391,7 +393,8 @@ class SGLangEngine:
             s.update(engine_state=self.state, engine_fault=self.fault, engine_restarts=self.restarts,
                      engine_requests_failed=self.requests_failed)
         if self.collector is not None:
-            s["capture"] = dict(self.collector.counts, pending=self.collector.pending(), sample_rate=self.sample_rate)
+            s["capture"] = dict(self.collector.counts, pending=self.collector.pending(),
+                                in_flight=self.collector.in_flight(), sample_rate=self.sample_rate)
             if self.pacer is not None:
                 s["capture"].update(self.pacer.status())
         if self._publisher is not None and (depth := read_snapshot(self._publisher.dir)) is not None:

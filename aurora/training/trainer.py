@@ -175,6 +175,7 @@ class OnlineTrainer:
         self.failures_by_kind = dict.fromkeys(KINDS, 0)
         self.last_failure_kind: str | None = None
         self.samples_trained, self.samples_split = 0, 0  # fresh samples trained (replays not counted again)
+        self.samples_in_training = 0  # fresh samples of the batch being trained (taken from the buffer, not yet done)
         self.samples_dropped_trainer = {"too_long": 0, "step_failed": 0}
         self._batch_tokens, self._good_steps = c.batch_tokens, 0  # current (backed-off) batch size
         self.faults = FaultInjector.from_env(c.faults)
@@ -327,6 +328,9 @@ class OnlineTrainer:
         pending = {}  # original sample -> its windows not yet trained
         for j, (i, _) in enumerate(items):
             pending.setdefault(i, set()).add(j)
+        if fresh:
+            with self._stats_lock:
+                self.samples_in_training = len(pending)
         try:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
                 spent = self.share.trained_s
@@ -343,6 +347,7 @@ class OnlineTrainer:
                 with self._stats_lock:
                     self.samples_dropped_trainer["step_failed"] += lost
                     self.samples_trained += len(pending) - lost
+                    self.samples_in_training = 0
 
     def _succeeded(self, step: bool = True) -> None:
         """A good step or swap: the failure streak ends; after restore_after good steps the batch size doubles
@@ -620,7 +625,7 @@ class OnlineTrainer:
                     "max_consecutive_failures": self.config.max_consecutive_failures,
                     "batch_tokens": self._batch_tokens, "samples_trained": self.samples_trained,
                     "samples_split": self.samples_split, "samples_dropped_by_reason": dropped,
-                    "samples_heldout": self.buffer.heldout_taken,
+                    "samples_heldout": self.buffer.heldout_taken, "samples_in_training": self.samples_in_training,
                     "last_error": self.last_error, "last_guard": self.last_guard,
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
                     "requests_since_swap": self.requests_since_swap,

@@ -146,6 +146,32 @@ def test_unfinished_requests_time_out_and_are_counted(tmp_path):
     col.close()
 
 
+def test_every_admitted_request_is_a_sample_or_a_counted_drop(tmp_path):
+    """The books /v1/draft shows and scripts/soak.py checks: admitted = samples + dropped_* + in flight."""
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=0.3)
+    tx = Sender(col.address)
+    for rid in ("c-ok", "c-aborted", "c-lost", "c-late"):
+        col.admit(rid)
+    assert col.in_flight() == 4
+    tx.send({"kind": "prefill", "rids": ["c-ok", "c-aborted", "c-lost"], "prefix": [0, 0, 0], "lens": [4, 4, 4]},
+            {"hidden": torch.cat([_rows(0, 4, 1), _rows(0, 4, 2), _rows(0, 4, 3)])})
+    _wait(lambda: col.counts["frames"] == 1)
+    col.finish("c-ok", [1, 2, 3, 4, 5], 4, True, 0)  # 4 prompt rows cover positions 0..3: a sample
+    col.discard("c-aborted")   # the client went away mid-stream
+    col.discard("c-aborted")   # a second report of the same request is not a second drop
+    col.discard("c-ok")        # nor is a late discard of a request that already became a sample
+    _wait(lambda: len(got) == 1)
+    assert col.counts["dropped_aborted"] == 1 and col.in_flight() == 2
+    time.sleep(0.4)            # c-lost never finished, c-late never sent a row: both time out once a sweep runs
+    col.finish("c-late", [1, 2, 3], 2, True, 0)
+    time.sleep(0.4)
+    assert col.in_flight() == 0  # in_flight() sweeps: the books close without further traffic
+    c = col.counts
+    assert c["admitted"] == 4 and c["samples"] == 1 and c["dropped_incomplete"] == 2 and c["dropped_aborted"] == 1
+    col.close()
+
+
 def test_wire_round_trip_bf16():
     t = {"hidden": torch.randn(5, 7).to(torch.bfloat16), "accept": torch.tensor([1, 2]), "e": torch.zeros(0, 3)}
     header, back = wire.decode(wire.encode({"kind": "x"}, t))

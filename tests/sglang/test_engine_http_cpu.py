@@ -168,6 +168,12 @@ def test_the_pacer_scales_which_requests_are_captured():
         def pending(self):
             return 0
 
+        def in_flight(self):
+            return 0
+
+        def admit(self, rid):
+            pass
+
         def finish(self, *a, **kw):
             pass
 

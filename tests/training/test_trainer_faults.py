@@ -99,6 +99,10 @@ def test_oom_backs_off_recovers_and_restores_batch(target, samples):
     dropped = st["samples_dropped_by_reason"]
     assert dropped["step_failed"] == 4 + 2 + 1  # each failed batch's samples (160, 80, 40 tokens): counted
     assert st["samples_trained"] + dropped["step_failed"] == 40 and dropped["too_long"] == 0
+    # the books scripts/soak.py checks: every captured sample is trained, held out, dropped by reason or waiting
+    assert st["samples_in_training"] == 0
+    assert st["samples_captured"] == (st["samples_trained"] + st["samples_heldout"] + sum(dropped.values())
+                                      + st["buffer_size"] + st["samples_in_training"])
 
 
 def test_repeated_failures_end_in_failed_state(target, samples, monkeypatch):
