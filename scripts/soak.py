@@ -375,28 +375,6 @@ def replot(out: str) -> None:
     plot(mem, os.path.join(out, "memory.png"), swaps)
 
 
-def start_server(a, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "aurora.cli", "serve", "--port", str(port), "--wandb", "disabled",
-           "--run-dir", os.path.join(a.out, "run"), *shlex.split(a.serve_args)]
-    env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.env))
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=open(os.path.join(a.out, "server.log"), "w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < a.start_timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"aurora serve exited with {proc.returncode}; see {a.out}/server.log")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                print(f"ready in {time.time() - t0:.0f} s", flush=True)
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise TimeoutError(f"aurora serve not ready in {a.start_timeout_s} s")
-
-
 def summarize(a, res: dict) -> dict:
     rows, mem = res["rows"], res["memory"]
     counts = {}
@@ -482,19 +460,19 @@ def main():
     if a.replot:
         return replot(a.out)
     os.makedirs(a.out, exist_ok=True)
-    port = 8000 + random.Random().randrange(1000)
-    proc = start_server(a, port)
+    from speedup_run import free_port, start_server, stop_server  # scripts/ is on the path of a script run from it
+
+    os.environ.update(kv.split("=", 1) for kv in a.env)  # the server inherits them
+    port = free_port()
+    proc = start_server(f"--run-dir {shlex.quote(os.path.join(a.out, 'run'))} {a.serve_args}", port,
+                        os.path.join(a.out, "server.log"), timeout=a.start_timeout_s)
     url = f"http://127.0.0.1:{port}"
     try:
         card = httpx.get(url + "/v1/models").json()["data"][0]
         traffic = Traffic(tokenizer_of(a.target), int(card["max_model_len"]), a, random.Random(a.seed))
         res = asyncio.run(run(a, url, proc, traffic, card["id"]))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     s = summarize(a, res)
     write_csv(os.path.join(a.out, "requests.csv"), res["rows"])
     write_csv(os.path.join(a.out, "memory.csv"), res["memory"])
