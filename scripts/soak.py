@@ -7,7 +7,7 @@ Starts `aurora serve` (the shipped defaults plus --serve-args) as a process and 
 --clients concurrent clients over HTTP:
   - prompt lengths log-uniform from 16 tokens up to the server's max_model_len (less the request's max_tokens),
     each ending in a chat question (AlpacaEval, MT-bench, IFEval, Arena-Hard) after filler text from other questions;
-  - --prefix-frac of them start with one shared ~600-token preamble (prefix-cache hits);
+  - --prefix-frac of them start with one shared preamble of min(600, max_model_len / 4) tokens (prefix-cache hits);
   - --too-long-frac whose prompt exceeds max_model_len: they must get a 400 naming the context length;
   - --stream-frac streamed, of which --disconnect-frac close the connection after a few chunks (aborted streams);
   - max_tokens uniform in --max-tokens LO,HI, greedy or temperature 0.8 at random.
@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import httpx
 
@@ -377,9 +378,7 @@ def replot(out: str) -> None:
 
 def summarize(a, res: dict) -> dict:
     rows, mem = res["rows"], res["memory"]
-    counts = {}
-    for r in rows:
-        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    counts = dict(Counter(r["outcome"] for r in rows))
     versions, swaps_at = [], []
     for m in mem:
         v = m.get("version")
@@ -415,13 +414,9 @@ def summarize(a, res: dict) -> dict:
          "swaps": (res["draft"].get("trainer") or {}).get("swaps"), "settled": res["settled"],
          "books": books(res["draft"]), "recovery": recovery,
          "host_rss_aurora": drift(mem, "aurora_rss_mib", 0.25), "host_rss_children": drift(mem, "children_rss_mib", 0.25),
-         "gpu_used": drift(mem, "gpu_used_mib", 0.25)}
-    s["swaps_at_requests"] = swaps_at
-    health = {}
-    for m in mem:
-        health[str(m["health"])] = health.get(str(m["health"]), 0) + 1
+         "gpu_used": drift(mem, "gpu_used_mib", 0.25), "swaps_at_requests": swaps_at,
+         "health_samples": dict(Counter(str(m["health"]) for m in mem))}
     t = res["draft"].get("trainer") or {}
-    s["health_samples"] = health
     s["trainer_end"] = {k: t.get(k) for k in ("state", "steps", "failures_by_kind", "last_error", "swaps",
                                               "swaps_refused", "tokens_trained")}
     return s
