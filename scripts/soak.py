@@ -16,7 +16,8 @@ With --kill-scheduler-after N, SGLang's scheduler gets SIGKILL once N requests h
 answer 503 until /health is "ok" again (counted apart), and the report gives the time to recover and whether swaps
 resumed. --env K=V passes a variable to the server (e.g. AURORA_FAULT=trainer_oom:3@20 for a fault drill).
 
-Every --sample-s seconds it records /health, the host RSS of Aurora's process and of its children (SGLang), and the
+Every --sample-s seconds it records /health, the host RSS of Aurora's process and of its children (SGLang), the capture
+buffer's bytes (the samples waiting in host memory, bounded by --buffer-gib), and the
 GPU memory in use (nvidia-smi), into memory.csv; memory.png plots them against finished requests. At the end it
 waits (up to --settle-s) for captured requests and the trainer's fresh queue to drain, then checks the books:
   SGLang capture: admitted = samples + dropped by reason + in flight   (/v1/draft capture)
@@ -229,7 +230,6 @@ async def run(a, url: str, proc: subprocess.Popen, traffic: Traffic, model: str)
                     print(f"SIGKILL to SGLang's scheduler {events['killed_pid']} at {r['t']:.1f} s", flush=True)
 
         async def monitor():
-            last_draft = 0.0
             while True:
                 now = time.perf_counter() - t0
                 try:
@@ -245,14 +245,15 @@ async def run(a, url: str, proc: subprocess.Popen, traffic: Traffic, model: str)
                 own, kids = tree_rss(proc.pid)
                 row = {"t": round(now, 1), "finished": len(rows), "health": health, "aurora_rss_mib": round(own, 1),
                        "children_rss_mib": round(kids, 1), "gpu_used_mib": gpu_used_mib()}
-                if now - last_draft > 30:
-                    last_draft = now
-                    try:
-                        d = (await client.get("/v1/draft", timeout=10)).json()
-                        row["version"] = d.get("draft_version")
-                        row["trainer_state"] = (d.get("trainer") or {}).get("state")
-                    except (httpx.HTTPError, ValueError):
-                        pass
+                try:
+                    d = (await client.get("/v1/draft", timeout=10)).json()
+                    t = d.get("trainer") or {}
+                    row["version"], row["trainer_state"] = d.get("draft_version"), t.get("state")
+                    if t.get("buffer_bytes") is not None:  # waiting samples: host memory bounded by --buffer-gib
+                        row["buffer_mib"] = round(t["buffer_bytes"] / 2**20, 1)
+                        row["aurora_rss_less_buffer_mib"] = round(own - row["buffer_mib"], 1)
+                except (httpx.HTTPError, ValueError):
+                    pass
                 mem.append(row)
                 write_csv(os.path.join(a.out, "memory.csv"), mem)  # kept if the run is cut short
                 await asyncio.sleep(a.sample_s)
@@ -344,6 +345,11 @@ def plot(mem: list[dict], path: str, swaps: list) -> None:
     fig, ax = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     ax[0].plot(f, [m["aurora_rss_mib"] for m in mem], label="Aurora process RSS")
     ax[0].plot(f, [m["children_rss_mib"] for m in mem], label="SGLang processes RSS (sum)")
+    if any(m.get("buffer_mib") is not None for m in mem):
+        nan = float("nan")
+        ax[0].plot(f, [m.get("aurora_rss_less_buffer_mib", nan) for m in mem], ls="--",
+                   label="Aurora RSS less the capture buffer's samples")
+        ax[0].plot(f, [m.get("buffer_mib", nan) for m in mem], label="capture buffer (bounded by --buffer-gib)")
     ax[0].set_ylabel("host MiB")
     ax[0].legend()
     gpu = [m.get("gpu_used_mib") for m in mem]
@@ -414,11 +420,15 @@ def summarize(a, res: dict) -> dict:
          "swaps": (res["draft"].get("trainer") or {}).get("swaps"), "settled": res["settled"],
          "books": books(res["draft"]), "recovery": recovery,
          "host_rss_aurora": drift(mem, "aurora_rss_mib", 0.25), "host_rss_children": drift(mem, "children_rss_mib", 0.25),
+         "host_rss_aurora_less_buffer": drift(mem, "aurora_rss_less_buffer_mib", 0.25),
+         "buffer": drift(mem, "buffer_mib", 0.25),
          "gpu_used": drift(mem, "gpu_used_mib", 0.25), "swaps_at_requests": swaps_at,
          "health_samples": dict(Counter(str(m["health"]) for m in mem))}
     t = res["draft"].get("trainer") or {}
     s["trainer_end"] = {k: t.get(k) for k in ("state", "steps", "failures_by_kind", "last_error", "swaps",
-                                              "swaps_refused", "tokens_trained")}
+                                              "swaps_refused", "swaps_deferred", "tokens_trained", "samples_trained",
+                                              "heldout_accept_by_version")}
+    s["served_accept_by_version"] = res["draft"].get("accept_length_by_version")
     return s
 
 
@@ -479,7 +489,8 @@ def main():
         print("matplotlib is not installed: no memory.png (draw it elsewhere with --replot)")
     print(json.dumps({k: s[k] for k in ("wall_s", "requests_sent", "outcomes", "swaps", "versions_seen", "settled",
                                         "health_samples", "trainer_end",
-                                        "books", "recovery", "host_rss_aurora", "host_rss_children", "gpu_used",
+                                        "books", "recovery", "host_rss_aurora", "host_rss_aurora_less_buffer",
+                                        "buffer", "host_rss_children", "gpu_used", "served_accept_by_version",
                                         "latency_p50_s", "latency_p99_s", "prompt_tokens_max")}, indent=1))
     balanced = all(b["balanced"] for b in s["books"].values())
     sys.exit(0 if s["failed"] == 0 and balanced else 1)

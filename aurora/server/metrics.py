@@ -175,6 +175,13 @@ class StatusCollector:
         yield _gauge("aurora_trainer_tokens_per_second", "tokens trained per second", t.get("tokens_per_second"))
         yield _counter("aurora_trainer_tokens_total", "tokens trained (replays included)", t.get("tokens_trained"))
         yield _gauge("aurora_buffer_samples", "samples waiting in the capture buffer", t.get("buffer_size"))
+        yield _gauge("aurora_buffer_bytes", "host memory held by the capture buffer's samples", t.get("buffer_bytes"))
+        heldout = GaugeMetricFamily("aurora_heldout_accept_length_by_version",
+                                    "accept length each published draft version was predicted on held-out traffic "
+                                    "at its guard pass (the most recent versions only)", labels=["version"])
+        for version, value in sorted((t.get("heldout_accept_by_version") or {}).items(), key=lambda kv: int(kv[0])):
+            heldout.add_metric([str(version)], _num(value))
+        yield heldout
         yield _gauge("aurora_requests_since_swap", "finished requests since the last hot-swap",
                      t.get("requests_since_swap"))
 

@@ -95,6 +95,9 @@ def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x, y = _series(_served(rows), "serve/requests_finished", "serve/accept_length")
     ax.plot(x, y, label="accept length (recent)")
+    x, y = _series(_trained(rows), "serve/requests_finished", "train/heldout_accept_length")
+    if x:  # what the live version was predicted on held-out traffic: the curve even while serving decodes plainly
+        ax.step(x, y, where="post", label="held-out prediction of the live version")
     prev = None
     for r in rows:
         v = r.get("serve/draft_version")

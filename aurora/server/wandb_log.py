@@ -40,6 +40,9 @@ def flatten_status(status: dict) -> dict:
                   "swaps_refused", "swaps_deferred", "failures", "last_error", "tokens_per_second", "tokens_trained",
                   "requests_since_swap"):
             row[f"train/{k}"] = trainer.get(k)
+        by_version = trainer.get("heldout_accept_by_version") or {}  # int keys, or JSON's str
+        row["train/heldout_accept_length"] = by_version.get(trainer.get("version"),
+                                                            by_version.get(str(trainer.get("version"))))
         for step, value in enumerate(trainer.get("loss_per_step") or []):
             row[f"train/loss_step/{step}"] = value
         for step, value in enumerate(trainer.get("acc_per_step") or []):

@@ -184,6 +184,10 @@ class OnlineTrainer:
         self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
         self.acceptance: list[float] | None = None  # the held-out prediction of the version last published
+        # accept length each published version was predicted on the held-out samples at its guard pass (the
+        # learning curve while serving decodes plainly and served accept length says nothing); last 8 versions
+        self.heldout_accept_by_version: dict[int, float] = {}
+        self._guard_accept: float | None = None  # the candidate's, from the guard pass that let it through
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
         self._steps_published = self.steps  # optimiser steps in the version last published
@@ -490,6 +494,7 @@ class OnlineTrainer:
         if not finite_state(candidate):
             return "candidate has non-finite weights", None
         heldout = self.buffer.heldout()
+        self._guard_accept = None
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
             return None, None
         spent = self.share.trained_s  # the time its chunks held the device, as the duty counts it
@@ -497,6 +502,7 @@ class OnlineTrainer:
         self._last_guard_s = self.share.trained_s - spent
         cand, live = sim["accept_length"], live_sim["accept_length"]
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
+        self._guard_accept = cand
         if cand < live - self.config.guard_margin:
             return self.last_guard, None
         return None, sim["served_greedy_step_accept"]
@@ -523,6 +529,10 @@ class OnlineTrainer:
         with self._stats_lock:
             self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
             self._steps_published, self.acceptance = self.steps, acceptance
+            if acceptance is not None and self._guard_accept is not None:
+                by_version = {**self.heldout_accept_by_version, version: self._guard_accept}
+                self.heldout_accept_by_version = dict(sorted(by_version.items())[-8:])
+            self._guard_accept = None
         self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
         if self.config.checkpoint_dir:
             try:
@@ -556,7 +566,7 @@ class OnlineTrainer:
         with self._publish_lock, self._model_lock:
             state = {"master": self.master.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
-                     "acceptance": self.acceptance,
+                     "acceptance": self.acceptance, "heldout_accept_by_version": self.heldout_accept_by_version,
                      "counters": {k: getattr(self, k) for k in ("version", "steps", "swaps", "swaps_refused",
                                                                  "failures", "finished_requests")}}
             write_checkpoint(path, self.master, self.engine_dtype, state)
@@ -573,6 +583,7 @@ class OnlineTrainer:
         for k, v in state["counters"].items():
             setattr(self, k, v)
         self.acceptance = state.get("acceptance")  # absent in checkpoints written before it was kept
+        self.heldout_accept_by_version = dict(state.get("heldout_accept_by_version") or {})
         return True
 
     def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:
@@ -627,6 +638,7 @@ class OnlineTrainer:
                     "samples_split": self.samples_split, "samples_dropped_by_reason": dropped,
                     "samples_heldout": self.buffer.heldout_taken, "samples_in_training": self.samples_in_training,
                     "last_error": self.last_error, "last_guard": self.last_guard,
+                    "heldout_accept_by_version": dict(self.heldout_accept_by_version),
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
                     "requests_since_swap": self.requests_since_swap,
                     "finished_requests": self.finished_requests, "sync_every": self.config.sync_every,

@@ -88,7 +88,9 @@ class FakeTrainer:
                 "loss_per_step": [2.5, 2.9, 3.2, 3.4], "acc_per_step": [0.6, 0.5, 0.4, 0.3],
                 "samples_captured": 40, "samples_dropped": 2, "buffer_size": 7, "swaps": self.swaps,
                 "swaps_refused": 1, "failures": 0, "last_error": None, "tokens_per_second": 456.0,
-                "tokens_trained": 7890,
+                "tokens_trained": 7890, "buffer_bytes": 123456,
+                # each version the fake published was predicted a little better than the one before
+                "heldout_accept_by_version": {v: 1.0 + 0.25 * v for v in self.history if v},
                 "requests_since_swap": 3, "sync_every": 800}
 
     def swap_now(self):

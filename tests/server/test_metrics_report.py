@@ -17,7 +17,7 @@ NAMES = ["aurora_accept_length", "aurora_accept_length_by_version", "aurora_acce
 
 
 def test_metrics_endpoint(server):
-    url, _ = server
+    url, service = server
     for stream in (False, True):
         httpx.post(url + "/v1/completions", json={"prompt": "hello there", "max_tokens": 6, "stream": stream})
     httpx.post(url + "/v1/completions", json={"prompt": "hi", "temperature": 9})
@@ -34,6 +34,12 @@ def test_metrics_endpoint(server):
     assert samples[("aurora_accept_length_by_version", (("version", "0"),))] > 1
     assert samples[("aurora_swaps_refused_total", ())] == 1
     assert samples[("aurora_trainer_tokens_total", ())] == 7890
+    assert samples[("aurora_buffer_bytes", ())] == 123456
+    service.swap_now()
+    service.swap_now()
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    heldout = {s.labels["version"]: s.value for s in families["aurora_heldout_accept_length_by_version"].samples}
+    assert heldout == {"1": 1.25, "2": 1.5}
 
 
 def test_metrics_without_trainer(service, tokenizer):
@@ -55,6 +61,7 @@ def test_logger_writes_jsonl_and_config(service, tmp_path):
     logger.stop()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows and rows[-1]["serve/draft_version"] == 1 and rows[-1]["train/loss_step/0"] == 2.5
+    assert rows[-1]["train/heldout_accept_length"] == 1.25  # the live version's prediction
     assert os.path.exists(tmp_path / "run" / "config.yaml")
     assert flatten_status(service.draft_status())["serve/accept_rate_by_position/3"] == 0.3
 
@@ -69,6 +76,7 @@ def test_report_from_synthetic_jsonl(tmp_path, capsys):
                    "serve/accept_length": 1.5 + 0.4 * version + 0.01 * i, "serve/tokens_per_second": 300 + i,
                    "serve/generated_tokens": 1500 * i, "train/tokens_trained": 4500 * i, "train/steps": i,
                    "train/tokens_per_second": 900.0, "train/state": "training",
+                   "train/heldout_accept_length": 1.2 + 0.3 * version if version else None,
                    **{f"serve/accept_rate_by_position/{j}": 0.8 - 0.15 * j for j in range(4)},
                    **{f"train/loss_step/{k}": 3.0 - 0.03 * i + 0.2 * k for k in range(4)},
                    **({f"serve/depth/{b}": min(version * 2, 4) for b in (1, 16)} if i >= 5 else {})}

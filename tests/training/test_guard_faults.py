@@ -50,6 +50,10 @@ def test_guard_refuses_nan_and_bad_candidates(target, trained, heldout):
     tr.master.load_state_dict(state)
     tr._history = [(0, tr._snapshot())]  # the trained draft is live
     assert tr.swap_now() == 1 and engine.versions == [1]
+    alone = make_draft(target, train, seed=3)
+    alone.load_state_dict(state, strict=False)
+    want = simulated_acceptance(alone.float(), heldout, tr.lm_head, 3, tr.target_to_draft)["accept_length"]
+    assert tr.status()["heldout_accept_by_version"] == {1: pytest.approx(want, rel=1e-4)}
     with torch.no_grad():
         tr.master.fc.weight[0, 0] = float("nan")
     assert tr.swap_now() is None
@@ -60,8 +64,11 @@ def test_guard_refuses_nan_and_bad_candidates(target, trained, heldout):
     st = tr.status()
     assert st["swaps_refused"] == 2 and st["version"] == 1 and engine.versions == [1]
     print("\n" + st["last_guard"])
+    assert list(st["heldout_accept_by_version"]) == [1]  # refused candidates are not versions
     tr.master.load_state_dict(state)
     assert tr.swap_now() == 2
+    assert tr.status()["heldout_accept_by_version"] == {1: pytest.approx(want, rel=1e-4),
+                                                        2: pytest.approx(want, rel=1e-4)}
 
 
 def test_sync_every_publishes_from_thread_and_rollback(target, samples):
