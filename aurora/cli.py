@@ -43,6 +43,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "trust_remote_code": "allow a target's custom modelling code (engine sglang)",
     "sglang_swap": "engine sglang: 'step' copies new draft weights between two scheduler steps (no pause); "
                    "'pause' uses SGLang's pause -> update -> continue",
+    "sglang_warmup": "engine sglang: before reporting ready (and after each restart), send SGLang one batch of "
+                     "mixed-length requests so that first-use kernel compiles do not fall on the first users",
     "sglang_splitkv_verify": "engine sglang with the triton attention backend and topk 1: run the verify forward's "
                              "attention through SGLang's split-KV kernel instead of its prefill kernel",
     "sglang_capture_topk": "engine sglang: capture the target's K most likely tokens at every verified position and "

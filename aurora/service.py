@@ -246,8 +246,8 @@ class Service:
         from aurora.models.target import default_aux_layers
         from aurora.sglang_engine.capture import CaptureCollector
         from aurora.sglang_engine.engine import SGLangEngine
-        from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, drives_depth, free_port,
-                                                 server_command, server_env, write_adaptive_config)
+        from aurora.sglang_engine.launch import (SGLangServer, WarmUp, check_sglang_version, drives_depth,
+                                                 free_port, server_command, server_env, write_adaptive_config)
         from aurora.sglang_engine.plugin.depth import write_acceptance
 
         if importlib.util.find_spec("sglang") is None:
@@ -297,8 +297,9 @@ class Service:
         env = server_env(address, swap_dir, adaptive is not None,
                          chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
                          capture_topk=cfg.sglang_capture_topk)
+        warm_up = WarmUp(cfg.max_model_len, cfg.max_batch, len(tokenizer)) if cfg.sglang_warmup else None
         server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive), env,
-                              os.path.join(cfg.run_dir, "sglang.log"), port)
+                              os.path.join(cfg.run_dir, "sglang.log"), port, warm_up)
         try:
             log.info("SGLang ready in %.0f s", server.wait_ready())
         except BaseException:

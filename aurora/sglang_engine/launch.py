@@ -6,15 +6,18 @@ crashed or hung SGLang is visible and restartable without taking Aurora's HTTP f
 is the same `sglang.launch_server` a production deployment runs (its flags pass through `sglang_args`).
 One loopback HTTP hop per request is the price: well under a millisecond beside a decoding round.
 """
+import dataclasses
 import json
 import logging
 import os
+import random
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -124,9 +127,33 @@ def server_env(capture_address: str | None, swap_dir: str | None = None, drive_d
     return env
 
 
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """Traffic sent to SGLang before it counts as ready, at start and after every restart. On a machine whose
+    Triton cache is cold, SGLang's first batch of many mixed-length prompts compiles kernels for its shapes
+    (its own start-up warm-up is one short request): the first users of a fresh server then waited over a
+    minute (results/soak/README.md). These requests pay that instead; with a warm cache they take seconds.
+    They carry no capture mark, so nothing of them is trained on."""
+    max_model_len: int
+    concurrency: int   # SGLang's --max-running-requests: one wave fills its batch
+    vocab_size: int
+    new_tokens: int = 16
+    seed: int = 0
+
+    def requests(self) -> list[dict]:
+        rng = random.Random(self.seed)
+        longest = max(1, self.max_model_len - self.new_tokens)
+        lengths = [max(1, min(longest, int(16 * (min(1024, longest) / 16) ** rng.random())))  # log-uniform
+                   for _ in range(self.concurrency)] + [longest]  # and one prompt at the context limit
+        return [{"input_ids": [rng.randrange(self.vocab_size) for _ in range(n)], "rid": f"n-warmup-{self.seed}-{i}",
+                 "sampling_params": {"max_new_tokens": self.new_tokens, "temperature": 0.0, "ignore_eos": True}}
+                for i, n in enumerate(lengths)]
+
+
 class SGLangServer:
-    def __init__(self, argv: list[str], env: dict, log_path: str, port: int):
+    def __init__(self, argv: list[str], env: dict, log_path: str, port: int, warm_up: WarmUp | None = None):
         self.port, self.log_path, self.argv, self.env = port, log_path, list(argv), env
+        self.warm_up = warm_up
         self.url = f"http://127.0.0.1:{port}"
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         self._spawn()
@@ -164,14 +191,35 @@ class SGLangServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"SGLang exited with code {self.proc.returncode} while starting:\n{self.tail()}")
             try:
-                if httpx.get(self.url + "/model_info", timeout=2).status_code == 200:
-                    self.children = _watched_children(self.proc.pid)
-                    return time.monotonic() - t0
+                up = httpx.get(self.url + "/model_info", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
+                up = False
+            if up:
+                self.children = _watched_children(self.proc.pid)
+                if self.warm_up is not None:
+                    self._warm_up(timeout_s - (time.monotonic() - t0))
+                return time.monotonic() - t0
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"SGLang not ready after {timeout_s:.0f} s:\n{self.tail()}")
+
+    def _warm_up(self, timeout_s: float) -> None:
+        """Send WarmUp's requests all at once and wait for every answer; one that fails is SGLang failing."""
+        t0, reqs = time.monotonic(), self.warm_up.requests()
+        deadline = t0 + max(timeout_s, 1.0)
+
+        def one(body):
+            r = httpx.post(self.url + "/generate", json=body, timeout=max(1.0, deadline - time.monotonic()))
+            if r.status_code != 200:
+                raise RuntimeError(f"SGLang answered a warm-up request with {r.status_code}: {r.text[:300]}")
+
+        try:
+            with ThreadPoolExecutor(len(reqs)) as pool:
+                list(pool.map(one, reqs))
+        except Exception as e:
+            raise RuntimeError(f"SGLang warm-up failed: {type(e).__name__}: {e}\n{self.tail()}") from e
+        log.info("SGLang warm-up: %d requests (%d prompt tokens) in %.1f s", len(reqs),
+                 sum(len(b["input_ids"]) for b in reqs), time.monotonic() - t0)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

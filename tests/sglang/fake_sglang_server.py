@@ -1,5 +1,6 @@
 """A stand-in for `sglang.launch_server` as a real child process (stdlib only, starts fast): /model_info,
-streamed /generate (one token every FAKE_SGLANG_DELAY seconds, SGLang's cumulative output_ids), /abort_request.
+streamed /generate (one token every FAKE_SGLANG_DELAY seconds, SGLang's cumulative output_ids), /abort_request;
+FAKE_SGLANG_GENERATE_LOG records each /generate, FAKE_SGLANG_FAIL_RIDS fails some.
 Each start appends its argv to FAKE_SGLANG_RECORD, so a test can see what a restart was given.
 FAKE_SGLANG_CHILDREN=1 starts SGLang's kind of process tree: a long-lived child named `sglang::scheduler_TP0`
 (as setproctitle names it) and a short-lived unnamed one that exits after 1.5 s."""
@@ -7,10 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DELAY = float(os.environ.get("FAKE_SGLANG_DELAY", "0.05"))
+GENERATE_LOG = os.environ.get("FAKE_SGLANG_GENERATE_LOG")  # one JSON line per /generate: rid, prompt, in flight
+FAIL_RIDS = os.environ.get("FAKE_SGLANG_FAIL_RIDS")        # /generate answers 500 to rids with this prefix
+LOCK, INFLIGHT = threading.Lock(), [0]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -35,6 +40,23 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/generate":
             return self._json({"success": True})
         n = body["sampling_params"]["max_new_tokens"]
+        if GENERATE_LOG:
+            with LOCK:
+                INFLIGHT[0] += 1
+                with open(GENERATE_LOG, "a") as f:
+                    ids = body.get("input_ids") or []
+                    f.write(json.dumps({"rid": body.get("rid"), "prompt_len": len(ids), "max_id": max(ids, default=-1),
+                                        "max_new_tokens": n, "in_flight": INFLIGHT[0]}) + "\n")
+        try:
+            self._generate(body, n)
+        finally:
+            if GENERATE_LOG:
+                with LOCK:
+                    INFLIGHT[0] -= 1
+
+    def _generate(self, body, n):
+        if FAIL_RIDS and str(body.get("rid", "")).startswith(FAIL_RIDS):
+            return self._json({"error": "injected"}, 500)
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()

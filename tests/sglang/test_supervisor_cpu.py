@@ -16,7 +16,7 @@ import pytest
 from aurora.engine.sequence import SamplingParams
 from aurora.server.app import create_app
 from aurora.sglang_engine.engine import SGLangEngine, SGLangUnavailable
-from aurora.sglang_engine.launch import SGLangServer, free_port
+from aurora.sglang_engine.launch import SGLangServer, WarmUp, free_port
 from server_fakes import live_server, test_config
 
 FAKE = os.path.join(os.path.dirname(__file__), "fake_sglang_server.py")
@@ -176,3 +176,37 @@ def test_restart_gives_up_after_max_restarts(tmp_path):
             asyncio.run(anext(engine.generate([1], SamplingParams(max_tokens=2))))
     finally:
         engine.shutdown(drain=False, timeout=5)
+
+
+def test_warm_up_fills_a_batch_before_ready_and_after_a_restart(tmp_path):
+    """WarmUp: SGLang counts as ready only once one wave of `concurrency` mixed-length requests and one at the
+    context limit has been answered, token ids inside the vocabulary, none marked for capture; a restart warms
+    up again; a failed warm-up request fails the start, with SGLang's log."""
+    log_path = tmp_path / "generate.jsonl"
+    env = dict(os.environ, FAKE_SGLANG_RECORD=str(tmp_path / "argv.jsonl"), FAKE_SGLANG_DELAY="0.2",
+               FAKE_SGLANG_GENERATE_LOG=str(log_path))
+    port = free_port()
+    warm = WarmUp(max_model_len=300, concurrency=6, vocab_size=100, new_tokens=3)
+    server = SGLangServer([sys.executable, FAKE, "--port", str(port)], env, str(tmp_path / "sglang.log"), port, warm)
+    try:
+        server.wait_ready(60)
+        seen = [json.loads(line) for line in open(log_path)]
+        assert len(seen) == 7 and all(r["rid"].startswith("n-warmup-") for r in seen)  # "c-" would be captured
+        assert all(r["max_new_tokens"] == 3 and 0 <= r["max_id"] < 100 for r in seen)
+        lengths = sorted(r["prompt_len"] for r in seen)
+        assert lengths[-1] == 297 and lengths[0] >= 1 and len(set(lengths)) >= 3  # the limit, and a spread
+        assert max(r["in_flight"] for r in seen) >= 3  # sent as one wave, not one by one
+        server.restart()
+        server.wait_ready(60)
+        assert sum(1 for _ in open(log_path)) == 14
+    finally:
+        server.stop()
+
+    env["FAKE_SGLANG_FAIL_RIDS"] = "n-warmup-0-3"
+    port = free_port()
+    server = SGLangServer([sys.executable, FAKE, "--port", str(port)], env, str(tmp_path / "sglang2.log"), port, warm)
+    try:
+        with pytest.raises(RuntimeError, match="warm-up"):
+            server.wait_ready(60)
+    finally:
+        server.stop()
