@@ -297,7 +297,10 @@ class Service:
         env = server_env(address, swap_dir, adaptive is not None,
                          chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
                          capture_topk=cfg.sglang_capture_topk)
-        warm_up = WarmUp(cfg.max_model_len, cfg.max_batch, len(tokenizer)) if cfg.sglang_warmup else None
+        # SGLang's EAGLE keeps its draft tokens in a request's output slots and counts them against the context
+        # (sglang.srt.managers.utils.compute_num_reserved_tokens): the longest warm-up prompt leaves them room
+        reserved = max(cfg.topk * cfg.lookahead, cfg.num_draft_tokens) if draft is not None else 0
+        warm_up = WarmUp(cfg.max_model_len - reserved, cfg.max_batch, len(tokenizer)) if cfg.sglang_warmup else None
         server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive), env,
                               os.path.join(cfg.run_dir, "sglang.log"), port, warm_up)
         try:

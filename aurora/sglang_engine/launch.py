@@ -134,7 +134,7 @@ class WarmUp:
     (its own start-up warm-up is one short request): the first users of a fresh server then waited over a
     minute (results/soak/README.md). These requests pay that instead; with a warm cache they take seconds.
     They carry no capture mark, so nothing of them is trained on."""
-    max_model_len: int
+    max_model_len: int  # the most tokens (prompt + new) SGLang accepts in one request
     concurrency: int   # SGLang's --max-running-requests: one wave fills its batch
     vocab_size: int
     new_tokens: int = 16
