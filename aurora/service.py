@@ -17,6 +17,7 @@ from aurora.budget import (draft_param_bytes, kv_cache_bytes, measure_peak, plan
                            shares_gpu, trainer_device, trainer_probe, workspace_bytes)
 from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.sequence import SamplingParams
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
 from aurora.training.checkpoint import load_served_draft
@@ -245,9 +246,9 @@ class Service:
         from aurora.models.draft import save_draft
         from aurora.models.target import default_aux_layers
         from aurora.sglang_engine.capture import CaptureCollector
-        from aurora.sglang_engine.engine import SGLangEngine
-        from aurora.sglang_engine.launch import (SGLangServer, WarmUp, check_sglang_version, drives_depth,
-                                                 free_port, server_command, server_env, write_adaptive_config)
+        from aurora.sglang_engine.engine import SGLangEngine, request_body
+        from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, drives_depth, free_port,
+                                                 server_command, server_env, warm_up_prompts, write_adaptive_config)
         from aurora.sglang_engine.plugin.depth import write_acceptance
 
         if importlib.util.find_spec("sglang") is None:
@@ -297,10 +298,14 @@ class Service:
         env = server_env(address, swap_dir, adaptive is not None,
                          chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
                          capture_topk=cfg.sglang_capture_topk)
-        # SGLang's EAGLE keeps its draft tokens in a request's output slots and counts them against the context
-        # (sglang.srt.managers.utils.compute_num_reserved_tokens): the longest warm-up prompt leaves them room
-        reserved = max(cfg.topk * cfg.lookahead, cfg.num_draft_tokens) if draft is not None else 0
-        warm_up = WarmUp(cfg.max_model_len - reserved, cfg.max_batch, len(tokenizer)) if cfg.sglang_warmup else None
+        warm_up = None
+        if cfg.sglang_warmup:  # never captured ("n-" rids); greedy and ignore_eos, so every request runs its length
+            # SGLang's EAGLE keeps its draft tokens in a request's output slots and counts them against the
+            # context (sglang.srt.managers.utils.compute_num_reserved_tokens): the longest prompt leaves them room
+            reserved = max(cfg.topk * cfg.lookahead, cfg.num_draft_tokens) if draft is not None else 0
+            params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+            warm_up = [request_body(ids, params, f"n-warmup-{i}") for i, ids in enumerate(
+                warm_up_prompts(cfg.max_model_len - reserved, cfg.max_batch, len(tokenizer), params.max_tokens))]
         server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive), env,
                               os.path.join(cfg.run_dir, "sglang.log"), port, warm_up)
         try:

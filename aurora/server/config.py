@@ -66,7 +66,7 @@ class ServeConfig:
     sglang_hang_timeout_s: float = 120.0  # engine sglang: requests in flight and no response for this long =
                                           # hung: in-flight requests get 503, SGLang is restarted
     sglang_max_restarts: int = 3       # engine sglang: restart attempts in a row before serving stays down
-    sglang_warmup: bool = True          # engine sglang: one batch of traffic before ready (launch.WarmUp)
+    sglang_warmup: bool = True          # engine sglang: one batch of traffic before ready (launch.warm_up_prompts)
     sglang_splitkv_verify: bool = True  # engine sglang, triton attention, topk 1: verify attention through SGLang's
                                         # split-KV kernel instead of its serial prefill kernel
                                         # (plugin/verify_attention.py); other backends are not touched

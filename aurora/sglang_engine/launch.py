@@ -6,7 +6,6 @@ crashed or hung SGLang is visible and restartable without taking Aurora's HTTP f
 is the same `sglang.launch_server` a production deployment runs (its flags pass through `sglang_args`).
 One loopback HTTP hop per request is the price: well under a millisecond beside a decoding round.
 """
-import dataclasses
 import json
 import logging
 import os
@@ -127,31 +126,23 @@ def server_env(capture_address: str | None, swap_dir: str | None = None, drive_d
     return env
 
 
-@dataclasses.dataclass(frozen=True)
-class WarmUp:
-    """Traffic sent to SGLang before it counts as ready, at start and after every restart. On a machine whose
-    Triton cache is cold, SGLang's first batch of many mixed-length prompts compiles kernels for its shapes
-    (its own start-up warm-up is one short request): the first users of a fresh server then waited over a
-    minute (results/soak/README.md). These requests pay that instead; with a warm cache they take seconds.
-    They carry no capture mark, so nothing of them is trained on."""
-    max_model_len: int  # the most tokens (prompt + new) SGLang accepts in one request
-    concurrency: int   # SGLang's --max-running-requests: one wave fills its batch
-    vocab_size: int
-    new_tokens: int = 16
-    seed: int = 0
-
-    def requests(self) -> list[dict]:
-        rng = random.Random(self.seed)
-        longest = max(1, self.max_model_len - self.new_tokens)
-        lengths = [max(1, min(longest, int(16 * (min(1024, longest) / 16) ** rng.random())))  # log-uniform
-                   for _ in range(self.concurrency)] + [longest]  # and one prompt at the context limit
-        return [{"input_ids": [rng.randrange(self.vocab_size) for _ in range(n)], "rid": f"n-warmup-{self.seed}-{i}",
-                 "sampling_params": {"max_new_tokens": self.new_tokens, "temperature": 0.0, "ignore_eos": True}}
-                for i, n in enumerate(lengths)]
+def warm_up_prompts(max_model_len: int, concurrency: int, vocab_size: int, new_tokens: int,
+                    seed: int = 0) -> list[list[int]]:
+    """Token ids of the traffic sent to SGLang before it counts as ready (SGLangServer.wait_ready), at start and
+    after every restart: `concurrency` prompts of log-uniform length from 16 to 1,024 tokens (one wave fills
+    SGLang's batch) and one at `max_model_len` - `new_tokens`. On a machine whose Triton cache is cold, SGLang's
+    first batch of many mixed-length prompts compiles kernels for its shapes (its own start-up warm-up is one
+    short request), and the first users of a fresh server waited over a minute (results/soak/README.md); these
+    requests pay that instead, and take seconds with a warm cache."""
+    rng = random.Random(seed)
+    longest = max(1, max_model_len - new_tokens)
+    lengths = [max(1, min(longest, int(16 * (min(1024, longest) / 16) ** rng.random()))) for _ in range(concurrency)]
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths + [longest]]
 
 
 class SGLangServer:
-    def __init__(self, argv: list[str], env: dict, log_path: str, port: int, warm_up: WarmUp | None = None):
+    def __init__(self, argv: list[str], env: dict, log_path: str, port: int, warm_up: list[dict] | None = None):
+        """warm_up: /generate bodies sent at once before wait_ready returns (warm_up_prompts)."""
         self.port, self.log_path, self.argv, self.env = port, log_path, list(argv), env
         self.warm_up = warm_up
         self.url = f"http://127.0.0.1:{port}"
@@ -204,8 +195,8 @@ class SGLangServer:
         raise TimeoutError(f"SGLang not ready after {timeout_s:.0f} s:\n{self.tail()}")
 
     def _warm_up(self, timeout_s: float) -> None:
-        """Send WarmUp's requests all at once and wait for every answer; one that fails is SGLang failing."""
-        t0, reqs = time.monotonic(), self.warm_up.requests()
+        """Send the warm-up requests all at once and read every answer; one that fails is SGLang failing."""
+        t0, reqs = time.monotonic(), self.warm_up
         deadline = t0 + max(timeout_s, 1.0)
 
         def one(body):

@@ -491,10 +491,10 @@ class OnlineTrainer:
     def _guard(self, candidate: dict) -> tuple[str | None, list[float] | None]:
         """(why the candidate is refused, or None; its predicted per-position acceptance, which travels with
         its weights if they are published, or None when nothing is held out yet)."""
+        self._guard_accept = None
         if not finite_state(candidate):
             return "candidate has non-finite weights", None
         heldout = self.buffer.heldout()
-        self._guard_accept = None
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
             return None, None
         spent = self.share.trained_s  # the time its chunks held the device, as the duty counts it

@@ -15,8 +15,8 @@ import pytest
 
 from aurora.engine.sequence import SamplingParams
 from aurora.server.app import create_app
-from aurora.sglang_engine.engine import SGLangEngine, SGLangUnavailable
-from aurora.sglang_engine.launch import SGLangServer, WarmUp, free_port
+from aurora.sglang_engine.engine import SGLangEngine, SGLangUnavailable, request_body
+from aurora.sglang_engine.launch import SGLangServer, free_port, warm_up_prompts
 from server_fakes import live_server, test_config
 
 FAKE = os.path.join(os.path.dirname(__file__), "fake_sglang_server.py")
@@ -179,19 +179,21 @@ def test_restart_gives_up_after_max_restarts(tmp_path):
 
 
 def test_warm_up_fills_a_batch_before_ready_and_after_a_restart(tmp_path):
-    """WarmUp: SGLang counts as ready only once one wave of `concurrency` mixed-length requests and one at the
-    context limit has been answered, token ids inside the vocabulary, none marked for capture; a restart warms
-    up again; a failed warm-up request fails the start, with SGLang's log."""
+    """SGLang counts as ready only once one wave of `concurrency` mixed-length requests and one at the context
+    limit has been answered, token ids inside the vocabulary; a restart warms up again; a failed warm-up request
+    fails the start, with SGLang's log."""
     log_path = tmp_path / "generate.jsonl"
     env = dict(os.environ, FAKE_SGLANG_RECORD=str(tmp_path / "argv.jsonl"), FAKE_SGLANG_DELAY="0.2",
                FAKE_SGLANG_GENERATE_LOG=str(log_path))
     port = free_port()
-    warm = WarmUp(max_model_len=300, concurrency=6, vocab_size=100, new_tokens=3)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    warm = [request_body(ids, params, f"n-warmup-{i}")
+            for i, ids in enumerate(warm_up_prompts(300, concurrency=6, vocab_size=100, new_tokens=3))]
     server = SGLangServer([sys.executable, FAKE, "--port", str(port)], env, str(tmp_path / "sglang.log"), port, warm)
     try:
         server.wait_ready(60)
         seen = [json.loads(line) for line in open(log_path)]
-        assert len(seen) == 7 and all(r["rid"].startswith("n-warmup-") for r in seen)  # "c-" would be captured
+        assert len(seen) == 7 and {r["rid"] for r in seen} == {f"n-warmup-{i}" for i in range(7)}
         assert all(r["max_new_tokens"] == 3 and 0 <= r["max_id"] < 100 for r in seen)
         lengths = sorted(r["prompt_len"] for r in seen)
         assert lengths[-1] == 297 and lengths[0] >= 1 and len(set(lengths)) >= 3  # the limit, and a spread
@@ -202,7 +204,7 @@ def test_warm_up_fills_a_batch_before_ready_and_after_a_restart(tmp_path):
     finally:
         server.stop()
 
-    env["FAKE_SGLANG_FAIL_RIDS"] = "n-warmup-0-3"
+    env["FAKE_SGLANG_FAIL_RIDS"] = "n-warmup-3"
     port = free_port()
     server = SGLangServer([sys.executable, FAKE, "--port", str(port)], env, str(tmp_path / "sglang2.log"), port, warm)
     try:
