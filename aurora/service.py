@@ -248,7 +248,8 @@ class Service:
         from aurora.sglang_engine.capture import CaptureCollector
         from aurora.sglang_engine.engine import SGLangEngine, request_body
         from aurora.sglang_engine.launch import (SGLangServer, check_sglang_version, drives_depth, free_port,
-                                                 server_command, server_env, warm_up_prompts, write_adaptive_config)
+                                                 reserved_tokens, server_command, server_env, warm_up_prompts,
+                                                 write_adaptive_config)
         from aurora.sglang_engine.plugin.depth import write_acceptance
 
         if importlib.util.find_spec("sglang") is None:
@@ -272,6 +273,13 @@ class Service:
                 raise ValueError(f"engine sglang: a {L}-layer target repeats an EAGLE3 aux layer {aux} (or has "
                                  f"none that high); SGLang would feed the draft 2 states: give the draft 3 distinct "
                                  f"aux layers below {L} (DraftConfig.aux_layers, eagle_config in its config.json)")
+            longest = min(getattr(tcfg, "max_position_embeddings", None) or 2**31, draft.config.max_position_embeddings)
+            if cfg.max_model_len + reserved_tokens(cfg) > longest:  # SGLang's context holds the draft's slots too
+                fitted = longest - reserved_tokens(cfg)
+                log.warning("max_model_len %d lowered to %d: SGLang's EAGLE reserves %d draft-token slots per request "
+                            "within the %d positions the target and draft support", cfg.max_model_len, fitted,
+                            reserved_tokens(cfg), longest)
+                cfg = dataclasses.replace(cfg, max_model_len=fitted)
             if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
                 draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
                 save_draft(draft, draft_dir)
@@ -300,12 +308,9 @@ class Service:
                          capture_topk=cfg.sglang_capture_topk)
         warm_up = None
         if cfg.sglang_warmup:  # never captured ("n-" rids); greedy and ignore_eos, so every request runs its length
-            # SGLang's EAGLE keeps its draft tokens in a request's output slots and counts them against the
-            # context (sglang.srt.managers.utils.compute_num_reserved_tokens): the longest prompt leaves them room
-            reserved = max(cfg.topk * cfg.lookahead, cfg.num_draft_tokens) if draft is not None else 0
             params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
             warm_up = [request_body(ids, params, f"n-warmup-{i}") for i, ids in enumerate(
-                warm_up_prompts(cfg.max_model_len - reserved, cfg.max_batch, len(tokenizer), params.max_tokens))]
+                warm_up_prompts(cfg.max_model_len, cfg.max_batch, len(tokenizer), params.max_tokens))]
         server = SGLangServer(server_command(cfg, target_dir, draft_dir, port, mem_fraction, adaptive), env,
                               os.path.join(cfg.run_dir, "sglang.log"), port, warm_up)
         try:

@@ -73,16 +73,26 @@ def write_adaptive_config(path: str, lookahead: int) -> str:
     return path
 
 
+def reserved_tokens(cfg) -> int:
+    """Token slots SGLang's EAGLE reserves in each request on top of its input: it keeps the draft tokens in the
+    output slots and counts them against the context length (sglang.srt.managers.utils.
+    compute_num_reserved_tokens, 0.5.17). Unaccounted, a request whose prompt + max_tokens equals the context
+    (every chat request without max_tokens) would be refused by SGLang."""
+    return max(cfg.topk * cfg.lookahead, cfg.num_draft_tokens)
+
+
 def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fraction: float | None = None,
                    adaptive_config: str | None = None) -> list[str]:
     """SGLang's command line from a ServeConfig (engine sglang). `draft_dir` None serves the target alone.
     `mem_fraction`: Aurora's --mem-fraction-static (aurora/budget.py), used only when sglang_args has none.
     `adaptive_config`: SGLang's adaptive mode with these candidate depths (write_adaptive_config); the startup
     depth is the full lookahead, the largest candidate, so that buffers SGLang sizes once at start (its shared
-    logits buffer) hold the deepest state."""
+    logits buffer) hold the deepest state. With a draft, SGLang's context is max_model_len + reserved_tokens, so
+    that every request Aurora admits (prompt + max_tokens <= max_model_len) fits SGLang's check."""
+    context = cfg.max_model_len + (reserved_tokens(cfg) if draft_dir is not None else 0)
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", target, "--host", "127.0.0.1",
             "--port", str(port), "--tp-size", str(cfg.tp_size), "--max-running-requests", str(cfg.max_batch),
-            "--context-length", str(cfg.max_model_len), "--dtype", "bfloat16"]
+            "--context-length", str(context), "--dtype", "bfloat16"]
     if cfg.trust_remote_code:
         argv.append("--trust-remote-code")
     if draft_dir is not None:

@@ -192,6 +192,10 @@ def test_server_command_and_env():
                  "--attention-backend triton --mem-fraction-static 0.5"):
         assert part in joined, part
     assert "--speculative-algorithm" not in server_command(cfg, "/m/target", None, 31000)
+    # SGLang 0.5.17 counts max(topk x steps, draft tokens) = 4 reserved slots against a speculative request's
+    # context (compute_num_reserved_tokens): a request Aurora admits at prompt + max_tokens = 2048 must fit
+    assert f"--context-length {2048 + 4} " in joined
+    assert "--context-length 2048 " in " ".join(server_command(cfg, "/m/target", None, 31000))  # no draft, no slots
     env = server_env("/tmp/a.sock")
     assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "aurora.sglang_engine.plugin"
     assert env["AURORA_CAPTURE_ADDR"] == "/tmp/a.sock" and "AURORA_CAPTURE_ADDR" not in server_env(None)

@@ -38,12 +38,13 @@ def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
     real_find, real_version = importlib.util.find_spec, importlib.metadata.version
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "sglang" else real_find(n, *a))
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.5.17" if n == "sglang" else real_version(n))
-    calls, started = [], []
+    calls, started, warm_ups = [], [], []
 
     with live_server(fake_sglang(calls)) as sgl_url:
         class FakeServer:  # the process launch.SGLangServer would start, pointed at the fake HTTP API
-            def __init__(self, argv, env, log_path, port):
+            def __init__(self, argv, env, log_path, port, warm_up=None):
                 started.append((argv, env))
+                warm_ups.append(warm_up)
                 self.url, self.proc, self.log_path = sgl_url, None, log_path
 
             def wait_ready(self):
@@ -63,6 +64,11 @@ def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
             assert arg("--model-path") == target and arg("--speculative-draft-model-path") == draft
             assert arg("--load-format") == "dummy" and "--skip-tokenizer-init" in argv
             assert arg("--speculative-draft-load-format") == "safetensors"  # the draft's own weights and d2t
+            # 4096 asked, 512 positions in the target and draft: SGLang's context holds the 5 draft-token slots
+            assert arg("--context-length") == "512" and service.engine.max_model_len == 512 - 5
+            (warm,) = warm_ups  # one wave of max_batch requests and one at the limit, none captured
+            assert len(warm) == 17 and all(b["rid"].startswith("n-") for b in warm)
+            assert max(len(b["input_ids"]) + b["sampling_params"]["max_new_tokens"] for b in warm) == 507
             with open(os.path.join(draft, "config.json")) as f:
                 ids = json.load(f)["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
             assert [i + 1 for i in ids] == aux_layers_for(4) == [1, 2, 3]  # SGLang captures inputs of layers id+1
