@@ -57,12 +57,8 @@ class StatusCollector:
             yield _counter("aurora_spec_verify_rounds", "verify rounds of finished requests", s.get("verify_rounds"))
             yield _counter("aurora_spec_verify_tokens", "tokens committed by the verify rounds of finished requests",
                            s.get("verify_tokens"))
-        by_version = GaugeMetricFamily("aurora_accept_length_by_version",
-                                       "accept length of the requests each draft version served (the most recent "
-                                       "versions only)", labels=["version"])
-        for version, value in sorted((s.get("accept_length_by_version") or {}).items(), key=lambda kv: str(kv[0])):
-            by_version.add_metric([str(version)], _num(value))
-        yield by_version
+        yield _by_version("aurora_accept_length_by_version", "accept length of the requests each draft version "
+                          "served (the most recent versions only)", s.get("accept_length_by_version"))
         by_position = GaugeMetricFamily("aurora_accept_rate_by_position",
                                         "fraction of draft tokens accepted at each lookahead position",
                                         labels=["position"])
@@ -176,18 +172,23 @@ class StatusCollector:
         yield _counter("aurora_trainer_tokens_total", "tokens trained (replays included)", t.get("tokens_trained"))
         yield _gauge("aurora_buffer_samples", "samples waiting in the capture buffer", t.get("buffer_size"))
         yield _gauge("aurora_buffer_bytes", "host memory held by the capture buffer's samples", t.get("buffer_bytes"))
-        heldout = GaugeMetricFamily("aurora_heldout_accept_length_by_version",
-                                    "accept length each published draft version was predicted on held-out traffic "
-                                    "at its guard pass (the most recent versions only)", labels=["version"])
-        for version, value in sorted((t.get("heldout_accept_by_version") or {}).items(), key=lambda kv: int(kv[0])):
-            heldout.add_metric([str(version)], _num(value))
-        yield heldout
+        yield _by_version("aurora_heldout_accept_length_by_version", "accept length each published draft version "
+                          "was predicted on held-out traffic at its guard pass (the most recent versions only)",
+                          t.get("heldout_accept_by_version"))
         yield _gauge("aurora_requests_since_swap", "finished requests since the last hot-swap",
                      t.get("requests_since_swap"))
 
 
 def _gauge(name, doc, value):
     return GaugeMetricFamily(name, doc, value=_num(value))
+
+
+def _by_version(name, doc, values: dict | None):
+    """A gauge per draft version; the keys are ints in process, strings once they crossed JSON."""
+    family = GaugeMetricFamily(name, doc, labels=["version"])
+    for version, value in sorted((values or {}).items(), key=lambda kv: int(kv[0])):
+        family.add_metric([str(version)], _num(value))
+    return family
 
 
 def _counter(name, doc, value):
