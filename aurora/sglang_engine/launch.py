@@ -140,10 +140,10 @@ def warm_up_prompts(max_model_len: int, concurrency: int, vocab_size: int, new_t
                     seed: int = 0) -> list[list[int]]:
     """Token ids of the traffic sent to SGLang before it counts as ready (SGLangServer.wait_ready), at start and
     after every restart: `concurrency` prompts of log-uniform length from 16 to 1,024 tokens (one wave fills
-    SGLang's batch) and one at `max_model_len` - `new_tokens`. On a machine whose Triton cache is cold, SGLang's
-    first batch of many mixed-length prompts compiles kernels for its shapes (its own start-up warm-up is one
-    short request), and the first users of a fresh server waited over a minute (results/soak/README.md); these
-    requests pay that instead, and take seconds with a warm cache."""
+    SGLang's batch) and one at `max_model_len` - `new_tokens`. SGLang's own start-up warm-up is one short request;
+    on a machine whose Triton cache was cold, the first users of a fresh server once waited over a minute inside
+    SGLang (results/soak/README.md). Whatever SGLang first does for a full batch of mixed lengths is done here,
+    before users arrive."""
     rng = random.Random(seed)
     longest = max(1, max_model_len - new_tokens)
     lengths = [max(1, min(longest, int(16 * (min(1024, longest) / 16) ** rng.random()))) for _ in range(concurrency)]
