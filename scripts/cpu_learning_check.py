@@ -8,8 +8,9 @@ machine (`--device cpu` is passed only to be sure of the device). Accept length 
 tokens its decoding rounds committed / those rounds, where a plain-decoding round (depth 0: the engine judged
 that speculating would not pay) commits one token: from each response's `usage`, rounds = spec_verify_rounds +
 the tokens no verify round committed (the prefill's first token excluded). A day-0 server that never speculates
-therefore reads 1.0, and only a draft that serving actually speculates with moves it. Exit status 0 when the gain
-is reached, 1 when not.
+therefore reads 1.0, and only a draft that serving actually speculates with moves it; the result also gives each
+version's held-out prediction (the guard's), which moves while serving decodes plainly. Exit status 0 when the
+served gain is reached, 1 when not.
 
     python scripts/cpu_learning_check.py --requests 112 --concurrency 8 --max-tokens 48
 """
@@ -144,7 +145,11 @@ def main() -> int:
     result = {"requests": len(rows), "seconds": round(time.time() - t0, 1), "first": round(first, 3),
               "last": round(last, 3), "gain": round(last - first, 3), "min_gain": args.min_gain,
               "draft_version": draft.get("draft_version"), "accept_length_by_version":
-              draft.get("accept_length_by_version"), "run_dir": run_dir}
+              draft.get("accept_length_by_version"),
+              # what each version was predicted on held-out requests at its guard pass: learning that served
+              # accept length cannot show while the decision keeps serving at depth 0
+              "heldout_accept_by_version": (draft.get("trainer") or {}).get("heldout_accept_by_version"),
+              "run_dir": run_dir}
     with open(os.path.join(run_dir, "serve.log")) as f:
         result["device_settings"] = [line.split(": ", 2)[-1].strip() for line in f if "chosen for the" in line]
     print(json.dumps(result, indent=1))
