@@ -274,12 +274,12 @@ class Service:
                                  f"none that high); SGLang would feed the draft 2 states: give the draft 3 distinct "
                                  f"aux layers below {L} (DraftConfig.aux_layers, eagle_config in its config.json)")
             longest = min(getattr(tcfg, "max_position_embeddings", None) or 2**31, draft.config.max_position_embeddings)
-            if cfg.max_model_len + reserved_tokens(cfg) > longest:  # SGLang's context holds the draft's slots too
-                fitted = longest - reserved_tokens(cfg)
+            reserved = reserved_tokens(cfg)
+            if cfg.max_model_len + reserved > longest:  # SGLang's context holds the draft's slots too
                 log.warning("max_model_len %d lowered to %d: SGLang's EAGLE reserves %d draft-token slots per request "
-                            "within the %d positions the target and draft support", cfg.max_model_len, fitted,
-                            reserved_tokens(cfg), longest)
-                cfg = dataclasses.replace(cfg, max_model_len=fitted)
+                            "within the %d positions the target and draft support", cfg.max_model_len,
+                            longest - reserved, reserved, longest)
+                cfg = dataclasses.replace(cfg, max_model_len=longest - reserved)
             if draft_dir is None:  # what SGLang loads at start-up: the scratch or resumed draft, written once
                 draft_dir = os.path.join(cfg.run_dir, "draft-at-start")
                 save_draft(draft, draft_dir)

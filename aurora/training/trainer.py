@@ -187,7 +187,6 @@ class OnlineTrainer:
         # accept length each published version was predicted on the held-out samples at its guard pass (the
         # learning curve while serving decodes plainly and served accept length says nothing); last 8 versions
         self.heldout_accept_by_version: dict[int, float] = {}
-        self._guard_accept: float | None = None  # the candidate's, from the guard pass that let it through
         self._resumed = bool(c.resume and self._restore())
         self._history = [(self.version, self._snapshot())]  # (version, engine-dtype params) published, newest last
         self._steps_published = self.steps  # optimiser steps in the version last published
@@ -459,7 +458,7 @@ class OnlineTrainer:
             with self._stats_lock:
                 self.requests_since_swap = 0
             try:
-                verdict, prediction = self._guard(candidate)  # its chunks run as training turns
+                verdict, prediction, heldout_accept = self._guard(candidate)  # its chunks run as training turns
             except Exception as e:
                 e.aurora_where = "guard"
                 raise
@@ -469,7 +468,7 @@ class OnlineTrainer:
                     self.swaps_refused += 1
                     self.last_guard = verdict
                 return None
-            return self._publish(candidate, prediction)
+            return self._publish(candidate, prediction, heldout_accept)
 
     def rollback(self) -> int:
         """Republish the previous good version under a new version number; the master restarts from it with
@@ -488,24 +487,23 @@ class OnlineTrainer:
                 self._record_failure(failure_kind(e, "publish"), f"rollback publish: {type(e).__name__}: {e}")
                 raise RuntimeError(f"rollback publish failed: {e!r}") from e
 
-    def _guard(self, candidate: dict) -> tuple[str | None, list[float] | None]:
+    def _guard(self, candidate: dict) -> tuple[str | None, list[float] | None, float | None]:
         """(why the candidate is refused, or None; its predicted per-position acceptance, which travels with
-        its weights if they are published, or None when nothing is held out yet)."""
-        self._guard_accept = None
+        its weights if they are published; its held-out accept length), the last two None when nothing is held
+        out yet."""
         if not finite_state(candidate):
-            return "candidate has non-finite weights", None
+            return "candidate has non-finite weights", None, None
         heldout = self.buffer.heldout()
         if not heldout:  # nothing held out yet (first sync of a fresh service): only the finiteness check
-            return None, None
+            return None, None, None
         spent = self.share.trained_s  # the time its chunks held the device, as the duty counts it
         sim, live_sim = self._simulate([candidate, self._history[-1][1]], heldout)
         self._last_guard_s = self.share.trained_s - spent
         cand, live = sim["accept_length"], live_sim["accept_length"]
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
-        self._guard_accept = cand
         if cand < live - self.config.guard_margin:
-            return self.last_guard, None
-        return None, sim["served_greedy_step_accept"]
+            return self.last_guard, None, cand
+        return None, sim["served_greedy_step_accept"], cand
 
     def _simulate(self, states: list[dict], samples: list[Sample]) -> list[dict]:
         """The states' simulated acceptance on the samples, the target's side computed once for all."""
@@ -516,9 +514,11 @@ class OnlineTrainer:
         return simulated_acceptances(self._scratch, states, samples, self.lm_head, c.ttt_length,
                                      self.target_to_draft, self.device, chunk_tokens=chunk, turn=self.share.training)
 
-    def _publish(self, state: dict, acceptance: list[float] | None = None) -> int | None:
+    def _publish(self, state: dict, acceptance: list[float] | None = None,
+                 heldout_accept: float | None = None) -> int | None:
         """Raises (marked aurora_where "publish") when the engine refused the weights: it still serves the
-        previous version. acceptance: the state's predicted per-position acceptance on held-out traffic."""
+        previous version. acceptance: the state's predicted per-position acceptance on held-out traffic;
+        heldout_accept: its accept length there (both from its guard pass; None for a rollback)."""
         version = self.version + 1
         try:
             self.faults.check("publish_error")
@@ -529,10 +529,9 @@ class OnlineTrainer:
         with self._stats_lock:
             self.version, self.swaps, self.requests_since_swap = version, self.swaps + 1, 0
             self._steps_published, self.acceptance = self.steps, acceptance
-            if acceptance is not None and self._guard_accept is not None:
-                by_version = {**self.heldout_accept_by_version, version: self._guard_accept}
+            if heldout_accept is not None:
+                by_version = {**self.heldout_accept_by_version, version: heldout_accept}
                 self.heldout_accept_by_version = dict(sorted(by_version.items())[-8:])
-            self._guard_accept = None
         self._history = (self._history + [(version, state)])[-self.config.keep_versions:]
         if self.config.checkpoint_dir:
             try:
