@@ -47,6 +47,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                      "mixed-length requests so that first-use kernel compiles do not fall on the first users",
     "sglang_splitkv_verify": "engine sglang with the triton attention backend and topk 1: run the verify forward's "
                              "attention through SGLang's split-KV kernel instead of its prefill kernel",
+    "sglang_plain_depth0": "engine sglang with Aurora's depth decision: run a depth-0 round (plain decoding, a day-0 "
+                           "draft's) as the target's own decode step instead of SGLang's one-token verify",
     "sglang_capture_topk": "engine sglang: capture the target's K most likely tokens at every verified position and "
                            "train on that distribution (0: on the target's next token only)",
     "sglang_args": "extra flags for SGLang's server, verbatim, e.g. '--mem-fraction-static 0.6' (engine sglang)",

@@ -305,7 +305,7 @@ class Service:
         port = free_port()
         env = server_env(address, swap_dir, adaptive is not None,
                          chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
-                         capture_topk=cfg.sglang_capture_topk)
+                         capture_topk=cfg.sglang_capture_topk, plain_depth0=cfg.sglang_plain_depth0)
         warm_up = None
         if cfg.sglang_warmup:  # never captured ("n-" rids); greedy and ignore_eos, so every request runs its length
             params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)

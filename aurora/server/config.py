@@ -70,6 +70,8 @@ class ServeConfig:
     sglang_splitkv_verify: bool = True  # engine sglang, triton attention, topk 1: verify attention through SGLang's
                                         # split-KV kernel instead of its serial prefill kernel
                                         # (plugin/verify_attention.py); other backends are not touched
+    sglang_plain_depth0: bool = True   # engine sglang, Aurora driving the depth: a depth-0 round runs the target's
+                                       # plain decode graphs, not SGLang's one-token verify (plugin/plain_round.py)
     sglang_capture_topk: int = 0       # engine sglang: capture the target's K most likely tokens at every verified
                                        # position, so the trainer learns its distribution, not only its next token
                                        # (aurora/sample.py); 0 = next tokens only. Off until a GPU run measured it

@@ -22,6 +22,7 @@ import httpx
 
 from aurora.budget import sglang_flag
 from aurora.sglang_engine.plugin.depth import DEPTH_ENV
+from aurora.sglang_engine.plugin.plain_round import ENV as PLAIN_ENV
 from aurora.sglang_engine.plugin.verify_attention import ENV as SPLITKV_ENV
 from aurora.sglang_engine.wire import TOPK_ENV
 
@@ -107,12 +108,12 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fract
 
 
 def server_env(capture_address: str | None, swap_dir: str | None = None, drive_depth: bool = False,
-               chain: bool = False, capture_topk: int = 0) -> dict:
+               chain: bool = False, capture_topk: int = 0, plain_depth0: bool = False) -> dict:
     """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given (with
     the target's top `capture_topk` per verified position when > 0), step swaps when a swap directory is,
-    Aurora's depth decision with drive_depth (a depth-0 round then skips the draft extend: plain decoding costs
-    what the target alone does), split-KV verify attention with chain (a topk-1 draft:
-    plugin/verify_attention.py)."""
+    Aurora's depth decision with drive_depth (a depth-0 round then skips the draft extend, and with plain_depth0
+    runs as the target's own decode step: plugin/plain_round.py), split-KV verify attention with chain (a topk-1
+    draft: plugin/verify_attention.py)."""
     env = dict(os.environ)
     env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,12 +128,15 @@ def server_env(capture_address: str | None, swap_dir: str | None = None, drive_d
     if swap_dir:
         env["AURORA_SWAP_DIR"] = swap_dir
     env.pop(DEPTH_ENV, None)
+    env.pop(PLAIN_ENV, None)
     env.pop(SPLITKV_ENV, None)
     if chain:
         env[SPLITKV_ENV] = "1"
     if drive_depth:
         env[DEPTH_ENV] = "1"
         env["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"] = "1"
+        if plain_depth0:
+            env[PLAIN_ENV] = "1"
     return env
 
 

@@ -11,7 +11,7 @@ import torch
 from aurora.server.config import ServeConfig
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import adaptive_depths, drives_depth, server_command, server_env, write_adaptive_config
-from aurora.sglang_engine.plugin import depth
+from aurora.sglang_engine.plugin import depth, plain_round
 from aurora.sglang_engine.plugin.step_swap import Publisher
 from tests.sglang.test_capture_cpu import Sender, _rows, _wait
 
@@ -149,6 +149,9 @@ def test_launch_flags_for_the_driven_depth(tmp_path):
     env = server_env("/tmp/a.sock", "/tmp/swap", drive_depth=True)
     assert env[depth.DEPTH_ENV] == "1" and env["SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND"] == "1"
     assert depth.DEPTH_ENV not in server_env("/tmp/a.sock", "/tmp/swap")
+    assert plain_round.ENV not in env  # the plain depth-0 round only when asked, and only with the depth driven
+    assert server_env("/tmp/a.sock", "/tmp/swap", drive_depth=True, plain_depth0=True)[plain_round.ENV] == "1"
+    assert plain_round.ENV not in server_env("/tmp/a.sock", "/tmp/swap", plain_depth0=True)
 
 
 def test_one_request_at_several_depths_is_one_sample(tmp_path):

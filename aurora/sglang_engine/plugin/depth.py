@@ -34,6 +34,7 @@ import time
 from collections import deque
 
 from aurora.engine.speculation import DepthController, SpeculationConfig
+from aurora.sglang_engine.plugin import plain_round
 
 log = logging.getLogger("aurora.sglang.depth")
 DEPTH_ENV = "AURORA_DEPTH"       # "1": Aurora drives SGLang's adaptive states (set by launch.server_env)
@@ -151,7 +152,7 @@ class Driver:
         try:
             tmp = os.path.join(self.swap_dir, "depth.json.tmp")
             with open(tmp, "w") as f:
-                json.dump(dict(self.ctl.snapshot(), forced=self.forced), f)
+                json.dump(dict(self.ctl.snapshot(), forced=self.forced, **plain_round.snapshot()), f)
             os.replace(tmp, os.path.join(self.swap_dir, "depth.json"))
         except OSError:
             log.exception("aurora: could not write the depth snapshot")
@@ -166,6 +167,17 @@ def read_snapshot(swap_dir: str) -> dict | None:
 
 
 _drivers: dict = {}  # id(EAGLEWorkerV2) -> Driver, in this scheduler process
+_decided = [False]
+
+
+@contextlib.contextmanager
+def decided():
+    """Inside: SGLang's activate_step_by_batch leaves the depth alone (plain_round.py chose it for this forward)."""
+    _decided[0] = True
+    try:
+        yield
+    finally:
+        _decided[0] = False
 
 
 def mark_prefill() -> None:
@@ -202,7 +214,7 @@ def install(applier) -> None:
 
     def activate_step_by_batch(self, batch_size):
         d = driver(self)
-        if d is not None:
+        if d is not None and not _decided[0]:
             d.before_decode(batch_size)
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size=0):

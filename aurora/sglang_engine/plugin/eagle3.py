@@ -25,7 +25,7 @@ import torch
 from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3 as _SGLangEagle3
 
 from aurora.sglang_engine import wire
-from aurora.sglang_engine.plugin import depth, verify_attention
+from aurora.sglang_engine.plugin import depth, plain_round, verify_attention
 from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
@@ -132,6 +132,8 @@ def install() -> None:
     driving = os.environ.get(depth.DEPTH_ENV) == "1" and swap_dir is not None
     if driving:
         depth.install(_applier)
+        if plain_round.enabled():
+            plain_round.install(depth.decided)
     prefill, decode = W._draft_extend_for_prefill, W._draft_extend_for_decode
     stub = EAGLEWorkerV2._stub_skipped_draft_extend
 

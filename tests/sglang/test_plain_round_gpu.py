@@ -1,0 +1,144 @@
+"""A depth-0 round as the target's own decode step inside SGLang (plugin/plain_round.py), for real (GPU machine
+only): Aurora at its shipped defaults serves SmolLM2 with a day-0 draft, so its depth decision holds depth 0 and
+every decode round takes the plain path. Independent references: a second SGLang serving the target alone
+(greedy outputs, with and without a frequency penalty) and Hugging Face's hidden states (the aux states captured
+from plain rounds). Run there (see README, "GPU machine"):
+  AURORA_SGLANG_ARGS="--attention-backend triton --sampling-backend pytorch" python -m pytest tests/sglang -s
+"""
+import dataclasses
+import importlib.util
+import os
+import time
+
+import httpx
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("sglang") is None,
+    reason="needs SGLang 0.5.17 (the `sglang` extra) and a CUDA GPU: run tests/sglang on the GPU machine")
+
+from server_fakes import live_server  # noqa: E402
+
+from aurora.server.app import create_app  # noqa: E402
+from aurora.server.config import ServeConfig  # noqa: E402
+from aurora.service import Service  # noqa: E402
+from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env  # noqa: E402
+from aurora.models import hub  # noqa: E402
+from tests.sglang.test_sglang_backend import TIE, NearTie, _prompts, _reference  # noqa: E402
+
+EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
+TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    run = tmp_path_factory.mktemp("plain")
+    cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", max_batch=32, max_model_len=2048,
+                      run_dir=str(run), wandb="disabled", sglang_args=EXTRA + " --mem-fraction-static 0.4")
+    assert cfg.adaptive_depth and cfg.sglang_plain_depth0  # the shipped defaults are what this file checks
+    port = free_port()
+    ref_cfg = dataclasses.replace(cfg, draft=None, sglang_args=EXTRA + " --mem-fraction-static 0.2")
+    ref = SGLangServer(server_command(ref_cfg, hub.resolve("smollm2"), None, port), server_env(None),
+                       str(run / "reference.log"), port)
+    ref.wait_ready()
+    service = Service.from_config(cfg)
+    captured = []
+    to_trainer = service.engine.on_sample
+    service.engine.on_sample = lambda s: (captured.append(s), to_trainer(s))
+    try:
+        with live_server(create_app(service, cfg)) as url:
+            yield service, ref, url, captured
+    finally:
+        service.shutdown()
+        ref.stop()
+
+
+def _speculation(service, url, model) -> dict:
+    """The depth snapshot SGLang's scheduler writes (every 2 s while rounds complete): one more request flushes it."""
+    time.sleep(2.5)
+    httpx.post(url + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}, timeout=120)
+    return service.engine.stats()["speculation"]
+
+
+def _complete(url, model, prompts, **params) -> dict:
+    out = {}
+    with httpx.Client(base_url=url, timeout=300) as h:
+        for p in prompts:
+            r = h.post("/v1/completions", json={"model": model, "prompt": p, "max_tokens": TOKENS, "temperature": 0,
+                                                **params})
+            assert r.status_code == 200, r.text
+            out[p] = r.json()
+    return out
+
+
+def test_day0_rounds_are_plain_decode_steps_and_greedy_equals_target_only(stack):
+    service, ref, url, captured = stack
+    tok, model = service.engine.tokenizer, service.engine.model_name
+    prompts = _prompts(tok, 10, 6)
+    expected = _reference(ref, tok, prompts, max_tokens=TOKENS, concurrency=1)
+    got = _complete(url, model, prompts)
+    spec = _speculation(service, url, model)
+    print(f"depth snapshot: plain {spec.get('plain_rounds')}, fallback {spec.get('fallback_rounds')} "
+          f"{spec.get('fallback_reasons')}")
+    assert spec["plain_rounds"] >= len(prompts) * (TOKENS // 2)  # the decode rounds went through the plain path
+    assert spec["fallback_rounds"] == 0
+    ties = NearTie(tok)
+    retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    parts = []
+    for p in prompts:
+        text, want = got[p]["choices"][0]["text"], tok.decode(expected[p], skip_special_tokens=True)
+        if text != want:
+            parts.append((p, *ties.gap(p, retok(text), retok(want))))
+    print(f"greedy equal to SGLang target-only: {len(prompts) - len(parts)}/{len(prompts)}; the others part at "
+          f"{[(t, round(g, 3)) for _, t, g in parts]}")
+    assert all(g < TIE for _, _, g in parts), [(p[-60:], t, g) for p, t, g in parts if g >= TIE]
+    assert len(parts) <= len(prompts) // 4
+
+    # the aux states of plain rounds are the target's layers 2, 15 and 27 at the served tokens (HF fp32)
+    deadline = time.time() + 30
+    while not captured and time.time() < deadline:
+        time.sleep(0.1)
+    assert captured, service.engine.stats().get("capture")
+    worst = 1.0
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    checked = 0
+    for s in captured:
+        full = next((pid[:len(pid) - s.prompt_len] + s.token_ids.tolist() for pid in prompt_ids
+                     if len(pid) >= s.prompt_len and pid[len(pid) - s.prompt_len:] == s.token_ids[:s.prompt_len].tolist()),
+                    None)
+        if full is None or s.num_tokens <= s.prompt_len + 8:
+            continue
+        off = len(full) - s.num_tokens
+        with torch.no_grad():
+            out = ties.hf(torch.tensor([full], device="cuda"), output_hidden_states=True)
+        want = torch.cat([out.hidden_states[i] for i in (2, 15, 27)], -1)[0, off:-1]
+        assert s.aux_hidden.shape == (s.num_tokens - 1, 3 * 576)
+        decoded = slice(s.prompt_len, None)  # the rows written by plain decode rounds
+        cos = torch.nn.functional.cosine_similarity(s.aux_hidden[decoded].cuda().float(), want[decoded], dim=-1)
+        worst, checked = min(worst, float(cos.min())), checked + 1
+        if checked == 4:
+            break
+    print(f"aux states of plain rounds vs HF fp32: worst row cosine {worst:.4f} over {checked} samples")
+    assert checked > 0 and worst > 0.99
+
+
+def test_penalties_match_target_only_and_logprobs_fall_back(stack):
+    service, ref, url, _ = stack
+    tok, model = service.engine.tokenizer, service.engine.model_name
+    prompts = _prompts(tok, 4, 0)
+    before = _speculation(service, url, model)
+    got = _complete(url, model, prompts, frequency_penalty=1.0)
+    with httpx.Client(base_url=ref.url, timeout=300) as h:
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            want = h.post("/generate", json={"input_ids": ids, "sampling_params": {
+                "max_new_tokens": TOKENS, "temperature": 0, "frequency_penalty": 1.0}}).json()["output_ids"]
+            text = got[p]["choices"][0]["text"]
+            assert text == tok.decode(want, skip_special_tokens=True), (p[-60:], text, tok.decode(want))
+    mid = _speculation(service, url, model)
+    assert mid["plain_rounds"] > before["plain_rounds"] and mid["fallback_rounds"] == before["fallback_rounds"]
+    r = _complete(url, model, prompts[:1], logprobs=2)[prompts[0]]
+    assert len(r["choices"][0]["logprobs"]["tokens"]) > 0
+    after = _speculation(service, url, model)
+    assert after["fallback_reasons"].get("logprobs", 0) > mid["fallback_reasons"].get("logprobs", 0)
