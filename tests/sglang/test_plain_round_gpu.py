@@ -125,22 +125,18 @@ def test_day0_rounds_are_plain_decode_steps_and_greedy_equals_target_only(stack)
     assert checked > 0 and worst > 0.99
 
 
-def test_penalties_match_target_only_and_logprobs_fall_back(stack):
-    service, ref, url, _ = stack
+def test_penalised_and_logprob_batches_take_sglangs_own_depth_0(stack):
+    """Batches with a frequency penalty or log-probabilities keep SGLang's depth-0 verify (its results against
+    independent references: test_openai_params_gpu.py); other batches stay on the plain path."""
+    service, _, url, _ = stack
     tok, model = service.engine.tokenizer, service.engine.model_name
-    prompts = _prompts(tok, 4, 0)
+    prompts = _prompts(tok, 2, 0)
     before = _speculation(service, url, model)
-    got = _complete(url, model, prompts, frequency_penalty=1.0)
-    with httpx.Client(base_url=ref.url, timeout=300) as h:
-        for p in prompts:
-            ids = tok(p, add_special_tokens=False)["input_ids"]
-            want = h.post("/generate", json={"input_ids": ids, "sampling_params": {
-                "max_new_tokens": TOKENS, "temperature": 0, "frequency_penalty": 1.0}}).json()["output_ids"]
-            text = got[p]["choices"][0]["text"]
-            assert text == tok.decode(want, skip_special_tokens=True), (p[-60:], text, tok.decode(want))
-    mid = _speculation(service, url, model)
-    assert mid["plain_rounds"] > before["plain_rounds"] and mid["fallback_rounds"] == before["fallback_rounds"]
+    assert _complete(url, model, prompts, frequency_penalty=1.0)[prompts[0]]["choices"][0]["text"]
     r = _complete(url, model, prompts[:1], logprobs=2)[prompts[0]]
     assert len(r["choices"][0]["logprobs"]["tokens"]) > 0
     after = _speculation(service, url, model)
-    assert after["fallback_reasons"].get("logprobs", 0) > mid["fallback_reasons"].get("logprobs", 0)
+    reasons = lambda s, k: s["fallback_reasons"].get(k, 0)  # noqa: E731
+    assert reasons(after, "penalties") >= len(prompts) * (TOKENS // 2) > reasons(before, "penalties")
+    assert reasons(after, "logprobs") >= TOKENS // 2 > reasons(before, "logprobs")
+    assert after["plain_rounds"] > before["plain_rounds"]  # the flushing requests between them went plain

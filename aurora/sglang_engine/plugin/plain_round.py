@@ -8,14 +8,15 @@ draft serves at depth 0, so day 0 paid that path on every token.
 
 Here a depth-0 round runs the target in DECODE mode through a decode CUDA graph of its own, the kind that
 `--draft none` replays, captured at start-up with the EAGLE3 aux states kept (CaptureHiddenMode.FULL, as the
-verify forward keeps them), and samples with SGLang's own sampler: penalties and logit bias are applied to the
-logits by the same `apply_logits_bias` that the verify path's `eagle_sample` mirrors. What it returns has the
-shape of a depth-0 verify result (every request accepts its one token), so the scheduler's speculative
-bookkeeping, the draft's stub extend, capture and step swaps (eagle3.py) see no difference.
+verify forward keeps them), and samples with SGLang's own sampler (logit bias added by the same
+`apply_logits_bias` that the verify path's `eagle_sample` mirrors). What it returns has the shape of a depth-0
+verify result (every request accepts its one token), so the scheduler's speculative bookkeeping, the draft's stub
+extend, capture and step swaps (eagle3.py) see no difference.
 
 A round falls back to SGLang's own depth 0 where the two could differ: grammars (SGLang advances them inside its
-verify), log-probabilities or hidden states asked back, custom logit processors, an idle batch, a batch larger
-than the graphs. `AURORA_PLAIN_DEPTH0=1` turns it on (launch.server_env); the counts are in depth.json.
+verify), presence/frequency/repetition penalties, log-probabilities or hidden states asked back, custom logit
+processors, an idle batch, a batch larger than the graphs. `AURORA_PLAIN_DEPTH0=1` turns it on
+(launch.server_env); the counts of plain and fallback rounds are in depth.json (/v1/draft's `speculation`).
 """
 import logging
 import os
@@ -79,6 +80,11 @@ class PlainRounds:
             return "hidden states"
         if info is None or getattr(info, "has_custom_logit_processor", False):
             return "custom logit processor"
+        # SGLang accumulates penalties from each request's last committed token at decode preparation; whether a
+        # plain round sees the same counts as SGLang's verify does at every step is not shown (a frequency
+        # penalty run parted from target-only SGLang), so penalised batches keep SGLang's path
+        if info.acc_additive_penalties is not None or info.acc_scaling_penalties is not None:
+            return "penalties"
         return None
 
     def run(self, batch, on_publish=None):
