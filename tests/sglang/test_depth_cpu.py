@@ -179,3 +179,36 @@ def test_one_request_at_several_depths_is_one_sample(tmp_path):
     tx.send({"kind": "decode", "rids": ["c-B"], "ndt": 3}, {"hidden": _rows(5, 3, 1)})
     _wait(lambda: col.counts["frame_errors"] == 1)
     col.close()
+
+
+def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
+    """plain_round.PlainRounds.why_not on stand-in batches (the plain round itself runs on the GPU:
+    test_plain_round_gpu.py): a plain sampled or greedy batch goes plain; every case SGLang handles inside its
+    verify (grammar, penalties, logprobs, hidden states, custom logit processors) or the graphs cannot take stays on
+    SGLang's path, with its reason."""
+    from types import SimpleNamespace as NS
+
+    plain = plain_round.PlainRounds.__new__(plain_round.PlainRounds)
+    plain.max_bs = 4
+
+    def batch(bs=3, idle=False, spec=True, **kw):
+        info = NS(has_custom_logit_processor=kw.pop("custom", False), acc_additive_penalties=kw.pop("additive", None),
+                  acc_scaling_penalties=kw.pop("scaling", None))
+        fields = dict(has_grammar=False, return_logprob=False, return_hidden_states=False)
+        fields.update(kw)
+        return NS(forward_mode=NS(is_idle=lambda: idle), seq_lens=torch.zeros(bs),
+                  spec_info=NS(bonus_tokens=torch.zeros(bs)) if spec else None, sampling_info=info, **fields)
+
+    assert plain.why_not(batch()) is None and plain.why_not(batch(bs=4)) is None
+    assert plain.why_not(batch(bs=5)) == "batch above the graphs"
+    assert plain.why_not(batch(idle=True)) == plain.why_not(batch(spec=False)) == "idle"
+    assert plain.why_not(batch(has_grammar=True)) == "grammar"
+    assert plain.why_not(batch(return_logprob=True)) == "logprobs"
+    assert plain.why_not(batch(return_hidden_states=True)) == "hidden states"
+    assert plain.why_not(batch(custom=True)) == "custom logit processor"
+    assert plain.why_not(batch(additive=torch.zeros(3, 8))) == plain.why_not(batch(scaling=torch.ones(3, 8))) == \
+        "penalties"
+    nobonus = batch()
+    nobonus.spec_info.bonus_tokens = None
+    assert plain.why_not(nobonus) == "no previous token"
+    assert set(plain_round.snapshot()) == {"plain_rounds", "fallback_rounds", "fallback_reasons"}
