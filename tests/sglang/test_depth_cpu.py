@@ -211,4 +211,5 @@ def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
     nobonus = batch()
     nobonus.spec_info.bonus_tokens = None
     assert plain.why_not(nobonus) == "no previous token"
-    assert set(plain_round.snapshot()) == {"plain_rounds", "fallback_rounds", "fallback_reasons"}
+    assert set(plain_round.snapshot()) == {"plain_rounds", "fallback_rounds", "fallback_reasons",
+                                                 "plain_disabled"}

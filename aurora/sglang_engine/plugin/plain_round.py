@@ -26,12 +26,12 @@ import torch
 log = logging.getLogger("aurora.sglang.plain_round")
 ENV = "AURORA_PLAIN_DEPTH0"
 _rounds: dict = {}  # id(EAGLEWorkerV2) -> PlainRounds, in this scheduler process
-STATS = {"plain": 0, "fallback": 0, "reasons": {}}
+STATS = {"plain": 0, "fallback": 0, "reasons": {}, "disabled": None}
 
 
 def snapshot() -> dict:
     return {"plain_rounds": STATS["plain"], "fallback_rounds": STATS["fallback"],
-            "fallback_reasons": dict(STATS["reasons"])}
+            "fallback_reasons": dict(STATS["reasons"]), "plain_disabled": STATS["disabled"]}
 
 
 class PlainRounds:
@@ -87,7 +87,8 @@ class PlainRounds:
             return "penalties"
         return None
 
-    def run(self, batch, on_publish=None):
+    def run(self, batch):
+        """The round's result, before anything is published: the forward and the sampling."""
         from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_uniform_func
         from sglang.srt.managers.utils import GenerationBatchResult
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
@@ -120,16 +121,12 @@ class PlainRounds:
             mr.decode_cuda_graph_runner, mr.attn_backend = held
         predict = out.next_token_ids.to(torch.int32)
         accept_lens = torch.ones_like(predict)
-        new_seq_lens = seq_lens + accept_lens
-        if on_publish is not None:
-            on_publish(new_seq_lens)
-        result = GenerationBatchResult(
+        return GenerationBatchResult(
             logits_output=out.logits_output, next_token_ids=predict, can_run_cuda_graph=out.can_run_cuda_graph,
             speculative_num_draft_tokens=1, next_draft_input=EagleDraftInput(bonus_tokens=predict),
-            accept_lens=accept_lens, new_seq_lens=new_seq_lens, routed_experts_output=out.routed_experts_output,
-            indexer_topk_output=out.indexer_topk_output, extra_keep_alive_refs=[fb])
-        w._stub_skipped_draft_extend(batch, result)  # the draft's state stubs; capture and step swaps (eagle3.py)
-        return result
+            accept_lens=accept_lens, new_seq_lens=seq_lens + accept_lens,
+            routed_experts_output=out.routed_experts_output, indexer_topk_output=out.indexer_topk_output,
+            extra_keep_alive_refs=[fb])
 
 
 def install(decided) -> None:
@@ -159,8 +156,18 @@ def install(decided) -> None:
         if self.speculative_num_steps == 0:
             reason = plain.why_not(batch)
             if reason is None:
-                STATS["plain"] += 1
-                return plain.run(batch, on_publish)
+                try:
+                    result = plain.run(batch)
+                except Exception as e:  # nothing published yet and the batch's lengths restored: SGLang's path
+                    log.exception("aurora: a plain depth-0 round failed; depth 0 runs SGLang's verify from now on")
+                    _rounds.pop(id(self), None)
+                    STATS["disabled"], reason = f"{type(e).__name__}: {e}", "plain round failed"
+                else:
+                    STATS["plain"] += 1
+                    if on_publish is not None:  # before the draft's part, as SGLang's verify publishes
+                        on_publish(result.new_seq_lens)
+                    self._stub_skipped_draft_extend(batch, result)  # draft state stubs; capture, step swaps
+                    return result
             if reason != "idle":
                 STATS["fallback"] += 1
                 STATS["reasons"][reason] = STATS["reasons"].get(reason, 0) + 1
