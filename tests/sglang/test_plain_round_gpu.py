@@ -106,9 +106,9 @@ def test_day0_rounds_are_plain_decode_steps_and_greedy_equals_target_only(stack)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     checked = 0
     for s in captured:
+        head = s.token_ids[:s.prompt_len].tolist()  # the sample starts after SGLang's cached prefix
         full = next((pid[:len(pid) - s.prompt_len] + s.token_ids.tolist() for pid in prompt_ids
-                     if len(pid) >= s.prompt_len and pid[len(pid) - s.prompt_len:] == s.token_ids[:s.prompt_len].tolist()),
-                    None)
+                     if len(pid) >= s.prompt_len and pid[len(pid) - s.prompt_len:] == head), None)
         if full is None or s.num_tokens <= s.prompt_len + 8:
             continue
         off = len(full) - s.num_tokens
