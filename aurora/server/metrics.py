@@ -93,6 +93,14 @@ class StatusCollector:
         spec = s.get("speculation")
         if spec and spec.get("buckets"):  # the depth decision (aurora/engine/speculation.py), on either engine
             yield from self._speculation(spec["buckets"])
+        if spec and "plain_rounds" in spec:  # engine sglang: how its depth-0 rounds ran (plugin/plain_round.py)
+            rounds = CounterMetricFamily("aurora_sglang_depth0_rounds", "SGLang depth-0 rounds: as the target's own "
+                                         "decode step (plain) or through SGLang's one-token verify, by the reason",
+                                         labels=["path", "reason"])
+            rounds.add_metric(["plain", ""], _num(spec["plain_rounds"]))
+            for reason, n in (spec.get("fallback_reasons") or {}).items():
+                rounds.add_metric(["verify", reason], _num(n))
+            yield rounds
         if "engine_state" in s:  # engine sglang's supervisor of the SGLang server process
             engine_state = GaugeMetricFamily("aurora_engine_state", "1 for the engine's current state", labels=["state"])
             engine_state.add_metric([str(s["engine_state"])], 1.0)

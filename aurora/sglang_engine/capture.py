@@ -100,7 +100,9 @@ class CaptureCollector:
     def _part(self, rid: str) -> _Partial | None:
         if rid in self._done:
             return None
-        p = self._parts.setdefault(rid, _Partial())
+        p = self._parts.get(rid)
+        if p is None:  # not setdefault: a _Partial per frame and request is most of a frame's cost otherwise
+            p = self._parts[rid] = _Partial()
         p.touched = time.monotonic()
         return p
 

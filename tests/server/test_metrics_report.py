@@ -166,6 +166,16 @@ def test_the_depth_decision_is_exported_from_either_engine():
         assert got[("aurora_spec_round_seconds", (("bucket", "16"), ("depth", "0")))] == 0.010
         assert got[("aurora_spec_predicted_speedup", (("bucket", "16"), ("depth", "0")))] == 1.0
         assert sum(v for (n, _), v in got.items() if n == "aurora_spec_rounds_by_depth_total") == 40
+        assert not any(n.startswith("aurora_sglang_depth0") for n, _ in got)  # the built-in engine has none
+
+    # SGLang's snapshot also counts how its depth-0 rounds ran (plugin/plain_round.py)
+    sglang = dict(json.loads(json.dumps(snap)), plain_rounds=90, fallback_rounds=7,
+                  fallback_reasons={"logprobs": 5, "grammar": 2}, plain_disabled=None)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in StatusCollector(Stub(sglang)).collect() for s in fam.samples}
+    rounds = {labels: v for (n, labels), v in got.items() if n == "aurora_sglang_depth0_rounds_total"}
+    assert rounds == {(("path", "plain"), ("reason", "")): 90, (("path", "verify"), ("reason", "logprobs")): 5,
+                      (("path", "verify"), ("reason", "grammar")): 2}
 
 
 def test_the_depth_decision_is_logged_over_time():
