@@ -184,16 +184,16 @@ def test_one_request_at_several_depths_is_one_sample(tmp_path):
 def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
     """plain_round.PlainRounds.why_not on stand-in batches (the plain round itself runs on the GPU:
     test_plain_round_gpu.py): a plain sampled or greedy batch goes plain; every case SGLang handles inside its
-    verify (grammar, penalties, logprobs, hidden states, custom logit processors) or the graphs cannot take stays on
-    SGLang's path, with its reason."""
+    verify (grammar, penalties, logprobs, hidden states, custom logit processors, sampling while top K is captured)
+    or the graphs cannot take stays on SGLang's path, with its reason."""
     from types import SimpleNamespace as NS
 
     plain = plain_round.PlainRounds.__new__(plain_round.PlainRounds)
-    plain.max_bs = 4
+    plain.max_bs, plain.topk_capture = 4, False
 
     def batch(bs=3, idle=False, spec=True, **kw):
         info = NS(has_custom_logit_processor=kw.pop("custom", False), acc_additive_penalties=kw.pop("additive", None),
-                  acc_scaling_penalties=kw.pop("scaling", None))
+                  acc_scaling_penalties=kw.pop("scaling", None), is_all_greedy=kw.pop("greedy", True))
         fields = dict(has_grammar=False, return_logprob=False, return_hidden_states=False)
         fields.update(kw)
         return NS(forward_mode=NS(is_idle=lambda: idle), seq_lens=torch.zeros(bs),
@@ -208,6 +208,10 @@ def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
     assert plain.why_not(batch(custom=True)) == "custom logit processor"
     assert plain.why_not(batch(additive=torch.zeros(3, 8))) == plain.why_not(batch(scaling=torch.ones(3, 8))) == \
         "penalties"
+    assert plain.why_not(batch(greedy=False)) is None  # sampled requests go plain while no top K is captured
+    plain.topk_capture = True  # with it, the sampler's in-place probabilities would reach capture: not plain
+    assert plain.why_not(batch(greedy=False)) == "sampled, top-K capture" and plain.why_not(batch()) is None
+    plain.topk_capture = False
     nobonus = batch()
     nobonus.spec_info.bonus_tokens = None
     assert plain.why_not(nobonus) == "no previous token"

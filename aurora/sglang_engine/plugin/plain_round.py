@@ -15,13 +15,16 @@ extend, capture and step swaps (eagle3.py) see no difference.
 
 A round falls back to SGLang's own depth 0 where the two could differ: grammars (SGLang advances them inside its
 verify), presence/frequency/repetition penalties, log-probabilities or hidden states asked back, custom logit
-processors, an idle batch, a batch larger than the graphs. `AURORA_PLAIN_DEPTH0=1` turns it on
+processors, sampled (not greedy) requests while the target's top K is captured, an idle batch, a batch larger than
+the graphs. `AURORA_PLAIN_DEPTH0=1` turns it on
 (launch.server_env); the counts of plain and fallback rounds are in depth.json (/v1/draft's `speculation`).
 """
 import logging
 import os
 
 import torch
+
+from aurora.sglang_engine import wire
 
 log = logging.getLogger("aurora.sglang.plain_round")
 ENV = "AURORA_PLAIN_DEPTH0"
@@ -61,6 +64,7 @@ class PlainRounds:
         finally:
             mr.spec_algorithm, mr.init_new_workspace = spec, workspace
         self.max_bs = self.graphs.max_bs
+        self.topk_capture = bool(int(os.environ.get(wire.TOPK_ENV) or 0))
         log.info("aurora: depth-0 rounds run the target's decode graphs (batch sizes up to %d)", self.max_bs)
 
     def why_not(self, batch) -> str | None:
@@ -85,6 +89,10 @@ class PlainRounds:
         # penalty run parted from target-only SGLang), so penalised batches keep SGLang's path
         if info.acc_additive_penalties is not None or info.acc_scaling_penalties is not None:
             return "penalties"
+        # SGLang's sampler turns the logits into probabilities in place when it samples; capture reads the target's
+        # top K from those logits after the round (eagle3.py), SGLang's verify leaves them whole
+        if self.topk_capture and not info.is_all_greedy:
+            return "sampled, top-K capture"
         return None
 
     def run(self, batch):
