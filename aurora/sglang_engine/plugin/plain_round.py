@@ -150,6 +150,9 @@ def install(decided) -> None:
 
     def init_cuda_graphs(self):
         init_graphs(self)
+        if self.target_worker.model_runner.decode_cuda_graph_runner is None:  # graphs turned off for this server
+            log.info("aurora: SGLang's decode CUDA graphs are off; depth 0 runs SGLang's trivial verify")
+            return
         try:
             _rounds[id(self)] = PlainRounds(self)
         except Exception:  # serving goes on through SGLang's own depth 0, and says so
