@@ -70,7 +70,7 @@ class PlainRounds:
     def why_not(self, batch) -> str | None:
         """None when this batch's depth-0 round can run as a plain decode step, else the reason it cannot."""
         info = batch.sampling_info
-        if batch.forward_mode.is_idle() or batch.spec_info is None:
+        if batch.forward_mode.is_idle():
             return "idle"
         if getattr(batch.spec_info, "bonus_tokens", None) is None:
             return "no previous token"
@@ -82,7 +82,9 @@ class PlainRounds:
             return "logprobs"
         if getattr(batch, "return_hidden_states", False):
             return "hidden states"
-        if info is None or getattr(info, "has_custom_logit_processor", False):
+        if info is None:
+            return "no sampling info"
+        if getattr(info, "has_custom_logit_processor", False):
             return "custom logit processor"
         # SGLang accumulates penalties from each request's last committed token at decode preparation; whether a
         # plain round sees the same counts as SGLang's verify does at every step is not shown (a frequency
