@@ -5,7 +5,6 @@ every decode round takes the plain path. Independent references: a second SGLang
 from plain rounds). Run there (see README, "GPU machine"):
   AURORA_SGLANG_ARGS="--attention-backend triton --sampling-backend pytorch" python -m pytest tests/sglang -s
 """
-import dataclasses
 import importlib.util
 import os
 import time
@@ -18,14 +17,8 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("sglang") is None,
     reason="needs SGLang 0.5.17 (the `sglang` extra) and a CUDA GPU: run tests/sglang on the GPU machine")
 
-from server_fakes import live_server  # noqa: E402
-
-from aurora.server.app import create_app  # noqa: E402
 from aurora.server.config import ServeConfig  # noqa: E402
-from aurora.service import Service  # noqa: E402
-from aurora.sglang_engine.launch import SGLangServer, free_port, server_command, server_env  # noqa: E402
-from aurora.models import hub  # noqa: E402
-from tests.sglang.test_sglang_backend import TIE, NearTie, _prompts, _reference  # noqa: E402
+from tests.sglang.test_sglang_backend import TIE, NearTie, _prompts, _reference, beside_target_only  # noqa: E402
 
 EXTRA = os.environ.get("AURORA_SGLANG_ARGS", "") + " --cuda-graph-max-bs 32 --cuda-graph-backend-prefill disabled"
 TOKENS = 48
@@ -37,21 +30,8 @@ def stack(tmp_path_factory):
     cfg = ServeConfig(target="smollm2", draft="scratch", engine="sglang", max_batch=32, max_model_len=2048,
                       run_dir=str(run), wandb="disabled", sglang_args=EXTRA + " --mem-fraction-static 0.4")
     assert cfg.adaptive_depth and cfg.sglang_plain_depth0  # the shipped defaults are what this file checks
-    port = free_port()
-    ref_cfg = dataclasses.replace(cfg, draft=None, sglang_args=EXTRA + " --mem-fraction-static 0.2")
-    ref = SGLangServer(server_command(ref_cfg, hub.resolve("smollm2"), None, port), server_env(None),
-                       str(run / "reference.log"), port)
-    ref.wait_ready()
-    service = Service.from_config(cfg)
-    captured = []
-    to_trainer = service.engine.on_sample
-    service.engine.on_sample = lambda s: (captured.append(s), to_trainer(s))
-    try:
-        with live_server(create_app(service, cfg)) as url:
-            yield service, ref, url, captured
-    finally:
-        service.shutdown()
-        ref.stop()
+    with beside_target_only(cfg, EXTRA + " --mem-fraction-static 0.2", run) as stack:
+        yield stack
 
 
 def _speculation(service, url, model) -> dict:

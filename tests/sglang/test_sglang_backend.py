@@ -8,6 +8,7 @@ Run there (see README, "GPU machine"):
 """
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -53,16 +54,24 @@ def stack(tmp_path_factory):
                       max_model_len=2048, run_dir=str(run), wandb="disabled", sglang_swap=SWAP, adaptive_depth=False,
                       sglang_capture_topk=TOPK, sglang_splitkv_verify=SPLITKV,
                       sglang_args=EXTRA + " --mem-fraction-static 0.45")
-    target_dir = hub.resolve("smollm2")
+    with beside_target_only(cfg, EXTRA + " --mem-fraction-static 0.2", run, min_samples_before_train=8) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def beside_target_only(cfg, ref_sglang_args: str, run, min_samples_before_train: int | None = None):
+    """A target-only SGLang (the reference) and Aurora's service over HTTP, started one after the other (SGLang
+    sizes its KV cache from the memory free at start-up). Yields (service, reference, url, captured samples)."""
     port = free_port()
-    ref_cfg = dataclasses.replace(cfg, draft=None, sglang_args=EXTRA + " --mem-fraction-static 0.2")
-    ref = SGLangServer(server_command(ref_cfg, target_dir, None, port), server_env(None),
+    ref_cfg = dataclasses.replace(cfg, draft=None, sglang_args=ref_sglang_args)
+    ref = SGLangServer(server_command(ref_cfg, hub.resolve("smollm2"), None, port), server_env(None),
                        str(run / "reference.log"), port)
     t0 = time.time()
-    ref.wait_ready()  # one after the other: SGLang sizes its KV cache from the memory free at start-up
+    ref.wait_ready()
     service = Service.from_config(cfg)  # starts its own SGLang (EAGLE3, capture on) and the trainer
     print(f"\nboth SGLang servers ready in {time.time() - t0:.0f} s")
-    service.trainer.config.min_samples_before_train = 8
+    if min_samples_before_train is not None:
+        service.trainer.config.min_samples_before_train = min_samples_before_train
     captured = []
     engine = service.engine
     to_trainer = engine.on_sample
