@@ -217,3 +217,91 @@ def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
     assert plain.why_not(nobonus) == "no previous token"
     assert set(plain_round.snapshot()) == {"plain_rounds", "fallback_rounds", "fallback_reasons",
                                                  "plain_disabled"}
+
+
+def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
+    """plain_round.install's wrappers on a stand-in for SGLang's EAGLEWorkerV2 (same method names and call
+    order): the depth is decided once per decode forward; at depth 0 an eligible batch runs the plain round, then
+    publishes and calls the stub extend (capture, step swaps) and never reaches SGLang's forward; an ineligible one
+    reaches SGLang's forward, counted by reason, without SGLang deciding again; a failing plain round hands the
+    batch to SGLang's forward and turns plain rounds off; prefill and speculating rounds are SGLang's alone."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    calls = []
+
+    class Worker:  # SGLang's EAGLEWorkerV2, reduced to what the wrappers touch
+        def __init__(self, graphs=True):
+            self.speculative_num_steps = 0
+            self.target_worker = NS(model_runner=NS(decode_cuda_graph_runner=object() if graphs else None))
+
+        def init_cuda_graphs(self):
+            calls.append("sglang graphs")
+
+        def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
+            if not batch.forward_mode.is_extend():
+                self.activate_step_by_batch(len(batch.seq_lens))
+            calls.append("sglang forward")
+            return "sglang result"
+
+        def _stub_skipped_draft_extend(self, batch, result):
+            calls.append(("stub", result.tag))
+
+        def activate_step_by_batch(self, bs):  # depth.install's hook: no decision inside depth.decided()
+            if not depth._decided[0]:
+                calls.append("decide")
+
+    class Plain:  # PlainRounds without the GPU: why_not and run as the test sets them
+        reason, fail = None, False
+
+        def __init__(self, worker):
+            calls.append("plain graphs")
+
+        def why_not(self, batch):
+            return Plain.reason
+
+        def run(self, batch):
+            calls.append("plain run")
+            if Plain.fail:
+                raise RuntimeError("boom")
+            return NS(tag="plain result", new_seq_lens="lens")
+
+    module = types.ModuleType("sglang.srt.speculative.eagle_worker_v2")
+    module.EAGLEWorkerV2 = Worker
+    monkeypatch.setitem(sys.modules, "sglang.srt.speculative.eagle_worker_v2", module)
+    monkeypatch.setattr(plain_round, "PlainRounds", Plain)
+    monkeypatch.setattr(plain_round, "_rounds", {})
+    monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "fallback": 0, "reasons": {}, "disabled": None})
+    plain_round.install(depth.decided)
+
+    def batch(extend=False):
+        return NS(forward_mode=NS(is_extend=lambda: extend), is_extend_in_batch=False, seq_lens=torch.zeros(4))
+
+    def step(w, b, **kw):
+        calls.clear()
+        published = []
+        out = w.forward_batch_generation(b, on_publish=published.append, **kw)
+        return out, list(calls), published
+
+    assert Worker(graphs=False).init_cuda_graphs() is None and calls == ["sglang graphs"]  # no graphs, no plain
+    w = Worker()
+    calls.clear()
+    w.init_cuda_graphs()
+    assert calls == ["sglang graphs", "plain graphs"]
+    out, seen, published = step(w, batch())
+    assert out.tag == "plain result" and published == ["lens"]
+    assert seen == ["decide", "plain run", ("stub", "plain result")]
+    assert step(w, batch(extend=True))[:2] == ("sglang result", ["sglang forward"])
+    Plain.reason = "logprobs"
+    assert step(w, batch())[:2] == ("sglang result", ["decide", "sglang forward"])
+    w.speculative_num_steps = 4  # speculating: SGLang's round, not a fallback
+    Plain.reason = None
+    assert step(w, batch())[:2] == ("sglang result", ["decide", "sglang forward"])
+    assert plain_round.snapshot()["fallback_reasons"] == {"logprobs": 1} and plain_round.snapshot()["plain_rounds"] == 1
+    w.speculative_num_steps, Plain.fail = 0, True
+    out, seen, published = step(w, batch())
+    assert out == "sglang result" and seen == ["decide", "plain run", "sglang forward"] and published == []
+    assert plain_round.snapshot()["plain_disabled"] == "RuntimeError: boom"
+    assert step(w, batch())[1] == ["decide", "sglang forward"]  # plain rounds off for this worker: SGLang decides
+    Plain.reason, Plain.fail = None, False
