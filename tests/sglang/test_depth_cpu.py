@@ -4,7 +4,6 @@ Day 0 decodes plainly; a version whose held-out prediction pays turns speculatio
 round was paid for; a depth that costs more than it yields is left. Plus SGLang's launch flags and the
 collector's handling of one request whose rounds ran at different depths."""
 import json
-import time
 
 import torch
 
