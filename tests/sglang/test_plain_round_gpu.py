@@ -120,3 +120,36 @@ def test_penalised_and_logprob_batches_take_sglangs_own_depth_0(stack):
     assert reasons(after, "penalties") >= len(prompts) * (TOKENS // 2) > reasons(before, "penalties")
     assert reasons(after, "logprobs") >= TOKENS // 2 > reasons(before, "logprobs")
     assert after["plain_rounds"] > before["plain_rounds"]  # the flushing requests between them went plain
+
+
+def test_sampled_requests_take_plain_rounds_within_the_targets_top_k(stack):
+    """Sampling (temperature 1, top_k 5) through plain rounds: every generated token after the first is among the
+    target's 5 most likely at its position (Hugging Face fp32 along the served token ids, up to a bf16 near-tie at
+    the fifth), so the sampler sees the target's logits of the right position; the rounds ran plain. The requests
+    go to the SGLang server under Aurora (its /generate returns the token ids)."""
+    service, _, url, _ = stack
+    tok, model = service.engine.tokenizer, service.engine.model_name
+    prompts = _prompts(tok, 6, 0)
+    before = _speculation(service, url, model)
+    served = {}
+    with httpx.Client(base_url=service.engine.server.url, timeout=300) as h:
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            r = h.post("/generate", json={"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 16, "temperature": 1.0, "top_k": 5}})
+            assert r.status_code == 200, r.text
+            served[p] = (ids, r.json()["output_ids"])
+    after = _speculation(service, url, model)
+    assert after["plain_rounds"] >= before["plain_rounds"] + len(prompts) * 8
+    assert after["fallback_rounds"] == before["fallback_rounds"]
+    hf = NearTie(tok).hf
+    outside = []
+    for p, (ids, out) in served.items():
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + out], device="cuda")).logits[0].float()
+        for j in range(1, len(out)):  # token j came from a decode round at position len(ids) + j - 1
+            row = logits[len(ids) + j - 1]
+            fifth = row.topk(5).values[-1]
+            if row[out[j]] < fifth - TIE:
+                outside.append((p[-40:], j, float(fifth - row[out[j]])))
+    assert not outside, outside
