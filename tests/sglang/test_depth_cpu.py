@@ -271,7 +271,7 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.srt.speculative.eagle_worker_v2", module)
     monkeypatch.setattr(plain_round, "PlainRounds", Plain)
     monkeypatch.setattr(plain_round, "_rounds", {})
-    monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "fallback": 0, "reasons": {}, "disabled": None})
+    monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "reasons": {}, "disabled": None})
     plain_round.install(depth.decided)
 
     def batch(extend=False):

@@ -29,11 +29,11 @@ from aurora.sglang_engine import wire
 log = logging.getLogger("aurora.sglang.plain_round")
 ENV = "AURORA_PLAIN_DEPTH0"
 _rounds: dict = {}  # id(EAGLEWorkerV2) -> PlainRounds, in this scheduler process
-STATS = {"plain": 0, "fallback": 0, "reasons": {}, "disabled": None}
+STATS = {"plain": 0, "reasons": {}, "disabled": None}  # plain rounds; fallback rounds by reason
 
 
 def snapshot() -> dict:
-    return {"plain_rounds": STATS["plain"], "fallback_rounds": STATS["fallback"],
+    return {"plain_rounds": STATS["plain"], "fallback_rounds": sum(STATS["reasons"].values()),
             "fallback_reasons": dict(STATS["reasons"]), "plain_disabled": STATS["disabled"]}
 
 
@@ -182,7 +182,6 @@ def install(decided) -> None:
                     self._stub_skipped_draft_extend(batch, result)  # draft state stubs; capture, step swaps
                     return result
             if reason != "idle":
-                STATS["fallback"] += 1
                 STATS["reasons"][reason] = STATS["reasons"].get(reason, 0) + 1
         with decided():
             return forward(self, batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
