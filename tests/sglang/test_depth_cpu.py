@@ -84,6 +84,59 @@ def test_day0_plain_then_a_paying_version_speculates(tmp_path, monkeypatch):
     assert snap["buckets"][16]["round_ms"][0] == 10.0
 
 
+def _serve_requests(driver, clock, rounds, bs, cost_ms, rates, rng, use_cold=True, length=64):
+    """`bs` running requests of `length` tokens each, replaced by a new one when done. A round at depth 0 (or a
+    prefill while the depth is 0) leaves a request cold: its rows accept nothing once speculating (the draft's cache
+    has holes). Warm rows accept a chain drawn from `rates`."""
+    reqs = [{"left": length - 5 * i % length, "cold": True} for i in range(bs)]  # running at depth 0 so far
+    seen = []
+    for _ in range(rounds):
+        driver.before_decode(bs)
+        d = driver.worker.speculative_num_steps
+        seen.append(d)
+        clock.t += cost_ms[d] / 1e3
+        correct = []
+        for r in reqs:
+            n = 0
+            while not r["cold"] and n < d and torch.rand(1, generator=rng).item() < rates[n]:
+                n += 1
+            correct.append(n)
+        cold = [r["cold"] for r in reqs]
+        driver.on_result(correct, bs, d + 1, cold if use_cold else None)
+        for i, (r, n) in enumerate(zip(reqs, correct)):
+            r["left"] -= n + 1
+            r["cold"] = r["cold"] or d == 0
+            if r["left"] <= 0:
+                reqs[i] = {"left": length, "cold": d == 0}  # prefilled at the depth now running
+    return seen
+
+
+def test_cold_requests_after_an_upshift_do_not_turn_speculation_off(tmp_path, monkeypatch):
+    """Requests that ran at depth 0 have holes in the draft's KV cache (plugin/depth.py) and accept next to nothing
+    once speculation turns on. Counted as the version's acceptance, their turnover after the first paying swap reads
+    as a draft that does not pay, and serving goes back to depth 0, where every new request is cold again. Left out,
+    the upshift holds while they drain."""
+    rates = [0.8, 0.7, 0.6, 0.5]
+    cost = {0: 10.0, 1: 13.0, 2: 15.0, 4: 17.0}
+    ends = {}
+    for use_cold in (True, False):
+        clock = Clock()
+        monkeypatch.setattr(depth.time, "perf_counter", clock)
+        swap = str(tmp_path / f"swap-{use_cold}")
+        depth.write_acceptance(swap, 0, [0.0] * 4)
+        applied = {"v": 0}
+        drv = depth.Driver(FakeWorker([0, 1, 2, 4], start=4), swap, lambda: applied["v"])
+        rng = torch.Generator().manual_seed(0)
+        assert set(_serve_requests(drv, clock, 100, 16, cost, rates, rng, use_cold)) == {0}  # day 0
+        depth.write_acceptance(swap, 1, rates)  # a paying version arrives
+        applied["v"] = 1
+        seen = _serve_requests(drv, clock, 600, 16, cost, rates, rng, use_cold)
+        assert seen[0] > 0  # its prediction turns speculation on at once, in both
+        ends[use_cold] = seen[-200:]
+    assert ends[True].count(4) >= 190, ends[True]
+    assert ends[False].count(0) >= 190, ends[False]  # without the cold rows set apart: back to depth 0 for good
+
+
 def test_a_depth_that_does_not_pay_is_left(tmp_path, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(depth.time, "perf_counter", clock)
@@ -215,7 +268,7 @@ def test_plain_depth0_round_is_taken_only_where_it_equals_sglangs_verify():
     nobonus.spec_info.bonus_tokens = None
     assert plain.why_not(nobonus) == "no previous token"
     assert set(plain_round.snapshot()) == {"plain_rounds", "fallback_rounds", "fallback_reasons",
-                                                 "plain_disabled"}
+                                                 "plain_disabled", "prefills_without_draft"}
 
 
 def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
@@ -223,12 +276,13 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     order): the depth is decided once per decode forward; at depth 0 an eligible batch runs the plain round, then
     publishes and calls the stub extend (capture, step swaps) and never reaches SGLang's forward; an ineligible one
     reaches SGLang's forward, counted by reason, without SGLang deciding again; a failing plain round hands the
-    batch to SGLang's forward and turns plain rounds off; prefill and speculating rounds are SGLang's alone."""
+    batch to SGLang's forward and turns plain rounds off; prefill and speculating rounds are SGLang's alone, a
+    prefill at depth 0 without the draft's extend."""
     import sys
     import types
     from types import SimpleNamespace as NS
 
-    calls = []
+    calls, draft_idle = [], []
 
     class Worker:  # SGLang's EAGLEWorkerV2, reduced to what the wrappers touch
         def __init__(self, graphs=True):
@@ -241,6 +295,8 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
         def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
             if not batch.forward_mode.is_extend():
                 self.activate_step_by_batch(len(batch.seq_lens))
+            else:  # what the draft's prefill extend (eagle3.py) would be told
+                draft_idle.append(plain_round.draft_idle())
             calls.append("sglang forward")
             return "sglang result"
 
@@ -252,7 +308,7 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
                 calls.append("decide")
 
     class Plain:  # PlainRounds without the GPU: why_not and run as the test sets them
-        reason, fail = None, False
+        reason, fail, skip_prefill = None, False, True
 
         def __init__(self, worker):
             calls.append("plain graphs")
@@ -271,7 +327,7 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.srt.speculative.eagle_worker_v2", module)
     monkeypatch.setattr(plain_round, "PlainRounds", Plain)
     monkeypatch.setattr(plain_round, "_rounds", {})
-    monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "reasons": {}, "disabled": None})
+    monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "reasons": {}, "disabled": None, "prefills": 0})
     plain_round.install(depth.decided)
 
     def batch(extend=False):
@@ -292,11 +348,17 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     assert out.tag == "plain result" and published == ["lens"]
     assert seen == ["decide", "plain run", ("stub", "plain result")]
     assert step(w, batch(extend=True))[:2] == ("sglang result", ["sglang forward"])
+    assert draft_idle == [True] and not plain_round.draft_idle()  # a prefill at depth 0 runs without the draft
     Plain.reason = "logprobs"
     assert step(w, batch())[:2] == ("sglang result", ["decide", "sglang forward"])
     w.speculative_num_steps = 4  # speculating: SGLang's round, not a fallback
     Plain.reason = None
     assert step(w, batch())[:2] == ("sglang result", ["decide", "sglang forward"])
+    step(w, batch(extend=True))  # a prefill while speculating extends the draft
+    w.speculative_num_steps, Plain.skip_prefill = 0, False  # ... as at depth 0 where the next round reads it
+    step(w, batch(extend=True))
+    assert draft_idle == [True, False, False]
+    w.speculative_num_steps, Plain.skip_prefill = 4, True
     assert plain_round.snapshot()["fallback_reasons"] == {"logprobs": 1} and plain_round.snapshot()["plain_rounds"] == 1
     w.speculative_num_steps, Plain.fail = 0, True
     out, seen, published = step(w, batch())

@@ -153,3 +153,42 @@ def test_sampled_requests_take_plain_rounds_within_the_targets_top_k(stack):
             if row[out[j]] < fifth - TIE:
                 outside.append((p[-40:], j, float(fifth - row[out[j]])))
     assert not outside, outside
+
+
+def test_requests_prefilled_without_the_draft_stay_lossless_when_speculation_turns_on(stack):
+    """Prefills at depth 0 skip the draft's extend (its KV cache stays unwritten there) and the draft starts from
+    zeroed state. Requests run at depth 0, then the depth is pinned at the full lookahead while they decode: greedy
+    output stays the target's (up to a bf16 near-tie), the rounds at that depth complete, and their rows are not
+    counted as the version's acceptance (plugin/depth.py's cold requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aurora.sglang_engine.plugin.depth import write_forced_depth
+
+    service, ref, url, _ = stack
+    tok, model = service.engine.tokenizer, service.engine.model_name
+    swap_dir, deepest = service.engine._publisher.dir, service.config.lookahead
+    prompts = _prompts(tok, 8, 4)
+    expected = _reference(ref, tok, prompts, max_tokens=TOKENS, concurrency=1)
+    before = _speculation(service, url, model)
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(_complete, url, model, [p]) for p in prompts]
+            time.sleep(0.15)  # prefilled and decoding at depth 0
+            write_forced_depth(swap_dir, deepest)
+            got = {p: r for f in futures for p, r in f.result().items()}
+        after = _speculation(service, url, model)
+    finally:
+        write_forced_depth(swap_dir, None)
+    print(f"prefills without the draft: {before['prefills_without_draft']} -> {after['prefills_without_draft']}; "
+          f"rounds by depth at the end: {after.get('buckets')}")
+    assert after["prefills_without_draft"] > before["prefills_without_draft"] > 0
+    at_deepest = lambda s: sum(int((b.get("rounds_by_depth") or {}).get(str(deepest), 0))  # noqa: E731
+                               for b in (s.get("buckets") or {}).values())
+    assert at_deepest(after) > at_deepest(before)  # the pinned depth ran while they decoded
+    ties = NearTie(tok)
+    retok = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    parts = [(p, *ties.gap(p, retok(got[p]["choices"][0]["text"]), retok(tok.decode(expected[p],
+                                                                                 skip_special_tokens=True))))
+             for p in prompts if got[p]["choices"][0]["text"] != tok.decode(expected[p], skip_special_tokens=True)]
+    print(f"greedy equal to target-only across the switch: {len(prompts) - len(parts)}/{len(prompts)}")
+    assert all(g < TIE for _, _, g in parts), [(p[-60:], t, g) for p, t, g in parts if g >= TIE]

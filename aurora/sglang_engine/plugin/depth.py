@@ -23,6 +23,12 @@ A benchmark can pin the depth: `force-depth.json` ({"depth": d}) in the swap dir
 FORCE_CHECK_S, overrides the decision while it exists (d must be one of the built depths); rounds are costed as
 usual, so a sweep over the depths fills the cost table that `scripts/round_cost_model.py` reads.
 
+A request that ran a round or its prefill at depth 0 has holes in the draft's KV cache there (the draft did not
+run; SGLang cannot fill them later), so once speculation is back on it drafts worse than the draft can until it
+ends. Such requests are marked cold (`mark_cold`, on SGLang's Req); their rows do not count as the version's
+acceptance, and a round with any cold row does not count as what its depth delivers: the turnover after an upshift
+would otherwise read as a draft that does not pay, and send serving back to depth 0 for good.
+
 TP > 1 is not driven here: every rank would have to choose the same depth at every forward, and the timings are
 each rank's own.
 """
@@ -40,6 +46,12 @@ log = logging.getLogger("aurora.sglang.depth")
 DEPTH_ENV = "AURORA_DEPTH"       # "1": Aurora drives SGLang's adaptive states (set by launch.server_env)
 SNAPSHOT_EVERY_S = 2.0
 FORCE_FILE, FORCE_CHECK_S = "force-depth.json", 0.25
+COLD = "aurora_cold"  # on SGLang's Req: a depth-0 forward left this request's draft KV cache incomplete
+
+
+def mark_cold(reqs) -> None:
+    for r in reqs:
+        setattr(r, COLD, True)
 
 
 def accept_path(swap_dir: str, version: int) -> str:
@@ -134,15 +146,19 @@ class Driver:
     def on_prefill(self) -> None:
         self._prefilled = True
 
-    def on_result(self, correct: list[int], bs: int, num_draft_tokens: int | None) -> None:
+    def on_result(self, correct: list[int], bs: int, num_draft_tokens: int | None,
+                  cold: list[bool] | None = None) -> None:
+        """`cold`: per row, whether that request's draft cache has depth-0 holes (None: none has)."""
         now = time.perf_counter()
         launched = self._launched.popleft() if self._launched else now
         depth = (num_draft_tokens or 1) - 1
         start = launched if self._last_result is None else max(self._last_result, launched)
         period = now - start
         bucket = bucket_of(bs or len(correct))
-        self.ctl.observe(bucket, depth, None if self._prefilled else period, list(correct))
-        self.ctl.observe_served(bucket, depth, sum(correct) + len(correct), period)
+        warm = list(correct) if not cold or not any(cold) else [c for c, k in zip(correct, cold) if not k]
+        self.ctl.observe(bucket, depth, None if self._prefilled else period, warm)
+        if len(warm) == len(correct):
+            self.ctl.observe_served(bucket, depth, sum(correct) + len(correct), period)
         self._last_result, self._prefilled = now, False
         if now - self._written > SNAPSHOT_EVERY_S:
             self._written = now
@@ -196,7 +212,8 @@ def install(applier) -> None:
         if not hasattr(cls, name):
             raise RuntimeError(f"aurora plugin: this SGLang has no {cls.__name__}.{name} (built for 0.5.17)")
     swap_dir = os.environ["AURORA_SWAP_DIR"]
-    pending = {"ndt": None}  # the draft-token count of the result being resolved (set just before the hook)
+    pending = {"ndt": None, "cold": None}  # of the result being resolved (set just before the hook): its draft-token
+    # count, and which rows are cold (speculating rounds only)
 
     def driver(worker) -> Driver | None:
         if worker.adaptive_controller is None:
@@ -209,7 +226,8 @@ def install(applier) -> None:
     resolve = P._resolve_spec_v2_tokens
 
     def resolve_spec_v2_tokens(self, result, batch, *args, **kwargs):
-        pending["ndt"] = getattr(result, "speculative_num_draft_tokens", None)
+        pending["ndt"] = ndt = getattr(result, "speculative_num_draft_tokens", None)
+        pending["cold"] = [getattr(r, COLD, False) for r in batch.reqs] if ndt and ndt > 1 else None
         return resolve(self, result, batch, *args, **kwargs)
 
     def activate_step_by_batch(self, batch_size):
@@ -220,7 +238,7 @@ def install(applier) -> None:
     def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size=0):
         d = driver(self)
         if d is not None:  # SGLang's own EMA rule is not fed: Aurora's decision alone moves the depth
-            d.on_result(num_correct_drafts_per_req, batch_size, pending["ndt"])
+            d.on_result(num_correct_drafts_per_req, batch_size, pending["ndt"], pending["cold"])
 
     P._resolve_spec_v2_tokens = resolve_spec_v2_tokens
     W.activate_step_by_batch, W.on_verify_complete_cpu = activate_step_by_batch, on_verify_complete_cpu

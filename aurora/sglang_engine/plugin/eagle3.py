@@ -9,7 +9,8 @@ forwards:
                                                                  with AURORA_CAPTURE_TOPK the target's top K
                                                                  from the verify logits)
 With Aurora driving the speculative depth (depth.py, `AURORA_DEPTH`), a depth-0 round skips the draft extend
-and reaches EAGLEWorkerV2._stub_skipped_draft_extend instead: capture and step swaps are wrapped there too.
+and reaches EAGLEWorkerV2._stub_skipped_draft_extend instead: capture and step swaps are wrapped there too; a
+prefill at depth 0 with plain rounds (plain_round.py) captures and polls swaps, then skips the draft's extend.
 Each wrapper enqueues asynchronous device->host copies on the scheduler's stream plus an event, and returns;
 a sender thread waits for the event and ships wire frames to Aurora (AURORA_CAPTURE_ADDR). Only TP rank 0
 sends: after the target's all-reduce every rank holds the same aux states. Only requests whose id starts with
@@ -137,14 +138,17 @@ def install() -> None:
     prefill, decode = W._draft_extend_for_prefill, W._draft_extend_for_decode
     stub = EAGLEWorkerV2._stub_skipped_draft_extend
 
-    def draft_extend_for_prefill(self, batch, target_hidden_states, *args, **kwargs):
+    def draft_extend_for_prefill(self, batch, target_hidden_states, next_token_ids, *args, **kwargs):
         if driving:
             depth.mark_prefill()
         if _sender is not None:
             _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
         if _applier is not None:  # between steps, in stream order: the draft forwards below see the new weights
             _applier.poll(self.draft_runner.model)
-        return prefill(self, batch, target_hidden_states, *args, **kwargs)
+        if plain_round.draft_idle():  # depth 0: nothing will read what the draft's extend would write
+            depth.mark_cold(batch.reqs)
+            return plain_round.prefill_stub(self, next_token_ids)
+        return prefill(self, batch, target_hidden_states, next_token_ids, *args, **kwargs)
 
     def draft_extend_for_decode(self, batch, batch_result, *args, **kwargs):  # 0.5.22 adds kv_loc_plan=
         if _sender is not None:
@@ -154,6 +158,7 @@ def install() -> None:
         return decode(self, batch, batch_result, *args, **kwargs)
 
     def stub_skipped_draft_extend(self, batch, batch_output, *args, **kwargs):  # a depth-0 round
+        depth.mark_cold(batch.reqs)
         if _sender is not None:
             _on_decode(batch, batch_output, 1)
         if _applier is not None:

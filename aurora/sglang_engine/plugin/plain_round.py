@@ -13,6 +13,13 @@ verify forward keeps them), and samples with SGLang's own sampler (logit bias ad
 verify result (every request accepts its one token), so the scheduler's speculative bookkeeping, the draft's stub
 extend, capture and step swaps (eagle3.py) see no difference.
 
+A prefill that runs while the depth is 0 skips the draft's prefill extend too (eagle3.py asks `draft_idle()`): the
+draft gets the same zeroed next-round state as SGLang's stub after a skipped decode extend, and its KV cache is
+left unwritten for those positions. A request prefilled or decoded at depth 0 that is still running when
+speculation turns on drafts from that stale cache until it ends ("cold recovery", as SGLang's own skipped decode
+extend); requests admitted after that are extended as usual. Rejection sampling and DSA index seeding read the
+extend's outputs, so with either the prefill extend always runs.
+
 A round falls back to SGLang's own depth 0 where the two could differ: grammars (SGLang advances them inside its
 verify), presence/frequency/repetition penalties, log-probabilities or hidden states asked back, custom logit
 processors, sampled (not greedy) requests while the target's top K is captured, an idle batch, a batch larger than
@@ -29,12 +36,35 @@ from aurora.sglang_engine import wire
 log = logging.getLogger("aurora.sglang.plain_round")
 ENV = "AURORA_PLAIN_DEPTH0"
 _rounds: dict = {}  # id(EAGLEWorkerV2) -> PlainRounds, in this scheduler process
-STATS = {"plain": 0, "reasons": {}, "disabled": None}  # plain rounds; fallback rounds by reason
+STATS = {"plain": 0, "reasons": {}, "disabled": None, "prefills": 0}  # plain rounds; fallbacks by reason; prefill
+_draft_idle = [False]  # inside a prefill forward at depth 0: the draft's prefill extend is skipped
 
 
 def snapshot() -> dict:
     return {"plain_rounds": STATS["plain"], "fallback_rounds": sum(STATS["reasons"].values()),
-            "fallback_reasons": dict(STATS["reasons"]), "plain_disabled": STATS["disabled"]}
+            "fallback_reasons": dict(STATS["reasons"]), "plain_disabled": STATS["disabled"],
+            "prefills_without_draft": STATS["prefills"]}
+
+
+def draft_idle() -> bool:
+    """True inside a prefill forward that runs at depth 0 with plain rounds (eagle3.py then skips the draft)."""
+    return _draft_idle[0]
+
+
+def prefill_stub(draft_worker, next_token_ids: torch.Tensor):
+    """What SGLang's prefill extend returns, with the draft not run: the prefill's sampled tokens for the next
+    round, zeros where the draft's state would be (the shapes SGLang's _stub_skipped_draft_extend gives)."""
+    from sglang.srt.speculative.eagle_info import EagleDraftInput
+    from sglang.srt.speculative.eagle_utils import get_draft_recurrent_hidden_state_spec
+
+    bs, dev = next_token_ids.shape[0], next_token_ids.device
+    size, dtype = get_draft_recurrent_hidden_state_spec(draft_worker.draft_runner)
+    STATS["prefills"] += 1
+    return EagleDraftInput(
+        topk_p=torch.zeros((bs, draft_worker.topk), dtype=torch.float32, device=dev),
+        topk_index=torch.zeros((bs, draft_worker.topk), dtype=torch.int64, device=dev),
+        hidden_states=None if size is None else torch.zeros((bs, size), dtype=dtype, device=dev),
+        bonus_tokens=next_token_ids, num_tokens_per_req=1, num_tokens_for_logprob_per_req=1)
 
 
 class PlainRounds:
@@ -64,6 +94,10 @@ class PlainRounds:
         finally:
             mr.spec_algorithm, mr.init_new_workspace = spec, workspace
         self.max_bs = self.graphs.max_bs
+        # the next round reads the prefill extend's draft probabilities (rejection sampling) or DSA indices
+        from sglang.srt.runtime_context import get_spec
+        self.skip_prefill = not (get_spec().speculative_use_rejection_sampling
+                                 or getattr(worker.draft_worker, "seed_dsa_topk_from_draft_extend", False))
         self.topk_capture = bool(int(os.environ.get(wire.TOPK_ENV) or 0))
         log.info("aurora: depth-0 rounds run the target's decode graphs (batch sizes up to %d)", self.max_bs)
 
@@ -163,8 +197,14 @@ def install(decided) -> None:
 
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
         plain = _rounds.get(id(self))
-        if plain is None or batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+        if plain is None or batch.is_extend_in_batch and not batch.forward_mode.is_extend():
             return forward(self, batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
+        if batch.forward_mode.is_extend():  # a prefill: the draft runs only if the depth is not 0
+            _draft_idle[0] = plain.skip_prefill and self.speculative_num_steps == 0
+            try:
+                return forward(self, batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
+            finally:
+                _draft_idle[0] = False
         self.activate_step_by_batch(batch.seq_lens.shape[0])
         if self.speculative_num_steps == 0:
             reason = plain.why_not(batch)
