@@ -41,12 +41,12 @@ def _speculation(service, url, model) -> dict:
     return service.engine.stats()["speculation"]
 
 
-def _complete(url, model, prompts, **params) -> dict:
+def _complete(url, model, prompts, max_tokens=TOKENS, **params) -> dict:
     out = {}
     with httpx.Client(base_url=url, timeout=300) as h:
         for p in prompts:
-            r = h.post("/v1/completions", json={"model": model, "prompt": p, "max_tokens": TOKENS, "temperature": 0,
-                                                **params})
+            r = h.post("/v1/completions", json={"model": model, "prompt": p, "max_tokens": max_tokens,
+                                                "temperature": 0, **params})
             assert r.status_code == 200, r.text
             out[p] = r.json()
     return out
@@ -168,12 +168,13 @@ def test_requests_prefilled_without_the_draft_stay_lossless_when_speculation_tur
     tok, model = service.engine.tokenizer, service.engine.model_name
     swap_dir, deepest = service.engine._publisher.dir, service.config.lookahead
     prompts = _prompts(tok, 8, 4)
-    expected = _reference(ref, tok, prompts, max_tokens=TOKENS, concurrency=1)
+    n = 240  # long enough to outlast the scheduler's look at the force file (every 0.25 s)
+    expected = _reference(ref, tok, prompts, max_tokens=n, concurrency=1)
     before = _speculation(service, url, model)
     try:
         with ThreadPoolExecutor(len(prompts)) as pool:
-            futures = [pool.submit(_complete, url, model, [p]) for p in prompts]
-            time.sleep(0.15)  # prefilled and decoding at depth 0
+            futures = [pool.submit(_complete, url, model, [p], n) for p in prompts]
+            time.sleep(0.1)  # prefilled and decoding at depth 0
             write_forced_depth(swap_dir, deepest)
             got = {p: r for f in futures for p, r in f.result().items()}
         after = _speculation(service, url, model)
