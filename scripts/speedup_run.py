@@ -20,6 +20,9 @@ before checkpointed; its capture buffer starts empty), so a machine whose speed 
 mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and
 its ratio to the mode named `none` (or the last mode).
 Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
+`--spy MODE` records py-spy (py-spy on PATH) of that mode's server process and of its SGLang scheduler, every
+thread, idle samples kept, `--spy-s` seconds from `--spy-at` seconds into its first measured stream, and writes
+<out>/spy_<mode>_<process>.txt (scripts/sglang_profile.py's summary: where each thread's time goes).
 """
 import argparse
 import asyncio
@@ -31,6 +34,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -145,6 +149,32 @@ METRICS = ("aurora_swaps", "aurora_samples", "aurora_trainer_failures", "aurora_
            "aurora_draft_version", "aurora_accept_length ")  # the /metrics lines kept in summary.json
 
 
+def spy(a, name: str, proc: subprocess.Popen) -> threading.Thread:
+    """py-spy of the server process and its SGLang scheduler, from a.spy_at seconds on (a thread: the load runs)."""
+    from sglang_profile import scheduler_pid, spy_summary
+
+    def record():
+        time.sleep(a.spy_at)
+        pids = {"server": proc.pid, "scheduler": scheduler_pid()}
+        runs = {k: (subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-r", "100", "-f",
+                                      "raw", "-d", str(a.spy_s), "-p", str(pid), "-o", raw], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT), raw)
+                for k, pid in pids.items() if pid is not None
+                for raw in [os.path.join(a.out, f"spy_{name}_{k}.raw")]}
+        for k, (p, raw) in runs.items():
+            p.wait()
+            if os.path.exists(raw):
+                with open(os.path.join(a.out, f"spy_{name}_{k}.txt"), "w") as f:
+                    f.write(spy_summary(raw, threads=True))
+                os.remove(raw)
+            else:
+                print(f"py-spy of {name}'s {k} wrote nothing (exit {p.returncode})", flush=True)
+
+    t = threading.Thread(target=record, daemon=True)
+    t.start()
+    return t
+
+
 def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode: dict, rows_of: dict,
               wall_of: dict) -> None:
     """Block `b` of mode `name` on a fresh start of its server: each concurrency's share of its segment after a
@@ -160,9 +190,12 @@ def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode
         for c, prompts in zip(a.concurrency, segments):
             part = prompts[b * len(prompts) // a.blocks:(b + 1) * len(prompts) // a.blocks]
             asyncio.run(drive(url, warm, c, a.max_tokens, model))
+            spying = spy(a, name, proc) if name == a.spy and b == 0 and c == a.concurrency[0] else None
             t = time.perf_counter()
             rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
             wall = time.perf_counter() - t
+            if spying is not None:
+                spying.join()
             offset = wall_of.get((name, c), 0.0)
             rows_of.setdefault((name, c), []).extend(dict(r, t=r["t"] + offset, block=b) for r in rows)
             wall_of[(name, c)] = offset + wall
@@ -190,6 +223,9 @@ def main():
                          "fresh start of its server (Aurora's resumes the draft the block before left), so that "
                          "the machine's drift over the run touches every mode alike")
     ap.add_argument("--out", default="results/speedup/run")
+    ap.add_argument("--spy", default="", help="a mode: py-spy its server and SGLang scheduler (see above)")
+    ap.add_argument("--spy-at", type=float, default=30.0)
+    ap.add_argument("--spy-s", type=int, default=20)
     a = ap.parse_args()
     if len(a.requests) == 1:
         a.requests = a.requests * len(a.concurrency)
