@@ -20,7 +20,7 @@ before checkpointed; its capture buffer starts empty), so a machine whose speed 
 mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and
 its ratio to the mode named `none` (or the last mode).
 Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
-`--spy MODE` records py-spy (py-spy on PATH) of that mode's server process and of its SGLang scheduler, every
+`--spy MODES` records py-spy (py-spy on PATH) of each such mode's server process and of its SGLang scheduler, every
 thread, idle samples kept, `--spy-s` seconds from `--spy-at` seconds into its first measured stream, and writes
 <out>/spy_<mode>_<process>.txt (scripts/sglang_profile.py's summary: where each thread's time goes).
 """
@@ -190,7 +190,7 @@ def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode
         for c, prompts in zip(a.concurrency, segments):
             part = prompts[b * len(prompts) // a.blocks:(b + 1) * len(prompts) // a.blocks]
             asyncio.run(drive(url, warm, c, a.max_tokens, model))
-            spying = spy(a, name, proc) if name == a.spy and b == 0 and c == a.concurrency[0] else None
+            spying = spy(a, name, proc) if name in a.spy.split(",") and b == 0 and c == a.concurrency[0] else None
             t = time.perf_counter()
             rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
             wall = time.perf_counter() - t
@@ -223,7 +223,7 @@ def main():
                          "fresh start of its server (Aurora's resumes the draft the block before left), so that "
                          "the machine's drift over the run touches every mode alike")
     ap.add_argument("--out", default="results/speedup/run")
-    ap.add_argument("--spy", default="", help="a mode: py-spy its server and SGLang scheduler (see above)")
+    ap.add_argument("--spy", default="", help="modes (comma list): py-spy their server and SGLang scheduler (see above)")
     ap.add_argument("--spy-at", type=float, default=30.0)
     ap.add_argument("--spy-s", type=int, default=20)
     a = ap.parse_args()
