@@ -21,12 +21,13 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.floa
                                                       torch.int32)}
 
 
-def encode(header: dict, tensors: dict[str, torch.Tensor]) -> list[bytes]:
+def encode(header: dict, tensors: dict[str, torch.Tensor]) -> list:
+    """The message's frames: the header as bytes, each (CPU) tensor as a view of its own memory (no copy: a
+    prefill's aux states are megabytes, and the sender holds the scheduler's GIL while it copies)."""
     meta = dict(header, tensors=[[k, str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors.items()])
     frames = [json.dumps(meta).encode()]
     for t in tensors.values():
-        t = t.contiguous()
-        frames.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        frames.append(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
     return frames
 
 
