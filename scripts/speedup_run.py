@@ -160,11 +160,11 @@ def spy(a, name: str, proc: subprocess.Popen) -> threading.Thread:
                                       "raw", "-d", str(a.spy_s), "-p", str(pid), "-o", raw], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT), raw)
                 for k, pid in pids.items() if pid is not None
-                for raw in [os.path.join(a.out, f"spy_{name}_{k}.raw")]}
+                for raw in [os.path.join(a.spy_out or a.out, f"spy_{name}_{k}.raw")]}
         for k, (p, raw) in runs.items():
             p.wait()
             if os.path.exists(raw):
-                with open(os.path.join(a.out, f"spy_{name}_{k}.txt"), "w") as f:
+                with open(os.path.join(a.spy_out or a.out, f"spy_{name}_{k}.txt"), "w") as f:
                     f.write(spy_summary(raw, threads=True))
                 os.remove(raw)
             else:
@@ -226,6 +226,7 @@ def main():
     ap.add_argument("--spy", default="", help="modes (comma list): py-spy their server and SGLang scheduler (see above)")
     ap.add_argument("--spy-at", type=float, default=30.0)
     ap.add_argument("--spy-s", type=int, default=20)
+    ap.add_argument("--spy-out", default="", help="where the py-spy summaries go (default: --out)")
     a = ap.parse_args()
     if len(a.requests) == 1:
         a.requests = a.requests * len(a.concurrency)
