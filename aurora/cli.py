@@ -56,8 +56,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "lr": "draft learning rate (AdamW peak, after warm-up)",
     "sync_every": "finished requests between draft hot-swaps",
     "sample_rate": "fraction of finished requests captured for training, in (0, 1]",
-    "capture_pacing": "engine sglang: capture fewer requests while the trainer's fresh queue stays over half full "
-                      "(sample_rate is the ceiling; the capture rate is shown in /v1/draft)",
+    "capture_pacing": "engine sglang: capture fewer requests while the trainer leaves over 128 captured samples "
+                      "unread (or half the buffer's bytes); sample_rate is the ceiling, the rate is in /v1/draft",
     "buffer_samples": "capture buffer capacity in samples (the oldest are dropped first)",
     "buffer_gib": "capture buffer's host-memory bound in GiB",
     "replay_passes": "times each captured sample is trained on (fresh samples first)",

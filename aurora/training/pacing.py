@@ -8,6 +8,11 @@ count and its bytes against the buffer's bounds. Once a second, above `high` it 
 queue near empty, and everything is captured. A trainer that rests while serving is busy, or cannot keep up,
 settles the fraction near what it reads.
 
+The queue's count is also measured against `backlog` samples (default 256: at the default trainer duty on a GPU,
+roughly half a minute of the trainer's reading), whichever bound is nearer: the buffer's own bounds (4,096 samples,
+2 GiB) are there to hold a burst, and measured against them alone capture would stay at 1 through the first
+thousands of requests of a day-0 server whose trainer reads a tenth of them, paying for samples nobody reads.
+
 The engine multiplies its `sample_rate` by `rate()` when it admits a request (capture is decided at admission).
 The pacer reads the buffer's counts only; it never touches samples.
 """
@@ -17,10 +22,12 @@ import time
 
 class CapturePacer:
     def __init__(self, buffer, floor: float = 0.02, low: float = 0.25, high: float = 0.5, step: float = 0.7,
-                 interval_s: float = 1.0, clock=time.monotonic):
-        if not 0 < floor <= 1 or not 0 <= low < high <= 1 or not 0 < step < 1 or interval_s <= 0:
-            raise ValueError("need 0 < floor <= 1, 0 <= low < high <= 1, 0 < step < 1 and interval_s > 0")
+                 interval_s: float = 1.0, backlog: int = 256, clock=time.monotonic):
+        if not 0 < floor <= 1 or not 0 <= low < high <= 1 or not 0 < step < 1 or interval_s <= 0 or backlog < 1:
+            raise ValueError("need 0 < floor <= 1, 0 <= low < high <= 1, 0 < step < 1, interval_s > 0 and "
+                             "backlog >= 1")
         self.buffer, self.floor, self.low, self.high, self.step = buffer, floor, low, high, step
+        self.backlog = backlog
         self.interval_s, self.clock = interval_s, clock
         self._rate, self._next = 1.0, clock()
         self._lock = threading.Lock()
@@ -34,13 +41,17 @@ class CapturePacer:
         with self._lock:
             if now >= self._next:
                 self._next = now + self.interval_s
-                fill = self.buffer.fresh_fill()
+                fill = self.fill()
                 if fill > self.high and self._rate > self.floor:
                     self._rate, self.lowered = max(self.floor, self._rate * self.step), self.lowered + 1
                 elif fill < self.low and self._rate < 1.0:
                     self._rate, self.raised = min(1.0, self._rate / self.step), self.raised + 1
             return self._rate
 
+    def fill(self) -> float:
+        """The fresh queue against the nearer of the buffer's bounds and `backlog` samples."""
+        return max(self.buffer.fresh_fill(), self.buffer.size / self.backlog)
+
     def status(self) -> dict:
-        return {"capture_rate": self._rate, "fresh_fill": self.buffer.fresh_fill(), "lowered": self.lowered,
+        return {"capture_rate": self._rate, "fresh_fill": self.fill(), "lowered": self.lowered,
                 "raised": self.raised}

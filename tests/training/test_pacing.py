@@ -1,5 +1,6 @@
 """CapturePacer over a real SampleBuffer and a fake clock: capture falls while captured samples pile up unread and
-comes back once the trainer drains them; SampleBuffer.fresh_fill counts fresh samples only, by count and by bytes."""
+comes back once the trainer drains them, measured against the buffer's bounds and against a backlog in samples;
+SampleBuffer.fresh_fill counts fresh samples only, by count and by bytes."""
 import pytest
 import torch
 
@@ -74,7 +75,26 @@ def test_between_the_marks_the_rate_holds():
         assert pacer.rate() == low
 
 
-@pytest.mark.parametrize("kw", [{"floor": 0}, {"low": 0.6, "high": 0.5}, {"step": 1.0}, {"interval_s": 0}])
+def test_a_backlog_far_below_the_buffers_bounds_lowers_capture():
+    """A 4,096-sample buffer with 200 samples unread is 5 % full, but 200 samples are most of a 256-sample
+    backlog: capture falls; once the trainer reads them it comes back."""
+    buf = SampleBuffer(4096, 1 << 30, heldout_every=0)
+    clock = Clock()
+    pacer = CapturePacer(buf, interval_s=1.0, backlog=256, clock=clock)
+    for i in range(200):
+        buf.put(sample(i))
+    assert buf.fresh_fill() < 0.05 and pacer.fill() == pytest.approx(200 / 256)
+    clock.t = 1.0
+    assert pacer.rate() == pytest.approx(0.7)
+    while buf.size:
+        buf.get_batch(10_000, timeout=0)
+    clock.t = 2.0
+    assert pacer.rate() == 1.0 and pacer.status()["fresh_fill"] == 0.0
+    assert CapturePacer(buf, backlog=1 << 30).fill() == 0.0  # a backlog beyond the bounds: the bounds decide
+
+
+@pytest.mark.parametrize("kw", [{"floor": 0}, {"low": 0.6, "high": 0.5}, {"step": 1.0}, {"interval_s": 0},
+                                {"backlog": 0}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         CapturePacer(SampleBuffer(4, 1 << 20), **kw)
