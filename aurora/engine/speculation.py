@@ -127,6 +127,11 @@ class DepthController:
         with self._lock:
             return self._rates()
 
+    def speculating(self) -> bool:
+        """Whether any batch bucket's current choice speculates."""
+        with self._lock:
+            return any(b.depth > 0 for b in self._buckets.values())
+
     def _rates(self) -> list[float]:
         w = self.config.prior_weight
         out = []

@@ -63,6 +63,7 @@ def test_day0_plain_then_a_paying_version_speculates(tmp_path, monkeypatch):
     cost = {0: 10.0, 1: 13.0, 2: 15.0, 4: 17.0}  # ms per round at this batch size
     seen = _serve(drv, clock, 200, 16, cost, lambda d: 0)
     assert set(seen) == {0}, "a day-0 draft must never be paid for"
+    assert not drv.speculating()  # so prefills skip the draft (plain_round.py)
     # the trainer publishes version 1 with a held-out prediction that pays: written before it is announced
     pub = Publisher(swap, tp_size=1)
     pub.publish([("w", torch.zeros(4))], timeout_s=0, acceptance=[0.8, 0.7, 0.6, 0.5])
@@ -80,7 +81,7 @@ def test_day0_plain_then_a_paying_version_speculates(tmp_path, monkeypatch):
     assert seen[0] > 0, "the prediction alone turns speculation on"
     assert max(set(seen[100:]), key=seen[100:].count) == 4  # E_4/17 ms beats E_2/15, E_1/13 and 1/10 ms
     snap = drv.ctl.snapshot()
-    assert snap["version"] == 1 and snap["buckets"][16]["depth"] == 4
+    assert snap["version"] == 1 and snap["buckets"][16]["depth"] == 4 and drv.speculating()
     assert snap["buckets"][16]["round_ms"][0] == 10.0
 
 
@@ -328,7 +329,8 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     monkeypatch.setattr(plain_round, "PlainRounds", Plain)
     monkeypatch.setattr(plain_round, "_rounds", {})
     monkeypatch.setattr(plain_round, "STATS", {"plain": 0, "reasons": {}, "disabled": None, "prefills": 0})
-    plain_round.install(depth.decided)
+    speculating = {"now": False}  # depth.speculating: whether the decision speculates at some batch size
+    plain_round.install(depth.decided, lambda: speculating["now"])
 
     def batch(extend=False):
         return NS(forward_mode=NS(is_extend=lambda: extend), is_extend_in_batch=False, seq_lens=torch.zeros(4))
@@ -357,8 +359,10 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     step(w, batch(extend=True))  # a prefill while speculating extends the draft
     w.speculative_num_steps, Plain.skip_prefill = 0, False  # ... as at depth 0 where the next round reads it
     step(w, batch(extend=True))
-    assert draft_idle == [True, False, False]
-    w.speculative_num_steps, Plain.skip_prefill = 4, True
+    w.speculative_num_steps, Plain.skip_prefill, speculating["now"] = 0, True, True  # depth 0 here, not elsewhere
+    step(w, batch(extend=True))
+    assert draft_idle == [True, False, False, False]
+    w.speculative_num_steps, speculating["now"] = 4, False
     assert plain_round.snapshot()["fallback_reasons"] == {"logprobs": 1} and plain_round.snapshot()["plain_rounds"] == 1
     w.speculative_num_steps, Plain.fail = 0, True
     out, seen, published = step(w, batch())

@@ -146,6 +146,10 @@ class Driver:
     def on_prefill(self) -> None:
         self._prefilled = True
 
+    def speculating(self) -> bool:
+        """Some batch size speculates now (or a depth above 0 is pinned): a prefill should extend the draft."""
+        return bool(self.forced) or self.ctl.speculating()
+
     def on_result(self, correct: list[int], bs: int, num_draft_tokens: int | None,
                   cold: list[bool] | None = None) -> None:
         """`cold`: per row, whether that request's draft cache has depth-0 holes (None: none has)."""
@@ -194,6 +198,12 @@ def decided():
         yield
     finally:
         _decided[0] = False
+
+
+def speculating() -> bool:
+    """Whether any scheduler's decision speculates at some batch size (plain_round.py: else a prefill skips the
+    draft, since every round it will run in is plain until the decision changes)."""
+    return any(d.speculating() for d in _drivers.values())
 
 
 def mark_prefill() -> None:

@@ -134,7 +134,7 @@ def install() -> None:
     if driving:
         depth.install(_applier)
         if plain_round.enabled():
-            plain_round.install(depth.decided)
+            plain_round.install(depth.decided, depth.speculating)
     prefill, decode = W._draft_extend_for_prefill, W._draft_extend_for_decode
     stub = EAGLEWorkerV2._stub_skipped_draft_extend
 

@@ -13,12 +13,14 @@ verify forward keeps them), and samples with SGLang's own sampler (logit bias ad
 verify result (every request accepts its one token), so the scheduler's speculative bookkeeping, the draft's stub
 extend, capture and step swaps (eagle3.py) see no difference.
 
-A prefill that runs while the depth is 0 skips the draft's prefill extend too (eagle3.py asks `draft_idle()`): the
-draft gets the same zeroed next-round state as SGLang's stub after a skipped decode extend, and its KV cache is
-left unwritten for those positions. A request prefilled or decoded at depth 0 that is still running when
-speculation turns on drafts from that stale cache until it ends ("cold recovery", as SGLang's own skipped decode
-extend); requests admitted after that are extended as usual. Rejection sampling and DSA index seeding read the
-extend's outputs, so with either the prefill extend always runs.
+A prefill that runs while no batch size speculates (a day-0 draft, or one whose prediction does not pay) skips the
+draft's prefill extend too (eagle3.py asks `draft_idle()`): the draft gets the same zeroed next-round state as
+SGLang's stub after a skipped decode extend, and its KV cache is left unwritten for those positions. A request
+prefilled or decoded at depth 0 that is still running when speculation turns on drafts from that stale cache until
+it ends ("cold recovery", as SGLang's own skipped decode extend; depth.py keeps such requests out of the decision's
+acceptance); requests admitted after that are extended as usual, and so are those admitted at depth 0 while some
+other batch size speculates. Rejection sampling and DSA index seeding read the extend's outputs, so with either the
+prefill extend always runs.
 
 A round falls back to SGLang's own depth 0 where the two could differ: grammars (SGLang advances them inside its
 verify), presence/frequency/repetition penalties, log-probabilities or hidden states asked back, custom logit
@@ -173,10 +175,11 @@ class PlainRounds:
             extra_keep_alive_refs=[fb])
 
 
-def install(decided) -> None:
+def install(decided, speculating) -> None:
     """Build each EAGLEWorkerV2's decode graphs after SGLang's own and route its depth-0 decode rounds through
     them. `decided()`: a context inside which SGLang's activate_step_by_batch leaves the depth alone (the wrapper
-    below has chosen it for this forward already)."""
+    below has chosen it for this forward already); `speculating()`: whether the decision speculates at any batch
+    size (then a prefill extends the draft, so that the request is not cold when its batch speculates)."""
     from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2 as W
 
     for name in ("init_cuda_graphs", "forward_batch_generation", "_stub_skipped_draft_extend"):
@@ -199,8 +202,8 @@ def install(decided) -> None:
         plain = _rounds.get(id(self))
         if plain is None or batch.is_extend_in_batch and not batch.forward_mode.is_extend():
             return forward(self, batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
-        if batch.forward_mode.is_extend():  # a prefill: the draft runs only if the depth is not 0
-            _draft_idle[0] = plain.skip_prefill and self.speculative_num_steps == 0
+        if batch.forward_mode.is_extend():  # a prefill: the draft runs only if some batch size speculates
+            _draft_idle[0] = plain.skip_prefill and self.speculative_num_steps == 0 and not speculating()
             try:
                 return forward(self, batch, on_publish=on_publish, grammar_barrier=grammar_barrier)
             finally:
