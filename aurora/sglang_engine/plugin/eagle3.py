@@ -10,7 +10,7 @@ forwards:
                                                                  from the verify logits)
 With Aurora driving the speculative depth (depth.py, `AURORA_DEPTH`), a depth-0 round skips the draft extend
 and reaches EAGLEWorkerV2._stub_skipped_draft_extend instead: capture and step swaps are wrapped there too; a
-prefill at depth 0 with plain rounds (plain_round.py) captures and polls swaps, then skips the draft's extend.
+prefill while no batch size speculates (plain_round.py) captures and polls swaps, then skips the draft's extend.
 Each wrapper enqueues asynchronous device->host copies on the scheduler's stream plus an event, and returns;
 a sender thread waits for the event and ships wire frames to Aurora (AURORA_CAPTURE_ADDR). Only TP rank 0
 sends: after the target's all-reduce every rank holds the same aux states. Only requests whose id starts with
@@ -145,7 +145,7 @@ def install() -> None:
             _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
         if _applier is not None:  # between steps, in stream order: the draft forwards below see the new weights
             _applier.poll(self.draft_runner.model)
-        if plain_round.draft_idle():  # depth 0: nothing will read what the draft's extend would write
+        if plain_round.draft_idle():  # no batch size speculates: the next rounds read only the sampled tokens
             depth.mark_cold(batch.reqs)
             return plain_round.prefill_stub(self, next_token_ids)
         return prefill(self, batch, target_hidden_states, next_token_ids, *args, **kwargs)

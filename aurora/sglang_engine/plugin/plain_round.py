@@ -39,7 +39,7 @@ log = logging.getLogger("aurora.sglang.plain_round")
 ENV = "AURORA_PLAIN_DEPTH0"
 _rounds: dict = {}  # id(EAGLEWorkerV2) -> PlainRounds, in this scheduler process
 STATS = {"plain": 0, "reasons": {}, "disabled": None, "prefills": 0}  # plain rounds; fallbacks by reason; prefill
-_draft_idle = [False]  # inside a prefill forward at depth 0: the draft's prefill extend is skipped
+_draft_idle = [False]  # inside a prefill forward while no batch size speculates: the draft's extend is skipped
 
 
 def snapshot() -> dict:
@@ -49,7 +49,7 @@ def snapshot() -> dict:
 
 
 def draft_idle() -> bool:
-    """True inside a prefill forward that runs at depth 0 with plain rounds (eagle3.py then skips the draft)."""
+    """True inside a prefill forward that runs while no batch size speculates (eagle3.py then skips the draft)."""
     return _draft_idle[0]
 
 
