@@ -278,7 +278,7 @@ def test_plain_depth0_dispatch_around_sglangs_worker(monkeypatch):
     publishes and calls the stub extend (capture, step swaps) and never reaches SGLang's forward; an ineligible one
     reaches SGLang's forward, counted by reason, without SGLang deciding again; a failing plain round hands the
     batch to SGLang's forward and turns plain rounds off; prefill and speculating rounds are SGLang's alone, a
-    prefill at depth 0 without the draft's extend."""
+    prefill without the draft's extend while no batch size speculates (unless the next round reads the extend)."""
     import sys
     import types
     from types import SimpleNamespace as NS
