@@ -44,6 +44,17 @@ def decode(frames: list[bytes]) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, tensors
 
 
+def row_index(keep: list[int], device: torch.device) -> torch.Tensor:
+    """Batch positions as an index on `device`, copied without a host sync. `torch.as_tensor(keep, device=cuda)`
+    copies from pageable memory and then waits for the stream: inside SGLang's forward that makes the scheduler
+    wait for the round just launched, every round in which only some requests are captured, and the overlap of its
+    host work with the GPU's is lost."""
+    ix = torch.tensor(keep, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return ix.to(device)
+    return ix.pin_memory().to(device, non_blocking=True)
+
+
 def request_rows(ix: torch.Tensor | None, bs: int, width: int, t: torch.Tensor) -> torch.Tensor:
     """The rows of the requests at batch positions `ix` (ascending, on t's device; None: all, a view, no copy) of a
     request-major block of bs requests, `width` rows each (t may hold padding rows beyond bs * width)."""

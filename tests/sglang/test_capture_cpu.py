@@ -5,6 +5,7 @@ import os
 import time
 from multiprocessing.connection import Client
 
+import pytest
 import torch
 
 from aurora.engine.sequence import SamplingParams
@@ -230,7 +231,8 @@ def test_only_the_captured_requests_rows_are_sent(tmp_path):
     H, ndt = 3, 2
     full = torch.arange(3 * ndt * H, dtype=torch.float32).view(3 * ndt, H)
     padded = torch.cat([full, torch.full((4, H), -1.0)])  # a CUDA graph's padding rows beyond bs * ndt
-    keep, ix = [0, 2], torch.tensor([0, 2])
+    keep, ix = [0, 2], wire.row_index([0, 2], torch.device("cpu"))
+    assert ix.tolist() == keep
     ref = torch.cat([full[0:ndt], full[2 * ndt:3 * ndt]])
     torch.testing.assert_close(wire.request_rows(ix, 3, ndt, padded), ref)
     assert wire.request_rows(None, 3, ndt, padded).data_ptr() == padded.data_ptr()  # all kept: a view
@@ -303,3 +305,21 @@ def test_the_plugin_sends_only_captured_requests(monkeypatch):
     assert t["accept"].tolist() == [3, 1] and t["draft"].tolist() == [0, 1, 2, 6, 7, 8]
     eagle3._on_decode(NS(reqs=[reqs[1]], spec_info=None), result, 3)  # nobody captured: nothing sent
     assert len(sent) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on the GPU machine")
+def test_the_row_index_reaches_the_gpu_without_waiting_for_it():
+    """Inside SGLang's forward the plugin builds the captured requests' index on the GPU every round that captures
+    only some of them: torch's sync debug mode (an independent check) refuses a copy that waits for the stream, as
+    torch.as_tensor(list, device=cuda) does, and lets wire.row_index through."""
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            busy = busy @ busy  # the stream has work queued: a sync would wait for it
+        ix = wire.row_index([1, 3, 4], torch.device("cuda"))
+        with pytest.raises(RuntimeError):
+            torch.as_tensor([1, 3, 4], device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ix.tolist() == [1, 3, 4]

@@ -98,7 +98,7 @@ def _on_decode(batch, result, ndt: int) -> None:
         return
     ndt = getattr(result, "speculative_num_draft_tokens", None) or ndt  # the width this block was verified at
     bs = len(batch.reqs)
-    ix = None if len(keep) == bs else torch.as_tensor(keep, device=hidden.device)  # one index for every tensor
+    ix = None if len(keep) == bs else wire.row_index(keep, hidden.device)  # one index for every tensor
     rows = lambda t, width=ndt: wire.request_rows(ix, bs, width, t)  # noqa: E731 - the captured requests' rows
     tensors = {"hidden": _host(rows(hidden))}
     draft = getattr(batch.spec_info, "draft_token", None)
