@@ -127,15 +127,12 @@ def _checkpoint_check(run_dir: str, aux: list[int]) -> dict:
 def _spy(a, tag: str) -> list:
     """py-spy (raw stacks, every thread, idle kept, not pausing the process) of Aurora's process and of SGLang's
     scheduler for --spy-s seconds from now: where capture and training cost serving at this shape."""
-    from sglang_profile import scheduler_pid  # scripts/ is on the path of a script run from it
+    from sglang_profile import scheduler_pid, start_spies  # scripts/ is on the path of a script run from it
 
     os.makedirs(a.spy, exist_ok=True)
-    pids = {"aurora": os.getpid(), "scheduler": scheduler_pid()}
-    pids = {who: pid for who, pid in pids.items() if pid is not None}
-    return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-p", str(pid), "-d",
-                              str(a.spy_s), "-r", "200", "-f", "raw", "-o",
-                              os.path.join(a.spy, f"spy_L{a.layers}_{tag}_{who}.raw")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for who, pid in pids.items()]
+    spies = start_spies({"aurora": os.getpid(), "scheduler": scheduler_pid()}, a.spy_s,
+                        lambda who: os.path.join(a.spy, f"spy_L{a.layers}_{tag}_{who}.raw"))
+    return [p for p, _ in spies.values()]
 
 
 def _depth_sweep(a, url, service, tr) -> dict:

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import shlex
 import time
 from collections import Counter, defaultdict
 
@@ -115,6 +114,18 @@ def spy_summary(raw: str, top: int = 45, threads: bool = False) -> str:
         out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "", "where the samples ended:",
                 *share(own)[:20], ""]
     return "\n".join(out)
+
+
+def start_spies(pids: dict, seconds: int, raw_path) -> dict:
+    """py-spy (raw stacks, every thread, idle samples kept, --nonblocking: not pausing the process it times) of each
+    named process that has a pid, for `seconds` from now: name -> (the py-spy process, its raw file,
+    `raw_path(name)`)."""
+    import subprocess
+
+    return {who: (subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-p", str(pid), "-d",
+                                    str(seconds), "-r", "200", "-f", "raw", "-o", raw],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
+            for who, pid in pids.items() if pid is not None for raw in [raw_path(who)]}
 
 
 def scheduler_pid() -> int | None:

@@ -151,20 +151,18 @@ METRICS = ("aurora_swaps", "aurora_samples", "aurora_trainer_failures", "aurora_
 
 def spy(a, name: str, proc: subprocess.Popen) -> threading.Thread:
     """py-spy of the server process and its SGLang scheduler, from a.spy_at seconds on (a thread: the load runs)."""
-    from sglang_profile import scheduler_pid, spy_summary
+    from sglang_profile import scheduler_pid, spy_summary, start_spies
+
+    out = a.spy_out or a.out
 
     def record():
         time.sleep(a.spy_at)
-        pids = {"server": proc.pid, "scheduler": scheduler_pid()}
-        runs = {k: (subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--idle", "-r", "100", "-f",
-                                      "raw", "-d", str(a.spy_s), "-p", str(pid), "-o", raw], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT), raw)
-                for k, pid in pids.items() if pid is not None
-                for raw in [os.path.join(a.spy_out or a.out, f"spy_{name}_{k}.raw")]}
+        runs = start_spies({"server": proc.pid, "scheduler": scheduler_pid()}, a.spy_s,
+                           lambda who: os.path.join(out, f"spy_{name}_{who}.raw"))
         for k, (p, raw) in runs.items():
             p.wait()
             if os.path.exists(raw):
-                with open(os.path.join(a.spy_out or a.out, f"spy_{name}_{k}.txt"), "w") as f:
+                with open(raw[:-len(".raw")] + ".txt", "w") as f:
                     f.write(spy_summary(raw, threads=True))
                 os.remove(raw)
             else:
