@@ -69,8 +69,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                     "training take turns on the cores",
     "trainer_sms": "CUDA, the trainer on the engine's GPU: SMs its kernels may use (a CUDA green context), serving "
                    "keeps the rest; default a quarter of the GPU's SMs; 0: every SM",
-    "gil_switch_ms": "built-in engine with a trainer: Python's GIL switch interval in ms (the engine thread wins the "
-                     "GIL back from the trainer thread within it after every device sync)",
+    "gil_switch_ms": "built-in engine: Python's GIL switch interval in ms (the engine thread wins the GIL back from "
+                     "the event loop and the trainer thread within it after every device sync)",
     "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "
                         "requests (0: the target's full vocabulary)",
     "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary before training starts",

@@ -209,11 +209,11 @@ class Service:
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
                              initial_acceptance=_initial_acceptance(cfg, ckpt))
         engine = LLMEngine(target_dir, draft, econf)
+        # the engine thread shares one GIL with the event loop (and the trainer's thread): the switch interval bounds
+        # how long it waits for the GIL after each device sync while another thread runs Python (process-wide)
+        sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
         if draft is None:
             return cls(AsyncEngine(engine, _served_name(cfg)), None, cfg)
-        # the engine and trainer threads share one GIL: the switch interval bounds how long the engine waits for it
-        # after each device sync while the trainer runs Python (process-wide; Python's own 5 ms by default)
-        sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
         share = _device_share(cfg, dev, engine.runner.device, tconf.duty)

@@ -102,9 +102,9 @@ class ServeConfig:
                                        # serving and training take turns on the cores
     trainer_sms: int | None = None     # CUDA, trainer on the engine's GPU: its kernels get this many SMs (a green
                                        # context), serving the rest; None = a quarter of the GPU's SMs; 0 = all
-    gil_switch_ms: float = 5.0         # built-in engine with a trainer: Python's GIL switch interval (5 ms is
-                                       # Python's own). The engine thread gives up the GIL at every device sync and
-                                       # wins it back from the trainer thread within one interval; 0.5 ms measured
+    gil_switch_ms: float = 5.0         # built-in engine: Python's GIL switch interval (5 ms is Python's own). The
+                                       # engine thread gives up the GIL at every device sync and wins it back from
+                                       # the event loop and the trainer thread within one interval; 0.5 ms measured
                                        # no different on the GPU (results/speedup/), so the default stays Python's
     resume: bool = False               # continue from <run_dir>/checkpoint (draft, optimiser, version)
     run_dir: str = field(default_factory=_default_run_dir)  # checkpoints, metrics.jsonl, wandb files
