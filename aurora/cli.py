@@ -69,6 +69,9 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                     "training take turns on the cores",
     "trainer_sms": "CUDA, the trainer on the engine's GPU: SMs its kernels may use (a CUDA green context), serving "
                    "keeps the rest; default a quarter of the GPU's SMs; 0: every SM",
+    "trainer_drain": "engine sglang, the trainer on one of SGLang's GPUs: synchronise the trainer's stream after every "
+                     "module's forward and backward, so that few of its kernels wait while SGLang's rounds need the GPU "
+                     "(two processes' kernels time-slice)",
     "gil_switch_ms": "built-in engine: Python's GIL switch interval in ms (the engine thread wins the GIL back from "
                      "the event loop and the trainer thread within it after every device sync)",
     "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "

@@ -322,7 +322,11 @@ class Service:
                               speculative=draft is not None, sample_rate=cfg.sample_rate,
                               swap_mode=cfg.sglang_swap if draft is not None else "pause", swap_dir=swap_dir,
                               stop_strings="--skip-tokenizer-init" not in shlex.split(cfg.sglang_args))
-        service = cls(engine, None if draft is None else OnlineTrainer(draft, None, tconf, engine.swap_draft), cfg)
+        trainer = None
+        if draft is not None:
+            drain = cfg.trainer_drain and shares_gpu(str(dev), cfg.tp_size, cfg.sglang_args)
+            trainer = OnlineTrainer(draft, None, tconf, engine.swap_draft, DeviceShare(duty=tconf.duty, drain=drain))
+        service = cls(engine, trainer, cfg)
         if service.trainer is not None and cfg.capture_pacing:
             engine.pacer = CapturePacer(service.trainer.buffer)
         engine.supervise(hang_s=cfg.sglang_hang_timeout_s, max_restarts=cfg.sglang_max_restarts,

@@ -11,6 +11,11 @@ optimiser step, the guard's held-out pass) in `training()` and calls `rest()` af
   the trainer's; with `duty` that costs serving that fraction of its time and no more.
 - `sms` (a GPU): the trainer's kernels run in a CUDA green context of that many SMs, so serving's many small
   kernels always find the rest of the SMs free instead of queueing behind a training GEMM's blocks.
+- `drain` (a GPU that another process serves from, SGLang's scheduler): two processes' kernels never run side by
+  side there (without MPS the GPU time-slices between their contexts), so while the trainer has kernels queued,
+  each of serving's launches may wait out a time slice. `drain_after_modules(model)` makes every module of the
+  trainer's model synchronise the trainer's stream after its forward and its backward: the trainer then keeps
+  about one module's kernels queued, not a whole step's.
 
 This module knows neither the engine nor the trainer; the service hands one DeviceShare to both.
 """
@@ -25,14 +30,16 @@ log = logging.getLogger(__name__)
 
 
 class DeviceShare:
-    def __init__(self, duty: float = 1.0, turns: bool = False, sms: int = 0, busy_window_s: float | None = None):
+    def __init__(self, duty: float = 1.0, turns: bool = False, sms: int = 0, busy_window_s: float | None = None,
+                 drain: bool = False):
         """busy_window_s None: no engine reports its steps here (SGLang serves in its own processes), so serving
         counts as always busy and `duty` always applies."""
         if not 0 < duty <= 1:
             raise ValueError("duty must be in (0, 1]")
         if sms < 0:
             raise ValueError("sms must be >= 0 (0: the trainer's kernels may use every SM)")
-        self.duty, self.turns, self.sms, self.busy_window_s = duty, turns, sms, busy_window_s
+        self.duty, self.turns, self.sms, self.busy_window_s, self.drain = duty, turns, sms, busy_window_s, drain
+        self.drains = 0  # stream synchronisations drain_after_modules made
         self._cond = threading.Condition()
         self._serving = self._training = self._want = self._waiting = False
         self._last_step = 0.0
@@ -135,6 +142,26 @@ class DeviceShare:
                             type(e).__name__, e)
         return torch.cuda.Stream(device)
 
+    def drain_after_modules(self, model: torch.nn.Module) -> None:
+        """With `drain`, on a CUDA model: each leaf module synchronises the current stream after its forward and
+        after its input gradients are computed in backward (both run on the trainer's stream). No effect on
+        the values computed."""
+        if not self.drain or next(model.parameters()).device.type != "cuda":
+            return
+
+        def sync(*_):
+            torch.cuda.current_stream().synchronize()
+            self.drains += 1
+
+        def after_forward(module, inputs, output):
+            sync()
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: sync())  # fires once this output's gradient is computed
+
+        for m in model.modules():
+            if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
+                m.register_forward_hook(after_forward)
+
     def status(self) -> dict:
-        return {"duty": self.duty, "turns": self.turns, "sms": self.sms,
+        return {"duty": self.duty, "turns": self.turns, "sms": self.sms, "drain": self.drain, "drains": self.drains,
                 "trained_s": round(self.trained_s, 3), "rested_s": round(self.rested_s, 3)}

@@ -150,3 +150,27 @@ def test_a_training_turn_between_rounds_is_no_rounds_cost():
     eng.exclude_from_round(0.3)               # a wait before an untimed round (a graph capture) is dropped
     eng._time_last_round(11.0, 11.0)
     assert eng._excluded == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (draining a CUDA stream)")
+def test_drain_syncs_after_every_module_and_changes_no_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8)).cuda()
+    x = torch.randn(32, 64, device="cuda")
+
+    def grads(share):
+        model.zero_grad()
+        model(x).square().sum().backward()
+        torch.cuda.synchronize()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads(DeviceShare())
+    share = DeviceShare(drain=True)
+    share.drain_after_modules(model)
+    drained = grads(share)
+    assert share.drains == 4  # two Linear modules: once after each forward, once in backward
+    for a, b in zip(plain, drained):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    off = DeviceShare()
+    off.drain_after_modules(torch.nn.Linear(2, 2).cuda())
+    assert off.drains == 0 and off.status()["drain"] is False

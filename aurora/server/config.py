@@ -102,6 +102,8 @@ class ServeConfig:
                                        # serving and training take turns on the cores
     trainer_sms: int | None = None     # CUDA, trainer on the engine's GPU: its kernels get this many SMs (a green
                                        # context), serving the rest; None = a quarter of the GPU's SMs; 0 = all
+    trainer_drain: bool = False        # engine sglang, the trainer on one of SGLang's GPUs: the trainer synchronises its
+                                       # stream after every module's forward and backward (aurora/sharing.py `drain`)
     gil_switch_ms: float = 5.0         # built-in engine: Python's GIL switch interval (5 ms is Python's own). The
                                        # engine thread gives up the GIL at every device sync and wins it back from
                                        # the event loop and the trainer thread within one interval; 0.5 ms measured

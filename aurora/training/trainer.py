@@ -245,6 +245,7 @@ class OnlineTrainer:
         torch.set_num_threads(self.config.torch_threads)  # this thread's OpenMP/MKL count only
         if self.device.type == "cuda":  # its own stream: serving's syncs never wait on training kernels
             torch.cuda.set_stream(self.share.trainer_stream(self.device))
+        self.share.drain_after_modules(self.master)
         ready.set()
         while not self._stop.is_set():
             try:
