@@ -2,8 +2,14 @@
 
 The engine thread is the only one that touches the device state; other threads hand it requests,
 aborts and draft swaps through thread-safe queues and get tokens back on their own event loops.
+
+A request's outputs reach its event loop every `params.stream_interval` tokens (merged), besides its first and its
+last: a non-streamed HTTP request asks for 32, since it reads only its final text, and every hand-over costs the
+event loop's Python, under the GIL the engine thread needs after each device sync. Stop strings are matched in
+the engine itself, so a merged output cuts at the same token as single ones would.
 """
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -28,7 +34,7 @@ class AsyncEngine:
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = False
         self._abort_all: str | None = None  # set when a drain runs out of time: the loop fails what is left
@@ -128,7 +134,7 @@ class AsyncEngine:
                     break
                 try:
                     seq = eng.add_request(prompt_ids, params, rid)
-                    self._streams[seq.request_id] = (loop, out)
+                    self._streams[seq.request_id] = _Stream(loop, out, params.stream_interval)
                     loop.call_soon_threadsafe(_resolve, accepted, seq.request_id, None)
                 except Exception as e:
                     loop.call_soon_threadsafe(_resolve, accepted, None, e)
@@ -163,9 +169,12 @@ class AsyncEngine:
             target = self._streams.get(o.request_id)
             if target is None:
                 continue
+            o = target.merge(o)
+            if o is None:
+                continue
             if o.finished:
                 self._streams.pop(o.request_id, None)
-            batches.setdefault(target[0], []).append((target[1], o))
+            batches.setdefault(target.loop, []).append((target.queue, o))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
@@ -176,6 +185,30 @@ class AsyncEngine:
             o = eng.finish(seq)
             outs.append(o)
         return outs
+
+
+class _Stream:
+    """Where a request's outputs go, and the output held back until `interval` tokens are due."""
+    __slots__ = ("loop", "queue", "interval", "held", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, interval: int):
+        self.loop, self.queue, self.interval = loop, out, interval
+        self.held: RequestOutput | None = None
+        self.sent = False  # the first output goes at once (time to first token)
+
+    def merge(self, o: RequestOutput) -> RequestOutput | None:
+        """The output to hand over now (this one, merged with what was held back), or None to hold it."""
+        if self.held is not None:
+            h = self.held
+            o = dataclasses.replace(o, new_token_ids=h.new_token_ids + o.new_token_ids,
+                                    queue_time=h.queue_time if o.queue_time is None else o.queue_time,
+                                    logprobs=None if o.logprobs is None else (h.logprobs or []) + o.logprobs)
+            self.held = None
+        if o.finished or not self.sent or len(o.new_token_ids) >= self.interval:
+            self.sent = True
+            return o
+        self.held = o
+        return None
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -275,7 +275,8 @@ class Generator:
         try:
             async for out in outputs:
                 engine_done = out.finished
-                if out.new_token_ids:
+                if out.new_token_ids and (last == p.arrival or p.params[i].stream_interval == 1):
+                    # inter-token latency of streamed requests only: a non-streamed one gets its tokens in chunks
                     self._observe(out, last == p.arrival, time.monotonic() - last)
                     last = time.monotonic()
                 if out.finished and self.metrics is not None and out.finish_reason != "error":
