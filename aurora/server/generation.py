@@ -275,9 +275,11 @@ class Generator:
         try:
             async for out in outputs:
                 engine_done = out.finished
-                if out.new_token_ids and (last == p.arrival or p.params[i].stream_interval == 1):
-                    # inter-token latency of streamed requests only: a non-streamed one gets its tokens in chunks
-                    self._observe(out, last == p.arrival, time.monotonic() - last)
+                if out.new_token_ids:
+                    first, gap = last == p.arrival, time.monotonic() - last
+                    if not first and p.params[i].stream_interval > 1:  # a chunk of tokens: their mean latency
+                        gap /= len(out.new_token_ids)
+                    self._observe(out, first, gap)
                     last = time.monotonic()
                 if out.finished and self.metrics is not None and out.finish_reason != "error":
                     self.metrics.request_generation_tokens.observe(len(out.output_ids))
