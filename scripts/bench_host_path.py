@@ -34,13 +34,13 @@ def stubbed_service(target: str, max_batch: int, device_ms: float = 0.0):
     k = runner.k
     tokens = torch.randint(100, 20000, (max_batch, k + 1))  # what a round would have returned
     none, props = torch.zeros(max_batch, dtype=torch.long), tokens[:, :k]
-    def round_(B, *a):
+    def round_(B, *a, **k):
         if device_ms:
             time.sleep(device_ms / 1e3)  # the GPU's share of a step; the engine thread holds no GIL meanwhile
         return tokens[:B], none[:B], props[:B]
 
     runner.round = round_
-    runner.prefill = lambda row0, prompts, *a: [7] * len(prompts)
+    runner.prefill = lambda row0, prompts, *a, **k: [7] * len(prompts)
     return service, cfg
 
 
