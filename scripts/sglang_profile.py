@@ -95,8 +95,9 @@ async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, sto
 
 def spy_summary(raw: str, top: int = 45, threads: bool = False) -> str:
     """py-spy's raw stacks -> the share of samples in which each function was on the stack (inclusive), and the
-    functions the samples ended in (self). `threads`: the stacks were recorded with --threads (their first frame
-    names the thread), summarised per thread, busiest first."""
+    lines the samples ended on (self: a native call, or a wait for the GIL or a lock, counts on the Python line
+    that made it). `threads`: the stacks were recorded with --threads (their first frame names the thread),
+    summarised per thread, busiest first."""
     groups: dict = defaultdict(lambda: (Counter(), Counter(), [0]))
     with open(raw) as f:
         for line in f:
@@ -107,11 +108,11 @@ def spy_summary(raw: str, top: int = 45, threads: bool = False) -> str:
             total[0] += n
             for name in {fr.split(":")[0] for fr in frames}:
                 inclusive[name] += n
-            own[frames[-1].split(":")[0]] += n
+            own[frames[-1]] += n
     out = []
     for key, (inclusive, own, total) in sorted(groups.items(), key=lambda kv: -kv[1][2][0]):
         share = lambda c: [f"{v / max(total[0], 1):6.1%}  {k}" for k, v in c.most_common(top)]  # noqa: E731
-        out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "", "where the samples ended:",
+        out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "", "where the samples ended (function (file:line)):",
                 *share(own)[:20], ""]
     return "\n".join(out)
 
