@@ -19,7 +19,8 @@ server per block, Aurora's with `--resume`: it goes on from the draft, optimiser
 before checkpointed; its capture buffer starts empty), so a machine whose speed drifts over minutes slows every
 mode alike; windows then count measured time only. The table gives, per concurrency, each window's tokens/s and
 its ratio to the mode named `none` (or the last mode).
-Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end).
+Writes <out>/<mode>_c<C>_requests.csv, <out>/summary.json (windows, the server's /v1/draft at the end), and for
+engine sglang <out>/<mode>_sglang.log (SGLang's own log, copied out of the mode's run directory).
 `--spy MODES` records py-spy (py-spy on PATH) of each such mode's server process and of its SGLang scheduler, every
 thread, idle samples kept, `--spy-s` seconds from `--spy-at` seconds into its first measured stream, and writes
 <out>/spy_<mode>_<process>.txt (scripts/sglang_profile.py's summary: where each thread's time goes).
@@ -31,6 +32,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -206,6 +208,10 @@ def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode
                                if line.startswith(METRICS)]
     finally:
         stop_server(proc)
+        sglang_log = os.path.join(run_dir, "sglang.log")  # SGLang's own log (its scheduler's throughput lines)
+        if os.path.exists(sglang_log):
+            shutil.copy(sglang_log, os.path.join(a.out, f"{name}_sglang.log" if a.blocks == 1 else
+                                                 f"{name}_sglang_b{b}.log"))
 
 
 def main():
