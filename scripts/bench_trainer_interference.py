@@ -23,10 +23,8 @@ import torch
 from torch.cuda.green_contexts import GreenContext
 
 
-def main():
-    dev = torch.device("cuda", 0)
-    print("torch", torch.__version__, torch.cuda.get_device_name(0),
-          torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+def _serving_step(dev):
+    """The stand-in decode step: 150 small bf16 matmuls + SiLU on 16 rows."""
     x = torch.randn(16, 576, device=dev, dtype=torch.bfloat16)
     w = torch.randn(576, 576, device=dev, dtype=torch.bfloat16) * 0.04
 
@@ -35,7 +33,14 @@ def main():
         for _ in range(150):
             y = torch.nn.functional.silu(y @ w) + x
         return y
+    return step
 
+
+def main():
+    dev = torch.device("cuda", 0)
+    print("torch", torch.__version__, torch.cuda.get_device_name(0),
+          torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+    step = _serving_step(dev)
     serving = torch.cuda.Stream(priority=-100)
     serving.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(serving):
@@ -90,15 +95,7 @@ def main():
 
 
 def _graph_step(dev):
-    x = torch.randn(16, 576, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(576, 576, device=dev, dtype=torch.bfloat16) * 0.04
-
-    def step():
-        y = x
-        for _ in range(150):
-            y = torch.nn.functional.silu(y @ w) + x
-        return y
-
+    step = _serving_step(dev)
     step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
