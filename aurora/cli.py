@@ -69,6 +69,9 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                     "training take turns on the cores",
     "trainer_sms": "CUDA, the trainer on the engine's GPU: SMs its kernels may use (a CUDA green context), serving "
                    "keeps the rest; default a quarter of the GPU's SMs; 0: every SM",
+    "serving_floor": "F in (0, 1): while serving is busy the trainer takes at most what keeps serving at F of its "
+                     "speed without Aurora: 1 - F while the draft does not pay, more as its speedup S grows "
+                     "(1 - F / S, at most --trainer-duty); 0 (default): --trainer-duty alone",
     "trainer_drain": "engine sglang, the trainer on one of SGLang's GPUs: synchronise the trainer's stream after every "
                      "module's forward and backward, so that few of its kernels wait while SGLang's rounds need the GPU "
                      "(two processes' kernels time-slice)",

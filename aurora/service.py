@@ -17,6 +17,7 @@ from aurora.budget import (draft_param_bytes, kv_cache_bytes, measure_peak, plan
                            shares_gpu, trainer_device, trainer_probe, workspace_bytes)
 from aurora.engine.async_engine import AsyncEngine
 from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.engine.speculation import served_speedup
 from aurora.engine.sequence import SamplingParams
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, load_draft, new_draft
@@ -149,15 +150,18 @@ def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainCon
         log.info("%s", line)
 
 
-def _device_share(cfg: ServeConfig, trainer_dev: torch.device, engine_dev: torch.device, duty: float) -> DeviceShare:
+def _device_share(cfg: ServeConfig, trainer_dev: torch.device, engine_dev: torch.device, duty: float,
+                  speedup: Callable[[], float]) -> DeviceShare:
     """Built-in engine: how its trainer shares the device (aurora/sharing.py). A CPU: turns on the same cores.
-    The engine's GPU: a green context of `trainer_sms` SMs (default a quarter). Elsewhere: duty alone."""
+    The engine's GPU: a green context of `trainer_sms` SMs (default a quarter). Elsewhere: duty alone. `speedup`:
+    what speculation gives serving now (the serving floor's input)."""
     same = trainer_dev.type == engine_dev.type and (trainer_dev.index or 0) == (engine_dev.index or 0)
     sms = 0
     if same and trainer_dev.type == "cuda":
         total = torch.cuda.get_device_properties(engine_dev).multi_processor_count
         sms = cfg.trainer_sms if cfg.trainer_sms is not None else max(8, total // 4)
-    share = DeviceShare(duty=duty, turns=same and trainer_dev.type == "cpu", sms=sms, busy_window_s=0.25)
+    share = DeviceShare(duty=duty, turns=same and trainer_dev.type == "cpu", sms=sms, busy_window_s=0.25,
+                        floor=cfg.serving_floor, speedup=speedup)
     log.info("trainer on %s beside serving on %s: %s", trainer_dev, engine_dev, share.status())
     return share
 
@@ -216,7 +220,8 @@ class Service:
             return cls(AsyncEngine(engine, _served_name(cfg)), None, cfg)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
         tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
-        share = _device_share(cfg, dev, engine.runner.device, tconf.duty)
+        share = _device_share(cfg, dev, engine.runner.device, tconf.duty,
+                              lambda: served_speedup(engine.speculation.snapshot()))
         if share.turns:  # the trainer has the cores to itself during its turns
             tconf = dataclasses.replace(tconf, torch_threads=torch.get_num_threads())
         aengine = AsyncEngine(engine, _served_name(cfg), share)
@@ -325,7 +330,9 @@ class Service:
         trainer = None
         if draft is not None:
             drain = cfg.trainer_drain and shares_gpu(str(dev), cfg.tp_size, cfg.sglang_args)
-            trainer = OnlineTrainer(draft, None, tconf, engine.swap_draft, DeviceShare(duty=tconf.duty, drain=drain))
+            share = DeviceShare(duty=tconf.duty, drain=drain, floor=cfg.serving_floor,
+                                speedup=lambda: served_speedup(engine.speculation()))
+            trainer = OnlineTrainer(draft, None, tconf, engine.swap_draft, share)
         service = cls(engine, trainer, cfg)
         if service.trainer is not None and cfg.capture_pacing:
             engine.pacer = CapturePacer(service.trainer.buffer)

@@ -11,6 +11,9 @@ optimiser step, the guard's held-out pass) in `training()` and calls `rest()` af
   the trainer's; with `duty` that costs serving that fraction of its time and no more.
 - `sms` (a GPU): the trainer's kernels run in a CUDA green context of that many SMs, so serving's many small
   kernels always find the rest of the SMs free instead of queueing behind a training GEMM's blocks.
+- `floor` with `speedup` (a callable: what speculation gives serving now, 1 at day 0): the duty while serving is
+  busy becomes min(`duty`, max(1 - floor, 1 - floor / speedup)), so that serving keeps `floor` of its speed
+  without Aurora as long as each training second costs it one: 1 - floor at day 0, more once the draft pays.
 - `drain` (a GPU that another process serves from, SGLang's scheduler): two processes' kernels never run side by
   side there (without MPS the GPU time-slices between their contexts), so while the trainer has kernels queued,
   each of serving's launches may wait out a time slice. `drain_after_modules(model)` makes every module of the
@@ -31,13 +34,16 @@ log = logging.getLogger(__name__)
 
 class DeviceShare:
     def __init__(self, duty: float = 1.0, turns: bool = False, sms: int = 0, busy_window_s: float | None = None,
-                 drain: bool = False):
+                 drain: bool = False, floor: float = 0.0, speedup=None):
         """busy_window_s None: no engine reports its steps here (SGLang serves in its own processes), so serving
         counts as always busy and `duty` always applies."""
         if not 0 < duty <= 1:
             raise ValueError("duty must be in (0, 1]")
         if sms < 0:
             raise ValueError("sms must be >= 0 (0: the trainer's kernels may use every SM)")
+        if not 0 <= floor < 1:
+            raise ValueError("floor must be in [0, 1)")
+        self.floor, self.speedup = floor, speedup
         self.duty, self.turns, self.sms, self.busy_window_s, self.drain = duty, turns, sms, busy_window_s, drain
         self.drains = 0  # stream synchronisations drain_after_modules made
         self._cond = threading.Condition()
@@ -102,9 +108,10 @@ class DeviceShare:
         or `stop` is set. `wake` (a swap is due) ends the rest early: the rest not taken stays owed, so the
         duty still holds over time while a swap never waits out a long rest."""
         owed, self._owed = self._owed, 0.0
-        if self.duty >= 1:
+        duty = self.duty_now()
+        if duty >= 1:
             return
-        ratio = (1 - self.duty) / self.duty
+        ratio = (1 - duty) / duty
         until = time.monotonic() + owed * ratio
         t0 = time.monotonic()
         while not stop.is_set() and self.busy():
@@ -116,6 +123,17 @@ class DeviceShare:
                 break
             stop.wait(min(left, 0.05))  # short waits: a swap falling due or serving going idle ends the rest
         self.rested_s += time.monotonic() - t0
+
+    def duty_now(self) -> float:
+        """The duty that applies now: `duty`, or with a floor the share serving can spare at today's speedup."""
+        if not self.floor or self.speedup is None:
+            return self.duty
+        try:
+            s = float(self.speedup())
+        except Exception:  # the decision's state unreadable for a moment (a file being replaced): day 0's share
+            log.debug("speedup unavailable for the serving floor", exc_info=True)
+            s = 1.0
+        return min(self.duty, max(1 - self.floor, 1 - self.floor / max(s, 1e-6)))
 
     def trainer_stream(self, device: torch.device) -> torch.cuda.Stream:
         """The trainer thread's CUDA stream: in a green context of `sms` SMs where the driver and torch offer
@@ -163,5 +181,6 @@ class DeviceShare:
                 m.register_forward_hook(after_forward)
 
     def status(self) -> dict:
-        return {"duty": self.duty, "turns": self.turns, "sms": self.sms, "drain": self.drain, "drains": self.drains,
+        return {"duty": self.duty, "duty_now": round(self.duty_now(), 4), "floor": self.floor, "turns": self.turns,
+                "sms": self.sms, "drain": self.drain, "drains": self.drains,
                 "trained_s": round(self.trained_s, 3), "rested_s": round(self.rested_s, 3)}

@@ -174,3 +174,32 @@ def test_drain_syncs_after_every_module_and_changes_no_gradient():
     off = DeviceShare()
     off.drain_after_modules(torch.nn.Linear(2, 2).cuda())
     assert off.drains == 0 and off.status()["drain"] is False
+
+
+def test_a_serving_floor_sets_the_duty_from_what_speculation_gives():
+    speedup = [1.0]
+    share = DeviceShare(duty=0.5, floor=0.9, speedup=lambda: speedup[0])
+    assert share.duty_now() == pytest.approx(0.1)  # day 0: serving keeps 0.9 only if training takes 0.1
+    speedup[0] = 1.5
+    assert share.duty_now() == pytest.approx(1 - 0.9 / 1.5)  # 0.4: serving at 0.6 x 1.5 = 0.9 of its old speed
+    speedup[0] = 3.0
+    assert share.duty_now() == 0.5  # never above --trainer-duty
+    speedup[0] = 0.8  # speculating at a loss (until the decision turns it off): still the day-0 share, not less
+    assert share.duty_now() == pytest.approx(0.1)
+    assert DeviceShare(duty=0.5, speedup=lambda: 1.0).duty_now() == 0.5  # no floor: the duty alone
+
+    def unreadable():
+        raise OSError("depth.json being replaced")
+    assert DeviceShare(duty=0.5, floor=0.9, speedup=unreadable).duty_now() == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        DeviceShare(floor=1.0)
+
+
+def test_the_trainer_keeps_to_the_floors_share_of_a_busy_server():
+    speedup = [1.0]
+    share = DeviceShare(duty=0.5, floor=0.85, speedup=lambda: speedup[0])  # no serving signal: always busy
+    _, trained = _run(share, serve=False, seconds=1.0)
+    assert 0.08 < trained < 0.22, trained  # 0.15 of the time
+    speedup[0] = 2.0
+    _, trained = _run(share, serve=False, seconds=1.0)
+    assert 0.38 < trained < 0.52, trained  # min(0.5, 1 - 0.85 / 2) = 0.475

@@ -67,6 +67,18 @@ class SpeculationConfig:
             raise ValueError("prior_weight must be > 0 and reprobe_window >= 0")
 
 
+def served_speedup(snapshot: dict) -> float:
+    """What speculation gives serving now, from a decision's snapshot (DepthController.snapshot, or SGLang's
+    depth.json in the same shape): each batch bucket's speedup at its current depth (realised where measured,
+    else predicted) weighted by the bucket's rounds; 1.0 where nothing has run or nothing speculates."""
+    total = weighted = 0.0
+    for b in (snapshot or {}).get("buckets", {}).values():
+        pred = {int(d): v for d, v in (b.get("predicted_speedup") or {}).items()}
+        s = b.get("realised_speedup") or pred.get(int(b.get("depth", 0)), 1.0)
+        total, weighted = total + b.get("rounds", 0), weighted + b.get("rounds", 0) * s
+    return weighted / total if total else 1.0
+
+
 def expected_tokens(rates: list[float], depth: int) -> float:
     """Tokens per row from one round of `depth` given conditional per-position acceptance `rates`."""
     total, chain = 1.0, 1.0

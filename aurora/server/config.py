@@ -102,6 +102,9 @@ class ServeConfig:
                                        # serving and training take turns on the cores
     trainer_sms: int | None = None     # CUDA, trainer on the engine's GPU: its kernels get this many SMs (a green
                                        # context), serving the rest; None = a quarter of the GPU's SMs; 0 = all
+    serving_floor: float = 0.0         # > 0: the trainer's duty while serving is busy shrinks to what keeps serving at
+                                       # this share of its speed without Aurora, from the decision's speedup now
+                                       # (aurora/sharing.py `floor`); 0: trainer_duty alone
     trainer_drain: bool = False        # engine sglang, the trainer on one of SGLang's GPUs: the trainer synchronises its
                                        # stream after every module's forward and backward (aurora/sharing.py `drain`)
     gil_switch_ms: float = 5.0         # built-in engine: Python's GIL switch interval (5 ms is Python's own). The
@@ -162,6 +165,8 @@ class ServeConfig:
         _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0), f"lr must be > 0, got {self.lr!r}")
         _check(isinstance(self.trainer_duty, (int, float)) and 0 < self.trainer_duty <= 1,
                f"trainer_duty must be in (0, 1], got {self.trainer_duty!r}")
+        _check(isinstance(self.serving_floor, (int, float)) and 0 <= self.serving_floor < 1,
+               f"serving_floor must be in [0, 1) (0: off), got {self.serving_floor!r}")
         _check(self.trainer_sms is None or (_is_int(self.trainer_sms) and self.trainer_sms >= 0),
                f"trainer_sms must be an integer >= 0 (0: every SM), got {self.trainer_sms!r}")
         _check(isinstance(self.gil_switch_ms, (int, float)) and 0 < self.gil_switch_ms <= 100,

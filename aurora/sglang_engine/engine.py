@@ -380,6 +380,11 @@ class SGLangEngine:
             self.error = f"SGLang exited with code {self.server.proc.returncode}; see {self.server.log_path}"
             raise RuntimeError(self.error)
 
+    def speculation(self) -> dict:
+        """The depth decision's snapshot inside SGLang's scheduler (plugin/depth.py), {} where Aurora does not
+        drive the depth."""
+        return (read_snapshot(self._publisher.dir) if self._publisher is not None else None) or {}
+
     def stats(self) -> dict:
         """Raises once SGLang's process is gone and no supervisor restarts it: /health then answers 503 with the
         reason. Supervised, the state is reported instead (engine_state, engine_fault)."""
@@ -397,7 +402,7 @@ class SGLangEngine:
                                 in_flight=self.collector.in_flight(), sample_rate=self.sample_rate)
             if self.pacer is not None:
                 s["capture"].update(self.pacer.status())
-        if self._publisher is not None and (depth := read_snapshot(self._publisher.dir)) is not None:
+        if depth := self.speculation():
             s["speculation"] = depth  # the decision inside SGLang's scheduler (plugin/depth.py)
         return s
 

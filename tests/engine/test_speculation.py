@@ -8,7 +8,7 @@ from transformers import AutoConfig
 
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.engine.sequence import SamplingParams
-from aurora.engine.speculation import DepthController, SpeculationConfig, expected_tokens
+from aurora.engine.speculation import DepthController, SpeculationConfig, expected_tokens, served_speedup
 from aurora.models.draft import DraftConfig, new_draft
 from tests.greedy import run_all
 
@@ -218,3 +218,15 @@ def test_a_version_without_prediction_is_observed_at_full_depth_on_every_bucket(
     ctl.observe_served(8, 2, 8, 1.0)  # a speculative round of the old version on record
     ctl.new_version(1, None)
     assert [ctl.choose(1) for _ in range(3)] == [K] * 3 and [ctl.choose(8) for _ in range(3)] == [K] * 3
+
+
+def test_served_speedup_weights_each_buckets_current_depth_by_its_rounds():
+    snap = {"buckets": {
+        "1": {"depth": 2, "rounds": 300, "predicted_speedup": {"0": 1.0, "2": 1.6}, "realised_speedup": None},
+        "16": {"depth": 0, "rounds": 100, "predicted_speedup": {"0": 1.0, "2": 0.7}, "realised_speedup": None},
+        "4": {"depth": 1, "rounds": 100, "predicted_speedup": {"0": 1.0, "1": 1.3}, "realised_speedup": 1.1}}}
+    assert served_speedup(snap) == pytest.approx((300 * 1.6 + 100 * 1.0 + 100 * 1.1) / 500)
+    assert served_speedup({}) == served_speedup({"buckets": {}}) == 1.0  # day 0: nothing has run
+    # the decision's own snapshot has the shape SGLang's depth.json has (int keys before JSON)
+    ctl = DepthController(4, SpeculationConfig())
+    assert served_speedup(ctl.snapshot()) == 1.0

@@ -160,3 +160,18 @@ def test_service_on_the_cpu_prunes_the_day0_vocabulary_and_says_so(tmp_path, cap
         assert "cpu" in line and "draft_vocab_size=2048" in line and "sync_every" not in line
     finally:
         service.shutdown()
+
+
+def test_a_serving_floor_reaches_the_trainer_and_sets_its_day0_share(tmp_path):
+    from aurora.service import Service
+
+    service = Service.from_config(ServeConfig(device="cpu", max_batch=2, max_model_len=128, draft_vocab_size=0,
+                                              serving_floor=0.97, run_dir=str(tmp_path), wandb="disabled"))
+    try:
+        sharing = service.trainer.status()["sharing"]
+        assert sharing["floor"] == 0.97 and sharing["duty"] == 0.1
+        assert sharing["duty_now"] == pytest.approx(0.03)  # day 0: the decision's speedup is 1
+    finally:
+        service.shutdown()
+    with pytest.raises(ValueError, match="serving_floor"):
+        ServeConfig(serving_floor=1.0)
