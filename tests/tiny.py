@@ -1,5 +1,4 @@
 """Tiny random models for fast tests: a Llama target with a character-level tokenizer."""
-import os
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders

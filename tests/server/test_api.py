@@ -1,6 +1,5 @@
 """The OpenAI API over real HTTP with the real `openai` client, against the fake engine."""
 import asyncio
-import json
 import time
 
 import httpx

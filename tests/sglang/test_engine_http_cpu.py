@@ -4,7 +4,6 @@ exceptions, and a swap is pause(in_place) -> update(draft-only loader, no flush)
 with one flat tensor. The real server is exercised on the GPU (test_sglang_backend.py)."""
 import asyncio
 import json
-import threading
 
 import pytest
 import torch
