@@ -4,6 +4,7 @@ model: the engine step, the engine-thread -> event-loop bridge, FastAPI, detoken
 
   python scripts/bench_host_path.py --concurrency 1 16 32 --requests 128 --max-tokens 128
   python scripts/bench_host_path.py --engine-only --concurrency 1 16 32   # LLMEngine.step() alone, no HTTP
+  python scripts/bench_host_path.py --direct --device-ms 1.5 --concurrency 16  # AsyncEngine in-process, no HTTP
   python scripts/bench_host_path.py --device-ms 1.5 --switch-interval-ms 5 0.5 --concurrency 16
 
 The server runs in a child process and the clients in this one (they would otherwise share its GIL).
@@ -101,6 +102,40 @@ async def clients(url: str, conc: int, n: int, max_tokens: int, stream: bool) ->
         return sum(done) / (time.perf_counter() - t)
 
 
+def direct(target: str, concurrencies: list[int], n: int, max_tokens: int, device_ms: float) -> None:
+    """The same stubbed service without HTTP: clients in this process call its AsyncEngine.generate (token ids in
+    and out, no JSON, no text); the ceiling the HTTP rows are measured against."""
+    from aurora.engine.sequence import SamplingParams
+
+    service, _ = stubbed_service(target, max(concurrencies), device_ms)
+    engine = service.engine
+    tok = engine.tokenizer
+
+    async def drive(conc, count):
+        jobs, done = iter(range(count)), []
+
+        async def worker():
+            for i in jobs:
+                ids = tok.apply_chat_template([{"role": "user", "content": f"Tell me a story (#{i})"}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False)
+                params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream_interval=32)
+                last = None
+                async for o in engine.generate(ids, params):
+                    last = o
+                done.append(len(last.output_ids))
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return sum(done) / (time.perf_counter() - t)
+
+    try:
+        print(f"{'concurrency':>11} {'mode':>10} {'tok/s':>10}   (device {device_ms} ms per round, no HTTP)")
+        for c in concurrencies:
+            tps = asyncio.run(drive(c, n if c > 1 else max(8, n // 8)))
+            print(f"{c:>11} {'direct':>10} {tps:>10.0f}", flush=True)
+    finally:
+        service.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="smollm2")
@@ -108,12 +143,16 @@ def main():
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engine-only", action="store_true", help="time LLMEngine.step() in this process, no HTTP")
+    ap.add_argument("--direct", action="store_true",
+                    help="the stubbed service's AsyncEngine driven by clients in this process, no HTTP")
     ap.add_argument("--device-ms", type=float, default=0.0, help="GIL-free wait per stubbed round (the GPU's time)")
     ap.add_argument("--switch-interval-ms", type=float, nargs="+", default=[None],
                     help="the server's sys.setswitchinterval in ms; one server per value (default: Python's)")
     a = ap.parse_args()
     if a.engine_only:
         return engine_steps(a.target, a.concurrency)
+    if a.direct:
+        return direct(a.target, a.concurrency, a.requests, a.max_tokens, a.device_ms)
     print(f"{'switch ms':>9} {'concurrency':>11} {'mode':>10} {'tok/s':>10}   (device {a.device_ms} ms per round)")
     for switch in a.switch_interval_ms:
         q = mp.get_context("spawn").Queue()
