@@ -26,12 +26,14 @@ from aurora.prompts import load_prompts  # noqa: E402
 
 async def drive_direct(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> list[dict]:
     from aurora.engine.sequence import SamplingParams
+    from aurora.server.protocol import NONSTREAM_INTERVAL
 
     sem, rows, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
 
     async def one(i, ids):
         async with sem:
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                    stream_interval=NONSTREAM_INTERVAL)  # as the route asks for a whole response
             last = None
             async for o in engine.generate(ids, params):
                 last = o
