@@ -104,33 +104,20 @@ async def clients(url: str, conc: int, n: int, max_tokens: int, stream: bool) ->
 
 def direct(target: str, concurrencies: list[int], n: int, max_tokens: int, device_ms: float) -> None:
     """The same stubbed service without HTTP: clients in this process call its AsyncEngine.generate (token ids in
-    and out, no JSON, no text); the ceiling the HTTP rows are measured against."""
-    from aurora.engine.sequence import SamplingParams
+    and out, no JSON, no text; front_cost.py's direct clients); the ceiling the HTTP rows are measured against."""
+    from front_cost import drive_direct  # scripts/ is on the path of a script run from it
+
+    from aurora.prompts import chat_ids
 
     service, _ = stubbed_service(target, max(concurrencies), device_ms)
-    engine = service.engine
-    tok = engine.tokenizer
-
-    async def drive(conc, count):
-        jobs, done = iter(range(count)), []
-
-        async def worker():
-            for i in jobs:
-                ids = tok.apply_chat_template([{"role": "user", "content": f"Tell me a story (#{i})"}],
-                                              add_generation_prompt=True, tokenize=True, return_dict=False)
-                params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream_interval=32)
-                last = None
-                async for o in engine.generate(ids, params):
-                    last = o
-                done.append(len(last.output_ids))
-        t = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        return sum(done) / (time.perf_counter() - t)
-
     try:
         print(f"{'concurrency':>11} {'mode':>10} {'tok/s':>10}   (device {device_ms} ms per round, no HTTP)")
         for c in concurrencies:
-            tps = asyncio.run(drive(c, n if c > 1 else max(8, n // 8)))
+            count = n if c > 1 else max(8, n // 8)
+            prompts = chat_ids(service.engine.tokenizer, [f"Tell me a story (#{i})" for i in range(count)])
+            t = time.perf_counter()
+            rows = asyncio.run(drive_direct(service.engine, prompts, c, max_tokens))
+            tps = sum(r["completion_tokens"] for r in rows) / (time.perf_counter() - t)
             print(f"{c:>11} {'direct':>10} {tps:>10.0f}", flush=True)
     finally:
         service.shutdown()

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speedup_run  # noqa: E402  (scripts/speedup_run.py: the prompt stream and the HTTP clients)
 
-from aurora.prompts import load_prompts  # noqa: E402
+from aurora.prompts import chat_ids, load_prompts  # noqa: E402
 
 
 async def drive_direct(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> list[dict]:
@@ -55,15 +55,9 @@ def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
     cfg = ServeConfig.load(args.config, **{k: v for k, v in vars(args).items() if k not in ("command", "config")})
     service = Service.from_config(cfg)
     engine = service.engine
-    tok = engine.tokenizer
-
-    def ids(text):
-        chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        return tok(chat, add_special_tokens=False)["input_ids"]
-
     try:
-        asyncio.run(drive_direct(engine, [ids(t) for t in warm], concurrency, max_tokens))
-        prompts = [ids(t) for t in texts]
+        asyncio.run(drive_direct(engine, chat_ids(engine.tokenizer, warm), concurrency, max_tokens))
+        prompts = chat_ids(engine.tokenizer, texts)
         t = time.perf_counter()
         rows = asyncio.run(drive_direct(engine, prompts, concurrency, max_tokens))
         wall = time.perf_counter() - t

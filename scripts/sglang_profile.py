@@ -112,8 +112,8 @@ def spy_summary(raw: str, top: int = 45, threads: bool = False) -> str:
     out = []
     for key, (inclusive, own, total) in sorted(groups.items(), key=lambda kv: -kv[1][2][0]):
         share = lambda c: [f"{v / max(total[0], 1):6.1%}  {k}" for k, v in c.most_common(top)]  # noqa: E731
-        out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "", "where the samples ended (function (file:line)):",
-                *share(own)[:20], ""]
+        out += [f"## {key}: {total[0]} samples; on the stack:", *share(inclusive), "",
+                "where the samples ended (function (file:line)):", *share(own)[:20], ""]
     return "\n".join(out)
 
 
