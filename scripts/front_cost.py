@@ -7,7 +7,9 @@ server in its own), on the same machine, one after the other: direct, HTTP, dire
 
 The prompts are speedup_run.py's distinct chat stream (its chat template applied here as the route applies it),
 greedy, `--max-tokens` each with ignore_eos, `--warmup` GSM8K questions first and untimed, each part on a fresh
-service. Prints tokens/s of each part and the HTTP part's ratio to the mean of the direct ones.
+service. Prints tokens/s of each part and the HTTP part's ratio to the mean of the direct ones, and where the
+engine thread's time went in each part (the engine's own `engine_time` counters over the timed stream, from
+/v1/draft over HTTP): in its steps (prefill calls, rounds) or idle, waiting for requests.
 """
 import argparse
 import asyncio
@@ -58,9 +60,10 @@ def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
     try:
         asyncio.run(drive_direct(engine, chat_ids(engine.tokenizer, warm), concurrency, max_tokens))
         prompts = chat_ids(engine.tokenizer, texts)
-        t = time.perf_counter()
+        before, t = engine.stats()["engine_time"], time.perf_counter()
         rows = asyncio.run(drive_direct(engine, prompts, concurrency, max_tokens))
         wall = time.perf_counter() - t
+        spent = delta(before, engine.stats()["engine_time"], wall)
     finally:
         service.shutdown()
         del service, engine
@@ -68,7 +71,12 @@ def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     assert all(r["status"] == 200 for r in rows), "a direct request failed"
-    return sum(r["completion_tokens"] for r in rows) / wall
+    return sum(r["completion_tokens"] for r in rows) / wall, spent
+
+
+def delta(before: dict, after: dict, wall: float) -> dict:
+    """The engine thread's counters over one timed stream, and its wall time."""
+    return dict({k: after[k] - before[k] for k in after}, wall_s=wall)
 
 
 def http(serve_args: str, texts: list[str], warm: list[str], concurrency: int, max_tokens: int, out: str) -> float:
@@ -81,13 +89,14 @@ def http(serve_args: str, texts: list[str], warm: list[str], concurrency: int, m
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(speedup_run.drive(url, warm, concurrency, max_tokens, model))
-        t = time.perf_counter()
+        before, t = httpx.get(url + "/v1/draft").json()["engine_time"], time.perf_counter()
         rows = asyncio.run(speedup_run.drive(url, texts, concurrency, max_tokens, model))
         wall = time.perf_counter() - t
+        spent = delta(before, httpx.get(url + "/v1/draft").json()["engine_time"], wall)
     finally:
         speedup_run.stop_server(proc)
     assert all(r["status"] == 200 for r in rows), "an HTTP request failed"
-    return sum(r["completion_tokens"] for r in rows) / wall
+    return sum(r["completion_tokens"] for r in rows) / wall, spent
 
 
 def main():
@@ -102,21 +111,27 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     texts, warm = speedup_run.prompt_stream(a.requests), load_prompts("math")[:a.warmup]
     serve = f"--wandb disabled {a.serve_args}"
-    parts = [("direct", direct(serve + f" --run-dir {os.path.join(a.out, 'direct_run')}", texts, warm,
-                               a.concurrency, a.max_tokens))]
+    parts = [("direct", *direct(serve + f" --run-dir {os.path.join(a.out, 'direct_run')}", texts, warm,
+                                a.concurrency, a.max_tokens))]
     print(f"direct: {parts[-1][1]:.1f} tok/s", flush=True)
-    parts.append(("http", http(serve, texts, warm, a.concurrency, a.max_tokens, a.out)))
+    parts.append(("http", *http(serve, texts, warm, a.concurrency, a.max_tokens, a.out)))
     print(f"http: {parts[-1][1]:.1f} tok/s", flush=True)
-    parts.append(("direct again", direct(serve + f" --run-dir {os.path.join(a.out, 'direct_run2')}", texts, warm,
-                                         a.concurrency, a.max_tokens)))
+    parts.append(("direct again", *direct(serve + f" --run-dir {os.path.join(a.out, 'direct_run2')}", texts, warm,
+                                          a.concurrency, a.max_tokens)))
     print(f"direct again: {parts[-1][1]:.1f} tok/s", flush=True)
     base = (parts[0][1] + parts[2][1]) / 2
     print(f"\nc{a.concurrency}, {a.requests} requests of {a.max_tokens} tokens, aurora serve {a.serve_args}")
-    print(f"{'part':14s} {'tok/s':>9s} {'vs direct':>10s}")
-    for name, v in parts:
-        print(f"{name:14s} {v:9.1f} {v / base:9.2f}x")
+    print(f"{'part':14s} {'tok/s':>9s} {'vs direct':>10s} {'wall s':>7s} {'prefill s':>9s} {'calls':>6s} "
+          f"{'per call':>8s} {'rounds s':>8s} {'rounds':>6s} {'per round':>9s} {'idle s':>7s} {'other s':>7s}")
+    for name, v, t in parts:
+        other = t["wall_s"] - t["step_s"] - t["idle_s"]  # the engine thread outside its steps: inbox, delivery
+        print(f"{name:14s} {v:9.1f} {v / base:9.2f}x {t['wall_s']:7.2f} {t['prefill_s']:9.2f} "
+              f"{t['prefill_calls']:6d} {1e3 * t['prefill_s'] / max(t['prefill_calls'], 1):6.2f}ms "
+              f"{t['round_s']:8.2f} {t['rounds']:6d} {1e3 * t['round_s'] / max(t['rounds'], 1):7.3f}ms "
+              f"{t['idle_s']:7.2f} {other:7.2f}")
     with open(os.path.join(a.out, "front_cost.json"), "w") as f:
-        json.dump({"args": vars(a), "tokens_per_s": dict(parts), "http_vs_direct": parts[1][1] / base}, f, indent=1)
+        json.dump({"args": vars(a), "tokens_per_s": {n: v for n, v, _ in parts},
+                   "engine_time": {n: t for n, _, t in parts}, "http_vs_direct": parts[1][1] / base}, f, indent=1)
 
 
 if __name__ == "__main__":

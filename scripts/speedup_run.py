@@ -33,7 +33,9 @@ import os
 import random
 import shlex
 import shutil
+import re
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -175,6 +177,16 @@ def spy(a, name: str, proc: subprocess.Popen) -> threading.Thread:
     return t
 
 
+def sglang_decode_rate(log_path: str, running: int) -> tuple[float, int] | None:
+    """SGLang's own decode throughput at `running` requests: the median 'gen throughput' of its log's decode lines
+    at that batch (SGLang times its last 40 decode forwards per line), and how many lines; None without any.
+    Beside served tok/s it separates the decode step from everything else a stream pays (prefills, arrivals)."""
+    pat = re.compile(r"Decode batch, #running-req: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+    with open(log_path, errors="replace") as f:
+        rates = [float(m.group(2)) for line in f for m in [pat.search(line)] if m and int(m.group(1)) == running]
+    return (statistics.median(rates), len(rates)) if rates else None
+
+
 def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode: dict, rows_of: dict,
               wall_of: dict) -> None:
     """Block `b` of mode `name` on a fresh start of its server: each concurrency's share of its segment after a
@@ -279,6 +291,13 @@ def main():
         print(f"{'all':>12} " + " ".join(f"{runs[n]['tokens_per_s']:8.1f} "
                                           f"{runs[n]['tokens_per_s'] / runs[base]['tokens_per_s']:5.2f}x{'':8}"
                                           for n in names))
+        logs = {n: os.path.join(a.out, f"{n}_sglang.log") for n in names}
+        rates = {n: sglang_decode_rate(p, c) for n, p in logs.items() if a.blocks == 1 and os.path.exists(p)}
+        if rates and len(a.concurrency) == 1 and rates.get(base):
+            print(f"{'decode':>12} " + " ".join(
+                f"{rates[n][0]:8.1f} {rates[n][0] / rates[base][0]:5.2f}x{'':8}" if rates.get(n) else f"{'':>22}"
+                for n in names))
+            print(f"(decode: SGLang's own gen throughput at {c} running, median of its log lines)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class AsyncEngine:
         self.step_failures = 0
         self.last_error: str | None = None
         self.last_error_time: float | None = None
+        self.idle_s = 0.0  # the engine thread's time with no request to run
         self._thread = threading.Thread(target=self._loop, name="aurora-engine", daemon=True)
         self._thread.start()
 
@@ -83,7 +84,8 @@ class AsyncEngine:
     def stats(self) -> dict:
         s = self.engine.stats.snapshot()
         sch = self.engine.scheduler
-        s.update(running=len(sch.running), waiting=len(sch.waiting), draft_version=self.engine.draft_version)
+        s.update(running=len(sch.running), waiting=len(sch.waiting), draft_version=self.engine.draft_version,
+                 engine_time=dict(self.engine.time, idle_s=self.idle_s))
         if self.engine.draft is not None:
             s["speculation"] = self.engine.speculation.snapshot()
         return s
@@ -145,8 +147,10 @@ class AsyncEngine:
             if not eng.has_work():
                 if self._stop:
                     return
+                t = time.perf_counter()
                 self._wake.wait(0.05)
                 self._wake.clear()
+                self.idle_s += time.perf_counter() - t
                 continue
             try:
                 waited = self.share.turn_wait_s

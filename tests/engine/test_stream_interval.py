@@ -47,3 +47,26 @@ def test_a_stop_string_cuts_a_chunked_output_at_the_same_token(engine):
                                           stream_interval=k)) for k in (1, 16)]
     assert cut[0][-1].output_ids == cut[1][-1].output_ids and len(cut[1][-1].output_ids) < 40
     assert cut[0][-1].finish_reason == cut[1][-1].finish_reason == "stop"
+
+
+def test_the_engine_time_counters_account_for_prefills_rounds_and_idle(engine):
+    """engine_time (what scripts/front_cost.py compares between the direct engine and HTTP): requests admitted
+    together are prefilled in one call, every decode step is a round, and the step time holds both."""
+    before = engine.stats()["engine_time"]
+
+    async def run():
+        p = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+        return await asyncio.gather(*[collect(engine.generate([5, 6, 7 + i], p)) for i in range(3)])
+
+    async def collect(gen):
+        return [o async for o in gen]
+
+    outs = asyncio.run(run())
+    t = {k: v - before[k] for k, v in engine.stats()["engine_time"].items()}
+    assert all(o[-1].finished and len(o[-1].output_ids) == 9 for o in outs)
+    assert t["prefilled"] == 3 and 1 <= t["prefill_calls"] <= 3
+    assert t["rounds"] >= 8  # the prefill gives each request its first token, then a round per token
+    assert t["step_s"] >= t["prefill_s"] + t["round_s"] * 0.99 > 0 and t["steps"] >= t["rounds"]
+    time_idle = engine.stats()["engine_time"]["idle_s"]
+    asyncio.run(asyncio.sleep(0.2))
+    assert engine.stats()["engine_time"]["idle_s"] >= time_idle + 0.1  # nothing to run: the thread waits, counted
