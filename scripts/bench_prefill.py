@@ -1,0 +1,69 @@
+"""What one prefill call of the built-in engine costs, and whether a new shape costs more than a repeated one.
+
+  python scripts/bench_prefill.py --group 8 --calls 20 [--profile]
+
+Served at 16 clients, the built-in engine spends a large share of its time in prefills (`engine_time` in
+/v1/draft; results/speedup/h200_c16_builtin_front_cost_2026-12-06/). This times `ModelRunner.prefill` on groups of
+`--group` distinct chat prompts (the engine's chat template applied; the engine admits up to 8 per step), each
+group padded to its longest prompt as the engine pads it: per call the first run of that group's shape and an
+immediate second run of the same group (same shape). First much slower than second: the cost is per new shape
+(plans, heuristics, compilation), and padding groups to a few lengths removes it; both slow: the forward itself.
+`--profile` prints the top operators by device time (or CPU time without a GPU) of one more call of a new shape.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from aurora.engine.engine import EngineConfig, LLMEngine
+from aurora.models import hub
+from aurora.prompts import chat_ids, load_prompts
+
+
+def timed(runner, prompts) -> float:
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    runner.prefill(0, prompts, True, False)  # returns the first tokens: one sync, as in serving
+    sync()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--group", type=int, default=8, help="prompts per prefill call")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    eng = LLMEngine(hub.resolve(a.target), None, EngineConfig(max_batch=max(16, a.group), device=a.device))
+    runner = eng.runner
+    for row in range(a.group):
+        runner.set_row(row, 0.0, 1.0, 0, 0)
+    ids = chat_ids(eng.tokenizer, load_prompts("chat"))
+    groups = [ids[i * a.group:(i + 1) * a.group] for i in range(a.calls + 2)]
+    timed(runner, groups[-1])  # the first call of the process (allocator, kernels loaded)
+    first, second, padded = [], [], []
+    for g in groups[:a.calls]:
+        first.append(timed(runner, g))
+        second.append(timed(runner, g))
+        padded.append(len(g) * max(len(p) for p in g))
+    print(f"{runner.device} {torch.__version__}, {a.target}, {a.calls} groups of {a.group} chat prompts, "
+          f"padded tokens per call median {statistics.median(padded):.0f}")
+    print(f"{'':22s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
+    for name, xs in (("first run of a shape", first), ("same shape again", second)):
+        ms = [1e3 * x for x in xs]
+        print(f"{name:22s} {statistics.median(ms):10.2f} {min(ms):8.2f} {max(ms):8.2f}")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+        with profile(activities=acts) as p:
+            timed(runner, groups[-2])
+        key = "self_device_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
