@@ -31,9 +31,9 @@ import csv
 import json
 import os
 import random
+import re
 import shlex
 import shutil
-import re
 import socket
 import statistics
 import subprocess

@@ -140,8 +140,8 @@ class LLMEngine:
         self._last_depth = 0  # the first speculative round catches the draft up
         self._last_round: tuple | None = None  # (bucket, depth, start, end, committed tokens), not yet costed
         self._excluded = 0.0  # seconds since the last round that were no round's doing (exclude_from_round)
-        # where the engine thread's step time goes (AsyncEngine adds its idle wait): what separates a benchmark
-        # that drives the engine directly from served traffic is mostly how arrivals split into prefill calls
+        # where the engine thread's step time goes (AsyncEngine adds its idle wait), so that a stream served over
+        # HTTP and one driven in-process can be told apart by prefill calls, rounds and idle time (front_cost.py)
         self.time = {"steps": 0, "step_s": 0.0, "prefill_calls": 0, "prefilled": 0, "prefill_s": 0.0,
                      "rounds": 0, "round_s": 0.0}
 
