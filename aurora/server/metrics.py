@@ -76,6 +76,16 @@ class StatusCollector:
             yield _counter("aurora_engine_swap_failures_total", "draft updates SGLang rejected", s.get("swap_failures"))
             yield _gauge("aurora_engine_swap_seconds", "last pause -> update -> continue, seconds",
                          None if s.get("swap_ms_last") is None else s["swap_ms_last"] / 1000)
+        t = s.get("engine_time")
+        if t:  # built-in engine: where its thread's time goes (a stream's prefills, rounds and waits for requests)
+            spent = CounterMetricFamily("aurora_engine_time_seconds", "the built-in engine thread's time, by what it "
+                                        "did: prefill (admitting requests), round (decoding steps), idle (no request)",
+                                        labels=["part"])
+            for part in ("prefill", "round", "idle"):
+                spent.add_metric([part], _num(t.get(f"{part}_s")))
+            yield spent
+            yield _counter("aurora_engine_prefill_calls", "prefill forwards (requests admitted together share one)",
+                           t.get("prefill_calls"))
         cap = s.get("capture")
         if cap:  # engine sglang: rows from SGLang's schedulers that never became a sample, by reason
             dropped = CounterMetricFamily("aurora_capture_dropped", "captured requests dropped", labels=["reason"])

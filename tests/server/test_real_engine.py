@@ -127,6 +127,16 @@ def test_metrics_and_draft(real):
             "aurora_request_latency_seconds"} <= names
     d = httpx.get(url + "/v1/draft").json()
     assert "draft_version" in d
+    # the engine thread's time, in /v1/draft and as counters: a request is prefilled, then decoded
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    t = httpx.get(url + "/v1/draft").json()["engine_time"]
+    assert t["prefilled"] >= 1 and t["prefill_calls"] >= 1 and t["rounds"] >= 1 and t["prefill_s"] > 0
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+    assert samples[("aurora_engine_time_seconds_total", ("prefill",))] >= t["prefill_s"] > 0
+    assert samples[("aurora_engine_time_seconds_total", ("round",))] >= t["round_s"] > 0
+    assert samples[("aurora_engine_prefill_calls_total", ())] >= t["prefill_calls"]
     if cfg.draft is not None:
         assert "aurora_train_loss" in names
         r = httpx.post(url + "/v1/draft/save", headers={"Authorization": "Bearer admin"}, timeout=120)
