@@ -46,7 +46,8 @@ async def drive_direct(engine, prompts: list[list[int]], concurrency: int, max_t
     return sorted(rows, key=lambda r: r["t"])
 
 
-def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int, max_tokens: int) -> float:
+def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
+           max_tokens: int) -> tuple[float, dict]:
     import torch
 
     from aurora.cli import build_parser
@@ -79,7 +80,8 @@ def delta(before: dict, after: dict, wall: float) -> dict:
     return dict({k: after[k] - before[k] for k in after}, wall_s=wall)
 
 
-def http(serve_args: str, texts: list[str], warm: list[str], concurrency: int, max_tokens: int, out: str) -> float:
+def http(serve_args: str, texts: list[str], warm: list[str], concurrency: int, max_tokens: int,
+         out: str) -> tuple[float, dict]:
     import httpx
 
     port = speedup_run.free_port()

@@ -291,9 +291,11 @@ def main():
         print(f"{'all':>12} " + " ".join(f"{runs[n]['tokens_per_s']:8.1f} "
                                           f"{runs[n]['tokens_per_s'] / runs[base]['tokens_per_s']:5.2f}x{'':8}"
                                           for n in names))
+        if a.blocks > 1 or len(a.concurrency) > 1:  # a log then holds several blocks or concurrencies
+            continue
         logs = {n: os.path.join(a.out, f"{n}_sglang.log") for n in names}
-        rates = {n: sglang_decode_rate(p, c) for n, p in logs.items() if a.blocks == 1 and os.path.exists(p)}
-        if rates and len(a.concurrency) == 1 and rates.get(base):
+        rates = {n: sglang_decode_rate(p, c) for n, p in logs.items() if os.path.exists(p)}
+        if rates.get(base):
             print(f"{'decode':>12} " + " ".join(
                 f"{rates[n][0]:8.1f} {rates[n][0] / rates[base][0]:5.2f}x{'':8}" if rates.get(n) else f"{'':>22}"
                 for n in names))

@@ -278,12 +278,12 @@ class LLMEngine:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
             self._time_last_round(None, None)
-        t = self.time
+        t, now = self.time, time.perf_counter()
         t["steps"] += 1
-        t["step_s"] += time.perf_counter() - t_prefill
+        t["step_s"] += now - t_prefill
         if running:
             t["rounds"] += 1
-            t["round_s"] += time.perf_counter() - t0
+            t["round_s"] += now - t0
         return [o for o in outputs if o is not None]
 
     def exclude_from_round(self, seconds: float) -> None:

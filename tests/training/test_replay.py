@@ -3,7 +3,6 @@ every sample out exactly that many times, fresh samples first, evict replays (co
 fresh samples; and on the same stream of samples, replay must teach the draft more than one pass does."""
 import dataclasses
 
-
 from aurora.training import OnlineTrainer, TrainConfig
 from aurora.training.buffer import SampleBuffer
 from aurora.training.guard import simulated_acceptance
