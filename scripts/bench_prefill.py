@@ -37,9 +37,13 @@ def main():
     ap.add_argument("--group", type=int, default=8, help="prompts per prefill call")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cudnn-sdpa", action="store_true",
+                    help="let SDPA pick cuDNN again (the engine turns it off on a GPU): the cost it had")
     a = ap.parse_args()
     eng = LLMEngine(hub.resolve(a.target), None, EngineConfig(max_batch=max(16, a.group), device=a.device))
     runner = eng.runner
+    if a.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(True)
     for row in range(a.group):
         runner.set_row(row, 0.0, 1.0, 0, 0)
     ids = chat_ids(eng.tokenizer, load_prompts("chat"))
@@ -51,7 +55,9 @@ def main():
         second.append(timed(runner, g))
         padded.append(len(g) * max(len(p) for p in g))
     print(f"{runner.device} {torch.__version__}, {a.target}, {a.calls} groups of {a.group} chat prompts, "
-          f"padded tokens per call median {statistics.median(padded):.0f}")
+          + (f"cuDNN attention {'allowed' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, "
+             if runner.device.type == "cuda" else "")
+          + f"padded tokens per call median {statistics.median(padded):.0f}")
     print(f"{'':22s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
     for name, xs in (("first run of a shape", first), ("same shape again", second)):
         ms = [1e3 * x for x in xs]

@@ -44,6 +44,11 @@ class ModelRunner:
         self.span = max(self.n_draft, topk * lookahead) + 1  # cache slots a round may write past a row's length
         self.device = dev = target.embed_tokens.weight.device
         self.dtype = dt = target.embed_tokens.weight.dtype
+        if dev.type == "cuda":
+            # PyTorch's SDPA prefers cuDNN on Hopper, and cuDNN builds an execution plan for every new shape: host
+            # time in every layer of every prefill and catch-up extend, whose (batch, length) shapes rarely repeat.
+            # The memory-efficient kernel has no per-shape plan. PyTorch keeps this choice process-wide.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.max_len, self.max_batch = max_len, max_batch
         c = target.config
         S = max_batch
