@@ -1,13 +1,14 @@
 """What one prefill call of the built-in engine costs, and whether a new shape costs more than a repeated one.
 
-  python scripts/bench_prefill.py --group 8 --calls 20 [--profile]
+  python scripts/bench_prefill.py --group 8 --calls 20 [--profile] [--cudnn-sdpa]
 
 Served at 16 clients, the built-in engine spends a large share of its time in prefills (`engine_time` in
-/v1/draft; results/speedup/h200_c16_builtin_front_cost_2026-12-06/). This times `ModelRunner.prefill` on groups of
-`--group` distinct chat prompts (the engine's chat template applied; the engine admits up to 8 per step), each
-group padded to its longest prompt as the engine pads it: per call the first run of that group's shape and an
-immediate second run of the same group (same shape). First much slower than second: the cost is per new shape
-(plans, heuristics, compilation), and padding groups to a few lengths removes it; both slow: the forward itself.
+/v1/draft). This times `ModelRunner.prefill` on groups of `--group` distinct chat prompts (the engine's chat
+template applied; the engine admits up to 8 per step), each group padded to its longest prompt as the engine pads
+it: per call the first run of that group's shape and an immediate second run of the same group (same shape).
+First much slower than second: the cost is per new shape (plans, heuristics, compilation); both slow: the forward
+itself. It found cuDNN's per-shape attention plans (results/engine/h200_prefill_cudnn_2026-12-06/), which the
+engine's prefill now leaves out; `--cudnn-sdpa` lets them back in, to see that cost beside today's.
 `--profile` prints the top operators by host time (and on a GPU by device time) of one more call of a new shape.
 """
 import argparse
@@ -15,7 +16,9 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
 
+from aurora.engine import model_runner
 from aurora.engine.engine import EngineConfig, LLMEngine
 from aurora.models import hub
 from aurora.prompts import chat_ids, load_prompts
@@ -38,12 +41,12 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cudnn-sdpa", action="store_true",
-                    help="let SDPA pick cuDNN again (the engine turns it off on a GPU): the cost it had")
+                    help="let a prefill's attention pick cuDNN again (the engine leaves it out): the cost it had")
     a = ap.parse_args()
     eng = LLMEngine(hub.resolve(a.target), None, EngineConfig(max_batch=max(16, a.group), device=a.device))
     runner = eng.runner
     if a.cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(True)
+        model_runner._EAGER_SDPA = [*model_runner._EAGER_SDPA, SDPBackend.CUDNN_ATTENTION]
     for row in range(a.group):
         runner.set_row(row, 0.0, 1.0, 0, 0)
     ids = chat_ids(eng.tokenizer, load_prompts("chat"))
@@ -55,8 +58,7 @@ def main():
         second.append(timed(runner, g))
         padded.append(len(g) * max(len(p) for p in g))
     print(f"{runner.device} {torch.__version__}, {a.target}, {a.calls} groups of {a.group} chat prompts, "
-          + (f"cuDNN attention {'allowed' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, "
-             if runner.device.type == "cuda" else "")
+          + (f"cuDNN attention {'allowed' if a.cudnn_sdpa else 'left out'}, " if runner.device.type == "cuda" else "")
           + f"padded tokens per call median {statistics.median(padded):.0f}")
     print(f"{'':22s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
     for name, xs in (("first run of a shape", first), ("same shape again", second)):

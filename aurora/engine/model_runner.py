@@ -18,14 +18,23 @@ speculative round after it catches the draft up in one batched extend over the l
 captured aux states and token ids (`_catch_up`). The lag of each row is mirrored on the host (`lag`), so the
 catch-up's shape is known without a device sync. Without capture stores the draft is extended every round.
 """
+import contextlib
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aurora.engine.kv_cache import SlotKVCache, block_mask
 from aurora.engine.sampling import pick, probs, sample, uniform, verify_chain, verify_greedy
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
+
+
+# Eager forwards (prefill, catch-up) come in ever new (batch, length) shapes. PyTorch's SDPA prefers cuDNN on
+# Hopper, and cuDNN builds an execution plan for each new shape: host time in every layer of nearly every such call
+# (results/engine/h200_prefill_cudnn_2026-12-06/). The memory-efficient kernel needs no per-shape plan. The rounds'
+# CUDA graphs keep PyTorch's own choice: a graph pays for its plan once, at capture.
+_EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _bucket(n: int, sizes: list[int]) -> int:
@@ -44,11 +53,6 @@ class ModelRunner:
         self.span = max(self.n_draft, topk * lookahead) + 1  # cache slots a round may write past a row's length
         self.device = dev = target.embed_tokens.weight.device
         self.dtype = dt = target.embed_tokens.weight.dtype
-        if dev.type == "cuda":
-            # PyTorch's SDPA prefers cuDNN on Hopper, and cuDNN builds an execution plan for every new shape: host
-            # time in every layer of every prefill and catch-up extend, whose (batch, length) shapes rarely repeat.
-            # The memory-efficient kernel has no per-shape plan. PyTorch keeps this choice process-wide.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self.max_len, self.max_batch = max_len, max_batch
         c = target.config
         S = max_batch
@@ -140,6 +144,10 @@ class ModelRunner:
         wpos = slots.clamp_max(self.max_len - 1)
         return self.draft(ids, g, pos, self.dcache.attend(row0, wpos, block_mask(n, tree, self._keys)), with_logits)
 
+    def _eager(self):
+        """The attention backends of a forward outside the rounds' CUDA graphs (_EAGER_SDPA)."""
+        return sdpa_kernel(_EAGER_SDPA) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _q(self, d_logits, temp, top_p, top_k):
         """Draft logits [B,Vd] -> draft probabilities over the target vocabulary [B,V]."""
         q_d = probs(d_logits[:, None], temp, top_p, top_k)[:, 0]
@@ -165,7 +173,8 @@ class ModelRunner:
         self._keys = _bucket(P + 1, self.key_sizes)
         ar = torch.arange(P, device=dev)
         tree = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # causal, own keys
-        h, aux = self._target(ids, n0, tree, row0=row0)
+        with self._eager():
+            h, aux = self._target(ids, n0, tree, row0=row0)
         r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
         tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
                    self.top_k[r], self.seed[r], last, greedy)
@@ -173,7 +182,8 @@ class ModelRunner:
         if drafted:  # draft position t reads x[t+1]: ids shifted by one, the new token last
             d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             d_ids[bi, last] = tok
-            dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
+            with self._eager():
+                dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
             self.d_hidden[r] = dh[bi, last]
         if self.draft is not None:
             self.d_len[r] = lens if drafted else 0
@@ -208,7 +218,8 @@ class ModelRunner:
             r1 = r0 + 1
             while r1 < B and (r1 + 1 - r0) * max(G, self.lag[r1]) <= budget:
                 G, r1 = max(G, self.lag[r1]), r1 + 1
-            self._catch_up_rows(r0, r1, G)
+            with self._eager():
+                self._catch_up_rows(r0, r1, G)
             lagging = [r for r in lagging if r >= r1]
 
     def _catch_up_rows(self, r0: int, r1: int, G: int) -> None:
