@@ -124,7 +124,7 @@ def test_forward_matches_plain_torch_step_by_step():
     pos = torch.arange(T)[None]
     tree = torch.ones(1, T, T, dtype=torch.bool).tril()
     h, logits = d(ids[:, 1:T + 1], d.project(aux), pos, cache.attend(0, pos, block_mask(torch.tensor([0]), tree, 16)))
-    past_k, past_v, ref_h = [], [], []
+    past_k, past_v = [], []
     for t in range(T):
         g = sd["fc.weight"].double() @ aux[0, t]
         rh, rl, k, v = reference_step(sd, c, embed.weight[ids[0, t + 1]], g, torch.tensor(t), past_k, past_v)
