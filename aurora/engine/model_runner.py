@@ -173,18 +173,17 @@ class ModelRunner:
         self._keys = _bucket(P + 1, self.key_sizes)
         ar = torch.arange(P, device=dev)
         tree = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # causal, own keys
+        r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
+        drafted = self.draft is not None and (with_draft or not self.lazy_draft)
         with self._eager():
             h, aux = self._target(ids, n0, tree, row0=row0)
-        r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
-        tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
-                   self.top_k[r], self.seed[r], last, greedy)
-        drafted = self.draft is not None and (with_draft or not self.lazy_draft)
-        if drafted:  # draft position t reads x[t+1]: ids shifted by one, the new token last
-            d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-            d_ids[bi, last] = tok
-            with self._eager():
+            tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
+                       self.top_k[r], self.seed[r], last, greedy)
+            if drafted:  # draft position t reads x[t+1]: ids shifted by one, the new token last
+                d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+                d_ids[bi, last] = tok
                 dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
-            self.d_hidden[r] = dh[bi, last]
+                self.d_hidden[r] = dh[bi, last]
         if self.draft is not None:
             self.d_len[r] = lens if drafted else 0
         self.cache_len[r], self.next_tok[r], self.active[r] = lens, tok, True

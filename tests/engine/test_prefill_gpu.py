@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from aurora.engine.engine import EngineConfig, LLMEngine
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="a prefill chooses its attention kernels on a GPU only (no cuDNN on a CPU)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="a prefill chooses its attention kernels on a GPU only (no cuDNN on a CPU)")
 QUESTIONS = ("What is a prime number?", "Name three rivers in Europe, please.", "Write a haiku about the sea.")
 
 
