@@ -116,10 +116,10 @@ class LLMEngine:
             draft.share_embedding(self.target.embed_tokens)
         self.draft = draft
         self.draft_version = 0
+        self.scheduler = Scheduler(config.max_batch)
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
                                   config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
-                                  fused_rope=self.fused_kernels)
-        self.scheduler = Scheduler(config.max_batch)
+                                  fused_rope=self.fused_kernels, prefill_rows=self.scheduler.max_prefills)
         self.stats = EngineStats(config.lookahead)
         self.speculation = DepthController(config.lookahead, SpeculationConfig(adaptive=config.adaptive),
                                            self.runner.depths())
@@ -128,7 +128,8 @@ class LLMEngine:
             t0 = time.perf_counter()
             depths = self.speculation.depths if config.adaptive else self.speculation.depths[-1:]  # the ones in use
             n = self.runner.capture_all(depths)
-            log.info("captured %d CUDA graphs (batch x context x depth, greedy) in %.1f s", n, time.perf_counter() - t0)
+            log.info("captured %d CUDA graphs (rounds: batch x context x depth; prefills: rows x length; greedy) "
+                     "in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
         self._pending_swap: tuple[dict, int, list[float] | None, threading.Event] | None = None

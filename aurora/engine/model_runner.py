@@ -47,7 +47,7 @@ def _bucket(n: int, sizes: list[int]) -> int:
 class ModelRunner:
     def __init__(self, target: TargetModel, draft: Eagle3Draft | None, max_batch: int, max_len: int,
                  lookahead: int, capture: bool, cuda_graphs: bool, topk: int = 1, num_draft_tokens: int = 0,
-                 fused_rope: bool = False):
+                 fused_rope: bool = False, prefill_rows: int = 8, staged_prefill: bool | None = None):
         self.target, self.draft, self.k = target, draft, lookahead
         self.topk, self.n_draft = topk, num_draft_tokens or lookahead + 1
         self.span = max(self.n_draft, topk * lookahead) + 1  # cache slots a round may write past a row's length
@@ -58,8 +58,16 @@ class ModelRunner:
         S = max_batch
         self.batch_sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if b < S} | {S})
         self.key_sizes = sorted({min(max_len, 128 * 2 ** i) for i in range(int(math.log2(max(max_len // 128, 1))) + 2)})
-        self.tcache = SlotKVCache(c.num_hidden_layers, S, max_len, c.num_key_value_heads, target.head_dim, dt, dev,
-                                  fused_rope=fused_rope)
+        self.use_graphs = cuda_graphs and dev.type == "cuda"
+        # A staged prefill (_prefill_staged, a CUDA graph by default on CUDA) runs in staging rows S..S+R-1 past the
+        # serving rows, then copies into its rows: a graph cannot take the first row as a number, and its padding rows
+        # must land where no one reads. staged_prefill True without graphs runs the same steps eagerly (tests).
+        self.staged_prefill = (self.use_graphs if staged_prefill is None else staged_prefill) and prefill_rows > 0
+        R = prefill_rows if self.staged_prefill else 0
+        self.prefill_batch = sorted({b for b in (1, 2, 4, 8, 16) if b < R} | {R}) if R else []
+        self.prefill_lens = sorted({min(max_len, 32 * 2 ** i) for i in range(int(math.log2(max(max_len // 32, 1))) + 2)})
+        self.tcache = SlotKVCache(c.num_hidden_layers, S + R, max_len, c.num_key_value_heads, target.head_dim, dt,
+                                  dev, fused_rope=fused_rope)
         self.cache_len = torch.zeros(S, dtype=torch.long, device=dev)
         self.next_tok = torch.zeros(S, dtype=torch.long, device=dev)
         self.active = torch.zeros(S, dtype=torch.bool, device=dev)
@@ -70,18 +78,26 @@ class ModelRunner:
         self.capture = capture
         H = c.hidden_size
         if capture:
-            self.aux_store = torch.zeros(S, max_len, 3 * H, dtype=dt, device=dev)
-            self.hid_store = torch.zeros(S, max_len, H, dtype=dt, device=dev)
+            self.aux_store = torch.zeros(S + R, max_len, 3 * H, dtype=dt, device=dev)
+            self.hid_store = torch.zeros(S + R, max_len, H, dtype=dt, device=dev)
         self.lazy_draft = draft is not None and capture  # depth-0 rounds skip the draft; catch up from the stores
         self.lag = [0] * S  # host mirror of cache_len - d_len per row
         if draft is not None:
             dc = draft.config
-            self.dcache = SlotKVCache(1, S, max_len, dc.num_key_value_heads, dc.head_dim, dt, dev)
+            self.dcache = SlotKVCache(1, S + R, max_len, dc.num_key_value_heads, dc.head_dim, dt, dev)
             self.d_hidden = torch.zeros(S, dc.hidden_size, dtype=dt, device=dev)
             self.d_len = torch.zeros(S, dtype=torch.long, device=dev)
             if self.lazy_draft:
-                self.tok_store = torch.zeros(S, max_len, dtype=torch.long, device=dev)
-        self.use_graphs = cuda_graphs and dev.type == "cuda"
+                self.tok_store = torch.zeros(S + R, max_len, dtype=torch.long, device=dev)
+        if R:  # a graphed prefill's inputs and outputs; row b of the call is staging row S + b
+            self.pf_ids = torch.zeros(R, max_len, dtype=torch.long, device=dev)
+            self.pf_lens = torch.ones(R, dtype=torch.long, device=dev)
+            self.pf_dst = torch.arange(S, S + R, device=dev)  # where each staging row's prompt goes
+            self.pf_temp, self.pf_top_p = torch.zeros(R, device=dev), torch.ones(R, device=dev)
+            self.pf_top_k, self.pf_seed = (torch.zeros(R, dtype=torch.long, device=dev) for _ in range(2))
+            self.pf_tok = torch.zeros(R, dtype=torch.long, device=dev)
+            if draft is not None:
+                self.pf_dh = torch.zeros(R, draft.config.hidden_size, dtype=dt, device=dev)
         self.graphs: dict = {}
         self.graph_pool = None
         self.captured = False
@@ -161,29 +177,26 @@ class ModelRunner:
         """Fill rows row0.. with their prompts in one forward (right-padded; a padded query still sees its own
         row's real keys, and padded slots are overwritten by decoding before anyone reads them), pick each
         row's x[P]; returns the tokens (one sync, at admission only). with_draft False (while the engine decodes
-        plainly): the draft is left for the first speculative round to catch up."""
+        plainly): the draft is left for the first speculative round to catch up. On CUDA a group that fits the
+        staging rows replays a CUDA graph of its (rows, length) bucket (_prefill_graphed); otherwise it runs eagerly."""
         B, dev = len(prompts), self.device
         P = max(len(p) for p in prompts)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        ids = torch.zeros(B, P, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids, lens = ids.to(dev), lens.to(dev)
-        n0 = torch.zeros(B, dtype=torch.long, device=dev)
-        self._keys = _bucket(P + 1, self.key_sizes)
-        ar = torch.arange(P, device=dev)
-        tree = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # causal, own keys
-        r, bi, last = slice(row0, row0 + B), torch.arange(B, device=dev), lens - 1
         drafted = self.draft is not None and (with_draft or not self.lazy_draft)
-        with self._eager():
-            h, aux = self._target(ids, n0, tree, row0=row0)
-            tok = pick(self.target.logits(h[bi, last]), self.temp[r], self.top_p[r] if filtering else None,
-                       self.top_k[r], self.seed[r], last, greedy)
-            if drafted:  # draft position t reads x[t+1]: ids shifted by one, the new token last
-                d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-                d_ids[bi, last] = tok
-                dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
-                self.d_hidden[r] = dh[bi, last]
+        r = slice(row0, row0 + B)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if self.staged_prefill and B <= self.prefill_batch[-1] and P <= self.prefill_lens[-1]:
+            tok, dh = self._prefill_graphed(row0, prompts, greedy, filtering, drafted)
+        else:
+            ids = torch.zeros(B, P, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            with self._eager():
+                tok, dh = self._prefill_forward(ids.to(dev), lens.to(dev), row0, _bucket(P + 1, self.key_sizes),
+                                                (self.temp[r], self.top_p[r] if filtering else None, self.top_k[r],
+                                                 self.seed[r]), greedy, drafted)
+        lens = lens.to(dev)
+        if drafted:
+            self.d_hidden[r] = dh
         if self.draft is not None:
             self.d_len[r] = lens if drafted else 0
         self.cache_len[r], self.next_tok[r], self.active[r] = lens, tok, True
@@ -191,6 +204,69 @@ class ModelRunner:
         for b, p in enumerate(prompts):
             self.lag[row0 + b] = 0 if drafted else len(p)
         return out
+
+    def _prefill_forward(self, ids, lens, row0: int, keys: int, sampling, greedy: bool, drafted: bool):
+        """ids [B,P] (lens [B]) into rows row0.. of the caches and stores -> (each row's x[P] [B], the draft's
+        hidden at its last prompt position [B,Hd] or None). sampling: the rows' (temp, top_p or None, top_k, seed)."""
+        B, P = ids.shape
+        dev = ids.device
+        n0 = torch.zeros(B, dtype=torch.long, device=dev)
+        self._keys = keys
+        ar = torch.arange(P, device=dev)
+        tree = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < lens[:, None, None])  # causal, own keys
+        bi, last = torch.arange(B, device=dev), lens - 1
+        h, aux = self._target(ids, n0, tree, row0=row0)
+        tok = pick(self.target.logits(h[bi, last]), *sampling, last, greedy)
+        if not drafted:
+            return tok, None
+        d_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # draft position t reads x[t+1]: the new token last
+        d_ids[bi, last] = tok
+        dh, _ = self._draft(d_ids, self.draft.project(aux), n0, tree, row0=row0, with_logits=False)
+        return tok, dh[bi, last]
+
+    def _prefill_graphed(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool, drafted: bool):
+        """The prefill as a CUDA graph replay: an eager forward of 30 layers costs tens of ms of host time for ~2 ms
+        of GPU work, and every admission group pays it. The group is padded to a (rows, length) bucket; its inputs go
+        to static buffers, the graph runs the forward in the staging rows and copies what it wrote into the group's
+        rows (padding rows copy onto themselves)."""
+        B, S = len(prompts), self.max_batch
+        Bb, Pb = _bucket(B, self.prefill_batch), _bucket(max(len(p) for p in prompts), self.prefill_lens)
+        host = torch.zeros(Bb, Pb + 2, dtype=torch.long)  # ids, then length, then destination row: one copy
+        host[:, Pb], host[:, Pb + 1] = 1, torch.arange(S, S + Bb)
+        for b, p in enumerate(prompts):
+            host[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            host[b, Pb], host[b, Pb + 1] = len(p), row0 + b
+        host = host.to(self.device)
+        self.pf_ids[:Bb, :Pb], self.pf_lens[:Bb], self.pf_dst[:Bb] = host[:, :Pb], host[:, Pb], host[:, Pb + 1]
+        r = slice(row0, row0 + B)
+        for buf, src in ((self.pf_temp, self.temp), (self.pf_top_p, self.top_p), (self.pf_top_k, self.top_k),
+                         (self.pf_seed, self.seed)):
+            buf[:B] = src[r]
+        filtering = filtering and not greedy  # a greedy pick reads no filter
+        key = ("prefill", Bb, Pb, greedy, filtering, drafted)
+        if not self.use_graphs:
+            self._prefill_staged(Bb, Pb, greedy, filtering, drafted)
+        elif key in self.graphs:
+            self.graphs[key].replay()
+        else:  # the warm-up run of a capture is this prefill (it runs again at replay: same inputs, same writes)
+            self.graphs[key] = self._capture(lambda _: self._prefill_staged(Bb, Pb, greedy, filtering, drafted), Bb)
+            self.graphs[key].replay()
+        return self.pf_tok[:B], (self.pf_dh[:B] if drafted else None)
+
+    def _prefill_staged(self, Bb: int, Pb: int, greedy: bool, filtering: bool, drafted: bool) -> None:
+        S = self.max_batch
+        sampling = (self.pf_temp[:Bb], self.pf_top_p[:Bb] if filtering else None, self.pf_top_k[:Bb], self.pf_seed[:Bb])
+        tok, dh = self._prefill_forward(self.pf_ids[:Bb, :Pb], self.pf_lens[:Bb], S, Pb, sampling, greedy, drafted)
+        self.pf_tok[:Bb] = tok
+        dst, stage = self.pf_dst[:Bb], slice(S, S + Bb)
+        caches = [self.tcache] + ([self.dcache] if drafted else [])
+        for t in [x for c in caches for x in (c.k, c.v)]:
+            t[:, dst, :Pb] = t[:, stage, :Pb]
+        if self.capture:
+            for t in (self.aux_store, self.hid_store) + ((self.tok_store,) if self.lazy_draft else ()):
+                t[dst, :Pb] = t[stage, :Pb]
+        if drafted:
+            self.pf_dh[:Bb] = dh
 
     def _decode_round(self, B: int):
         """Depth 0: feed x[n], sample x[n+1]. The draft is extended over it only when it cannot catch up later."""
@@ -460,9 +536,9 @@ class ModelRunner:
         return g
 
     def capture_all(self, depths: list[int], filtering: bool = False, greedy_only: bool = True) -> int:
-        """Capture the round of every (batch bucket, key bucket) at each of `depths` now, so that serving never
-        captures one mid-traffic when the depth decision or a growing context reaches a new shape. Returns the
-        count."""
+        """Capture the round of every (batch bucket, key bucket) at each of `depths`, and the prefill of every
+        (rows, length) bucket, now, so that serving never captures one mid-traffic when the depth decision, a growing
+        context or an admission group reaches a new shape. Returns the count."""
         if not self.use_graphs:
             return 0
         n = 0
@@ -477,6 +553,15 @@ class ModelRunner:
                         self._keys, self._filter, self._greedy_only = keys, filtering, greedy_only
                         self.graphs[key] = self._capture(fn, Bp)
                         n += 1
+            if self.staged_prefill:  # staging rows only: pf_dst points every row at itself until a real prefill
+                for drafted in ([False, True] if self.draft is not None else [False]):
+                    for Bb in self.prefill_batch:
+                        for Pb in self.prefill_lens:
+                            key = ("prefill", Bb, Pb, greedy_only, False, drafted)
+                            if key not in self.graphs:
+                                self.graphs[key] = self._capture(
+                                    lambda _: self._prefill_staged(Bb, Pb, greedy_only, False, drafted), Bb)
+                                n += 1
         torch.cuda.synchronize()
         return n
 
