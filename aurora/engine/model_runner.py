@@ -1,7 +1,8 @@
 """Everything on the device: target and draft weights, their slot KV caches, per-row decoding state, and
 the speculative round — draft chain, one target verify forward, acceptance, draft extend — as one
 function of static shapes. On CUDA each (batch bucket, key-length bucket) of it is captured once as a
-CUDA graph: a round is then one replay plus one small device-to-host copy.
+CUDA graph: a round is then one replay plus one small device-to-host copy. A prefill of an admission group is
+captured too, per (rows, length) bucket, run in staging rows past the serving rows and copied into its own.
 
 Row state lives on the device, indexed by batch row (= KV slot):
   cache_len [S]  tokens committed to both KV caches (n)     next_tok [S]  x[n], sampled but not yet fed
@@ -19,6 +20,7 @@ captured aux states and token ids (`_catch_up`). The lag of each row is mirrored
 catch-up's shape is known without a device sync. Without capture stores the draft is extended every round.
 """
 import contextlib
+import logging
 import math
 
 import torch
@@ -29,6 +31,7 @@ from aurora.engine.sampling import pick, probs, sample, uniform, verify_chain, v
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
 
+log = logging.getLogger(__name__)
 
 # Eager forwards (prefill, catch-up) come in ever new (batch, length) shapes. PyTorch's SDPA prefers cuDNN on
 # Hopper, and cuDNN builds an execution plan for each new shape: host time in every layer of nearly every such call
@@ -553,16 +556,26 @@ class ModelRunner:
                         self._keys, self._filter, self._greedy_only = keys, filtering, greedy_only
                         self.graphs[key] = self._capture(fn, Bp)
                         n += 1
-            if self.staged_prefill:  # staging rows only: pf_dst points every row at itself until a real prefill
-                for drafted in ([False, True] if self.draft is not None else [False]):
-                    for Bb in self.prefill_batch:
-                        for Pb in self.prefill_lens:
-                            key = ("prefill", Bb, Pb, greedy_only, False, drafted)
-                            if key not in self.graphs:
-                                self.graphs[key] = self._capture(
-                                    lambda _: self._prefill_staged(Bb, Pb, greedy_only, False, drafted), Bb)
-                                n += 1
+            if self.staged_prefill:
+                try:
+                    n += self._capture_prefills(greedy_only)
+                except RuntimeError as e:  # serving still works, on the eager prefill: say so, once, at start
+                    log.warning("prefill CUDA graphs could not be captured (%s); prefills run eagerly", e)
+                    self.staged_prefill = False
         torch.cuda.synchronize()
+        return n
+
+    def _capture_prefills(self, greedy_only: bool) -> int:
+        """Staging rows only: pf_dst points every staging row at itself until a real prefill."""
+        n = 0
+        for drafted in ([False, True] if self.draft is not None else [False]):
+            for Bb in self.prefill_batch:
+                for Pb in self.prefill_lens:
+                    key = ("prefill", Bb, Pb, greedy_only, False, drafted)
+                    if key not in self.graphs:
+                        self.graphs[key] = self._capture(
+                            lambda _: self._prefill_staged(Bb, Pb, greedy_only, False, drafted), Bb)
+                        n += 1
         return n
 
     def _round_fn(self, d: int):
