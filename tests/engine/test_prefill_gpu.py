@@ -43,6 +43,8 @@ def test_prefill_first_tokens_equal_hugging_face(smollm2_dir, graphs):
     with torch.no_grad():
         expected = [int(hf(torch.tensor([p])).logits[0, -1].argmax()) for p in ids]
     assert _prefill(eng, ids) == expected
+    # graphs on: the prefill graphs were captured at start, with no fallback to the eager prefill
+    assert eng.runner.staged_prefill == graphs and any(k[0] == "prefill" for k in eng.runner.graphs) == graphs
 
 
 def test_graphed_prefill_leaves_rows_as_the_eager_one(tiny_target_dir):
