@@ -119,7 +119,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.max_batch)
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
                                   config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
-                                  fused_rope=self.fused_kernels, prefill_rows=self.scheduler.max_prefills)
+                                  fused_rope=self.fused_kernels,
+                                  prefill_rows=min(self.scheduler.max_prefills, config.max_batch))
         self.stats = EngineStats(config.lookahead)
         self.speculation = DepthController(config.lookahead, SpeculationConfig(adaptive=config.adaptive),
                                            self.runner.depths())
