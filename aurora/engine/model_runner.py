@@ -228,9 +228,8 @@ class ModelRunner:
         return tok, dh[bi, last]
 
     def _prefill_graphed(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool, drafted: bool):
-        """The prefill as a CUDA graph replay: an eager forward of SmolLM2's 30 layers costs 20-30 ms of host time on
-        an H100 for ~2 ms of GPU work (results/engine/h100_prefill_eager_2026-12-07/), and every admission group pays
-        it. The group is padded to a (rows, length) bucket; its inputs go
+        """The prefill as a CUDA graph replay: on a small target an eager forward costs many times its GPU work in host
+        time (results/engine/h100_prefill_eager_2026-12-07/), and every admission group pays it. The group is padded to a (rows, length) bucket; its inputs go
         to static buffers, the graph runs the forward in the staging rows and copies what it wrote into the group's
         rows (padding rows copy onto themselves)."""
         B, S = len(prompts), self.max_batch
