@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--eager", action="store_true", help="time the eager prefill, not its CUDA graphs")
     ap.add_argument("--cudnn-sdpa", action="store_true",
-                    help="let an eager prefill's attention pick cuDNN again (the engine leaves it out): the cost it had")
+                    help="let an eager prefill's attention pick cuDNN again (the engine leaves it out): its old cost")
     a = ap.parse_args()
     t0 = time.perf_counter()
     eng = LLMEngine(hub.resolve(a.target), None, EngineConfig(max_batch=max(16, a.group), device=a.device))

@@ -68,7 +68,8 @@ class ModelRunner:
         self.staged_prefill = (self.use_graphs if staged_prefill is None else staged_prefill) and prefill_rows > 0
         R = prefill_rows if self.staged_prefill else 0
         self.prefill_batch = sorted({b for b in (1, 2, 4, 8, 16) if b < R} | {R}) if R else []
-        self.prefill_lens = sorted({min(max_len, 32 * 2 ** i) for i in range(int(math.log2(max(max_len // 32, 1))) + 2)})
+        self.prefill_lens = sorted({min(max_len, 32 * 2 ** i)
+                                    for i in range(int(math.log2(max(max_len // 32, 1))) + 2)})
         self.tcache = SlotKVCache(c.num_hidden_layers, S + R, max_len, c.num_key_value_heads, target.head_dim, dt,
                                   dev, fused_rope=fused_rope)
         self.cache_len = torch.zeros(S, dtype=torch.long, device=dev)
@@ -186,18 +187,17 @@ class ModelRunner:
         P = max(len(p) for p in prompts)
         drafted = self.draft is not None and (with_draft or not self.lazy_draft)
         r = slice(row0, row0 + B)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         if self.staged_prefill and B <= self.prefill_batch[-1] and P <= self.prefill_lens[-1]:
-            tok, dh = self._prefill_graphed(row0, prompts, greedy, filtering, drafted)
+            tok, dh, lens = self._prefill_graphed(row0, prompts, greedy, filtering, drafted)
         else:
             ids = torch.zeros(B, P, dtype=torch.long)
             for b, p in enumerate(prompts):
                 ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
             with self._eager():
-                tok, dh = self._prefill_forward(ids.to(dev), lens.to(dev), row0, _bucket(P + 1, self.key_sizes),
+                tok, dh = self._prefill_forward(ids.to(dev), lens, row0, _bucket(P + 1, self.key_sizes),
                                                 (self.temp[r], self.top_p[r] if filtering else None, self.top_k[r],
                                                  self.seed[r]), greedy, drafted)
-        lens = lens.to(dev)
         if drafted:
             self.d_hidden[r] = dh
         if self.draft is not None:
@@ -228,10 +228,11 @@ class ModelRunner:
         return tok, dh[bi, last]
 
     def _prefill_graphed(self, row0: int, prompts: list[list[int]], greedy: bool, filtering: bool, drafted: bool):
-        """The prefill as a CUDA graph replay: on a small target an eager forward costs many times its GPU work in host
-        time (results/engine/h100_prefill_eager_2026-12-07/), and every admission group pays it. The group is padded to a (rows, length) bucket; its inputs go
-        to static buffers, the graph runs the forward in the staging rows and copies what it wrote into the group's
-        rows (padding rows copy onto themselves)."""
+        """The prefill as a CUDA graph replay: on a small target an eager forward costs many times its GPU work in
+        host time (results/engine/h100_prefill_eager_2026-12-07/), and every admission group pays it. The group is
+        padded to a (rows, length) bucket; its inputs go to static buffers, the graph runs the forward in the staging
+        rows and copies what it wrote into the group's rows (padding rows copy onto themselves). Returns the rows'
+        (tokens, draft hidden or None, lengths), views of the static buffers."""
         B, S = len(prompts), self.max_batch
         Bb, Pb = _bucket(B, self.prefill_batch), _bucket(max(len(p) for p in prompts), self.prefill_lens)
         host = torch.zeros(Bb, Pb + 2, dtype=torch.long)  # ids, then length, then destination row: one copy
@@ -246,15 +247,19 @@ class ModelRunner:
                          (self.pf_seed, self.seed)):
             buf[:B] = src[r]
         filtering = filtering and not greedy  # a greedy pick reads no filter
-        key = ("prefill", Bb, Pb, greedy, filtering, drafted)
-        if not self.use_graphs:
+        if self.use_graphs:  # a capture's warm-up run is this prefill (replay runs it again: same inputs, same writes)
+            self._prefill_graph(Bb, Pb, greedy, filtering, drafted)[0].replay()
+        else:
             self._prefill_staged(Bb, Pb, greedy, filtering, drafted)
-        elif key in self.graphs:
-            self.graphs[key].replay()
-        else:  # the warm-up run of a capture is this prefill (it runs again at replay: same inputs, same writes)
-            self.graphs[key] = self._capture(lambda _: self._prefill_staged(Bb, Pb, greedy, filtering, drafted), Bb)
-            self.graphs[key].replay()
-        return self.pf_tok[:B], (self.pf_dh[:B] if drafted else None)
+        return self.pf_tok[:B], (self.pf_dh[:B] if drafted else None), self.pf_lens[:B]
+
+    def _prefill_graph(self, Bb: int, Pb: int, greedy: bool, filtering: bool, drafted: bool):
+        """The graph of one prefill bucket, captured now if it is new -> (graph, captured now)."""
+        key = ("prefill", Bb, Pb, greedy, filtering, drafted)
+        if key in self.graphs:
+            return self.graphs[key], False
+        self.graphs[key] = self._capture(lambda _: self._prefill_staged(Bb, Pb, greedy, filtering, drafted), Bb)
+        return self.graphs[key], True
 
     def _prefill_staged(self, Bb: int, Pb: int, greedy: bool, filtering: bool, drafted: bool) -> None:
         S = self.max_batch
@@ -567,16 +572,9 @@ class ModelRunner:
 
     def _capture_prefills(self, greedy_only: bool) -> int:
         """Staging rows only: pf_dst points every staging row at itself until a real prefill."""
-        n = 0
-        for drafted in ([False, True] if self.draft is not None else [False]):
-            for Bb in self.prefill_batch:
-                for Pb in self.prefill_lens:
-                    key = ("prefill", Bb, Pb, greedy_only, False, drafted)
-                    if key not in self.graphs:
-                        self.graphs[key] = self._capture(
-                            lambda _: self._prefill_staged(Bb, Pb, greedy_only, False, drafted), Bb)
-                        n += 1
-        return n
+        return sum(self._prefill_graph(Bb, Pb, greedy_only, False, drafted)[1]
+                   for drafted in ([False, True] if self.draft is not None else [False])
+                   for Bb in self.prefill_batch for Pb in self.prefill_lens)
 
     def _round_fn(self, d: int):
         if d == 0:
