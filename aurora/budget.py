@@ -140,15 +140,17 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_batch:
 
 def trainer_probe(trainer, aux_dim: int, vocab: int, dtype=torch.bfloat16, seed: int = 0) -> None:
     """One train step on a sample of the trainer's batch tokens and one guard pass on a sample of its guard
-    chunk: the largest batches the trainer will form (one-hot targets, as samples from SGLang carry). For
-    measure_peak, on a throw-away trainer."""
+    chunk: the largest batches the trainer will form (with the target's final states where the trainer has the
+    target's LM head, one-hot targets otherwise, as SGLang's samples carry them). For measure_peak, on a
+    throw-away trainer."""
     from aurora.sample import Sample
 
     c, g = trainer.config, torch.Generator().manual_seed(seed)
 
     def sample(T: int) -> Sample:
+        final = None if trainer.lm_head is None else torch.randn(T - 1, aux_dim // 3, generator=g).to(dtype)
         return Sample(f"probe-{T}", torch.randint(0, vocab, (T,), generator=g), T // 2,
-                      torch.randn(T - 1, aux_dim, generator=g).to(dtype), None, torch.arange(T) >= T // 2)
+                      torch.randn(T - 1, aux_dim, generator=g).to(dtype), final, torch.arange(T) >= T // 2)
     trainer.train_step([sample(min(c.batch_tokens, c.max_sample_tokens or c.batch_tokens))])
     live = trainer._history[-1][1]
     trainer._simulate([live, live], [sample(c.guard_chunk_tokens)])  # a guard: candidate and live, one chunk

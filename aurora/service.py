@@ -97,7 +97,7 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        resume=cfg.resume, device=str(device))
 
 
-def _sglang_memory_fraction(cfg: ServeConfig, draft, tconf: TrainConfig, dev: torch.device) -> float | None:
+def _sglang_memory_fraction(cfg: ServeConfig, draft, lm_head, tconf: TrainConfig, dev: torch.device) -> float | None:
     """SGLang's --mem-fraction-static when the trainer shares its GPU and the user set none (aurora/budget.py);
     None leaves SGLang's own choice (trainer elsewhere, or the user's flag)."""
     user = sglang_flag(cfg.sglang_args, "--mem-fraction-static")
@@ -115,7 +115,7 @@ def _sglang_memory_fraction(cfg: ServeConfig, draft, tconf: TrainConfig, dev: to
     probe_conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
 
     def probe():
-        trainer = OnlineTrainer(draft, None, probe_conf, lambda state, version, acceptance: None)
+        trainer = OnlineTrainer(draft, lm_head, probe_conf, lambda state, version, acceptance: None)
         trainer_probe(trainer, 3 * c.target_hidden_size, c.vocab_size)
     try:
         measured = measure_peak(dev, probe)
@@ -291,15 +291,20 @@ class Service:
         ipc = tempfile.mkdtemp(prefix="aurora-")  # a short path: unix socket names are limited to ~100 bytes
         address = os.path.join(ipc, "capture.sock") if draft is not None else None
         swap_dir = os.path.join(ipc, "swap") if draft is not None and cfg.sglang_swap == "step" else None
-        collector = CaptureCollector(address, on_sample=lambda s: None) if address else None
-        dev, mem_fraction, tconf = None, None, None
+        # with the target's final states, samples hold its distribution at prompt positions too: train there
+        final = cfg.sglang_capture_final
+        collector = CaptureCollector(address, on_sample=lambda s: None, train_on_prompt=final,
+                                     final_state=final) if address else None
+        dev, mem_fraction, tconf, lm_head = None, None, None, None
         if draft is not None:  # the trainer's device and memory are settled before SGLang takes its share
             dev = torch.device(trainer_device(cfg.trainer_device, cfg.tp_size, torch.cuda.device_count(),
                                               cfg.sglang_args))
             draft = draft.to(device=dev, dtype=torch.bfloat16)  # the served dtype: published snapshots match it
             draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
+            if final:  # the trainer recomputes the target's logits from its final states (aurora/sample.py)
+                lm_head = hub.load_lm_head(target_dir).to(device=dev, dtype=torch.bfloat16)
             tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
-            mem_fraction = _sglang_memory_fraction(cfg, draft, tconf, dev)
+            mem_fraction = _sglang_memory_fraction(cfg, draft, lm_head, tconf, dev)
         adaptive = None
         if swap_dir is not None and drives_depth(cfg, draft_dir):
             write_acceptance(swap_dir, 0, _initial_acceptance(cfg, ckpt))  # version 0's prior, inside SGLang
@@ -310,7 +315,8 @@ class Service:
         port = free_port()
         env = server_env(address, swap_dir, adaptive is not None,
                          chain=cfg.sglang_splitkv_verify and draft is not None and cfg.topk == 1,
-                         capture_topk=cfg.sglang_capture_topk, plain_depth0=cfg.sglang_plain_depth0)
+                         capture_topk=cfg.sglang_capture_topk, plain_depth0=cfg.sglang_plain_depth0,
+                         capture_final=final)
         warm_up = None
         if cfg.sglang_warmup:  # never captured ("n-" rids); greedy and ignore_eos, so every request runs its length
             params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -332,7 +338,7 @@ class Service:
             drain = cfg.trainer_drain and shares_gpu(str(dev), cfg.tp_size, cfg.sglang_args)
             share = DeviceShare(duty=tconf.duty, drain=drain, floor=cfg.serving_floor,
                                 speedup=lambda: served_speedup(engine.speculation()))
-            trainer = OnlineTrainer(draft, None, tconf, engine.swap_draft, share)
+            trainer = OnlineTrainer(draft, lm_head, tconf, engine.swap_draft, share)
         service = cls(engine, trainer, cfg)
         if service.trainer is not None and cfg.capture_pacing:
             engine.pacer = CapturePacer(service.trainer.buffer)

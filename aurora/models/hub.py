@@ -78,6 +78,20 @@ def embedded_smollm2() -> str:
 def load_embedding(model_dir: str) -> torch.nn.Embedding:
     """The target's input embedding alone (the draft shares it), read from its safetensors without loading the
     rest: for a 230B target this is one tensor, not the model."""
+    return torch.nn.Embedding.from_pretrained(_load_tensor(model_dir, "embed_tokens.weight"), freeze=True)
+
+
+def load_lm_head(model_dir: str) -> torch.Tensor:
+    """The target's LM head [V, H] alone (the input embedding where the two are tied), for a trainer that
+    recomputes the target's logits from captured final states."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    return _load_tensor(model_dir, "embed_tokens.weight" if tied else "lm_head.weight")
+
+
+def _load_tensor(model_dir: str, suffix: str) -> torch.Tensor:
+    """The one tensor of the checkpoint whose name ends with `suffix`."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -85,9 +99,8 @@ def load_embedding(model_dir: str) -> torch.nn.Embedding:
     else:
         with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
             weight_map = {k: "model.safetensors" for k in f.keys()}
-    names = [k for k in weight_map if k.endswith("embed_tokens.weight")]
+    names = [k for k in weight_map if k.endswith(suffix)]
     if len(names) != 1:
-        raise ValueError(f"{model_dir}: expected one '*embed_tokens.weight' tensor, found {names}")
+        raise ValueError(f"{model_dir}: expected one '*{suffix}' tensor, found {names}")
     with safe_open(os.path.join(model_dir, weight_map[names[0]]), "pt") as f:
-        weight = f.get_tensor(names[0])
-    return torch.nn.Embedding.from_pretrained(weight, freeze=True)
+        return f.get_tensor(names[0])

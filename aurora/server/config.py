@@ -75,6 +75,10 @@ class ServeConfig:
     sglang_capture_topk: int = 0       # engine sglang: capture the target's K most likely tokens at every verified
                                        # position, so the trainer learns its distribution, not only its next token
                                        # (aurora/sample.py); 0 = next tokens only. Off until a GPU run measured it
+    sglang_capture_final: bool = False  # engine sglang: capture the target's final normed hidden state with its aux
+                                        # states, so the trainer learns the target's whole distribution at every
+                                        # position, prompt included, as on the built-in engine
+                                        # (plugin/final_state.py); excludes sglang_capture_topk
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
@@ -189,6 +193,8 @@ class ServeConfig:
                f"sglang_hang_timeout_s must be > 0, got {self.sglang_hang_timeout_s!r}")
         _check(_is_int(self.sglang_capture_topk) and 0 <= self.sglang_capture_topk <= 1024,
                f"sglang_capture_topk must be an integer in [0, 1024], got {self.sglang_capture_topk!r}")
+        _check(not (self.sglang_capture_final and self.sglang_capture_topk),
+               "sglang_capture_final carries the target's whole distribution: leave sglang_capture_topk at 0")
         _check(_is_int(self.sglang_max_restarts) and self.sglang_max_restarts >= 0,
                f"sglang_max_restarts must be an integer >= 0, got {self.sglang_max_restarts!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")

@@ -8,9 +8,11 @@ round, of which the first accept_len rows are the target's states at accepted to
 (frames can trail the response by a step), or the request is dropped after `timeout_s` and counted.
 Frames lost in the sender (a gap in `seq`) invalidate the requests in flight: dropped, counted.
 
-Samples carry no target_hidden (SGLang keeps only the aux states): the trainer learns from the target's own
-tokens (aurora/sample.py), or from the target's top K at the verified positions where the decode frames carry
-it (`sglang_capture_topk`); prefill rows have none (SGLang computes no logits for prompt positions).
+With `final_state` (SGLang started with wire.FINAL_ENV) every row also carries the target's final normed hidden
+state, and samples carry it as target_hidden: the trainer recomputes the target's whole distribution at every
+position, prompt positions included, as on the built-in engine. Without it samples carry no target_hidden: the
+trainer learns from the target's own tokens (aurora/sample.py), or from the target's top K at the verified
+positions where the decode frames carry it (`sglang_capture_topk`; prefill rows have none).
 """
 import logging
 import threading
@@ -42,9 +44,9 @@ class _Partial:
 
 class CaptureCollector:
     def __init__(self, address: str, on_sample: Callable[[Sample], None], timeout_s: float = 30.0,
-                 train_on_prompt: bool = False):
+                 train_on_prompt: bool = False, final_state: bool = False):
         self.address, self.on_sample, self.timeout_s = address, on_sample, timeout_s
-        self.train_on_prompt = train_on_prompt
+        self.train_on_prompt, self.final_state = train_on_prompt, final_state
         self._parts: dict[str, _Partial] = {}
         self._done: OrderedDict = OrderedDict()  # rids already emitted or dropped: trailing frames are ignored
         self._lock = threading.Lock()
@@ -196,12 +198,14 @@ class CaptureCollector:
         # with -1, "not proposed" (aurora/sample.py): SGLang's depth can change between one request's rounds
         rounds = [r for r in p.rounds if r[0] < tokens.numel() - 1 and r[2] >= 0 and r[1]]
         k = max((len(r[1]) for r in rounds), default=0)
-        sample = Sample(rid, tokens, prompt_len - p.start, torch.cat(p.rows)[:need], None, mask,
+        hidden = torch.cat(p.rows)[:need]
+        aux, final = wire.split_final(hidden) if self.final_state else (hidden, None)
+        sample = Sample(rid, tokens, prompt_len - p.start, aux, final, mask,
                         round_start=torch.tensor([r[0] for r in rounds], dtype=torch.long),
                         proposals=torch.tensor([r[1] + [-1] * (k - len(r[1])) for r in rounds],
                                                dtype=torch.long).view(len(rounds), k),
                         accepted=torch.tensor([r[2] for r in rounds], dtype=torch.long),
-                        draft_version=version, greedy=greedy, **self._topk(p, need))
+                        draft_version=version, greedy=greedy, **({} if self.final_state else self._topk(p, need)))
         self._forget(rid)
         self.counts["samples"] += 1
         try:

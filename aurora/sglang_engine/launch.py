@@ -24,7 +24,7 @@ from aurora.budget import sglang_flag
 from aurora.sglang_engine.plugin.depth import DEPTH_ENV
 from aurora.sglang_engine.plugin.plain_round import ENV as PLAIN_ENV
 from aurora.sglang_engine.plugin.verify_attention import ENV as SPLITKV_ENV
-from aurora.sglang_engine.wire import TOPK_ENV
+from aurora.sglang_engine.wire import FINAL_ENV, TOPK_ENV
 
 log = logging.getLogger(__name__)
 LOADER = "aurora.sglang_engine.plugin.loader.load_draft_only"
@@ -108,9 +108,11 @@ def server_command(cfg, target: str, draft_dir: str | None, port: int, mem_fract
 
 
 def server_env(capture_address: str | None, swap_dir: str | None = None, drive_depth: bool = False,
-               chain: bool = False, capture_topk: int = 0, plain_depth0: bool = False) -> dict:
+               chain: bool = False, capture_topk: int = 0, plain_depth0: bool = False,
+               capture_final: bool = False) -> dict:
     """The plugin package is imported inside SGLang's schedulers; capture is on when an address is given (with
-    the target's top `capture_topk` per verified position when > 0), step swaps when a swap directory is,
+    the target's top `capture_topk` per verified position when > 0, its final normed hidden state with
+    capture_final: plugin/final_state.py), step swaps when a swap directory is,
     Aurora's depth decision with drive_depth (a depth-0 round then skips the draft extend, and with plain_depth0
     runs as the target's own decode step: plugin/plain_round.py), split-KV verify attention with chain (a topk-1
     draft: plugin/verify_attention.py)."""
@@ -121,10 +123,13 @@ def server_env(capture_address: str | None, swap_dir: str | None = None, drive_d
     env.pop("AURORA_CAPTURE_ADDR", None)
     env.pop("AURORA_SWAP_DIR", None)
     env.pop(TOPK_ENV, None)
+    env.pop(FINAL_ENV, None)
     if capture_address:
         env["AURORA_CAPTURE_ADDR"] = capture_address
         if capture_topk > 0:
             env[TOPK_ENV] = str(capture_topk)
+        if capture_final:
+            env[FINAL_ENV] = "1"
     if swap_dir:
         env["AURORA_SWAP_DIR"] = swap_dir
     env.pop(DEPTH_ENV, None)

@@ -9,6 +9,8 @@ multiprocessing.connection (unix socket). `seq` numbers messages so the receiver
                   and accept are left out at ndt 1, a depth-0 round: one token each, nothing proposed), and
                   with a top K asked for (target_topk) topk_ids [bs*ndt, K] int32, topk_logits [bs*ndt, K]
                   float32, lse [bs*ndt] float32: the target's distribution at each verified position.
+With FINAL_ENV set, every hidden row is [4H]: the aux states, then the target's final normed hidden state
+(plugin/final_state.py; `split_final` cuts them apart).
 A frame carries only the requests Aurora captures (rid prefix "c-"): the rows of the others are left on the GPU
 (`request_rows`, `segment_rows`), so a paced capture rate cuts the copies, not only the wire.
 """
@@ -16,6 +18,7 @@ import json
 
 import torch
 
+FINAL_ENV = "AURORA_CAPTURE_FINAL"  # "1": hidden rows carry the final normed state too (set by launch.server_env)
 TOPK_ENV = "AURORA_CAPTURE_TOPK"  # K for the decode frames' target_topk (set by launch.server_env; 0 or unset: none)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.int64,
                                                       torch.int32)}
@@ -80,3 +83,11 @@ def target_topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     top = logits.topk(k, dim=-1)
     return {"topk_ids": top.indices.to(torch.int32), "topk_logits": top.values.float(),
             "lse": torch.logsumexp(logits.float(), dim=-1)}
+
+
+def split_final(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden rows [n, 4H] of a FINAL_ENV frame -> (aux states [n, 3H], final normed states [n, H]), contiguous."""
+    if rows.shape[-1] % 4:
+        raise ValueError(f"hidden rows of width {rows.shape[-1]} cannot hold 3 aux states and the final state")
+    h = rows.shape[-1] // 4
+    return rows[..., :3 * h].contiguous(), rows[..., 3 * h:].contiguous()

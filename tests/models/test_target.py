@@ -50,3 +50,21 @@ def test_load_embedding_alone_equals_the_models(smollm2_dir):
     emb = hub.load_embedding(smollm2_dir)  # in the cache's dtype
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=emb.weight.dtype)
     assert torch.equal(emb.weight, hf.get_input_embeddings().weight) and not emb.weight.requires_grad
+
+
+def test_load_lm_head_alone_equals_the_models(smollm2_dir, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from aurora.models import hub
+    head = hub.load_lm_head(smollm2_dir)  # SmolLM2 ties its LM head to the input embedding
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=head.dtype)
+    assert torch.equal(head, hf.get_output_embeddings().weight)
+    # an untied checkpoint: its own lm_head.weight, not the embedding
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    (untied / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 4), "lm_head.weight": torch.ones(8, 4)},
+              str(untied / "model.safetensors"))
+    assert torch.equal(hub.load_lm_head(str(untied)), torch.ones(8, 4))

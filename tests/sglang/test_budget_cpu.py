@@ -88,12 +88,12 @@ def test_service_sets_the_fraction_from_the_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (H200 - 2 * GiB, H200))
     tconf = TrainConfig(ttt_length=3, batch_tokens=128, guard_chunk_tokens=64, device="cpu", checkpoint_dir=str(tmp_path))
     cfg = ServeConfig(engine="sglang", wandb="disabled", run_dir=str(tmp_path))
-    frac = service_mod._sglang_memory_fraction(cfg, draft, tconf, torch.device("cuda:0"))
+    frac = service_mod._sglang_memory_fraction(cfg, draft, None, tconf, torch.device("cuda:0"))
     n = sum(p.numel() for p in draft.parameters())
     # the probe's peak plus the snapshots it cannot see: 3 kept for rollback + 2 swap buffers, 2 bytes a parameter
     expected = plan_sglang_fraction(H200, H200 - 2 * GiB, 1, 9 * GiB + 2 * n * 5)
     assert ran and abs(frac - expected.fraction) <= 0.001 and not os.listdir(tmp_path)  # the probe saved nothing
     user = ServeConfig(engine="sglang", wandb="disabled", sglang_args="--mem-fraction-static 0.5")
-    assert service_mod._sglang_memory_fraction(user, draft, tconf, torch.device("cuda:0")) is None
-    assert service_mod._sglang_memory_fraction(cfg, draft, tconf, torch.device("cuda:1")) is None
+    assert service_mod._sglang_memory_fraction(user, draft, None, tconf, torch.device("cuda:0")) is None
+    assert service_mod._sglang_memory_fraction(cfg, draft, None, tconf, torch.device("cuda:1")) is None
     assert len(ran) == 1

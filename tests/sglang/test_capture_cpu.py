@@ -136,6 +136,33 @@ def test_decode_frames_carry_the_targets_top_k(tmp_path):
     col.close()
 
 
+def test_frames_with_the_final_state_give_target_hidden(tmp_path):
+    """With final_state, every row is [aux 3H | final H] (plugin/final_state.py): the sample's aux_hidden and
+    target_hidden are the two parts of the same rows, prompt rows included, and prompt positions are trained."""
+    def rows(first, n):  # aux block of row p: p; final block: -p (position-exact, and which block is which)
+        p = torch.arange(first, first + n, dtype=torch.float32)[:, None]
+        return torch.cat([p.repeat(1, D), -p.repeat(1, D // 3)], 1)
+    got = []
+    col = CaptureCollector(str(tmp_path / "c.sock"), got.append, timeout_s=5, train_on_prompt=True, final_state=True)
+    tx = Sender(col.address)
+    tx.send({"kind": "prefill", "rids": ["c-A"], "prefix": [1], "lens": [4]}, {"hidden": rows(1, 4)})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 3},
+            {"hidden": rows(5, 3), "accept": torch.tensor([2]), "draft": torch.tensor([1, 2, 3])})
+    tx.send({"kind": "decode", "rids": ["c-A"], "ndt": 1}, {"hidden": rows(7, 1)})  # a depth-0 round
+    _wait(lambda: col.counts["frames"] == 3)
+    col.finish("c-A", list(range(100, 109)), 5, True, 0)  # 9 tokens, 1 cached: the sample's rows are 1..7
+    _wait(lambda: len(got) == 1)
+    s = got[0]
+    pos = torch.arange(1, 8, dtype=torch.float32)[:, None]
+    torch.testing.assert_close(s.aux_hidden, pos.repeat(1, D))
+    torch.testing.assert_close(s.target_hidden, -pos.repeat(1, D // 3))
+    assert s.aux_hidden.is_contiguous() and s.target_hidden.is_contiguous() and s.target_topk_ids is None
+    assert s.loss_mask.all()  # prompt positions trained too, as the built-in engine marks them
+    col.close()
+    with pytest.raises(ValueError, match="cannot hold 3 aux states"):
+        wire.split_final(torch.zeros(2, 6))
+
+
 def test_unfinished_requests_time_out_and_are_counted(tmp_path):
     col = CaptureCollector(str(tmp_path / "c.sock"), lambda s: None, timeout_s=0.2)
     tx = Sender(col.address)
@@ -203,6 +230,8 @@ def test_server_command_and_env():
     assert os.path.isdir(os.path.join(env["PYTHONPATH"].split(os.pathsep)[0], "aurora"))
     assert server_env("/tmp/a.sock", capture_topk=32)[wire.TOPK_ENV] == "32" and wire.TOPK_ENV not in env
     assert wire.TOPK_ENV not in server_env(None, capture_topk=32)  # no capture, no top K
+    assert server_env("/tmp/a.sock", capture_final=True)[wire.FINAL_ENV] == "1" and wire.FINAL_ENV not in env
+    assert wire.FINAL_ENV not in server_env(None, capture_final=True)
 
 
 def test_request_mapping_and_stats():

@@ -3,7 +3,8 @@
 SGLang 0.5.17's EAGLEWorkerV2 already moves everything capture needs through two eager methods of its
 draft worker, so capture (and the step swap, step_swap.py) wraps them instead of touching the CUDA-graphed
 forwards:
-  _draft_extend_for_prefill(batch, target_hidden_states, ...)  aux states of every prefilled token
+  _draft_extend_for_prefill(batch, target_hidden_states, ...)  aux states of every prefilled token (and with
+                                                                 final_state.py the target's final state)
   _draft_extend_for_decode(batch, batch_result)                 aux states of the verified block, the
                                                                  block's tokens and the accept lengths (and
                                                                  with AURORA_CAPTURE_TOPK the target's top K
@@ -26,7 +27,7 @@ import torch
 from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3 as _SGLangEagle3
 
 from aurora.sglang_engine import wire
-from aurora.sglang_engine.plugin import depth, plain_round, verify_attention
+from aurora.sglang_engine.plugin import depth, final_state, plain_round, verify_attention
 from aurora.sglang_engine.plugin.step_swap import Applier
 
 log = logging.getLogger("aurora.sglang.capture")
@@ -46,6 +47,9 @@ EntryClass = LlamaForCausalLMEagle3
 # SGLang's model registry imports this module before it builds any model or attention backend
 if os.environ.get(verify_attention.ENV) == "1":
     verify_attention.enable()
+# ... and before the target's CUDA graphs are captured: they must output the final state's block too
+if os.environ.get(wire.FINAL_ENV) == "1":
+    final_state.enable()
 
 
 class _Sender:
@@ -143,6 +147,7 @@ def install() -> None:
             depth.mark_prefill()
         if _sender is not None:
             _on_prefill(batch, target_hidden_states)  # before the call: it rewrites batch.input_ids
+        target_hidden_states = final_state.aux_only(target_hidden_states)
         if _applier is not None:  # between steps, in stream order: the draft forwards below see the new weights
             _applier.poll(self.draft_runner.model)
         if plain_round.draft_idle():  # no batch size speculates: the next rounds read only the sampled tokens
@@ -153,6 +158,8 @@ def install() -> None:
     def draft_extend_for_decode(self, batch, batch_result, *args, **kwargs):  # 0.5.22 adds kv_loc_plan=
         if _sender is not None:
             _on_decode(batch, batch_result, self.speculative_num_draft_tokens)
+        out = batch_result.logits_output
+        out.hidden_states = final_state.aux_only(out.hidden_states)
         if _applier is not None:
             _applier.poll(self.draft_runner.model)
         return decode(self, batch, batch_result, *args, **kwargs)
