@@ -14,7 +14,6 @@ forwards are untouched. No SGLang file is changed; this is SGLang's own forward 
 """
 import functools
 import logging
-import os
 
 import torch
 
