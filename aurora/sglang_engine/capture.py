@@ -205,7 +205,7 @@ class CaptureCollector:
                         proposals=torch.tensor([r[1] + [-1] * (k - len(r[1])) for r in rounds],
                                                dtype=torch.long).view(len(rounds), k),
                         accepted=torch.tensor([r[2] for r in rounds], dtype=torch.long),
-                        draft_version=version, greedy=greedy, **({} if self.final_state else self._topk(p, need)))
+                        draft_version=version, greedy=greedy, **self._topk(p, need))
         self._forget(rid)
         self.counts["samples"] += 1
         try:
