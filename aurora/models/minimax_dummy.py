@@ -8,9 +8,10 @@ OUT/target holds
   tokenizer files  a stand-in tokenizer: token id i is the word "t<i>" (200,064 of them), so Aurora's routes work
                    unchanged: token-id prompts to /v1/completions (a list of ints), or text such as "t5 t17";
                    completions come back as such words. SGLang itself runs with --skip-tokenizer-init.
-  model.safetensors  only `model.embed_tokens.weight` (random): the trainer's draft shares the target's embedding
-                   and reads it from there (hub.load_embedding); SGLang's dummy loader reads no file, so SGLang's
-                   own embedding is a different random one (accept length means nothing here anyway).
+  model.safetensors  only `model.embed_tokens.weight` and `lm_head.weight` (random): the trainer's draft shares the
+                   target's embedding and reads it from there (hub.load_embedding), and a trainer learning from
+                   the target's final states reads the LM head (hub.load_lm_head); SGLang's dummy loader reads no
+                   file, so SGLang's own weights are other random ones (accept length means nothing here anyway).
 OUT/draft: the draft's config.json with the reduced target's aux layers, random weights, a draft vocabulary of
 the target ids 0..31999.
 
@@ -92,10 +93,14 @@ def write_target(out: str, num_layers: int, embedding: bool = True, seed: int = 
         from safetensors.torch import save_file
 
         gen = torch.Generator().manual_seed(seed)
-        w = torch.empty(cfg["vocab_size"], cfg["hidden_size"], dtype=torch.bfloat16)
-        for i in range(0, w.shape[0], 16384):  # in slices: one fp32 copy of the whole table would be 2.5 GB
-            w[i:i + 16384] = torch.randn(min(16384, w.shape[0] - i), w.shape[1], generator=gen) * 0.02
-        save_file({"model.embed_tokens.weight": w}, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+
+        def table():
+            w = torch.empty(cfg["vocab_size"], cfg["hidden_size"], dtype=torch.bfloat16)
+            for i in range(0, w.shape[0], 16384):  # in slices: one fp32 copy of the whole table would be 2.5 GB
+                w[i:i + 16384] = torch.randn(min(16384, w.shape[0] - i), w.shape[1], generator=gen) * 0.02
+            return w
+        save_file({"model.embed_tokens.weight": table(), "lm_head.weight": table()},
+                  os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

@@ -11,10 +11,12 @@ import os
 import time
 
 import openai
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import aurora.sglang_engine.launch as launch
+from aurora.sglang_engine import wire
 from aurora.models.minimax_dummy import aux_layers_for, write_draft, write_target
 from aurora.server.app import create_app
 from aurora.server.config import ServeConfig
@@ -30,11 +32,13 @@ SMALL_DRAFT = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                    vocab_size=512, draft_vocab_size=256, target_hidden_size=64, max_position_embeddings=512)
 
 
-def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
+@pytest.mark.parametrize("final", [False, True], ids=["aux", "final"])
+def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch, final):
     target = write_target(str(tmp_path / "target"), 4, **SMALL_TARGET)
     draft = write_draft(str(tmp_path / "draft"), 4, **SMALL_DRAFT)
     cfg = ServeConfig.load(os.path.join(ROOT, "configs", "minimax-m2.5-dummy.yaml"), target=target, draft=draft,
-                           run_dir=str(tmp_path / "run"), trainer_device="cpu", wandb="disabled")
+                           run_dir=str(tmp_path / "run"), trainer_device="cpu", wandb="disabled",
+                           sglang_capture_final=final)
     real_find, real_version = importlib.util.find_spec, importlib.metadata.version
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "sglang" else real_find(n, *a))
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.5.17" if n == "sglang" else real_version(n))
@@ -72,8 +76,17 @@ def test_dummy_config_serves_token_ids_through_aurora(tmp_path, monkeypatch):
             with open(os.path.join(draft, "config.json")) as f:
                 ids = json.load(f)["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
             assert [i + 1 for i in ids] == aux_layers_for(4) == [1, 2, 3]  # SGLang captures inputs of layers id+1
-            emb = load_file(os.path.join(target, "model.safetensors"))["model.embed_tokens.weight"]
+            weights = load_file(os.path.join(target, "model.safetensors"))
+            emb = weights["model.embed_tokens.weight"]
             assert torch.equal(service.trainer.master.embed.weight.to(emb.dtype).cpu(), emb)
+            # with the final states captured, SGLang is told to ship them, the collector splits them off and the
+            # trainer recomputes the target's logits with the target's own (untied) LM head
+            assert (env.get(wire.FINAL_ENV) == "1") == final == service.engine.collector.final_state
+            assert service.engine.collector.train_on_prompt == final
+            if final:
+                assert torch.equal(service.trainer.lm_head.cpu(), weights["lm_head.weight"])
+            else:
+                assert service.trainer.lm_head is None
 
             with live_server(create_app(service, cfg)) as url:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none")
