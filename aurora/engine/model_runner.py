@@ -269,10 +269,10 @@ class ModelRunner:
         dst, stage = self.pf_dst[:Bb], slice(S, S + Bb)
         caches = [self.tcache] + ([self.dcache] if drafted else [])
         for t in [x for c in caches for x in (c.k, c.v)]:
-            t[:, dst, :Pb] = t[:, stage, :Pb]
+            t[:, dst, :Pb] = t[:, stage, :Pb].clone()  # a view of t itself: index_put refuses the overlap on CUDA
         if self.capture:
             for t in (self.aux_store, self.hid_store) + ((self.tok_store,) if self.lazy_draft else ()):
-                t[dst, :Pb] = t[stage, :Pb]
+                t[dst, :Pb] = t[stage, :Pb].clone()
         if drafted:
             self.pf_dh[:Bb] = dh
 
