@@ -196,15 +196,15 @@ def test_greedy_equals_target_only_and_capture_matches_hf(stack):
         assert (s.target_hidden is not None) == FINAL
         if FINAL:  # every row, prompt rows included, against HF's final normed state and its fp32 logits
             assert bool(s.loss_mask[1:].all())  # the target's distribution is known at prompt positions too
-            cos = torch.nn.functional.cosine_similarity(s.target_hidden.cuda().float(), out.hidden_states[-1][0, off:-1],
-                                                        dim=-1)
+            state = s.target_hidden.cuda().float()
+            cos = torch.nn.functional.cosine_similarity(state, out.hidden_states[-1][0, off:-1], dim=-1)
             final["worst_cosine"] = min(final["worst_cosine"], float(cos.min()))
-            logits = s.target_hidden.cuda().float() @ hf.lm_head.weight.t()
+            logits = state @ hf.lm_head.weight.t()
             ref = out.logits[0, off:-1].float()
-            top = ref.max(-1).values
             final["rows"] += ref.shape[0]
-            # the captured state's argmax is the target's, up to a bf16 near-tie (TIE below)
-            final["argmax_off"] += int((top - ref.gather(1, logits.argmax(-1, keepdim=True))[:, 0] > 0.5).sum())
+            # the captured state's argmax is HF's, or within half a logit of it (a bf16 near-tie)
+            gap = ref.max(-1).values - ref.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+            final["argmax_off"] += int((gap > 0.5).sum())
             kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                             reduction="none").sum(-1)  # KL(HF || captured) per row
             final["kl_max"], final["kl_sum"] = max(final["kl_max"], float(kl.max())), final["kl_sum"] + float(kl.sum())
