@@ -85,9 +85,14 @@ def target_topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
             "lse": torch.logsumexp(logits.float(), dim=-1)}
 
 
-def split_final(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden rows [n, 4H] of a FINAL_ENV frame -> (aux states [n, 3H], final normed states [n, H]), contiguous."""
+def aux_of(rows: torch.Tensor) -> torch.Tensor:
+    """The aux states [n, 3H] of FINAL_ENV rows [n, 4H] (the first three blocks), contiguous."""
     if rows.shape[-1] % 4:
         raise ValueError(f"hidden rows of width {rows.shape[-1]} cannot hold 3 aux states and the final state")
-    h = rows.shape[-1] // 4
-    return rows[..., :3 * h].contiguous(), rows[..., 3 * h:].contiguous()
+    return rows[..., :rows.shape[-1] // 4 * 3].contiguous()
+
+
+def split_final(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden rows [n, 4H] of a FINAL_ENV frame -> (aux states [n, 3H], final normed states [n, H]), contiguous."""
+    aux = aux_of(rows)
+    return aux, rows[..., aux.shape[-1]:].contiguous()

@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from aurora.sglang_engine import wire
+
 log = logging.getLogger("aurora.sglang.final_state")
 _on = False
 
@@ -63,7 +65,5 @@ def with_final_block(aux, final: torch.Tensor):
 
 def aux_only(hidden: torch.Tensor | None) -> torch.Tensor | None:
     """The draft's input: the first 3H of the target's [tokens, 4H] rows (unchanged while this is off)."""
-    if not _on or hidden is None:
-        return hidden
-    return hidden[..., :hidden.shape[-1] // 4 * 3].contiguous()
+    return hidden if not _on or hidden is None else wire.aux_of(hidden)
 
