@@ -1,10 +1,13 @@
 """How serving and the trainer share one device, so that learning never costs serving more than it is allowed.
 
 Serving comes first. The engine thread wraps each step in `serving()`; the trainer wraps its device work (each
-optimiser step, the guard's held-out pass) in `training()` and calls `rest()` after it:
+optimiser step, the guard's held-out pass) in `training()` and calls `rest()` before and after it:
 
 - `duty`: while serving is busy (a step ran within the last `busy_window_s`), the trainer rests after each step
   in proportion to it, so it takes at most `duty` of the wall time; while serving is idle it trains freely.
+  When serving turns busy after an idle spell, the trainer first rests as if it had just trained for as long as
+  its last step took: the duty then holds over every busy stretch from its start, not only on average (without
+  it a burst of requests opens with a training step: seconds on a CPU, where serving waits for it).
 - `turns` (a CPU): serving and training take turns on the cores instead of running side by side. Two OpenMP
   teams on the same cores slow each other far more than their share (trainer.py's module doc has the
   numbers), so the trainer's step waits for the engine's step to end, and the engine's next step waits for
@@ -53,10 +56,15 @@ class DeviceShare:
         self.turn_wait_s = 0.0  # serving's seconds waiting for a training turn to end (turns only): the engine
                                 # keeps them out of its round costs, which they would blur by depth at random
         self._owed = 0.0  # seconds inside training() not yet rested for
+        self.step_s = 0.0  # how long the last training() took: what the next one is expected to cost (a trainer
+                           # resuming from a checkpoint sets it, so its first step under load is paid for too)
+        self._burst = False  # serving turned busy after an idle spell (engine thread sets, trainer thread clears)
 
     # ------------------------------------------------------------- engine thread
     @contextmanager
     def serving(self):
+        if self.busy_window_s is not None and time.monotonic() - self._last_step >= self.busy_window_s:
+            self._burst = True
         if not self.turns:
             self._serving = True
             try:
@@ -101,12 +109,17 @@ class DeviceShare:
             spent = time.monotonic() - t0
             self.trained_s += spent
             self._owed += spent
+            self.step_s = spent
 
     def rest(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """After training (steps, the guard's held-out pass): rest so that everything done inside `training()`
         since the last rest takes at most `duty` of the time serving is busy; cut short when serving goes idle
         or `stop` is set. `wake` (a swap is due) ends the rest early: the rest not taken stays owed, so the
-        duty still holds over time while a swap never waits out a long rest."""
+        duty still holds over time while a swap never waits out a long rest. Called before a step too: with
+        nothing owed it returns at once; at the start of a busy stretch it owes one step (see the module doc)."""
+        if self._burst:
+            self._burst = False
+            self._owed = max(self._owed, self.step_s)
         owed, self._owed = self._owed, 0.0
         duty = self.duty_now()
         if duty >= 1:
@@ -114,15 +127,24 @@ class DeviceShare:
         ratio = (1 - duty) / duty
         until = time.monotonic() + owed * ratio
         t0 = time.monotonic()
-        while not stop.is_set() and self.busy():
+        while self.busy():
             left = until - time.monotonic()
             if left <= 0:
                 break
-            if wake is not None and wake.is_set():
-                self._owed += left / ratio
+            if stop.is_set() or (wake is not None and wake.is_set()):
+                self._owed += left / ratio  # kept: a checkpoint taken at a stop carries it over a restart
                 break
             stop.wait(min(left, 0.05))  # short waits: a swap falling due or serving going idle ends the rest
         self.rested_s += time.monotonic() - t0
+
+    @property
+    def owed_s(self) -> float:
+        """Training seconds not yet rested for."""
+        return self._owed
+
+    def owe(self, seconds: float) -> None:
+        """A trainer resuming from a checkpoint takes on what the one before it owed."""
+        self._owed += max(0.0, float(seconds))
 
     def duty_now(self) -> float:
         """The duty that applies now: `duty`, or with a floor the share serving can spare at today's speedup."""

@@ -110,6 +110,48 @@ def test_a_step_longer_than_the_busy_window_keeps_serving_busy():
     assert rested > 0.35, rested  # 0.05 s trained at duty 0.1 owes 0.45 s
 
 
+def test_a_burst_after_idle_opens_with_a_rest_not_a_step():
+    """Serving turns busy after an idle spell: the trainer's next step waits as if it had just taken its last one
+    (a CPU step holds serving for seconds), and a step while serving stays busy owes only its own rest."""
+    share, stop = DeviceShare(duty=0.1, turns=False, busy_window_s=0.05), threading.Event()
+    with share.training():
+        time.sleep(0.04)  # a step while idle
+    t0 = time.monotonic()
+    share.rest(stop)
+    assert time.monotonic() - t0 < 0.05  # idle: nothing to rest
+
+    def engine():
+        while not stop.is_set():
+            with share.serving():
+                time.sleep(0.002)
+
+    t = threading.Thread(target=engine)
+    t.start()
+    time.sleep(0.02)
+    t0 = time.monotonic()
+    share.rest(stop)  # before the next step: 0.04 s at duty 0.1 owes 0.36 s
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    share.rest(stop)  # the same stretch goes on: nothing more owed
+    again = time.monotonic() - t0
+    stop.set()
+    t.join()
+    assert 0.3 < first < 0.5, first
+    assert again < 0.05, again
+
+
+def test_a_stop_ends_the_rest_and_keeps_it_owed():
+    share, stop = DeviceShare(duty=0.1), threading.Event()  # no serving signal: always busy
+    with share.training():
+        time.sleep(0.05)  # owes 0.45 s of rest
+    threading.Timer(0.1, stop.set).start()
+    t0 = time.monotonic()
+    share.rest(stop)
+    assert time.monotonic() - t0 < 0.3
+    assert 0.025 < share.owed_s < 0.045, share.owed_s  # ~0.35 s of rest left = ~0.039 s of training
+    assert share.step_s == pytest.approx(0.05, abs=0.02)
+
+
 def test_a_due_swap_ends_the_rest_and_the_rest_stays_owed():
     share, stop, wake = DeviceShare(duty=0.1), threading.Event(), threading.Event()
     with share.training():

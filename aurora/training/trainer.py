@@ -337,6 +337,7 @@ class OnlineTrainer:
                 self.samples_in_training = len(pending)
         try:
             for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
+                self.share.rest(self._stop, self._wake())  # owed from before a restart or a burst (sharing.py)
                 spent = self.share.trained_s
                 with self.share.training():
                     self.train_step([s for _, (_, s) in group])
@@ -568,7 +569,8 @@ class OnlineTrainer:
                      "scheduler": self.scheduler.state_dict(), "config": asdict(self.config),
                      "acceptance": self.acceptance, "heldout_accept_by_version": self.heldout_accept_by_version,
                      "counters": {k: getattr(self, k) for k in ("version", "steps", "swaps", "swaps_refused",
-                                                                 "failures", "finished_requests")}}
+                                                                 "failures", "finished_requests")},
+                     "sharing": {"step_s": self.share.step_s, "owed_s": self.share.owed_s}}
             write_checkpoint(path, self.master, self.engine_dtype, state)
         return path
 
@@ -584,6 +586,9 @@ class OnlineTrainer:
             setattr(self, k, v)
         self.acceptance = state.get("acceptance")  # absent in checkpoints written before it was kept
         self.heldout_accept_by_version = dict(state.get("heldout_accept_by_version") or {})
+        sharing = state.get("sharing") or {}  # what the trainer before the restart owed serving (sharing.py)
+        self.share.step_s = float(sharing.get("step_s", 0.0))
+        self.share.owe(sharing.get("owed_s", 0.0))
         return True
 
     def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:

@@ -20,6 +20,8 @@ def test_checkpoint_resume_round_trip(target, samples, tmp_path):
     tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, cfg, lambda sd, v, acc: published.append(v))
     for i in range(3):
         tr.train_step(samples[i * 8:(i + 1) * 8])
+    tr.share.step_s = 2.5  # what serving is owed travels with the checkpoint (aurora/sharing.py)
+    tr.share.owe(1.5)
     assert tr.swap_now() == 1  # publish checkpoints
     served = load_served_draft(str(tmp_path))
     with open(tmp_path / "draft" / "config.json") as f:
@@ -39,6 +41,8 @@ def test_checkpoint_resume_round_trip(target, samples, tmp_path):
         assert torch.equal(st["exp_avg_sq"], o2["state"][pid]["exp_avg_sq"])
     assert tr2.scheduler.last_epoch == tr.scheduler.last_epoch == 3
     assert (tr2.version, tr2.steps, tr2.swaps) == (1, 3, 1)
+    assert tr2.share.step_s > 0 and tr2.share.owed_s >= 1.5  # the guard's pass at the swap adds to both
+    assert (tr2.share.step_s, tr2.share.owed_s) == (tr.share.step_s, tr.share.owed_s)
     tr2.start()  # hands the engine the restored weights under the restored version
     tr2.stop()
     assert got[0][0] == 1 and torch.equal(got[0][1]["fc.weight"], tr.master.fc.weight.detach().to(torch.float32))
