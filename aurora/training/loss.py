@@ -31,20 +31,36 @@ class TargetDist:
 
 @torch.no_grad()
 def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draft_to_target: torch.Tensor,
-                        chunk_rows: int = 1024) -> TargetDist:
+                        chunk_rows: int = 1024, rows: torch.Tensor | None = None) -> TargetDist:
     """target_hidden [N, H] final normed target states, lm_head [V, H], draft_to_target [Vd] target ids.
-    Chunked so only a [chunk, V] slice of full logits exists at once."""
+    `rows` [N] bool: only these rows are ever read (the others are padding or outside the loss); they alone pay
+    for the [., V] product, the largest cost of a step on a CPU, and the rest get logits -1e4 with lse 0 (every
+    probability 0) and no in-vocabulary argmax. Chunked so only a [chunk, V] slice of full logits exists at once."""
+    N, Vd = target_hidden.shape[0], draft_to_target.numel()
+    idx = None if rows is None else rows.nonzero().squeeze(1).to(target_hidden.device)
+    hidden = target_hidden if idx is None else target_hidden[idx]
     t2d = torch.zeros(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
     t2d[draft_to_target] = True
     parts = []
-    for s in range(0, target_hidden.shape[0], chunk_rows):
-        full = (target_hidden[s:s + chunk_rows].to(lm_head.dtype) @ lm_head.t()).float()  # [c, V]
-        parts.append((full[:, draft_to_target], torch.logsumexp(full, -1), t2d[full.argmax(-1)]))
-    if not parts:
-        Vd = draft_to_target.numel()
-        return TargetDist(lm_head.new_zeros(0, Vd, dtype=torch.float32), lm_head.new_zeros(0, dtype=torch.float32),
-                          torch.zeros(0, dtype=torch.bool, device=lm_head.device))
-    return TargetDist(*(torch.cat(p) for p in zip(*parts)))
+    for s in range(0, hidden.shape[0], chunk_rows):
+        full = (hidden[s:s + chunk_rows].to(lm_head.dtype) @ lm_head.t()).float()  # [c, V]
+        sub = full[:, draft_to_target]
+        top, arg = full.max(-1)
+        lse = full.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)  # in place: no second [c, V] buffer
+        parts.append((sub, lse, t2d[arg]))
+    dev = lm_head.device
+    if parts:
+        logits, lse, in_vocab = (torch.cat(p) for p in zip(*parts))
+    else:
+        logits, lse = lm_head.new_zeros(0, Vd, dtype=torch.float32), lm_head.new_zeros(0, dtype=torch.float32)
+        in_vocab = torch.zeros(0, dtype=torch.bool, device=dev)
+    if idx is None:
+        return TargetDist(logits, lse, in_vocab)
+    out = TargetDist(torch.full((N, Vd), -1e4, device=dev), torch.zeros(N, device=dev),
+                     torch.zeros(N, dtype=torch.bool, device=dev))
+    idx = idx.to(dev)
+    out.logits[idx], out.lse_full[idx], out.in_vocab[idx] = logits, lse, in_vocab
+    return out
 
 
 @torch.no_grad()

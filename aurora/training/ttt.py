@@ -192,7 +192,8 @@ def batch_target(batch: TTTBatch, draft: Eagle3Draft, lm_head: torch.Tensor | No
         d2t_ids = d2t_ids.to(batch.ids.device)
         dist = one_hot_distribution(next_ids, d2t_ids, draft.config.vocab_size)
         return dist if batch.topk is None else with_topk(dist, *batch.topk, d2t_ids, draft.config.vocab_size)
-    return target_distribution(batch.target_hidden, lm_head, d2t_ids)
+    B, L = batch.shape
+    return target_distribution(batch.target_hidden, lm_head, d2t_ids, rows=batch.target_mask[:, :L].reshape(-1))
 
 
 def step_masks(batch: TTTBatch, tdist: TargetDist, ttt_length: int) -> torch.Tensor:

@@ -98,3 +98,22 @@ def test_reject_term_lowers_q_of_rejected_token(target, samples):
 
     q_off, q_on = q_after(0.0), q_after(1.0)
     assert q_on[0] < 0.7 * q_off[0] and q_on[1] < 0.7 * q_off[1], (q_off, q_on)
+
+
+def test_target_distribution_on_chosen_rows_matches_the_full_softmax():
+    """Rows outside the loss are skipped; the rest match plain torch over the whole vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    V, H, N = 300, 16, 37
+    lm, hidden = torch.randn(V, H, generator=g), torch.randn(N, H, generator=g)
+    d2t = torch.randperm(V, generator=g)[:40]
+    rows = torch.rand(N, generator=g) < 0.6
+    got = target_distribution(hidden, lm, d2t, chunk_rows=8, rows=rows)
+    full = hidden @ lm.t()
+    torch.testing.assert_close(got.logits[rows], full[rows][:, d2t])
+    torch.testing.assert_close(got.lse_full[rows], torch.logsumexp(full[rows], -1))
+    in_vocab = torch.isin(full.argmax(-1), d2t)
+    assert torch.equal(got.in_vocab, in_vocab & rows)
+    assert float(got.full_probs()[~rows].max()) == 0.0  # skipped rows hold no probability
+    everything = target_distribution(hidden, lm, d2t, chunk_rows=8)
+    torch.testing.assert_close(everything.lse_full, torch.logsumexp(full, -1))
+    assert torch.equal(everything.in_vocab, in_vocab)
