@@ -88,17 +88,22 @@ def test_trainer_stream_in_a_green_context():
         assert getattr(share, "_green", None) is not None
 
 
-def test_a_step_longer_than_the_busy_window_keeps_serving_busy():
-    """A CPU prefill can take longer than busy_window_s: the trainer must not read that as idle serving."""
-    share, stop = DeviceShare(duty=0.1, turns=False, busy_window_s=0.05), threading.Event()
-
+def _serve_steps(share: DeviceShare, stop: threading.Event, step_s: float) -> threading.Thread:
+    """An engine thread taking steps of `step_s` until `stop`."""
     def engine():
         while not stop.is_set():
             with share.serving():
-                time.sleep(0.3)
+                time.sleep(step_s)
 
     t = threading.Thread(target=engine)
     t.start()
+    return t
+
+
+def test_a_step_longer_than_the_busy_window_keeps_serving_busy():
+    """A CPU prefill can take longer than busy_window_s: the trainer must not read that as idle serving."""
+    share, stop = DeviceShare(duty=0.1, turns=False, busy_window_s=0.05), threading.Event()
+    t = _serve_steps(share, stop, 0.3)
     time.sleep(0.1)
     with share.training():
         time.sleep(0.05)
@@ -119,14 +124,7 @@ def test_a_burst_after_idle_opens_with_a_rest_not_a_step():
     t0 = time.monotonic()
     share.rest(stop)
     assert time.monotonic() - t0 < 0.05  # idle: nothing to rest
-
-    def engine():
-        while not stop.is_set():
-            with share.serving():
-                time.sleep(0.002)
-
-    t = threading.Thread(target=engine)
-    t.start()
+    t = _serve_steps(share, stop, 0.002)
     time.sleep(0.02)
     t0 = time.monotonic()
     share.rest(stop)  # before the next step: 0.04 s at duty 0.1 owes 0.36 s
