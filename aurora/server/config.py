@@ -22,11 +22,14 @@ KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 # Training settings left unset (None) are chosen for the device the draft trains on. A CPU trains a
 # hundred-odd tokens a second: over the full vocabulary of a chat model (SmolLM2: 49,152 tokens) its LM head
 # learns too slowly to show in the first hundreds of requests, so it prunes the vocabulary to the most
-# frequent tokens of the first few requests, swaps often and takes bigger steps. draft_vocab_size 0 = the
-# target's full vocabulary.
+# frequent tokens of the first few requests, swaps often, takes bigger steps (lr) and shorter ones (fewer tokens:
+# serving waits out each step while the two take turns on the cores). draft_vocab_size 0 = the target's full
+# vocabulary.
 DEVICE_DEFAULTS = {
-    "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3},
-    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4},
+    "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3,
+            "train_batch_tokens": 512},
+    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 3e-4,
+             "train_batch_tokens": 2048},
 }
 
 
@@ -98,8 +101,10 @@ class ServeConfig:
                                          # DEVICE_DEFAULTS (2048 on a CPU, the full vocabulary on CUDA)
     vocab_warmup_requests: int | None = None
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
-    train_batch_tokens: int = 2048     # tokens per trainer step (at least one sample); larger steps launch fewer,
-                                       # bigger kernels: worth it when the trainer shares a busy GPU
+    train_batch_tokens: int | None = None  # tokens per trainer step (at least one sample); None = DEVICE_DEFAULTS:
+                                           # on a GPU larger steps launch fewer, bigger kernels; on a CPU a step's
+                                           # cost grows with its tokens and serving waits out each one: short
+                                           # steps keep those waits short
     trainer_device: str = "auto"       # "auto" = the engine's device; "cpu" keeps training off the GPU
     trainer_duty: float = 0.1          # while serving is busy, the most of the wall time the trainer spends training
                                        # (it rests after each step; idle serving lets it train freely). On a CPU,

@@ -9,7 +9,7 @@ def test_defaults():
     cfg = ServeConfig()
     assert cfg.target == "smollm2" and cfg.draft == "scratch" and cfg.num_draft_tokens == 5
     assert cfg.run_dir.startswith("runs") and cfg.wandb in ("offline", "online")
-    assert cfg.sglang_swap == "step" and cfg.train_batch_tokens == 2048
+    assert cfg.sglang_swap == "step" and cfg.train_batch_tokens is None  # chosen for the device (DEVICE_DEFAULTS)
 
 
 def test_yaml_then_flags(tmp_path):
@@ -124,12 +124,13 @@ def test_training_settings_follow_the_device_unless_given():
 
     cpu, chosen = ServeConfig().for_device("cpu")
     assert chosen == DEVICE_DEFAULTS["cpu"]
-    assert (cpu.draft_vocab_size, cpu.vocab_warmup_requests, cpu.sync_every, cpu.lr) == (2048, 8, 16, 1e-3)
+    assert (cpu.draft_vocab_size, cpu.vocab_warmup_requests, cpu.sync_every, cpu.lr, cpu.train_batch_tokens) == (
+        2048, 8, 16, 1e-3, 512)
     cuda, _ = ServeConfig().for_device("cuda")
-    assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr) == (0, 800, 3e-4)
-    given, chosen = ServeConfig(sync_every=5, draft_vocab_size=0).for_device("cpu")
-    assert (given.sync_every, given.draft_vocab_size, given.lr) == (5, 0, 1e-3) and set(chosen) == {
-        "vocab_warmup_requests", "lr"}
+    assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr, cuda.train_batch_tokens) == (0, 800, 3e-4, 2048)
+    given, chosen = ServeConfig(sync_every=5, draft_vocab_size=0, train_batch_tokens=1024).for_device("cpu")
+    assert (given.sync_every, given.draft_vocab_size, given.lr, given.train_batch_tokens) == (5, 0, 1e-3, 1024)
+    assert set(chosen) == {"vocab_warmup_requests", "lr"}
     args = vars(build_parser().parse_args(["serve", "--sync-every", "7"]))
     assert args == {"command": "serve", "config": None, "sync_every": 7}  # unset flags stay unset
     with pytest.raises(ValueError, match="draft_vocab_size must be an integer >= 0"):
