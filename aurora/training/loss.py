@@ -33,12 +33,11 @@ class TargetDist:
 def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draft_to_target: torch.Tensor,
                         chunk_rows: int = 1024, rows: torch.Tensor | None = None) -> TargetDist:
     """target_hidden [N, H] final normed target states, lm_head [V, H], draft_to_target [Vd] target ids.
-    `rows` [N] bool: only these rows are ever read (the others are padding or outside the loss); they alone pay
-    for the [., V] product, the largest cost of a step on a CPU, and the rest get logits -1e4 with lse 0 (every
+    `rows` [M] long: the only rows ever read (the others are padding or outside the loss); they alone pay for the
+    [., V] product, the largest cost of a step on a CPU, and the rest get logits -1e4 with lse 0 (every
     probability 0) and no in-vocabulary argmax. Chunked so only a [chunk, V] slice of full logits exists at once."""
     N, Vd = target_hidden.shape[0], draft_to_target.numel()
-    idx = None if rows is None else rows.nonzero().squeeze(1).to(target_hidden.device)
-    hidden = target_hidden if idx is None else target_hidden[idx]
+    hidden = target_hidden if rows is None else target_hidden[rows]
     t2d = torch.zeros(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
     t2d[draft_to_target] = True
     parts = []
@@ -54,12 +53,11 @@ def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draf
     else:
         logits, lse = lm_head.new_zeros(0, Vd, dtype=torch.float32), lm_head.new_zeros(0, dtype=torch.float32)
         in_vocab = torch.zeros(0, dtype=torch.bool, device=dev)
-    if idx is None:
+    if rows is None:
         return TargetDist(logits, lse, in_vocab)
     out = TargetDist(torch.full((N, Vd), -1e4, device=dev), torch.zeros(N, device=dev),
                      torch.zeros(N, dtype=torch.bool, device=dev))
-    idx = idx.to(dev)
-    out.logits[idx], out.lse_full[idx], out.in_vocab[idx] = logits, lse, in_vocab
+    out.logits[rows], out.lse_full[rows], out.in_vocab[rows] = logits, lse, in_vocab
     return out
 
 

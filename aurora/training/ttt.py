@@ -37,6 +37,8 @@ class TTTBatch:
     target_hidden: torch.Tensor | None  # [B*L, H] row b*L+i = target state at position i (predicts x[i+1]);
                                         # None: one-hot targets from the tokens (see aurora/sample.py)
     target_mask: torch.Tensor    # [B, L+K] bool: row i exists and loss_mask[i+1] (in-vocab applied by the loss)
+    target_rows: torch.Tensor | None  # [M] long: the rows b*L+i with target_mask[b, i], the only target rows the
+                                      # loss and the guard read (found on the host: no device sync); None one-hot
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
     num_tokens: int
@@ -104,6 +106,7 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     positions=torch.arange(L, device=device).expand(B, L), key_valid=to(key_valid),
                     target_hidden=None if th is None else to(th.reshape(B * L, -1)),
                     target_mask=to(target_mask),
+                    target_rows=None if th is None else to(target_mask[:, :L].reshape(-1).nonzero().squeeze(1)),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
                     num_tokens=sum(s.num_tokens for s in samples),
@@ -192,8 +195,7 @@ def batch_target(batch: TTTBatch, draft: Eagle3Draft, lm_head: torch.Tensor | No
         d2t_ids = d2t_ids.to(batch.ids.device)
         dist = one_hot_distribution(next_ids, d2t_ids, draft.config.vocab_size)
         return dist if batch.topk is None else with_topk(dist, *batch.topk, d2t_ids, draft.config.vocab_size)
-    B, L = batch.shape
-    return target_distribution(batch.target_hidden, lm_head, d2t_ids, rows=batch.target_mask[:, :L].reshape(-1))
+    return target_distribution(batch.target_hidden, lm_head, d2t_ids, rows=batch.target_rows)
 
 
 def step_masks(batch: TTTBatch, tdist: TargetDist, ttt_length: int) -> torch.Tensor:
