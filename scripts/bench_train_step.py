@@ -1,7 +1,9 @@
-"""Time and peak memory of one trainer step: SmolLM2's EAGLE3 draft over its full 49,152-token vocabulary,
-TTT length 4, a batch of `--tokens` tokens (random states: the cost does not depend on their values).
+"""Time and peak memory of one trainer step: SmolLM2's EAGLE3 draft over its full 49,152-token vocabulary (or
+`--draft-vocab-size N`, the CPU default 2,048), TTT length 4, a batch of `--tokens` tokens (random states: the cost
+does not depend on their values).
 
   python scripts/bench_train_step.py --tokens 2000 [--device cuda]
+  python scripts/bench_train_step.py --draft-vocab-size 2048 --sample-tokens 128 --tokens 128 512 2048
 
 Peak memory: the process's peak RSS on the CPU; CUDA's max_memory_allocated on a GPU.
 """
@@ -21,29 +23,34 @@ from aurora.training.trainer import OnlineTrainer, TrainConfig
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2000], help="one batch size after another")
+    ap.add_argument("--draft-vocab-size", type=int, default=None, help="default: the target's whole vocabulary")
     ap.add_argument("--sample-tokens", type=int, default=200)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     path = hub.resolve("smollm2")
     target = TargetModel.from_pretrained(path)
-    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(path)))
+    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(path), a.draft_vocab_size))
     draft.share_embedding(target.embed_tokens)
-    trainer = OnlineTrainer(draft, target.lm_head.weight, TrainConfig(device=a.device, batch_tokens=a.tokens),
+    trainer = OnlineTrainer(draft, target.lm_head.weight, TrainConfig(device=a.device, batch_tokens=max(a.tokens)),
                             publish=lambda *_: None)
     H, T = target.config.hidden_size, a.sample_tokens
-    samples = [Sample(f"s{i}", torch.randint(0, target.config.vocab_size, (T,)), T // 4, torch.randn(T - 1, 3 * H),
-                      torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool)) for i in range(a.tokens // T)]
     cuda = a.device.startswith("cuda")
-    for step in range(a.steps):
-        t = time.perf_counter()
-        trainer.train_step(samples)
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        print(f"step {step}: {dt:.2f} s, {len(samples) * T / dt:,.0f} tokens/s, peak memory {peak / 2**30:.2f} GiB")
+    for tokens in a.tokens:
+        samples = [Sample(f"s{i}", torch.randint(0, target.config.vocab_size, (T,)), T // 4,
+                          torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool))
+                   for i in range(max(1, tokens // T))]
+        for step in range(a.steps):
+            t = time.perf_counter()
+            trainer.train_step(samples)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            peak = (torch.cuda.max_memory_allocated() if cuda
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            print(f"{len(samples) * T} tokens, step {step}: {dt:.2f} s, {len(samples) * T / dt:,.0f} tokens/s, "
+                  f"peak memory {peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
