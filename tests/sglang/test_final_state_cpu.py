@@ -1,7 +1,7 @@
 """plugin/final_state.py on the CPU: against a stand-in for SGLang 0.5.17's LogitsProcessor (its forward's
 signature, and its FULL capture path that concatenates the aux states), the patch appends the target's final
 normed state as a fourth block, in both of SGLang's aux forms, for processors built before or after it, leaves
-forwards without aux states (the draft's) alone, patches once, and refuses a processor whose forward takes other
+the draft's processor (marked; it passes its own one-block state) and forwards without aux states alone, patches once, and refuses a processor whose forward takes other
 arguments; the draft gets the first 3H back. SGLang itself runs on a GPU only (test_sglang_backend.py)."""
 import sys
 import types
@@ -47,7 +47,12 @@ def test_the_final_state_rides_as_a_fourth_block(lp_cls):
         torch.testing.assert_close(stored, torch.cat(aux + [final], -1))
         _, stored = lp.forward(None, final, None, None, aux_hidden_states=aux)  # by keyword too
         torch.testing.assert_close(stored, torch.cat(aux + [final], -1))
-        assert lp.forward(None, final, None, None) == (final, None)  # the draft passes no aux states: unchanged
+        assert lp.forward(None, final, None, None) == (final, None)  # no aux states: unchanged
+    draft = lp_cls()
+    final_state.mark_draft(draft)  # SGLang's EAGLE3 draft passes [its pre-norm state]: its next step reads it
+    own = torch.randn(N, H)
+    _, stored = draft.forward(None, final, None, None, [own])
+    torch.testing.assert_close(stored, own)
     # the draft's input: exactly the aux states, contiguous; capture's split gives both parts back
     rows = torch.cat(aux + [final], -1)
     got = final_state.aux_only(rows)

@@ -39,6 +39,7 @@ _sender, _applier, _installed = None, None, False
 class LlamaForCausalLMEagle3(_SGLangEagle3):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        final_state.mark_draft(self.logits_processor)
         install()
 
 

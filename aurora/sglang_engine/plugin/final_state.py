@@ -9,8 +9,9 @@ import time, before any model is built or graph captured, and appends the final 
 target's graphs then output [tokens, 4H] and capture ships those rows as they are (eagle3.py). The draft worker's
 two entry points cut the first 3H back out (`aux_only`), so the draft computes exactly what it did before.
 
-Only the target passes aux states to its logits processor (SGLang's EAGLE3 draft passes none), so the draft's own
-forwards are untouched. No SGLang file is changed; this is SGLang's own forward with one more block to carry.
+SGLang's EAGLE3 draft passes its logits processor aux states too (one block: the pre-norm hidden state its next
+draft step reads), so the draft's processor is marked (`mark_draft`, from the plugin's draft class) and left alone.
+No SGLang file is changed; this is SGLang's own forward with one more block to carry.
 """
 import functools
 import logging
@@ -21,6 +22,7 @@ from aurora.sglang_engine import wire
 
 log = logging.getLogger("aurora.sglang.final_state")
 _on = False
+_DRAFT = "_aurora_draft"  # set on the draft's LogitsProcessor instance: its aux block is the draft's own state
 
 
 def enabled() -> bool:
@@ -45,7 +47,7 @@ def enable() -> None:
 
     @functools.wraps(forward)
     def with_final(self, input_ids, hidden_states, lm_head, logits_metadata, aux_hidden_states=None, *args, **kw):
-        if aux_hidden_states is not None:
+        if aux_hidden_states is not None and not getattr(self, _DRAFT, False):
             aux_hidden_states = with_final_block(aux_hidden_states, hidden_states)
         return forward(self, input_ids, hidden_states, lm_head, logits_metadata, aux_hidden_states, *args, **kw)
 
@@ -53,6 +55,11 @@ def enable() -> None:
     LP.forward = with_final
     _on = True
     log.info("aurora: the target's final normed hidden state rides with its aux states")
+
+
+def mark_draft(logits_processor) -> None:
+    """The draft model's processor keeps its aux states as they are: the draft's next step reads them."""
+    setattr(logits_processor, _DRAFT, True)
 
 
 def with_final_block(aux, final: torch.Tensor):
