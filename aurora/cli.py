@@ -50,9 +50,10 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "sglang_plain_depth0": "engine sglang with Aurora's depth decision: run a depth-0 round (plain decoding, a day-0 "
                            "draft's) as the target's own decode step instead of SGLang's one-token verify",
     "sglang_capture_topk": "engine sglang: capture the target's K most likely tokens at every verified position and "
-                           "train on that distribution (0: on the target's next token only)",
+                           "train on that distribution instead of the final state's (0: off)",
     "sglang_capture_final": "engine sglang: capture the target's final normed hidden state beside its aux states and "
-                            "train on its whole distribution at every position, prompt included",
+                            "train on its whole distribution at every position, prompt included (default: on unless "
+                            "--sglang-capture-topk is given; --no-sglang-capture-final trains on next tokens only)",
     "sglang_args": "extra flags for SGLang's server, verbatim, e.g. '--mem-fraction-static 0.6' (engine sglang)",
     "objective": "divergence the draft is trained with: fkl, rkl or tv",
     "lr": "draft learning rate (AdamW peak, after warm-up)",

@@ -76,12 +76,11 @@ class ServeConfig:
     sglang_plain_depth0: bool = True   # engine sglang, Aurora driving the depth: a depth-0 round runs the target's
                                        # plain decode graphs, not SGLang's one-token verify (plugin/plain_round.py)
     sglang_capture_topk: int = 0       # engine sglang: capture the target's K most likely tokens at every verified
-                                       # position, so the trainer learns its distribution, not only its next token
-                                       # (aurora/sample.py); 0 = next tokens only. Off until a GPU run measured it
-    sglang_capture_final: bool = False  # engine sglang: capture the target's final normed hidden state with its aux
-                                        # states, so the trainer learns the target's whole distribution at every
-                                        # position, prompt included, as on the built-in engine
-                                        # (plugin/final_state.py); excludes sglang_capture_topk
+                                       # position instead of its final state (aurora/sample.py); 0 = off
+    sglang_capture_final: bool | None = None  # engine sglang: capture the target's final normed hidden state with
+                                        # its aux states, so the trainer learns the target's whole distribution at
+                                        # every position, prompt included, as on the built-in engine
+                                        # (plugin/final_state.py). None: on unless sglang_capture_topk is set
     sglang_args: str = ""              # extra flags for SGLang's server, verbatim (engine sglang), e.g.
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
@@ -200,6 +199,10 @@ class ServeConfig:
                f"sglang_capture_topk must be an integer in [0, 1024], got {self.sglang_capture_topk!r}")
         _check(not (self.sglang_capture_final and self.sglang_capture_topk),
                "sglang_capture_final carries the target's whole distribution: leave sglang_capture_topk at 0")
+        _check(self.sglang_capture_final in (None, True, False),
+               f"sglang_capture_final must be true or false, got {self.sglang_capture_final!r}")
+        if self.sglang_capture_final is None:  # the whole distribution, unless the top K was asked for instead
+            self.sglang_capture_final = not self.sglang_capture_topk
         _check(_is_int(self.sglang_max_restarts) and self.sglang_max_restarts >= 0,
                f"sglang_max_restarts must be an integer >= 0, got {self.sglang_max_restarts!r}")
         _check(self.sglang_swap in ("pause", "step"), f"sglang_swap must be pause or step, not {self.sglang_swap!r}")

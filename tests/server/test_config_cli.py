@@ -39,6 +39,8 @@ def test_yaml_then_flags(tmp_path):
     ({"buffer_gib": 0}, "buffer_gib must be > 0"),
     ({"sglang_swap": "drain"}, "sglang_swap must be pause or step"),
     ({"sglang_capture_topk": -1}, "sglang_capture_topk must be an integer in [0, 1024]"),
+    ({"sglang_capture_topk": 8, "sglang_capture_final": True}, "leave sglang_capture_topk at 0"),
+    ({"sglang_capture_final": "yes"}, "sglang_capture_final must be true or false"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -100,6 +102,14 @@ def test_every_flag_has_real_help(capsys):
     text = capsys.readouterr().out
     for placeholder in ("topk [", "buffer gib", "  host [", "[default: None]", "[default: ]"):
         assert placeholder not in text
+
+
+def test_sglang_captures_the_final_state_unless_the_top_k_is_asked_for():
+    assert ServeConfig().sglang_capture_final is True
+    assert ServeConfig(sglang_capture_topk=8).sglang_capture_final is False
+    assert ServeConfig(sglang_capture_final=False).sglang_capture_final is False
+    flags = vars(build_parser().parse_args(["serve", "--no-sglang-capture-final"]))
+    assert ServeConfig.load(None, **{k: v for k, v in flags.items() if k not in ("command", "config")}).sglang_capture_final is False
 
 
 def test_boolean_flags_bare_negated_or_valued():
