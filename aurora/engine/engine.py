@@ -1,8 +1,9 @@
 """LLMEngine: the step loop of the built-in engine. step() = apply a pending draft swap -> admit and
 prefill -> one decoding round for every running sequence -> append tokens, check stops -> finish.
 
-A finished request leaves a training Sample through `on_sample` (set by the service); the engine
-never imports the trainer. New draft weights arrive through `swap_draft`, copied in place between
+A finished request leaves a training Sample through `on_sample` (set by the service), one step later: its
+states' copy to the host is queued at finish and read after the next step's device sync (LLMEngine.finish). The
+engine never imports the trainer. New draft weights arrive through `swap_draft`, copied in place between
 steps, so no request waits for a drain and CUDA graphs stay valid.
 """
 import importlib.util
@@ -133,6 +134,7 @@ class LLMEngine:
                      "in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
+        self._samples: list[Sample] = []  # finished requests' samples whose host copies are still in flight
         self._pending_swap: tuple[dict, int, list[float] | None, threading.Event] | None = None
         self._swap_lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
@@ -167,7 +169,8 @@ class LLMEngine:
         self._aborts.add(request_id)  # applied at the next step, in the engine's own thread
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._pending_swap is not None or bool(self._aborts)
+        return (self.scheduler.has_work() or self._pending_swap is not None or bool(self._aborts)
+                or bool(self._samples))
 
     # ------------------------------------------------------------- draft swap
     def swap_draft(self, state: dict[str, torch.Tensor], version: int,
@@ -208,6 +211,8 @@ class LLMEngine:
     # ------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         t_prefill = time.perf_counter()
+        prefill_calls = self.time["prefill_calls"]
+        due, self._samples = self._samples, []  # copies queued before this step: complete after its device sync
         self._apply_swap()
         outputs: list[RequestOutput] = []
         for rid in list(self._aborts):
@@ -280,6 +285,8 @@ class LLMEngine:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
             self._time_last_round(None, None)
+        if due:
+            self._hand_over(due, synced=bool(running) or self.time["prefill_calls"] > prefill_calls)
         t, now = self.time, time.perf_counter()
         t["steps"] += 1
         t["step_s"] += now - t_prefill
@@ -309,6 +316,18 @@ class LLMEngine:
         self.speculation.observe_cost(bucket, depth, cost)
         if next_start is not None:
             self.speculation.observe_served(bucket, depth, committed, max(next_start - start - gap, end - start))
+
+    def _hand_over(self, samples: list[Sample], synced: bool) -> None:
+        """Samples whose host copies were queued before this step's device work: once that work has been waited
+        for (a round or a prefill reads its results on the host), so have the copies; otherwise wait here."""
+        if not synced and self.runner.device.type == "cuda":
+            torch.cuda.current_stream(self.runner.device).synchronize()
+        for sample in samples:
+            try:
+                if self.on_sample is not None:
+                    self.on_sample(sample)
+            except Exception:  # capture must never take serving down
+                log.exception("handing over the sample of %s failed", sample.request_id)
 
     def _fail(self, seq: Sequence, e: Exception) -> None:
         """Per-request work raised: this sequence alone finishes with an error at the end of the step."""
@@ -360,8 +379,8 @@ class LLMEngine:
         rows_used = seq.row >= 0
         if (rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture
                 and seq.finish_reason != "error"):  # a failed request's rounds may be half-recorded
-            try:
-                self.on_sample(self._make_sample(seq))
+            try:  # handed over after the next step's sync (_hand_over): no wait for the copy here, between rounds
+                self._samples.append(self._make_sample(seq))
             except Exception:  # capture must never take serving down
                 log.exception("capturing a sample from %s failed", seq.request_id)
         move = self.scheduler.remove(seq)

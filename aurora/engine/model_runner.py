@@ -134,7 +134,13 @@ class ModelRunner:
         self.lag[row] = 0
 
     def read_capture(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies (on a CPU device too, where .cpu() would return a view that the row's next request overwrites)."""
+        """Host copies of a row's first n captured positions. On CUDA they are queued on the current stream into
+        page-locked memory and complete once that stream next synchronises (the engine reads them only after its
+        next round): a synchronous copy waited out in the engine thread, between rounds, for every finished
+        request. On a CPU, copies made now (.cpu() would return a view that the row's next request overwrites)."""
+        if self.device.type == "cuda":
+            return (self.aux_store[row, :n].to("cpu", non_blocking=True),
+                    self.hid_store[row, :n].to("cpu", non_blocking=True))
         return self.aux_store[row, :n].to("cpu", copy=True), self.hid_store[row, :n].to("cpu", copy=True)
 
     # ---------------------------------------------------------------- forwards

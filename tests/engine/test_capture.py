@@ -30,3 +30,24 @@ def test_samples_equal_hf_hidden_states_and_rounds_are_truthful(tiny_target_dir,
     assert len(samples) == len(prompts)
     for s in samples:
         check_sample(s, hf, eng.target.aux_layers)
+
+
+def test_a_sample_is_handed_over_after_the_next_step_and_never_left_behind(tiny_target_dir):
+    """The host copy of a finished request's states is queued at finish and read after the next step's device
+    sync (no wait between rounds); an engine with nothing else to run still takes that step and hands it over."""
+    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=5)
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=2, max_model_len=128, lookahead=3))
+    samples = []
+    eng.on_sample = samples.append
+    eng.add_request([5, 6, 7], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), "one")
+    eng.add_request([8, 9], SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), "nine")
+    finished, steps = [], 0
+    while eng.scheduler.has_work():
+        earlier = list(finished)
+        finished += [o.request_id for o in eng.step() if o.finished]
+        steps += 1
+        assert [s.request_id for s in samples] == earlier  # handed over one step after its request finished
+    assert finished == ["one", "nine"] and steps > 2 and eng.has_work()  # nothing left to run but the hand-over
+    eng.step()
+    assert [s.request_id for s in samples] == ["one", "nine"] and not eng.has_work()
+    assert [s.num_tokens for s in samples] == [4, 11]
