@@ -109,7 +109,8 @@ def test_sglang_captures_the_final_state_unless_the_top_k_is_asked_for():
     assert ServeConfig(sglang_capture_topk=8).sglang_capture_final is False
     assert ServeConfig(sglang_capture_final=False).sglang_capture_final is False
     flags = vars(build_parser().parse_args(["serve", "--no-sglang-capture-final"]))
-    assert ServeConfig.load(None, **{k: v for k, v in flags.items() if k not in ("command", "config")}).sglang_capture_final is False
+    flags = {k: v for k, v in flags.items() if k not in ("command", "config")}
+    assert ServeConfig.load(None, **flags).sglang_capture_final is False
 
 
 def test_boolean_flags_bare_negated_or_valued():

@@ -1,8 +1,9 @@
 """plugin/final_state.py on the CPU: against a stand-in for SGLang 0.5.17's LogitsProcessor (its forward's
 signature, and its FULL capture path that concatenates the aux states), the patch appends the target's final
 normed state as a fourth block, in both of SGLang's aux forms, for processors built before or after it, leaves
-the draft's processor (marked; it passes its own one-block state) and forwards without aux states alone, patches once, and refuses a processor whose forward takes other
-arguments; the draft gets the first 3H back. SGLang itself runs on a GPU only (test_sglang_backend.py)."""
+the draft's processor (marked; it passes its own one-block state) and forwards without aux states alone, patches
+once, and refuses a processor whose forward takes other arguments; the draft gets the first 3H back. SGLang itself
+runs on a GPU only (test_sglang_backend.py)."""
 import sys
 import types
 
