@@ -211,7 +211,6 @@ class LLMEngine:
     # ------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         t_prefill = time.perf_counter()
-        prefill_calls = self.time["prefill_calls"]
         due, self._samples = self._samples, []  # copies queued before this step: complete after its device sync
         self._apply_swap()
         outputs: list[RequestOutput] = []
@@ -286,7 +285,7 @@ class LLMEngine:
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
             self._time_last_round(None, None)
         if due:
-            self._hand_over(due, synced=bool(running) or self.time["prefill_calls"] > prefill_calls)
+            self._hand_over(due, synced=bool(running))
         t, now = self.time, time.perf_counter()
         t["steps"] += 1
         t["step_s"] += now - t_prefill
@@ -318,8 +317,9 @@ class LLMEngine:
             self.speculation.observe_served(bucket, depth, committed, max(next_start - start - gap, end - start))
 
     def _hand_over(self, samples: list[Sample], synced: bool) -> None:
-        """Samples whose host copies were queued before this step's device work: once that work has been waited
-        for (a round or a prefill reads its results on the host), so have the copies; otherwise wait here."""
+        """Samples whose host copies were queued before this step's device work: once this step's round has read
+        its results on the host, so have the copies; without a round, wait here (nothing is running: it costs
+        serving nothing)."""
         if not synced and self.runner.device.type == "cuda":
             torch.cuda.current_stream(self.runner.device).synchronize()
         for sample in samples:
