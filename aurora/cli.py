@@ -62,7 +62,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "capture_pacing": "engine sglang: capture fewer requests while the trainer leaves over 128 captured samples "
                       "unread (or half the buffer's bytes); sample_rate is the ceiling, the rate is in /v1/draft",
     "buffer_samples": "capture buffer capacity in samples (the oldest are dropped first)",
-    "buffer_gib": "capture buffer's host-memory bound in GiB",
+    "buffer_gib": "capture buffer's memory bound in GiB (host memory; the GPU's when the built-in engine's trainer "
+                  "trains on the engine's GPU)",
     "replay_passes": "times each captured sample is trained on (fresh samples first)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "train_batch_tokens": "tokens per trainer step (at least one sample)",

@@ -139,13 +139,15 @@ def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainCon
     n = sum(p.numel() for p in draft.parameters())
     need = draft_param_bytes(n, tconf.keep_versions) + workspace_bytes(
         tconf.batch_tokens, tconf.guard_chunk_tokens, c.vocab_size, c.draft_vocab_size, tconf.ttt_length)
+    buffered = tconf.buffer_bytes if engine.config.samples_on_device else 0  # captured states wait on this GPU
     free, total = torch.cuda.mem_get_info(dev)
     line = (f"{dev}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} free after the engine's KV cache of "
             f"{kv / 2**30:.1f} GiB ({cfg.max_batch} x {cfg.max_model_len}); the trainer needs about "
-            f"{need / 2**30:.1f} GiB")
-    if need > free:
-        log.warning("%s: more than is free; lower --max-batch, --max-model-len or --train-batch-tokens, or use "
-                    "--trainer-device cuda:N", line)
+            f"{(need + buffered) / 2**30:.1f} GiB" + (f" (its sample buffer's {buffered / 2**30:.1f} included)"
+                                                        if buffered else ""))
+    if need + buffered > free:
+        log.warning("%s: more than is free; lower --max-batch, --max-model-len, --train-batch-tokens or "
+                    "--buffer-gib, or use --trainer-device cuda:N", line)
     else:
         log.info("%s", line)
 
@@ -211,6 +213,7 @@ class Service:
                              max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
+                             samples_on_device=cfg.trainer_device in ("auto", cfg.device),
                              initial_acceptance=_initial_acceptance(cfg, ckpt))
         engine = LLMEngine(target_dir, draft, econf)
         # the engine thread shares one GIL with the event loop (and the trainer's thread): the switch interval bounds

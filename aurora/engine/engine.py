@@ -1,10 +1,10 @@
 """LLMEngine: the step loop of the built-in engine. step() = apply a pending draft swap -> admit and
 prefill -> one decoding round for every running sequence -> append tokens, check stops -> finish.
 
-A finished request leaves a training Sample through `on_sample` (set by the service), one step later: its
-states' copy to the host is queued at finish and read after the next step's device sync (LLMEngine.finish). The
-engine never imports the trainer. New draft weights arrive through `swap_draft`, copied in place between
-steps, so no request waits for a drain and CUDA graphs stay valid.
+A finished request leaves a training Sample through `on_sample` (set by the service), one step later: its states'
+copy (to the host, or on the device for a trainer on the same GPU) is queued at finish and handed over after the
+next step's device sync (LLMEngine.finish). The engine never imports the trainer. New draft weights arrive through
+`swap_draft`, copied in place between steps, so no request waits for a drain and CUDA graphs stay valid.
 """
 import importlib.util
 import logging
@@ -64,6 +64,8 @@ class EngineConfig:
     fused_kernels: bool | None = None  # the target's rotary + KV-cache write, residual add + RMSNorm and SiLU * up
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
                                   # installed: faster on the GPU (docs/measurements.md, results/engine/)
+    samples_on_device: bool = False  # a finished request's captured states stay on the engine's device (its trainer
+                                  # trains there); else they are copied to the host
     priority_stream: bool = True  # CUDA: engine steps run on a high-priority stream, so a trainer sharing the GPU
                                   # (default-priority stream) yields SMs to serving whenever both have work.
                                   # Measured: serving no slower, the trainer faster (docs/measurements.md)
@@ -257,15 +259,16 @@ class LLMEngine:
             tokens, n_acc, props = self.runner.round(B, max_cached, filtering, greedy_only, depth)
             round_end, committed = time.perf_counter(), 0
             pad = [-1] * (self.config.lookahead - depth)  # a sample's rounds are [R, lookahead]; -1: not proposed
-            n_acc = n_acc.tolist()
+            # as Python lists once: indexing the host tensors row by row cost more than the round's bookkeeping
+            n_acc, tokens, props = n_acc.tolist(), tokens.tolist(), props.tolist()
             for seq in running:
                 r = seq.row
                 n = n_acc[r]
                 before = len(seq.output_ids)
                 try:  # per-request bookkeeping: an exception here fails this request, not the batch
                     if depth > 0:
-                        seq.rounds.append((seq.num_tokens - 1, props[r].tolist() + pad, n))
-                    outputs.append(self._append(seq, tokens[r, :n + 1].tolist()))
+                        seq.rounds.append((seq.num_tokens - 1, props[r] + pad, n))
+                    outputs.append(self._append(seq, tokens[r][:n + 1]))
                     committed += len(seq.output_ids) - before
                     if depth > 0:  # counted as committed: a stop or max_tokens may cut a round short
                         seq.verify_rounds += 1
@@ -402,7 +405,7 @@ class LLMEngine:
 
     def _make_sample(self, seq: Sequence) -> Sample:
         ids = torch.tensor(seq.all_ids, dtype=torch.long)
-        aux, hid = self.runner.read_capture(seq.row, ids.numel() - 1)
+        aux, hid = self.runner.read_capture(seq.row, ids.numel() - 1, self.config.samples_on_device)
         mask = torch.ones(ids.numel(), dtype=torch.bool)
         if not self.config.train_on_prompt:
             mask[:len(seq.prompt_ids)] = False

@@ -133,15 +133,17 @@ class ModelRunner:
         self.cache_len[row] = 0
         self.lag[row] = 0
 
-    def read_capture(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host copies of a row's first n captured positions. On CUDA they are queued on the current stream into
-        page-locked memory and complete once that stream next synchronises (the engine reads them only after its
-        next round): a synchronous copy waited out in the engine thread, between rounds, for every finished
-        request. On a CPU, copies made now (.cpu() would return a view that the row's next request overwrites)."""
-        if self.device.type == "cuda":
-            return (self.aux_store[row, :n].to("cpu", non_blocking=True),
-                    self.hid_store[row, :n].to("cpu", non_blocking=True))
-        return self.aux_store[row, :n].to("cpu", copy=True), self.hid_store[row, :n].to("cpu", copy=True)
+    def read_capture(self, row: int, n: int, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of a row's first n captured positions (a view would be overwritten by the row's next request).
+        on_device (a trainer on this GPU): device copies, queued on the current stream. Else host copies; on CUDA
+        queued into page-locked memory, complete once the stream next synchronises (the engine reads them only
+        after its next round). Both leave the engine thread at once: a synchronous copy was waited out between two
+        rounds for every finished request, and so was page-locking each new host block while the trainer's buffer
+        fills (cudaHostAlloc), which a device copy never pays."""
+        if on_device or self.device.type != "cuda":
+            return self.aux_store[row, :n].clone(), self.hid_store[row, :n].clone()
+        return (self.aux_store[row, :n].to("cpu", non_blocking=True),
+                self.hid_store[row, :n].to("cpu", non_blocking=True))
 
     # ---------------------------------------------------------------- forwards
     def _target(self, ids, n, tree, row0=0, depth=None):

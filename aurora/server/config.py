@@ -91,7 +91,8 @@ class ServeConfig:
     capture_pacing: bool = True        # engine sglang: capture less while the trainer leaves captured samples
                                        # unread (training/pacing.py); sample_rate is then the ceiling
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
-    buffer_gib: float = 2.0            # and its host-memory bound (a 4k-token MiniMax sample holds ~74 MB of states)
+    buffer_gib: float = 2.0            # and its memory bound (a 4k-token MiniMax sample holds ~74 MB of states): host
+                                       # memory, or the GPU's when the built-in engine's trainer shares its GPU
     replay_passes: int = 3             # times each captured sample is trained on; >1 uses the trainer's idle
                                        # time between requests (fresh samples always first); 3 beat 1 in every
                                        # domain window of a 5,000-request GPU run (docs/measurements.md)

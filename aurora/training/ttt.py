@@ -64,10 +64,11 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     K, B = ttt_length, len(samples)
     L = max(s.num_tokens - 1 for s in samples)
     s0 = samples[0]
+    sdev = s0.aux_hidden.device  # states kept on the trainer's GPU by its engine are batched there
     ids = torch.zeros(B, L + K, dtype=torch.long)
-    aux = torch.zeros(B, L, s0.aux_hidden.shape[1], dtype=s0.aux_hidden.dtype)
+    aux = torch.zeros(B, L, s0.aux_hidden.shape[1], dtype=s0.aux_hidden.dtype, device=sdev)
     one_hot = any(s.target_hidden is None for s in samples)
-    th = None if one_hot else torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype)
+    th = None if one_hot else torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype, device=sdev)
     key_valid = torch.zeros(B, L, dtype=torch.bool)
     target_mask = torch.zeros(B, L + K, dtype=torch.bool)
     kt = max((s.target_topk_ids.shape[1] for s in samples if s.target_topk_ids is not None), default=0)
@@ -81,6 +82,10 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
         aux[b, :n] = s.aux_hidden
         if th is not None:
             th[b, :n] = s.target_hidden
+        if sdev.type == "cuda":  # made on the engine's stream, read on this one: not reused before this read is done
+            for t in (s.aux_hidden, s.target_hidden):
+                if t is not None and t.is_cuda:
+                    t.record_stream(torch.cuda.current_stream(t.device))
         if topk is not None and s.target_topk_ids is not None:
             k = s.target_topk_ids.shape[1]
             topk[0][b, :n, :k], topk[1][b, :n, :k] = s.target_topk_ids, s.target_topk_logits
@@ -114,11 +119,13 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
 
 
 def _uploader(device):
-    """Host -> device copies for a batch. To a GPU from pinned memory without waiting: a copy from pageable
-    memory synchronises the stream first, and under a GPU shared with serving every sync waits its turn."""
-    if torch.device(device).type != "cuda":
+    """Host -> device copies for a batch (a tensor already there stays). To a GPU from pinned memory without
+    waiting: a copy from pageable memory synchronises the stream first, and under a GPU shared with serving every
+    sync waits its turn."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
         return lambda t: t.to(device)
-    return lambda t: t.pin_memory().to(device, non_blocking=True)
+    return lambda t: t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True)
 
 
 ATTN_CHUNK = 1024  # queries per attention chunk: longer samples are attended chunk by chunk, recomputed in backward

@@ -51,3 +51,36 @@ def test_a_sample_is_handed_over_after_the_next_step_and_never_left_behind(tiny_
     eng.step()
     assert [s.request_id for s in samples] == ["one", "nine"] and not eng.has_work()
     assert [s.num_tokens for s in samples] == [4, 11]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU the engine copies a sample's states "
+                    "into host memory either way (the tests above check those copies against Hugging Face)")
+def test_samples_kept_on_the_gpu_equal_host_ones_and_batch_alike(tiny_target_dir):
+    """With the trainer on the engine's GPU the states stay there (no page-locked host copy per request); they hold
+    what the host path holds, and the trainer's batch built from them equals the one built from host samples."""
+    from aurora.training.ttt import collate
+
+    def serve(on_device: bool):
+        draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=5)
+        eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=4, max_model_len=128, lookahead=3,
+                                                             device="cuda", samples_on_device=on_device))
+        samples = []
+        eng.on_sample = samples.append
+        for i in range(6):  # rows finish at different steps and move
+            eng.add_request([(5 * i + j) % 90 + 1 for j in range(3 + 4 * i)],
+                            SamplingParams(max_tokens=5 + 6 * i, temperature=0.0, ignore_eos=True), f"r{i}")
+        while eng.has_work():
+            eng.step()
+        return sorted(samples, key=lambda s: s.request_id)
+
+    kept, host = serve(True), serve(False)
+    assert len(kept) == len(host) == 6
+    for k, h in zip(kept, host):
+        assert k.aux_hidden.is_cuda and k.target_hidden.is_cuda and not h.aux_hidden.is_cuda
+        assert torch.equal(k.token_ids, h.token_ids)
+        assert torch.equal(k.aux_hidden.cpu(), h.aux_hidden) and torch.equal(k.target_hidden.cpu(), h.target_hidden)
+    t2d = torch.arange(AutoConfig.from_pretrained(tiny_target_dir).vocab_size)
+    a, b = collate(kept, 3, t2d, "cuda"), collate(host, 3, t2d, "cuda")
+    for name in ("ids", "aux", "target_hidden", "key_valid", "target_mask", "target_rows", "reject_rows",
+                 "reject_token"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
