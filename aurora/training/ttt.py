@@ -64,7 +64,12 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     K, B = ttt_length, len(samples)
     L = max(s.num_tokens - 1 for s in samples)
     s0 = samples[0]
-    sdev = s0.aux_hidden.device  # states kept on the trainer's GPU by its engine are batched there
+    # States kept on the trainer's GPU by its engine are batched there. They were made on the engine's stream and are
+    # read here on this thread's: the callers (train_step, the guard) hold the samples until they have read their
+    # results on the host, so no block is freed, and reused by the engine, while a read is queued. record_stream
+    # would tie the blocks to the trainer's stream instead, whose green context may be gone before the last sample is
+    # freed (CUDA then aborts the process).
+    sdev = s0.aux_hidden.device
     ids = torch.zeros(B, L + K, dtype=torch.long)
     aux = torch.zeros(B, L, s0.aux_hidden.shape[1], dtype=s0.aux_hidden.dtype, device=sdev)
     one_hot = any(s.target_hidden is None for s in samples)
@@ -82,10 +87,6 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
         aux[b, :n] = s.aux_hidden
         if th is not None:
             th[b, :n] = s.target_hidden
-        if sdev.type == "cuda":  # made on the engine's stream, read on this one: not reused before this read is done
-            for t in (s.aux_hidden, s.target_hidden):
-                if t is not None and t.is_cuda:
-                    t.record_stream(torch.cuda.current_stream(t.device))
         if topk is not None and s.target_topk_ids is not None:
             k = s.target_topk_ids.shape[1]
             topk[0][b, :n, :k], topk[1][b, :n, :k] = s.target_topk_ids, s.target_topk_logits
