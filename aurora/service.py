@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -97,6 +98,17 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        resume=cfg.resume, device=str(device))
 
 
+def _probe_trainer(draft, lm_head, tconf: TrainConfig) -> None:
+    """One step and one guard pass of a throw-away trainer at the largest batches the real one will form (its own
+    fp32 copy: the live draft is untouched). On a GPU this also compiles the trainer's kernels (Triton's JIT of the
+    fused loss and the guard's) before serving starts: compiled under load instead, the first steps' compile counts
+    against the trainer's duty (aurora/sharing.py), which then rests nine times as long, and a day-0 server barely
+    trained for its first thousands of requests."""
+    conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
+    trainer = OnlineTrainer(draft, lm_head, conf, lambda state, version, acceptance: None)
+    trainer_probe(trainer, 3 * draft.config.target_hidden_size, draft.config.vocab_size)
+
+
 def _sglang_memory_fraction(cfg: ServeConfig, draft, lm_head, tconf: TrainConfig, dev: torch.device) -> float | None:
     """SGLang's --mem-fraction-static when the trainer shares its GPU and the user set none (aurora/budget.py);
     None leaves SGLang's own choice (trainer elsewhere, or the user's flag)."""
@@ -112,13 +124,8 @@ def _sglang_memory_fraction(cfg: ServeConfig, draft, lm_head, tconf: TrainConfig
     n_params = sum(p.numel() for name, p in draft.named_parameters() if not name.startswith("embed"))
     estimate = draft_param_bytes(n_params, tconf.keep_versions) + workspace_bytes(
         tconf.batch_tokens, tconf.guard_chunk_tokens, c.vocab_size, c.draft_vocab_size, tconf.ttt_length)
-    probe_conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
-
-    def probe():
-        trainer = OnlineTrainer(draft, lm_head, probe_conf, lambda state, version, acceptance: None)
-        trainer_probe(trainer, 3 * c.target_hidden_size, c.vocab_size)
     try:
-        measured = measure_peak(dev, probe)
+        measured = measure_peak(dev, lambda: _probe_trainer(draft, lm_head, tconf))
     except torch.OutOfMemoryError:
         raise RuntimeError(f"one trainer step does not fit on {dev} even before SGLang starts: lower "
                            f"--train-batch-tokens or use --trainer-device cuda:N") from None
@@ -227,9 +234,14 @@ class Service:
                               lambda: served_speedup(engine.speculation.snapshot()))
         if share.turns:  # the trainer has the cores to itself during its turns
             tconf = dataclasses.replace(tconf, torch_threads=torch.get_num_threads())
-        aengine = AsyncEngine(engine, _served_name(cfg), share)
         if dev.type == "cuda" and dev == engine.runner.device:
             _log_local_split(cfg, engine, draft, tconf, dev)
+        if dev.type == "cuda":
+            t0 = time.perf_counter()
+            _probe_trainer(engine.draft, engine.target.lm_head.weight, tconf)
+            log.info("trainer's kernels compiled before serving (one probe step and guard pass): %.1f s",
+                     time.perf_counter() - t0)
+        aengine = AsyncEngine(engine, _served_name(cfg), share)
 
         def make_trainer(first_samples=None) -> OnlineTrainer:
             if first_samples:  # day 0: fix the vocabulary map before any training (it is not re-sent later)
@@ -308,6 +320,8 @@ class Service:
                 lm_head = hub.load_lm_head(target_dir).to(device=dev, dtype=torch.bfloat16)
             tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
             mem_fraction = _sglang_memory_fraction(cfg, draft, lm_head, tconf, dev)
+            if mem_fraction is None and dev.type == "cuda":  # the split probed nothing: compile the kernels anyway
+                _probe_trainer(draft, lm_head, tconf)
         adaptive = None
         if swap_dir is not None and drives_depth(cfg, draft_dir):
             write_acceptance(swap_dir, 0, _initial_acceptance(cfg, ckpt))  # version 0's prior, inside SGLang

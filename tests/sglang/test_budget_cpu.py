@@ -79,6 +79,19 @@ def test_probe_runs_the_largest_batches(monkeypatch):
     assert sizes == [256] and trainer.steps == 1 and trainer.failures == 0
 
 
+def test_the_probe_trains_a_copy_and_leaves_the_live_draft_alone(tmp_path):
+    """The service probes the trainer before serving (the SGLang memory split; on a GPU also the kernels' compile)
+    with the live draft: one step and one guard pass that must not touch the weights being served."""
+    draft = tiny_draft()
+    before = {k: v.clone() for k, v in draft.state_dict().items()}
+    tconf = TrainConfig(ttt_length=3, batch_tokens=128, guard_chunk_tokens=64, device="cpu", lr=1e-2,
+                        checkpoint_dir=str(tmp_path))
+    service_mod._probe_trainer(draft, None, tconf)
+    after = draft.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not os.listdir(tmp_path)  # and saved nothing
+
+
 def test_service_sets_the_fraction_from_the_probe(monkeypatch, tmp_path):
     """The service's split with fake CUDA numbers: the real probe runs (on the CPU), its measured peak and the
     estimate feed the plan; a user flag or a trainer on its own GPU leaves SGLang's choice alone."""
