@@ -187,6 +187,16 @@ def sglang_decode_rate(log_path: str, running: int) -> tuple[float, int] | None:
     return (statistics.median(rates), len(rates)) if rates else None
 
 
+def trainer_line(name: str, draft: dict | None) -> str | None:
+    """What the mode's trainer did over its whole run (its /v1/draft at the end), or None without one: a ratio
+    measured beside a trainer that hardly trained says little about what learning costs serving."""
+    t = (draft or {}).get("trainer")
+    if not t:
+        return None
+    return (f"{name}: {t['steps']} steps, {t['tokens_trained']} tokens trained ({t['samples_trained']} of "
+            f"{t['samples_captured']} captured samples), {t['swaps']} swaps, version {t['version']}")
+
+
 def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode: dict, rows_of: dict,
               wall_of: dict) -> None:
     """Block `b` of mode `name` on a fresh start of its server: each concurrency's share of its segment after a
@@ -277,6 +287,9 @@ def main():
             json.dump(summary, f, indent=1, default=str)
     names = [n for n in summary["modes"] if len(summary["modes"][n]["by_concurrency"]) == len(a.concurrency)]
     base = "none" if "none" in names else names[-1]
+    lines = [x for n in names if (x := trainer_line(n, summary["modes"][n].get("draft")))]
+    if lines:
+        print("\ntrainer over each mode's whole run (warm-up included):\n  " + "\n  ".join(lines))
     for c in a.concurrency:
         runs = {n: summary["modes"][n]["by_concurrency"][c] for n in names}
         print(f"\ntok/s per window of {a.window} requests (c{c}, {a.max_tokens} tokens, ratio to {base}):")

@@ -1,6 +1,6 @@
 """scripts/speedup_run.py's `sglang_decode_rate`: the median of SGLang's own decode throughput lines at one batch
 size, read from a log in SGLang 0.5.17's format (speculative and plain lines); other batch sizes and other lines
-are left out."""
+are left out. And `trainer_line`: what each mode's trainer did, printed under the tables."""
 import sys
 from pathlib import Path
 
@@ -24,3 +24,12 @@ def test_the_median_of_the_decode_lines_at_that_batch_size(tmp_path):
     assert speedup_run.sglang_decode_rate(str(log), 16) == (8235.99, 3)
     assert speedup_run.sglang_decode_rate(str(log), 3) == (2625.14, 1)
     assert speedup_run.sglang_decode_rate(str(log), 8) is None
+
+
+def test_the_trainer_line_says_what_the_trainer_did():
+    draft = {"trainer": {"steps": 2, "tokens_trained": 1975, "samples_trained": 9, "samples_captured": 1664,
+                         "swaps": 1, "version": 1}}
+    assert speedup_run.trainer_line("aurora", draft) == (
+        "aurora: 2 steps, 1975 tokens trained (9 of 1664 captured samples), 1 swaps, version 1")
+    assert speedup_run.trainer_line("none", {"trainer": None}) is None  # --draft none: no trainer
+    assert speedup_run.trainer_line("plain", None) is None              # plain SGLang: no /v1/draft
