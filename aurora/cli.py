@@ -34,6 +34,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "adaptive_depth": "choose each step's speculation depth (0..lookahead; on SGLang among 0, 1, 2 and lookahead, "
                       "with topk 1 and tp 1) by measured cost and acceptance; false: always the full lookahead",
     "max_batch": "most requests decoded together",
+    "admission_wait": "built-in engine: steps a waiting group smaller than the free rows may wait for more "
+                      "arrivals while others decode, so that they share one prefill call (0: admit at once)",
     "max_model_len": "context length (prompt + completion) in tokens",
     "device": "auto, cpu, cuda or cuda:N",
     "fused_kernels": "built-in engine: Triton kernels for rotary + KV write, add + RMSNorm, SiLU * up "

@@ -217,7 +217,8 @@ class Service:
             pruned = (cfg.draft == "scratch" and not _resuming(cfg, ckpt)
                       and draft.config.draft_vocab_size < draft.config.vocab_size)
         econf = EngineConfig(lookahead=cfg.lookahead, topk=cfg.topk, num_draft_tokens=cfg.num_draft_tokens,
-                             max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, device=cfg.device,
+                             max_batch=cfg.max_batch, admission_wait=cfg.admission_wait,
+                             max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
                              samples_on_device=cfg.trainer_device in ("auto", cfg.device),

@@ -289,7 +289,7 @@ def main():
     base = "none" if "none" in names else names[-1]
     lines = [x for n in names if (x := trainer_line(n, summary["modes"][n].get("draft")))]
     if lines:
-        print("\ntrainer over each mode's whole run (warm-up included):\n  " + "\n  ".join(lines))
+        print("\ntrainer at the end of each mode's last server start (warm-up included):\n  " + "\n  ".join(lines))
     for c in a.concurrency:
         runs = {n: summary["modes"][n]["by_concurrency"][c] for n in names}
         print(f"\ntok/s per window of {a.window} requests (c{c}, {a.max_tokens} tokens, ratio to {base}):")

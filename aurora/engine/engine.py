@@ -54,6 +54,8 @@ class EngineConfig:
     topk: int = 1                 # branches per draft step: 1 = chain, > 1 = tree
     num_draft_tokens: int | None = None  # verified per round incl. the root; = lookahead + 1 for a chain
     max_batch: int = 32
+    admission_wait: int = 0       # steps a small waiting group may wait for more arrivals while others decode
+                                  # (aurora.engine.scheduler); 0: admitted at the next step
     max_model_len: int = 2048
     device: str = "auto"
     dtype: str = "auto"           # bf16 on CUDA, fp32 on CPU
@@ -86,6 +88,8 @@ class EngineConfig:
             raise ValueError("fused_kernels needs triton (pip install 'aurora-spec[triton]')")
         if self.max_batch < 1 or self.max_model_len < 16:
             raise ValueError("max_batch must be >= 1 and max_model_len >= 16")
+        if self.admission_wait < 0:
+            raise ValueError("admission_wait must be >= 0")
 
     def torch_device(self) -> torch.device:
         return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
@@ -119,7 +123,7 @@ class LLMEngine:
             draft.share_embedding(self.target.embed_tokens)
         self.draft = draft
         self.draft_version = 0
-        self.scheduler = Scheduler(config.max_batch)
+        self.scheduler = Scheduler(config.max_batch, admission_wait=config.admission_wait)
         self.runner = ModelRunner(self.target, draft, config.max_batch, self.max_model_len, config.lookahead,
                                   config.capture, config.cuda_graphs, config.topk, config.num_draft_tokens,
                                   fused_rope=self.fused_kernels,

@@ -7,9 +7,15 @@ from aurora.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_prefills_per_step: int = 8):
+    def __init__(self, max_batch: int, max_prefills_per_step: int = 8, admission_wait: int = 0):
+        """admission_wait W: while sequences decode, a waiting group smaller than what could be admitted at once
+        (the free rows, at most max_prefills) waits up to W steps for more arrivals, so that requests arriving
+        spread out share one prefill call instead of pausing every running row for one call each (TGI's
+        max_waiting_tokens). 0: admit at every step."""
         self.max_batch = max_batch
         self.max_prefills = max_prefills_per_step
+        self.admission_wait = admission_wait
+        self.waited = 0  # steps the waiting group has been held back so far
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index = row
 
@@ -18,6 +24,11 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into free rows; they are prefilled this step."""
+        room = min(self.max_batch - len(self.running), self.max_prefills)
+        if self.running and self.waiting and len(self.waiting) < room and self.waited < self.admission_wait:
+            self.waited += 1
+            return []
+        self.waited = 0
         admitted = []
         while self.waiting and len(self.running) < self.max_batch and len(admitted) < self.max_prefills:
             seq = self.waiting.popleft()

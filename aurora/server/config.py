@@ -56,6 +56,8 @@ class ServeConfig:
     topk: int = 1
     num_draft_tokens: int | None = None  # tokens verified per round; None = lookahead + 1 (chain)
     max_batch: int = 32
+    admission_wait: int = 0            # built-in engine: steps a small group of waiting requests may wait for more
+                                       # arrivals while others decode (one prefill call for several; 0: none)
     max_model_len: int = 2048
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:N"
     fused_kernels: bool | None = None  # built-in engine: Triton serving kernels; None = on for CUDA with triton
@@ -160,6 +162,10 @@ class ServeConfig:
         _check(self.draft_vocab_size is None or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
                f"draft_vocab_size must be an integer >= 0 (0 = the target's vocabulary), "
                f"got {self.draft_vocab_size!r}")
+        _check(_is_int(self.admission_wait) and self.admission_wait >= 0,
+               f"admission_wait must be an integer >= 0, got {self.admission_wait!r}")
+        _check(self.admission_wait == 0 or self.engine != "sglang",
+               "admission_wait is a built-in engine setting (SGLang schedules its own admissions)")
         _check(_is_int(self.max_model_len) and self.max_model_len >= 16,
                f"max_model_len must be an integer >= 16, got {self.max_model_len!r}")
         _check(_is_int(self.num_draft_tokens), f"num_draft_tokens must be an integer, got {self.num_draft_tokens!r}")

@@ -41,6 +41,8 @@ def test_yaml_then_flags(tmp_path):
     ({"sglang_capture_topk": -1}, "sglang_capture_topk must be an integer in [0, 1024]"),
     ({"sglang_capture_topk": 8, "sglang_capture_final": True}, "leave sglang_capture_topk at 0"),
     ({"sglang_capture_final": "yes"}, "sglang_capture_final must be true or false"),
+    ({"admission_wait": -1}, "admission_wait must be an integer >= 0"),
+    ({"admission_wait": 2, "engine": "sglang"}, "admission_wait is a built-in engine setting"),
 ])
 def test_invalid(kwargs, message):
     with pytest.raises(ValueError) as e:
