@@ -35,7 +35,6 @@ the process, the front, prefill).
 
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """
-import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -86,6 +85,27 @@ def expected_tokens(rates: list[float], depth: int) -> float:
         chain *= a
         total += chain
     return total
+
+
+def _cost_at(pts: list[tuple[int, float]], depth: int) -> float | None:
+    """DepthController.cost from a bucket's timed (depth, cost) pairs, sorted by depth."""
+    lo, hi = None, None
+    for d, v in pts:
+        if d == depth:
+            return v
+        if d < depth:
+            lo = (d, v)
+        elif hi is None:
+            hi = (d, v)
+    if lo is not None and hi is not None:
+        (d0, c0), (d1, c1) = lo, hi
+        return c0 + (c1 - c0) * (depth - d0) / (d1 - d0)
+    spec = [(d, v) for d, v in pts if 0 < d < depth]
+    if hi is not None or len(spec) < 2:
+        return None
+    (d0, c0), (d1, c1) = spec[-2:]
+    slope = max((c1 - c0) / (d1 - d0), 0.0)  # a deeper round never costs less
+    return max(c1 + slope * (depth - d1), 1e-9)
 
 
 class _Bucket:
@@ -158,21 +178,16 @@ class DepthController:
     def cost(self, bucket: int, depth: int) -> float | None:
         """Measured; else interpolated between the nearest timed depths around it; else, beyond the deepest
         timed depth, extrapolated from the two deepest timed speculating depths; else None."""
-        c = self._cost.get((bucket, depth))
-        if c is not None:
-            return c
-        pts = sorted((d, v) for (b, d), v in self._cost.items() if b == bucket)
-        lo = [(d, v) for d, v in pts if d < depth]
-        hi = [(d, v) for d, v in pts if d > depth]
-        if lo and hi:
-            (d0, c0), (d1, c1) = lo[-1], hi[0]
-            return c0 + (c1 - c0) * (depth - d0) / (d1 - d0)
-        spec = [(d, v) for d, v in lo if d > 0]
-        if hi or len(spec) < 2:
-            return None
-        (d0, c0), (d1, c1) = spec[-2:]
-        slope = max((c1 - c0) / (d1 - d0), 0.0)  # a deeper round never costs less
-        return max(c1 + slope * (depth - d1), 1e-9)
+        return _cost_at(self._timed_costs(bucket), depth)
+
+    def _costs(self, bucket: int) -> dict[int, float]:
+        """cost(bucket, d) of every depth that has one, from one pass over the timings (the decision runs before
+        every round: one pass per depth was a visible share of the engine thread's Python)."""
+        pts = self._timed_costs(bucket)
+        return {d: c for d in self.depths if (c := _cost_at(pts, d)) is not None}
+
+    def _timed_costs(self, bucket: int) -> list[tuple[int, float]]:
+        return sorted((d, v) for (b, d), v in self._cost.items() if b == bucket)
 
     # ------------------------------------------------------------- the decision
     def choose(self, bucket: int) -> int:
@@ -190,7 +205,7 @@ class DepthController:
             if b.probe:
                 return b.probe.pop(0)
             rates = self._rates()
-            known = {d: c for d in self.depths if (c := self.cost(bucket, d)) is not None}
+            known = self._costs(bucket)
             if 0 in self.depths and 0 not in known:
                 return 0  # time plain decoding first: every other choice is judged against it
             speed = {d: expected_tokens(rates, d) / c for d, c in known.items()
@@ -242,8 +257,9 @@ class DepthController:
             key = (bucket, depth)
             recent = self._timings.setdefault(key, deque(maxlen=self.config.cost_window))
             recent.append(seconds)
-            cap = 5 * statistics.median(recent)
-            self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
+            ordered, n = sorted(recent), len(recent)
+            cap = 5 * (ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2)  # the median
+            self._cost[key] = sum(min(t, cap) for t in ordered) / n
             self._timed[key] = self._timed.get(key, 0) + 1
 
     def observe_served(self, bucket: int, depth: int, tokens: int, seconds: float) -> None:
@@ -293,7 +309,8 @@ class DepthController:
             rates = self._rates()
             buckets = {}
             for bucket, b in sorted(self._buckets.items()):
-                costs = {d: self.cost(bucket, d) for d in self.depths}
+                pts = self._timed_costs(bucket)
+                costs = {d: _cost_at(pts, d) for d in self.depths}
                 c0 = costs.get(0)
                 pred = {d: expected_tokens(rates, d) / c * c0 for d, c in costs.items() if c is not None and c0}
                 realised = None
