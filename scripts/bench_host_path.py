@@ -4,6 +4,7 @@ model: the engine step, the engine-thread -> event-loop bridge, FastAPI, detoken
 
   python scripts/bench_host_path.py --concurrency 1 16 32 --requests 128 --max-tokens 128
   python scripts/bench_host_path.py --engine-only --concurrency 1 16 32   # LLMEngine.step() alone, no HTTP
+  python scripts/bench_host_path.py --engine-only --draft scratch --max-tokens 128 --concurrency 16  # Aurora's share
   python scripts/bench_host_path.py --direct --device-ms 1.5 --concurrency 16  # AsyncEngine in-process, no HTTP
   python scripts/bench_host_path.py --device-ms 1.5 --switch-interval-ms 5 0.5 --concurrency 16
 
@@ -12,6 +13,10 @@ The server runs in a child process and the clients in this one (they would other
 the GPU does, so the event loop and the engine thread contend for the GIL the way they do on a GPU host.
 `--switch-interval-ms`: the server process's sys.setswitchinterval, one server per value (Python's default
 is 5 ms: how long one thread may keep the GIL while another waits for it).
+`--engine-only --draft scratch`: the engine with a day-0 draft (capture on, every round plain, as at day 0; the
+trainer stopped), its host work per step against target-only's. Requests of `--max-tokens` finish and are replaced,
+so finishing (row moves, samples) is counted; a finished request's state copy is stubbed too, since on a GPU it is
+one launch while on this CPU it is a memory copy.
 """
 import argparse
 import asyncio
@@ -21,49 +26,76 @@ import time
 import httpx
 
 
-def stubbed_service(target: str, max_batch: int, device_ms: float = 0.0):
-    """The target-only service on the CPU, its model runner's prefill and round answering at once."""
+def stubbed_service(target: str, max_batch: int, device_ms: float = 0.0, draft: str | None = None):
+    """The service on the CPU (target-only, or with a day-0 `draft` whose rounds are all plain), its model
+    runner's prefill and round answering at once."""
     import torch
 
     from aurora.server.config import ServeConfig
     from aurora.service import Service
 
-    cfg = ServeConfig(target=target, draft=None, max_batch=max_batch, device="cpu", wandb="disabled",
-                      run_dir="/tmp/aurora_bench_host_path")
+    cfg = ServeConfig(target=target, draft=draft, max_batch=max_batch, device="cpu", wandb="disabled",
+                      run_dir=f"/tmp/aurora_bench_host_path_{draft}", max_model_len=1024)
     service = Service.from_config(cfg)
     runner = service.engine.engine.runner
     k = runner.k
     tokens = torch.randint(100, 20000, (max_batch, k + 1))  # what a round would have returned
     none, props = torch.zeros(max_batch, dtype=torch.long), tokens[:, :k]
-    def round_(B, *a, **k):
+
+    def round_(B, *a, depth=None, **kw):
         if device_ms:
             time.sleep(device_ms / 1e3)  # the GPU's share of a step; the engine thread holds no GIL meanwhile
-        return tokens[:B], none[:B], props[:B]
+        if runner.lazy_draft:  # a plain round leaves the draft one more position behind (as ModelRunner.round)
+            for r in range(B):
+                runner.lag[r] += 1
+        return tokens[:B, :1], none[:B], props[:B, :0]
 
     runner.round = round_
     runner.prefill = lambda row0, prompts, *a, **k: [7] * len(prompts)
+    if runner.capture:  # on a GPU one launch each; here it would be a memory copy
+        aux, hid = runner.aux_store[0], runner.hid_store[0]
+        runner.read_capture = lambda row, n, on_device=False: (aux[:n], hid[:n])
     return service, cfg
 
 
-def engine_steps(target: str, batches: list[int], steps: int = 300) -> None:
-    """Microseconds of Python per LLMEngine.step() with `batch` running sequences."""
+def engine_steps(target: str, batches: list[int], draft: str | None, max_tokens: int, steps: int = 1000) -> None:
+    """Microseconds of Python per LLMEngine.step() with `batch` running sequences, each replaced by a new one when
+    it finishes (`max_tokens` each; prompts of 40-59 tokens)."""
     from aurora.engine.sequence import SamplingParams
 
-    service, _ = stubbed_service(target, max(batches))
+    service, _ = stubbed_service(target, max(batches), draft=draft)
     service.engine.shutdown()  # drive the engine directly, without its thread
+    if service.trainer is not None:
+        service.trainer.stop()
     engine = service.engine.engine
-    print(f"{'batch':>5} {'us per step':>12}")
+    samples = []
+    engine.on_sample = samples.append
+    added = 0
+
+    def add():
+        nonlocal added
+        added += 1
+        return engine.add_request(list(range(5, 45 + added % 20)),
+                                  SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+    print(f"{'batch':>5} {'us per step':>12} {'finished':>9}   (draft {draft}, {max_tokens} tokens per request)")
     for B in batches:
-        seqs = [engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=10**6, ignore_eos=True))
-                for _ in range(B)]
-        engine.step()  # admission
+        live = {s.request_id for s in (add() for _ in range(B))}
+        for _ in range(B):  # stagger the finishes: one new request per step from here on
+            engine.step()
+        done = 0
         t = time.perf_counter()
         for _ in range(steps):
+            for o in engine.step():
+                if o.finished:
+                    live.discard(o.request_id)
+                    live.add(add().request_id)
+                    done += 1
+        print(f"{B:>5} {(time.perf_counter() - t) / steps * 1e6:>12.0f} {done:>9}", flush=True)
+        for rid in live:
+            engine.abort(rid)
+        while engine.has_work():
             engine.step()
-        print(f"{B:>5} {(time.perf_counter() - t) / steps * 1e6:>12.0f}", flush=True)
-        for s in seqs:
-            engine.abort(s.request_id)
-        engine.step()
 
 
 def serve(target: str, max_batch: int, port_q, device_ms: float, switch_ms: float | None) -> None:
@@ -130,6 +162,7 @@ def main():
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engine-only", action="store_true", help="time LLMEngine.step() in this process, no HTTP")
+    ap.add_argument("--draft", default=None, help="with --engine-only: scratch = a day-0 draft (capture on)")
     ap.add_argument("--direct", action="store_true",
                     help="the stubbed service's AsyncEngine driven by clients in this process, no HTTP")
     ap.add_argument("--device-ms", type=float, default=0.0, help="GIL-free wait per stubbed round (the GPU's time)")
@@ -137,7 +170,7 @@ def main():
                     help="the server's sys.setswitchinterval in ms; one server per value (default: Python's)")
     a = ap.parse_args()
     if a.engine_only:
-        return engine_steps(a.target, a.concurrency)
+        return engine_steps(a.target, a.concurrency, a.draft, a.max_tokens)
     if a.direct:
         return direct(a.target, a.concurrency, a.requests, a.max_tokens, a.device_ms)
     print(f"{'switch ms':>9} {'concurrency':>11} {'mode':>10} {'tok/s':>10}   (device {a.device_ms} ms per round)")
