@@ -239,9 +239,12 @@ class Service:
             _log_local_split(cfg, engine, draft, tconf, dev)
         if dev.type == "cuda":
             t0 = time.perf_counter()
-            _probe_trainer(engine.draft, engine.target.lm_head.weight, tconf)
-            log.info("trainer's kernels compiled before serving (one probe step and guard pass): %.1f s",
-                     time.perf_counter() - t0)
+            try:
+                _probe_trainer(engine.draft, engine.target.lm_head.weight, tconf)
+                log.info("trainer's kernels compiled before serving (one probe step and guard pass): %.1f s",
+                         time.perf_counter() - t0)
+            except Exception:  # serving starts regardless; the trainer reports its own failures
+                log.exception("the trainer's probe step failed; serving starts, the trainer compiles under load")
         aengine = AsyncEngine(engine, _served_name(cfg), share)
 
         def make_trainer(first_samples=None) -> OnlineTrainer:
