@@ -33,6 +33,10 @@ delivered fewer tokens per second than plain decoding did (by `switch_margin`), 
 right and the server still slower, when speculation costs something outside the rounds (the trainer's share of
 the process, the front, prefill).
 
+With no acceptance at all (a day-0 draft's prediction, or nothing accepted since) every depth yields one token a
+row, so a plain bucket stays plain without weighing the costs: the decision runs before every round, and at day 0
+that is every round of the server.
+
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """
 import threading
@@ -205,6 +209,9 @@ class DepthController:
             if b.probe:
                 return b.probe.pop(0)
             rates = self._rates()
+            if b.depth == 0 and not any(rates) and (bucket, 0) in self._cost:
+                b.since_switch += 1  # nothing can be accepted: every depth yields one token a row, plain is cheapest
+                return 0
             known = self._costs(bucket)
             if 0 in self.depths and 0 not in known:
                 return 0  # time plain decoding first: every other choice is judged against it

@@ -230,3 +230,16 @@ def test_served_speedup_weights_each_buckets_current_depth_by_its_rounds():
     # the decision's own snapshot has the shape SGLang's depth.json has (int keys before JSON)
     ctl = DepthController(4, SpeculationConfig())
     assert served_speedup(ctl.snapshot()) == 1.0
+
+
+def test_with_nothing_accepted_a_plain_bucket_stays_plain_even_if_a_deeper_round_timed_cheaper():
+    """Zero acceptance (a day-0 draft's prediction): every depth yields one token a row, so plain decoding is the
+    choice whatever the timings say; a deeper round that happened to time cheaper (noise) does not lure it away."""
+    ctl = DepthController(K, SpeculationConfig(min_dwell=1))
+    ctl.new_version(1, [0.0] * K)
+    assert ctl.choose(8) == 0
+    ctl.observe(8, 0, 1e-3, [0] * 8)
+    ctl.observe_cost(8, 1, 0.5e-3)  # a noisy timing: depth 1 "cheaper" than plain
+    assert [ctl.choose(8) for _ in range(50)] == [0] * 50
+    ctl.new_version(2, [0.9] * K)  # a version worth speculating with: the decision moves again
+    assert any(ctl.choose(8) > 0 for _ in range(50))
