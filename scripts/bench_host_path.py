@@ -13,8 +13,9 @@ The server runs in a child process and the clients in this one (they would other
 the GPU does, so the event loop and the engine thread contend for the GIL the way they do on a GPU host.
 `--switch-interval-ms`: the server process's sys.setswitchinterval, one server per value (Python's default
 is 5 ms: how long one thread may keep the GIL while another waits for it).
-`--engine-only --draft scratch`: the engine with a day-0 draft (capture on, every round plain, as at day 0; the
-trainer stopped), its host work per step against target-only's. Requests of `--max-tokens` finish and are replaced,
+`--draft scratch`: the service with a day-0 draft (capture on, every round plain, as at day 0; the trainer
+stopped, so that only the host path is compared); with `--engine-only`, its host work per step against
+target-only's. Requests of `--max-tokens` finish and are replaced,
 so finishing (row moves, samples) is counted; a finished request's state copy is stubbed too, since on a GPU it is
 one launch while on this CPU it is a memory copy.
 """
@@ -35,8 +36,11 @@ def stubbed_service(target: str, max_batch: int, device_ms: float = 0.0, draft: 
     from aurora.service import Service
 
     cfg = ServeConfig(target=target, draft=draft, max_batch=max_batch, device="cpu", wandb="disabled",
-                      run_dir=f"/tmp/aurora_bench_host_path_{draft}", max_model_len=1024)
+                      run_dir=f"/tmp/aurora_bench_host_path_{draft}", max_model_len=1024,
+                      draft_vocab_size=0)  # a trainer made at once (a pruned head's waits for requests), then stopped
     service = Service.from_config(cfg)
+    if service.trainer is not None:  # the host path alone: samples are captured and handed over, not trained on
+        service.trainer.stop()
     runner = service.engine.engine.runner
     k = runner.k
     tokens = torch.randint(100, 20000, (max_batch, k + 1))  # what a round would have returned
@@ -65,8 +69,6 @@ def engine_steps(target: str, batches: list[int], draft: str | None, max_tokens:
 
     service, _ = stubbed_service(target, max(batches), draft=draft)
     service.engine.shutdown()  # drive the engine directly, without its thread
-    if service.trainer is not None:
-        service.trainer.stop()
     engine = service.engine.engine
     samples = []
     engine.on_sample = samples.append
@@ -98,14 +100,15 @@ def engine_steps(target: str, batches: list[int], draft: str | None, max_tokens:
             engine.step()
 
 
-def serve(target: str, max_batch: int, port_q, device_ms: float, switch_ms: float | None) -> None:
+def serve(target: str, max_batch: int, port_q, device_ms: float, switch_ms: float | None,
+          draft: str | None = None) -> None:
     import sys
 
     from aurora.server.app import create_app, serve_in_thread
 
     if switch_ms is not None:
         sys.setswitchinterval(switch_ms / 1e3)
-    service, cfg = stubbed_service(target, max_batch, device_ms)
+    service, cfg = stubbed_service(target, max_batch, device_ms, draft)
     with serve_in_thread(create_app(service, cfg)) as url:
         port_q.put(url)
         while True:
@@ -162,7 +165,8 @@ def main():
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engine-only", action="store_true", help="time LLMEngine.step() in this process, no HTTP")
-    ap.add_argument("--draft", default=None, help="with --engine-only: scratch = a day-0 draft (capture on)")
+    ap.add_argument("--draft", default=None, help="scratch: a day-0 draft (capture on, every round plain, its "
+                    "trainer stopped)")
     ap.add_argument("--direct", action="store_true",
                     help="the stubbed service's AsyncEngine driven by clients in this process, no HTTP")
     ap.add_argument("--device-ms", type=float, default=0.0, help="GIL-free wait per stubbed round (the GPU's time)")
@@ -177,7 +181,8 @@ def main():
     for switch in a.switch_interval_ms:
         q = mp.get_context("spawn").Queue()
         server = mp.get_context("spawn").Process(target=serve, daemon=True,
-                                                 args=(a.target, max(a.concurrency), q, a.device_ms, switch))
+                                                 args=(a.target, max(a.concurrency), q, a.device_ms, switch,
+                                                       a.draft))
         server.start()
         url = q.get(timeout=300)
         try:
