@@ -13,14 +13,13 @@ whose time per step differs most from the first mode's. The profiler slows the h
 compare modes, not absolute host times.
 """
 import argparse
-import gc
 import os
-import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speedup_run  # noqa: E402  (the prompt stream)
+from front_cost import free_memory, in_process  # noqa: E402
 
 from aurora.prompts import chat_ids, load_prompts  # noqa: E402
 
@@ -47,13 +46,7 @@ def profile_mode(serve_args: str, texts: list[str], warm: list[str], concurrency
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from aurora.cli import build_parser
-    from aurora.server.config import ServeConfig
-    from aurora.service import Service
-
-    args = build_parser().parse_args(["serve", *shlex.split(serve_args)])
-    cfg = ServeConfig.load(args.config, **{k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    service = Service.from_config(cfg)
+    service = in_process(serve_args)
     service.engine.shutdown()  # its thread stops; the engine is driven from here, where the profiler sees its ops
     engine = service.engine.engine
     cuda = engine.runner.device.type == "cuda"
@@ -73,9 +66,7 @@ def profile_mode(serve_args: str, texts: list[str], warm: list[str], concurrency
     finally:
         service.shutdown()
         del service, engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     ev = prof.key_averages()
     kernels = {e.key: e.self_device_time_total / steps for e in ev if e.self_device_time_total > 0}
     host = {e.key: e.self_cpu_time_total / steps for e in ev if e.self_cpu_time_total > 0}

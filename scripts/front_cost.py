@@ -46,17 +46,29 @@ async def drive_direct(engine, prompts: list[list[int]], concurrency: int, max_t
     return sorted(rows, key=lambda r: r["t"])
 
 
-def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
-           max_tokens: int) -> tuple[float, dict]:
-    import torch
-
+def in_process(serve_args: str):
+    """`aurora serve` with these arguments as a Service in this process."""
     from aurora.cli import build_parser
     from aurora.server.config import ServeConfig
     from aurora.service import Service
 
     args = build_parser().parse_args(["serve", *shlex.split(serve_args)])
     cfg = ServeConfig.load(args.config, **{k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    service = Service.from_config(cfg)
+    return Service.from_config(cfg)
+
+
+def free_memory() -> None:
+    """After a service has shut down and its last reference is gone: its GPU memory back before the next one."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
+           max_tokens: int) -> tuple[float, dict]:
+    service = in_process(serve_args)
     engine = service.engine
     try:
         asyncio.run(drive_direct(engine, chat_ids(engine.tokenizer, warm), concurrency, max_tokens))
@@ -68,9 +80,7 @@ def direct(serve_args: str, texts: list[str], warm: list[str], concurrency: int,
     finally:
         service.shutdown()
         del service, engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     assert all(r["status"] == 200 for r in rows), "a direct request failed"
     return sum(r["completion_tokens"] for r in rows) / wall, spent
 
