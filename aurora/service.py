@@ -146,12 +146,11 @@ def _log_local_split(cfg: ServeConfig, engine: LLMEngine, draft, tconf: TrainCon
     n = sum(p.numel() for p in draft.parameters())
     need = draft_param_bytes(n, tconf.keep_versions) + workspace_bytes(
         tconf.batch_tokens, tconf.guard_chunk_tokens, c.vocab_size, c.draft_vocab_size, tconf.ttt_length)
-    buffered = tconf.buffer_bytes if engine.config.samples_on_device else 0  # captured states wait on this GPU
+    buffered = tconf.buffer_bytes  # captured states wait on this GPU (LLMEngine samples_on_device)
     free, total = torch.cuda.mem_get_info(dev)
     line = (f"{dev}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} free after the engine's KV cache of "
             f"{kv / 2**30:.1f} GiB ({cfg.max_batch} x {cfg.max_model_len}); the trainer needs about "
-            f"{(need + buffered) / 2**30:.1f} GiB" + (f" (its sample buffer's {buffered / 2**30:.1f} included)"
-                                                        if buffered else ""))
+            f"{(need + buffered) / 2**30:.1f} GiB, its sample buffer's {buffered / 2**30:.1f} included")
     if need + buffered > free:
         log.warning("%s: more than is free; lower --max-batch, --max-model-len, --train-batch-tokens or "
                     "--buffer-gib, or use --trainer-device cuda:N", line)
@@ -221,7 +220,6 @@ class Service:
                              max_model_len=cfg.max_model_len, device=cfg.device,
                              fused_kernels=cfg.fused_kernels, priority_stream=cfg.priority_stream,
                              capture=draft is not None, adaptive=cfg.adaptive_depth,
-                             samples_on_device=cfg.trainer_device in ("auto", cfg.device),
                              initial_acceptance=_initial_acceptance(cfg, ckpt))
         engine = LLMEngine(target_dir, draft, econf)
         # the engine thread shares one GIL with the event loop (and the trainer's thread): the switch interval bounds
@@ -235,7 +233,8 @@ class Service:
                               lambda: served_speedup(engine.speculation.snapshot()))
         if share.turns:  # the trainer has the cores to itself during its turns
             tconf = dataclasses.replace(tconf, torch_threads=torch.get_num_threads())
-        if dev.type == "cuda" and dev == engine.runner.device:
+        if dev.type == "cuda" and dev == engine.runner.device:  # the trainer reads captured states where they are made
+            engine.config.samples_on_device = True
             _log_local_split(cfg, engine, draft, tconf, dev)
         if dev.type == "cuda":
             t0 = time.perf_counter()

@@ -67,7 +67,7 @@ class EngineConfig:
                                   # as Triton kernels (aurora_kernels.serving). None: on for CUDA when triton is
                                   # installed: faster on the GPU (docs/measurements.md, results/engine/)
     samples_on_device: bool = False  # a finished request's captured states stay on the engine's device (its trainer
-                                  # trains there); else they are copied to the host
+                                  # trains there: the service sets it once it knows); else copied to the host
     priority_stream: bool = True  # CUDA: engine steps run on a high-priority stream, so a trainer sharing the GPU
                                   # (default-priority stream) yields SMs to serving whenever both have work.
                                   # Measured: serving no slower, the trainer faster (docs/measurements.md)
@@ -140,7 +140,7 @@ class LLMEngine:
                      "in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
-        self._samples: list[Sample] = []  # finished requests' samples whose host copies are still in flight
+        self._samples: list[Sample] = []  # finished requests' samples whose state copies are still in flight
         self._pending_swap: tuple[dict, int, list[float] | None, threading.Event] | None = None
         self._swap_lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
@@ -324,7 +324,7 @@ class LLMEngine:
             self.speculation.observe_served(bucket, depth, committed, max(next_start - start - gap, end - start))
 
     def _hand_over(self, samples: list[Sample], synced: bool) -> None:
-        """Samples whose host copies were queued before this step's device work: once this step's round has read
+        """Samples whose state copies were queued before this step's device work: once this step's round has read
         its results on the host, so have the copies; without a round, wait here (nothing is running: it costs
         serving nothing)."""
         if not synced and self.runner.device.type == "cuda":

@@ -24,8 +24,8 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into free rows; they are prefilled this step."""
-        room = min(self.max_batch - len(self.running), self.max_prefills)
-        if self.running and self.waiting and len(self.waiting) < room and self.waited < self.admission_wait:
+        if self.waited < self.admission_wait and self.running and self.waiting and \
+                len(self.waiting) < min(self.max_batch - len(self.running), self.max_prefills):
             self.waited += 1
             return []
         self.waited = 0

@@ -316,8 +316,7 @@ class DepthController:
             rates = self._rates()
             buckets = {}
             for bucket, b in sorted(self._buckets.items()):
-                pts = self._timed_costs(bucket)
-                costs = {d: _cost_at(pts, d) for d in self.depths}
+                costs = self._costs(bucket)
                 c0 = costs.get(0)
                 pred = {d: expected_tokens(rates, d) / c * c0 for d, c in costs.items() if c is not None and c0}
                 realised = None

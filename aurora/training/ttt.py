@@ -123,8 +123,7 @@ def _uploader(device):
     """Host -> device copies for a batch (a tensor already there stays). To a GPU from pinned memory without
     waiting: a copy from pageable memory synchronises the stream first, and under a GPU shared with serving every
     sync waits its turn."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
+    if torch.device(device).type != "cuda":
         return lambda t: t.to(device)
     return lambda t: t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True)
 
