@@ -48,13 +48,19 @@ from aurora.prompts import load_prompts
 POOL = ("chat", "instruct", "arena")
 
 
-def prompt_stream(n: int, seed: int = 0) -> list[str]:
+def distinct_prompts(seed: int = 0) -> list[str]:
+    """The pool's distinct prompts in a fixed shuffled order; a long prompt keeps its last 1,500 bytes, where the
+    question is (bytes: CJK text is ~1 token per byte)."""
     pool = list(dict.fromkeys(p for d in POOL for p in load_prompts(d)))  # distinct, first occurrence kept
     random.Random(seed).shuffle(pool)
+    return [p.encode()[-1500:].decode(errors="ignore") for p in pool]
+
+
+def prompt_stream(n: int, seed: int = 0) -> list[str]:
+    pool = distinct_prompts(seed)
     if n > len(pool):
         print(f"note: {n} requests from {len(pool)} distinct prompts: the stream repeats after {len(pool)}")
-    # a long prompt keeps its last 1,500 bytes, where the question is (bytes: CJK text is ~1 token per byte)
-    return [pool[i % len(pool)].encode()[-1500:].decode(errors="ignore") for i in range(n)]
+    return [pool[i % len(pool)] for i in range(n)]
 
 
 def free_port() -> int:

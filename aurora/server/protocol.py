@@ -60,6 +60,8 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False   # vLLM's extension: generate max_tokens even past end-of-sequence (benchmarks)
+    capture: bool = True       # Aurora's extension: false = this request leaves no training sample (opt-out; an
+                               # evaluation set the draft must never train on, or traffic that must not be learned)
     user: Text | None = None
     presence_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
@@ -105,6 +107,7 @@ class SamplingRequest(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % INT64,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,  # the validator made a str a list; unset stays None
+            capture=self.capture,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
             json_schema=None if rf is None else rf.schema_string(),

@@ -178,3 +178,25 @@ def test_cli_sigterm_is_graceful(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_request_that_opts_out_of_capture_leaves_no_sample(real):
+    url, service, cfg = real
+    if cfg.draft is None:
+        pytest.skip("target-only serving captures nothing: there is no trainer")
+
+    def captured():
+        return httpx.get(url + "/v1/draft").json()["trainer"]["samples_captured"]
+
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    before = captured()
+    for capture in (False, True):  # the opted-out request first: the second's sample proves the first had time
+        r = httpx.post(url + "/v1/completions", json=dict(body, capture=capture), timeout=120)
+        assert r.status_code == 200, r.text
+    deadline = time.time() + 60
+    while captured() < before + 1 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert captured() == before + 1
+    r = httpx.post(url + "/v1/completions", json=dict(body, capture="no"), timeout=60)
+    assert r.status_code == 400 and "capture" in r.text
