@@ -195,6 +195,9 @@ class _Redact(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: on engine sglang that is a line per request to SGLang's /generate, which
+    # buries Aurora's own lines; its warnings and errors still show
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "report":
         from aurora.server.report import make_report
 
