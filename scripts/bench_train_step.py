@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--sample-tokens", type=int, default=200)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", action="store_true",
+                    help="then one more step of the last batch under torch.profiler: its top operators and kernels")
     a = ap.parse_args()
     path = hub.resolve("smollm2")
     target = TargetModel.from_pretrained(path)
@@ -51,6 +53,16 @@ def main():
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             print(f"{len(samples) * T} tokens, step {step}: {dt:.2f} s, {len(samples) * T / dt:,.0f} tokens/s, "
                   f"peak memory {peak / 2**30:.2f} GiB")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            trainer.train_step(samples)
+            if cuda:
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
