@@ -61,9 +61,9 @@ def test_flags_devices_and_command():
     assert "--mem-fraction-static" not in server_command(cfg.__class__(engine="sglang", wandb="disabled"), "/m", None, 1)
 
 
-def tiny_draft():
+def tiny_draft(draft_vocab_size: int = 512):
     cfg = DraftConfig(target_hidden_size=64, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, vocab_size=512, draft_vocab_size=512)
+                      num_key_value_heads=2, head_dim=16, vocab_size=512, draft_vocab_size=draft_vocab_size)
     draft = new_draft(cfg).to(torch.bfloat16)
     return draft.share_embedding(torch.nn.Embedding(512, 64).to(torch.bfloat16).requires_grad_(False))
 
@@ -79,10 +79,12 @@ def test_probe_runs_the_largest_batches(monkeypatch):
     assert sizes == [256] and trainer.steps == 1 and trainer.failures == 0
 
 
-def test_the_probe_trains_a_copy_and_leaves_the_live_draft_alone(tmp_path):
+@pytest.mark.parametrize("draft_vocab", [512, 128], ids=["full-vocabulary", "pruned-vocabulary"])
+def test_the_probe_trains_a_copy_and_leaves_the_live_draft_alone(tmp_path, draft_vocab):
     """The service probes the trainer before serving (the SGLang memory split; on a GPU also the kernels' compile)
-    with the live draft: one step and one guard pass that must not touch the weights being served."""
-    draft = tiny_draft()
+    with the live draft: one step and one guard pass that must not touch the weights being served. A pruned day-0
+    head (the GPU default on the built-in engine) is probed before its vocabulary map is chosen."""
+    draft = tiny_draft(draft_vocab)
     before = {k: v.clone() for k, v in draft.state_dict().items()}
     tconf = TrainConfig(ttt_length=3, batch_tokens=128, guard_chunk_tokens=64, device="cpu", lr=1e-2,
                         checkpoint_dir=str(tmp_path))
