@@ -4,6 +4,7 @@ does not depend on their values).
 
   python scripts/bench_train_step.py --tokens 2000 [--device cuda]
   python scripts/bench_train_step.py --draft-vocab-size 2048 --sample-tokens 128 --tokens 128 512 2048
+  python scripts/bench_train_step.py --draft-vocab-size 16384 --sample-tokens 480 130 300 150 250 169 --tokens 1024
 
 Peak memory: the process's peak RSS on the CPU; CUDA's max_memory_allocated on a GPU.
 """
@@ -25,7 +26,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2000], help="one batch size after another")
     ap.add_argument("--draft-vocab-size", type=int, default=None, help="default: the target's whole vocabulary")
-    ap.add_argument("--sample-tokens", type=int, default=200)
+    ap.add_argument("--sample-tokens", type=int, nargs="+", default=[200],
+                    help="each sample's length, cycled: several lengths make the padded batches of real traffic")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true",
@@ -37,12 +39,15 @@ def main():
     draft.share_embedding(target.embed_tokens)
     trainer = OnlineTrainer(draft, target.lm_head.weight, TrainConfig(device=a.device, batch_tokens=max(a.tokens)),
                             publish=lambda *_: None)
-    H, T = target.config.hidden_size, a.sample_tokens
+    H = target.config.hidden_size
     cuda = a.device.startswith("cuda")
     for tokens in a.tokens:
-        samples = [Sample(f"s{i}", torch.randint(0, target.config.vocab_size, (T,)), T // 4,
-                          torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool))
-                   for i in range(max(1, tokens // T))]
+        samples, total = [], 0
+        while not samples or total + a.sample_tokens[len(samples) % len(a.sample_tokens)] <= tokens:
+            T = a.sample_tokens[len(samples) % len(a.sample_tokens)]
+            samples.append(Sample(f"s{len(samples)}", torch.randint(0, target.config.vocab_size, (T,)), T // 4,
+                                  torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool)))
+            total += T
         for step in range(a.steps):
             t = time.perf_counter()
             trainer.train_step(samples)
@@ -51,7 +56,7 @@ def main():
             dt = time.perf_counter() - t
             peak = (torch.cuda.max_memory_allocated() if cuda
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            print(f"{len(samples) * T} tokens, step {step}: {dt:.2f} s, {len(samples) * T / dt:,.0f} tokens/s, "
+            print(f"{total} tokens, step {step}: {dt:.2f} s, {total / dt:,.0f} tokens/s, "
                   f"peak memory {peak / 2**30:.2f} GiB")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

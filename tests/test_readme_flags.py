@@ -51,7 +51,8 @@ def segments(readme: str) -> list[tuple[str, bool]]:
 
 def owner(segment: str) -> tuple[str | None, str]:
     """(command, the part of the segment that holds its flags); command None: not one of the project's."""
-    segment = re.sub(r"""(--sglang-args)(\s+|=)(["']).*?\3""", r"\1 X", segment)
+    # flags passed on inside a quoted value (to SGLang, or to the `aurora serve` a benchmark starts) are not the command's
+    segment = re.sub(r"""(--sglang-args|--serve-args)(\s+|=)(["']).*?\3""", r"\1 X", segment)
     # a benchmark's --mode NAME="ARGS": ARGS are `aurora serve` flags (or plain SGLang's, after @sglang), not its own
     segment = re.sub(r"""(--mode)(\s+|=)(\w+=)?(["']).*?\4""", r"\1 X", segment)
     segment = re.sub(r"""^\s*(\w+=("[^"]*"|'[^']*'|\S*)\s+)+""", "", segment)  # VAR=value before a command

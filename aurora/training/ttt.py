@@ -39,6 +39,8 @@ class TTTBatch:
     target_mask: torch.Tensor    # [B, L+K] bool: row i exists and loss_mask[i+1] (in-vocab applied by the loss)
     target_rows: torch.Tensor | None  # [M] long: the rows b*L+i with target_mask[b, i], the only target rows the
                                       # loss and the guard read (found on the host: no device sync); None one-hot
+    step_rows: torch.Tensor      # [R] long: the rows k*B*L + b*L + t of the K unrolled steps whose target row
+                                 # t+1+k exists (target_mask), the only ones the loss can weigh (found on the host)
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
     num_tokens: int
@@ -107,12 +109,18 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 if 0 <= t < n and t + 1 + k < n:
                     rows.append((k, b, t))
                     toks.append(int(target_to_draft[x]))
+    # a batch of unequal lengths is mostly padding (a median 2,048-token chat batch has 1.9 padded rows per token):
+    # only the step rows with a target pay for the LM head and the divergence, the largest part of a step
+    step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
+    if not step_rows.numel():  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
+        step_rows = torch.zeros(1, dtype=torch.long)
     to = _uploader(device)
     return TTTBatch(ids=to(ids), aux=to(aux),
                     positions=torch.arange(L, device=device).expand(B, L), key_valid=to(key_valid),
                     target_hidden=None if th is None else to(th.reshape(B * L, -1)),
                     target_mask=to(target_mask),
                     target_rows=None if th is None else to(target_mask[:, :L].reshape(-1).nonzero().squeeze(1)),
+                    step_rows=to(step_rows),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
                     num_tokens=sum(s.num_tokens for s in samples),
@@ -236,12 +244,14 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     decay = step_decay ** torch.arange(K, device=masks.device, dtype=torch.float32)
     weight = (masks * (decay / counts)[:, None, None]).reshape(-1)       # [K*B*L]
     h = torch.cat([draft.norm(hk) for hk, _ in steps]).reshape(-1, steps[0][0].shape[-1])  # step-major rows
-    loss, div, match = divergence(h, draft.lm_head.weight, tdist.logits, target_rows(batch, K), weight, objective)
-    flat = masks.reshape(K, -1)
-    loss_per_step = ((div.view(K, -1) * flat).sum(1) / counts).detach()
-    acc_per_step = ((match.view(K, -1).float() * flat).sum(1) / counts).detach()
+    rows = batch.step_rows  # every row of weight > 0 among them: the sums below are those over all K*B*L rows
+    loss, div, match = divergence(h[rows], draft.lm_head.weight, tdist.logits, target_rows(batch, K)[rows],
+                                  weight[rows], objective)
+    B, L = batch.shape
+    step, m = rows // (B * L), masks.reshape(-1)[rows]
+    loss_per_step = (masks.new_zeros(K).index_add_(0, step, div.detach() * m) / counts).detach()
+    acc_per_step = (masks.new_zeros(K).index_add_(0, step, match.float() * m) / counts).detach()
     if reject_weight > 0 and batch.reject_rows.numel():
-        B, L = batch.shape
         k, b, t = batch.reject_rows.unbind(1)
         rej = rejection_term(h[k * B * L + b * L + t], draft.lm_head.weight, batch.reject_token)
         loss = loss + reject_weight * rej.sum() / counts[0]

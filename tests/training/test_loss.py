@@ -1,4 +1,6 @@
 """Loss per objective against plain-torch formulas; the rejected-proposal term lowers q(x)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,23 +28,35 @@ def t2d_index(draft):
     return idx
 
 
+def cut(s, T):
+    """The sample's first T tokens (a shorter request)."""
+    return dataclasses.replace(s, token_ids=s.token_ids[:T], aux_hidden=s.aux_hidden[:T - 1],
+                               target_hidden=s.target_hidden[:T - 1], loss_mask=s.loss_mask[:T])
+
+
 @pytest.mark.parametrize("objective", ["fkl", "rkl", "tv"])
-def test_loss_matches_plain_formula(target, samples, objective):
+@pytest.mark.parametrize("ragged", [False, True], ids=["equal-lengths", "unequal-lengths"])
+def test_loss_matches_plain_formula(target, samples, objective, ragged):
+    """Unequal lengths pad the batch: the loss weighs only the step rows with a target (batch.step_rows), and must
+    equal the plain sum over every position."""
     draft = make_draft(target, samples)
     K, decay = 3, 0.8
     lm = target.lm_head.weight
-    batch = collate(samples[:5], K, t2d_index(draft))
+    batch_samples = [cut(s, T) for s, T in zip(samples[:5], (40, 13, 27, 9, 33))] if ragged else samples[:5]
+    batch = collate(batch_samples, K, t2d_index(draft))
+    B, L = batch.shape
+    if ragged:  # padding rows and the steps' last rows left out
+        assert batch.step_rows.numel() < K * B * L
     loss, per_step, acc = ttt_loss(draft, batch, lm, objective, K, decay, reject_weight=0.0)
     loss.backward()
     got_grad = draft.fc.weight.grad.clone()
     draft.zero_grad()
 
     # plain torch: full target logits, restrict to the draft vocabulary, mask out-of-vocab argmax
-    B, L = batch.shape
     full = (batch.target_hidden @ lm.t()).view(B, L, -1)
     in_vocab = draft.t2d[full.argmax(-1)]
     p = full[..., d2t_ids(draft)].softmax(-1)
-    ref, ref_steps = 0.0, []
+    ref, ref_steps, ref_acc = 0.0, [], []
     for k, (_, logits) in enumerate(ttt_forward(draft, batch, K)):
         rows = torch.zeros(B, L, dtype=torch.bool)
         pk = torch.zeros_like(p)
@@ -54,9 +68,11 @@ def test_loss_matches_plain_formula(target, samples, objective):
                     pk[b, t] = p[b, i]
         div = plain_divergence(pk[rows], logits[rows].log_softmax(-1), objective)
         ref_steps.append(div.mean())
+        ref_acc.append((logits[rows].argmax(-1) == pk[rows].argmax(-1)).float().mean())
         ref = ref + decay ** k * div.mean()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per_step, torch.stack(ref_steps).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc, torch.stack(ref_acc))
     ref.backward()
     torch.testing.assert_close(got_grad, draft.fc.weight.grad, rtol=1e-4, atol=1e-7)
     assert step_masks(batch, target_distribution(batch.target_hidden, lm, d2t_ids(draft)), K).any()
