@@ -109,8 +109,9 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 if 0 <= t < n and t + 1 + k < n:
                     rows.append((k, b, t))
                     toks.append(int(target_to_draft[x]))
-    # a batch of unequal lengths is mostly padding (a median 2,048-token chat batch has 1.9 padded rows per token):
-    # only the step rows with a target pay for the LM head and the divergence, the largest part of a step
+    # a batch of unequal lengths is padded to its longest (the trainer packs similar lengths together, and chat
+    # batches still pad about a third): only the step rows with a target pay for the LM head and the divergence,
+    # the largest part of a step
     step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
     if not step_rows.numel():  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
         step_rows = torch.zeros(1, dtype=torch.long)
