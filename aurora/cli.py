@@ -84,8 +84,7 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "gil_switch_ms": "built-in engine: Python's GIL switch interval in ms (the engine thread wins the GIL back from "
                      "the event loop and the trainer thread within it after every device sync)",
     "draft_vocab_size": "prune a day-0 draft's vocabulary to the N most frequent tokens of the first "
-                        "requests (0: the target's full vocabulary; engine sglang: 0 unless given, and a scratch "
-                        "draft must use 0)",
+                        "requests (0: the target's full vocabulary)",
     "vocab_warmup_requests": "requests whose tokens choose a pruned draft vocabulary before training starts",
     "resume": "continue from RUN_DIR/checkpoint: draft, optimiser state and version",
     "run_dir": "directory for checkpoints, metrics.jsonl and wandb files (default runs/<timestamp>)",

@@ -25,17 +25,15 @@ KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 # frequent tokens of the first few requests, swaps often, takes bigger steps (lr) and shorter ones (fewer tokens:
 # serving waits out each step while the two take turns on the cores). draft_vocab_size 0 = the target's full
 # vocabulary. On a GPU the trainer shares the card with serving and gets `trainer_duty` of a busy server's time,
-# so its tokens per second bound what it learns per request: a 16,384-token draft vocabulary trains in about half
-# the time of SmolLM2's full one to the same held-out accept length, and lr 1e-3 beat 3e-4 on held-out chat
-# (results/online/README.md has both). SGLang fixes the draft's vocabulary map when it starts, before any request
-# could choose one: there a scratch draft keeps the full vocabulary (ENGINE_DEFAULTS).
+# so few steps come per request, and lr 1e-3 beat 3e-4 on held-out chat there (results/online/README.md). The GPU
+# keeps the full vocabulary: a map chosen from the first 64 chat requests would leave about an eighth of later
+# tokens outside a 16,384-token draft vocabulary (docs/design.md).
 DEVICE_DEFAULTS = {
     "cpu": {"draft_vocab_size": 2048, "vocab_warmup_requests": 8, "sync_every": 16, "lr": 1e-3,
             "train_batch_tokens": 512},
-    "cuda": {"draft_vocab_size": 16384, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 1e-3,
+    "cuda": {"draft_vocab_size": 0, "vocab_warmup_requests": 64, "sync_every": 800, "lr": 1e-3,
              "train_batch_tokens": 2048},
 }
-ENGINE_DEFAULTS = {"sglang": {"draft_vocab_size": 0}}  # over DEVICE_DEFAULTS, for that engine
 
 
 def _default_run_dir() -> str:
@@ -222,8 +220,7 @@ class ServeConfig:
     def for_device(self, device_type: str) -> tuple["ServeConfig", dict]:
         """This config with its unset training settings chosen for `device_type` ("cpu" or "cuda"), and
         the settings so chosen (for the startup log); settings given explicitly are kept."""
-        defaults = {**DEVICE_DEFAULTS[device_type], **ENGINE_DEFAULTS.get(self.engine, {})}
-        chosen = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        chosen = {k: v for k, v in DEVICE_DEFAULTS[device_type].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **chosen), chosen
 
     @classmethod

@@ -140,11 +140,7 @@ def test_training_settings_follow_the_device_unless_given():
     assert (cpu.draft_vocab_size, cpu.vocab_warmup_requests, cpu.sync_every, cpu.lr, cpu.train_batch_tokens) == (
         2048, 8, 16, 1e-3, 512)
     cuda, _ = ServeConfig().for_device("cuda")
-    assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr, cuda.train_batch_tokens) == (16384, 800, 1e-3, 2048)
-    # SGLang fixes the draft's vocabulary map at its start: a scratch draft there keeps the full vocabulary
-    sgl, chosen = ServeConfig(engine="sglang").for_device("cuda")
-    assert sgl.draft_vocab_size == 0 and chosen["draft_vocab_size"] == 0 and sgl.lr == 1e-3
-    assert ServeConfig(engine="sglang", draft_vocab_size=512).for_device("cuda")[0].draft_vocab_size == 512
+    assert (cuda.draft_vocab_size, cuda.sync_every, cuda.lr, cuda.train_batch_tokens) == (0, 800, 1e-3, 2048)
     given, chosen = ServeConfig(sync_every=5, draft_vocab_size=0, train_batch_tokens=1024).for_device("cpu")
     assert (given.sync_every, given.draft_vocab_size, given.lr, given.train_batch_tokens) == (5, 0, 1e-3, 1024)
     assert set(chosen) == {"vocab_warmup_requests", "lr"}
@@ -158,7 +154,7 @@ def test_help_states_the_device_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "[default: 16 on cpu, 800 on cuda]" in help_text and "[default: 2048 on cpu, 16384 on cuda]" in help_text
+    assert "[default: 16 on cpu, 800 on cuda]" in help_text and "[default: 2048 on cpu, 0 on cuda]" in help_text
 
 
 def test_service_on_the_cpu_prunes_the_day0_vocabulary_and_says_so(tmp_path, caplog):

@@ -83,7 +83,7 @@ def test_probe_runs_the_largest_batches(monkeypatch):
 def test_the_probe_trains_a_copy_and_leaves_the_live_draft_alone(tmp_path, draft_vocab):
     """The service probes the trainer before serving (the SGLang memory split; on a GPU also the kernels' compile)
     with the live draft: one step and one guard pass that must not touch the weights being served. A pruned day-0
-    head (the GPU default on the built-in engine) is probed before its vocabulary map is chosen."""
+    head (`--draft-vocab-size N`) is probed before its vocabulary map is chosen."""
     draft = tiny_draft(draft_vocab)
     before = {k: v.clone() for k, v in draft.state_dict().items()}
     tconf = TrainConfig(ttt_length=3, batch_tokens=128, guard_chunk_tokens=64, device="cpu", lr=1e-2,
