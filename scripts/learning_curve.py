@@ -24,32 +24,18 @@ import os
 
 import httpx
 
-from speedup_run import distinct_prompts, free_port, start_server, stop_server  # scripts/ is on the path
+from speedup_run import distinct_prompts, drive, free_port, start_server, stop_server  # scripts/ is on the path
 
 FIELDS = ["requests", "draft_version", "accept_length", "heldout_tokens", "verify_rounds", "trainer_steps",
           "tokens_trained", "swaps", "stream_tokens_per_s", "failed"]
 
 
-async def serve(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, capture: bool):
+def serve(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, capture: bool):
     """Every prompt once; (completion tokens, verify rounds, tokens committed by verify rounds, failed, seconds)."""
-    sem, tot = asyncio.Semaphore(concurrency), [0, 0, 0.0, 0]
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(text):
-            async with sem:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "capture": capture})
-                if r.status_code != 200:
-                    tot[3] += 1
-                    return
-                u = r.json()["usage"]
-                tot[0] += u["completion_tokens"]
-                tot[1] += u.get("spec_verify_rounds", 0)
-                tot[2] += u.get("spec_accept_length", 0.0) * u.get("spec_verify_rounds", 0)
-        await asyncio.gather(*(one(p) for p in prompts))
-    return tot[0], tot[1], tot[2], tot[3], loop.time() - t0
+    rows = asyncio.run(drive(url, prompts, concurrency, max_tokens, model, capture))
+    return (sum(r["completion_tokens"] for r in rows), sum(r["verify_rounds"] for r in rows),
+            sum(r["accept_length"] * r["verify_rounds"] for r in rows), sum(r["status"] != 200 for r in rows),
+            max(r["t"] for r in rows))
 
 
 def run_mode(a, name: str, extra: str, stream: list[str], heldout: list[str]) -> list[dict]:
@@ -65,8 +51,8 @@ def run_mode(a, name: str, extra: str, stream: list[str], heldout: list[str]) ->
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
             while True:
-                toks, rounds, verified, failed, _ = asyncio.run(
-                    serve(url, model, heldout, a.concurrency, a.max_tokens, capture=False))
+                toks, rounds, verified, failed, _ = serve(url, model, heldout, a.concurrency, a.max_tokens,
+                                                          capture=False)
                 d = httpx.get(url + "/v1/draft").json()
                 t = d.get("trainer") or {}
                 p = {"requests": done, "draft_version": d.get("draft_version"),
@@ -83,8 +69,7 @@ def run_mode(a, name: str, extra: str, stream: list[str], heldout: list[str]) ->
                 if done >= a.requests:
                     return points
                 seg = stream[done:done + a.eval_every]
-                toks, _, _, seg_failed, secs = asyncio.run(
-                    serve(url, model, seg, a.concurrency, a.max_tokens, capture=True))
+                toks, _, _, seg_failed, secs = serve(url, model, seg, a.concurrency, a.max_tokens, capture=True)
                 seg_rate, done = round(toks / secs, 1), done + len(seg)
     finally:
         stop_server(proc)

@@ -115,14 +115,17 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str) -> list[dict]:
+async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str,
+                capture: bool = True) -> list[dict]:
+    """Every prompt once, greedy, `max_tokens` with ignore_eos; one row per request in finishing order (t: seconds
+    from the start). capture False: the requests leave no training sample."""
     sem, rows, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(i, text):
             async with sem:
                 r = await client.post("/v1/chat/completions", json={
                     "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True})
+                    "temperature": 0, "ignore_eos": True, "capture": capture})
                 t = time.perf_counter() - t0
                 if r.status_code != 200:
                     rows.append({"request": i, "t": t, "status": r.status_code, "completion_tokens": 0,

@@ -39,6 +39,7 @@ that is every round of the server.
 
 Pure Python, no device state: the engine calls `choose(bucket)` before a round and `observe(...)` after.
 """
+import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -264,9 +265,8 @@ class DepthController:
             key = (bucket, depth)
             recent = self._timings.setdefault(key, deque(maxlen=self.config.cost_window))
             recent.append(seconds)
-            ordered, n = sorted(recent), len(recent)
-            cap = 5 * (ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2)  # the median
-            self._cost[key] = sum(min(t, cap) for t in ordered) / n
+            cap = 5 * statistics.median(recent)
+            self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
             self._timed[key] = self._timed.get(key, 0) + 1
 
     def observe_served(self, bucket: int, depth: int, tokens: int, seconds: float) -> None:

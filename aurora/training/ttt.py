@@ -250,8 +250,8 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
                                   weight[rows], objective)
     B, L = batch.shape
     step, m = rows // (B * L), masks.reshape(-1)[rows]
-    loss_per_step = (masks.new_zeros(K).index_add_(0, step, div.detach() * m) / counts).detach()
-    acc_per_step = (masks.new_zeros(K).index_add_(0, step, match.float() * m) / counts).detach()
+    loss_per_step = masks.new_zeros(K).index_add_(0, step, div.detach() * m) / counts
+    acc_per_step = masks.new_zeros(K).index_add_(0, step, match.float() * m) / counts
     if reject_weight > 0 and batch.reject_rows.numel():
         k, b, t = batch.reject_rows.unbind(1)
         rej = rejection_term(h[k * B * L + b * L + t], draft.lm_head.weight, batch.reject_token)
