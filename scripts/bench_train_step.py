@@ -30,6 +30,8 @@ def main():
                     help="each sample's length, cycled: several lengths make the padded batches of real traffic")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="the trainer's (auto: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--profile", action="store_true",
                     help="then one more step of the last batch under torch.profiler: its top operators and kernels")
     a = ap.parse_args()
@@ -37,8 +39,8 @@ def main():
     target = TargetModel.from_pretrained(path)
     draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(path), a.draft_vocab_size))
     draft.share_embedding(target.embed_tokens)
-    trainer = OnlineTrainer(draft, target.lm_head.weight, TrainConfig(device=a.device, batch_tokens=max(a.tokens)),
-                            publish=lambda *_: None)
+    cfg = TrainConfig(device=a.device, batch_tokens=max(a.tokens), precision=a.precision)
+    trainer = OnlineTrainer(draft, target.lm_head.weight, cfg, publish=lambda *_: None)
     H = target.config.hidden_size
     cuda = a.device.startswith("cuda")
     for tokens in a.tokens:
@@ -56,7 +58,7 @@ def main():
             dt = time.perf_counter() - t
             peak = (torch.cuda.max_memory_allocated() if cuda
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            print(f"{total} tokens, step {step}: {dt:.2f} s, {total / dt:,.0f} tokens/s, "
+            print(f"{trainer.precision} {total} tokens, step {step}: {dt:.2f} s, {total / dt:,.0f} tokens/s, "
                   f"peak memory {peak / 2**30:.2f} GiB")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

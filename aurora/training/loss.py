@@ -105,6 +105,9 @@ def divergence(h: torch.Tensor, lm_head_weight: torch.Tensor, target_logits: tor
     row_weight [R] (0 masks). Returns (loss = sum_r w_r div_r, per-row divergence [R], argmax match [R])."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if torch.is_autocast_enabled(h.device.type):  # a custom op autocast does not reach: its GEMMs in that dtype too
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, lm_head_weight = h.to(dtype), lm_head_weight.to(dtype)
     out = fused_linear_divergence(h, lm_head_weight, target_logits, kind="logits", objective=objective,
                                   row_weight=row_weight, target_index=target_index, reduction="sum")
     return out.loss, out.row_divergence, out.argmax_match

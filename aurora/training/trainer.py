@@ -65,6 +65,9 @@ _HINTS = {  # what the user can do, by failure kind
 }
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     objective: str = "fkl"
@@ -103,6 +106,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     device: str = "cpu"
+    precision: str = "auto"               # "bf16": forward and backward under bf16 autocast (fp32 master weights and
+                                          # optimiser; tensor-core GEMMs and the fused kernel's bf16 path), "fp32",
+                                          # or "auto": bf16 on CUDA, fp32 elsewhere (a CPU has no bf16 speed to gain)
     torch_threads: int = 1
     duty: float = 1.0                     # while serving is busy, the most of the wall time spent training (it rests
                                           # after each step); below 1 leaves the device (and the GIL) to serving
@@ -133,6 +139,8 @@ class TrainConfig:
         for name in bounded:
             if getattr(self, name) < MIN_TOKENS:
                 raise ValueError(f"{name} must be >= {MIN_TOKENS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.long_sample_policy not in POLICIES:
             raise ValueError(f"long_sample_policy must be one of {POLICIES}, got {self.long_sample_policy!r}")
         FaultInjector.from_env(self.faults)  # a bad spec fails here, not in the thread
@@ -148,6 +156,8 @@ class OnlineTrainer:
             raise ValueError("draft has no embedding: call draft.share_embedding(target.embed_tokens) first")
         self.config = c = config
         self.device = torch.device(c.device)
+        bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
         self.engine_dtype = draft.fc.weight.dtype
         self._publish_fn = publish
         self.share = share or DeviceShare(duty=c.duty)
@@ -410,8 +420,9 @@ class OnlineTrainer:
         self.faults.check("trainer_oom")
         with self._model_lock:
             self.master.train()
-            loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
-                                                   c.step_decay, c.reject_weight, c.ttt_position_step)
+            with self._autocast():
+                loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
+                                                       c.step_decay, c.reject_weight, c.ttt_position_step)
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
             self.optimizer.zero_grad(set_to_none=True)
@@ -513,8 +524,10 @@ class OnlineTrainer:
         self.faults.check("guard_oom")
         c = self.config  # the chunk shrinks with the batch size while backing off (an OOM there was the guard's)
         chunk = max(MIN_TOKENS, c.guard_chunk_tokens * self._batch_tokens // c.batch_tokens)
-        return simulated_acceptances(self._scratch, states, samples, self.lm_head, c.ttt_length,
-                                     self.target_to_draft, self.device, chunk_tokens=chunk, turn=self.share.training)
+        with self._autocast():
+            return simulated_acceptances(self._scratch, states, samples, self.lm_head, c.ttt_length,
+                                         self.target_to_draft, self.device, chunk_tokens=chunk,
+                                         turn=self.share.training)
 
     def _publish(self, state: dict, acceptance: list[float] | None = None,
                  heldout_accept: float | None = None) -> int | None:
@@ -612,6 +625,10 @@ class OnlineTrainer:
                     n += s.num_tokens
         return tokens
 
+    def _autocast(self):
+        """The draft's forward (and so its backward) in bf16 where `precision` says so; a no-op context in fp32."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
     def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:
         copy = Eagle3Draft(draft.config)
         copy.load_state_dict(draft.state_dict())
@@ -645,6 +662,7 @@ class OnlineTrainer:
                     "last_error": self.last_error, "last_guard": self.last_guard,
                     "heldout_accept_by_version": dict(self.heldout_accept_by_version),
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
+                    "precision": self.precision,
                     "requests_since_swap": self.requests_since_swap,
                     "finished_requests": self.finished_requests, "sync_every": self.config.sync_every,
                     "sharing": self.share.status()}

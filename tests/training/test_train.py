@@ -15,3 +15,40 @@ def test_training_reduces_loss_and_raises_acceptance(trained):
     assert after["greedy_accept_length"] > before["greedy_accept_length"] + 0.2
     assert st["steps"] == len(losses) and len(st["loss_per_step"]) == 3
     assert torch.isfinite(torch.tensor(st["loss_per_step"])).all()
+
+
+def test_bf16_precision_trains_fp32_master_weights_with_the_fp32_gradient(target, samples):
+    """precision="bf16" runs the step under bf16 autocast (the GPU default): the gradient it takes agrees with the
+    fp32 step's on the same batch, the master weights and optimiser stay fp32, and repeated steps lower the loss."""
+    import pytest
+
+    from aurora.training import OnlineTrainer, TrainConfig
+    from aurora.training.ttt import collate, ttt_loss
+
+    from conftest import make_draft
+
+    tr = {p: OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                           TrainConfig(lr=1e-2, warmup_steps=1, ttt_length=3, precision=p), lambda *_: None)
+          for p in ("fp32", "bf16")}
+    assert tr["bf16"].status()["precision"] == "bf16"
+    assert TrainConfig().precision == "auto" and OnlineTrainer(
+        make_draft(target, samples), target.lm_head.weight, TrainConfig(), lambda *_: None).precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    grads = {}
+    for p, t in tr.items():
+        batch = collate(samples[:16], 3, t.target_to_draft)
+        t.master.zero_grad()
+        with t._autocast():
+            loss, _, _ = ttt_loss(t.master, batch, t.lm_head, "fkl", 3, 0.8, 0.1)
+        loss.backward()
+        grads[p] = torch.cat([q.grad.flatten() for q in t.master.parameters() if q.grad is not None])
+        assert all(q.dtype == torch.float32 for q in t.master.parameters())
+    g32, g16 = grads["fp32"], grads["bf16"]
+    cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0)
+    assert cos > 0.98, cos
+    assert abs(g16.norm() / g32.norm() - 1) < 0.05
+    losses = [tr["bf16"].train_step(samples[:16]) for _ in range(6)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(q.dtype == torch.float32 for s in tr["bf16"].optimizer.state.values() for q in s.values()
+               if torch.is_tensor(q) and q.dim())
