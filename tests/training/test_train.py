@@ -1,4 +1,5 @@
 """Training on samples of a tiny random target lowers the loss and raises simulated acceptance."""
+import pytest
 import torch
 
 
@@ -17,27 +18,29 @@ def test_training_reduces_loss_and_raises_acceptance(trained):
     assert torch.isfinite(torch.tensor(st["loss_per_step"])).all()
 
 
-def test_bf16_precision_trains_fp32_master_weights_with_the_fp32_gradient(target, samples):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: the fused divergence's Triton kernel on bf16 logits"))])
+def test_bf16_precision_trains_fp32_master_weights_with_the_fp32_gradient(target, samples, device):
     """precision="bf16" runs the step under bf16 autocast (the GPU default): the gradient it takes agrees with the
     fp32 step's on the same batch, the master weights and optimiser stay fp32, and repeated steps lower the loss."""
-    import pytest
-
     from aurora.training import OnlineTrainer, TrainConfig
     from aurora.training.ttt import collate, ttt_loss
 
     from conftest import make_draft
 
     tr = {p: OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
-                           TrainConfig(lr=1e-2, warmup_steps=1, ttt_length=3, precision=p), lambda *_: None)
+                           TrainConfig(lr=1e-2, warmup_steps=1, ttt_length=3, precision=p, device=device),
+                           lambda *_: None)
           for p in ("fp32", "bf16")}
     assert tr["bf16"].status()["precision"] == "bf16"
-    assert TrainConfig().precision == "auto" and OnlineTrainer(
-        make_draft(target, samples), target.lm_head.weight, TrainConfig(), lambda *_: None).precision == "fp32"
+    auto = OnlineTrainer(make_draft(target, samples), target.lm_head.weight, TrainConfig(device=device),
+                         lambda *_: None)
+    assert auto.precision == {"cpu": "fp32", "cuda": "bf16"}[device]
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
     grads = {}
     for p, t in tr.items():
-        batch = collate(samples[:16], 3, t.target_to_draft)
+        batch = collate(samples[:16], 3, t.target_to_draft, device)
         t.master.zero_grad()
         with t._autocast():
             loss, _, _ = ttt_loss(t.master, batch, t.lm_head, "fkl", 3, 0.8, 0.1)
