@@ -13,13 +13,17 @@ import resource
 import time
 
 import torch
-from transformers import AutoConfig
+from transformers import LlamaConfig
 
 from aurora.models import hub
 from aurora.models.draft import DraftConfig, new_draft
 from aurora.models.target import TargetModel
 from aurora.sample import Sample
 from aurora.training.trainer import OnlineTrainer, TrainConfig
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, tie_word_embeddings=True)
 
 
 def main():
@@ -32,12 +36,17 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="the trainer's (auto: bf16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--random-target", action="store_true",
+                    help="SmolLM2-135M's shape with random weights (no model files needed: a step's cost does not "
+                         "depend on the values)")
     ap.add_argument("--profile", action="store_true",
                     help="then one more step of the last batch under torch.profiler: its top operators and kernels")
     a = ap.parse_args()
-    path = hub.resolve("smollm2")
-    target = TargetModel.from_pretrained(path)
-    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(path), a.draft_vocab_size))
+    if a.random_target:
+        target = TargetModel(LlamaConfig(**SMOLLM2_135M))
+    else:
+        target = TargetModel.from_pretrained(hub.resolve("smollm2"))
+    draft = new_draft(DraftConfig.from_target(target.config, a.draft_vocab_size))
     draft.share_embedding(target.embed_tokens)
     cfg = TrainConfig(device=a.device, batch_tokens=max(a.tokens), precision=a.precision)
     trainer = OnlineTrainer(draft, target.lm_head.weight, cfg, publish=lambda *_: None)
