@@ -58,6 +58,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
                             "--sglang-capture-topk is given; --no-sglang-capture-final trains on next tokens only)",
     "sglang_args": "extra flags for SGLang's server, verbatim, e.g. '--mem-fraction-static 0.6' (engine sglang)",
     "objective": "divergence the draft is trained with: fkl, rkl or tv",
+    "train_precision": "the trainer's compute: bf16 (autocast, fp32 master weights), fp32, or auto (bf16 on CUDA, "
+                       "fp32 on a CPU)",
     "lr": "draft learning rate (AdamW peak, after warm-up)",
     "sync_every": "finished requests between draft hot-swaps",
     "sample_rate": "fraction of finished requests captured for training, in (0, 1]",

@@ -94,7 +94,7 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        sample_rate=sample_rate, buffer_samples=cfg.buffer_samples,
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
-                       duty=cfg.trainer_duty,
+                       duty=cfg.trainer_duty, precision=cfg.train_precision,
                        resume=cfg.resume, device=str(device))
 
 

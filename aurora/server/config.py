@@ -16,6 +16,7 @@ import yaml
 
 ENGINES = ("local", "sglang")
 OBJECTIVES = ("fkl", "rkl", "tv")
+PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
 KEY_ENV = {"api_key": "AURORA_API_KEY", "admin_key": "AURORA_ADMIN_KEY"}
 
@@ -90,6 +91,8 @@ class ServeConfig:
                                        # "--attention-backend triton --mem-fraction-static 0.6"
     # online training
     objective: str = "fkl"             # divergence the draft is trained with: fkl, rkl, tv
+    train_precision: str = "auto"      # the trainer's compute: bf16 autocast over fp32 master weights, fp32, or auto
+                                       # (bf16 on CUDA, fp32 on a CPU)
     lr: float | None = None            # AdamW peak rate (after warm-up); None = DEVICE_DEFAULTS
     sync_every: int | None = None      # finished requests between draft hot-swaps; None = DEVICE_DEFAULTS
     sample_rate: float = 1.0           # fraction of finished requests captured for training
@@ -153,6 +156,8 @@ class ServeConfig:
             self.num_draft_tokens = self.lookahead + 1
         _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, not {self.engine!r}")
         _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        _check(self.train_precision in PRECISIONS,
+               f"train_precision must be one of {PRECISIONS}, not {self.train_precision!r}")
         _check(self.wandb in WANDB_MODES, f"wandb must be one of {WANDB_MODES}, not {self.wandb!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")

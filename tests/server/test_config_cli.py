@@ -2,6 +2,7 @@
 import pytest
 
 from aurora.cli import build_parser, main
+from aurora.server import config
 from aurora.server.config import ServeConfig
 
 
@@ -32,6 +33,7 @@ def test_yaml_then_flags(tmp_path):
     ({"sample_rate": 1.5}, "sample_rate must be in (0, 1]"),
     ({"sample_rate": 0.0}, "sample_rate must be in (0, 1]"),
     ({"objective": "mse"}, "objective must be one of"),
+    ({"train_precision": "fp16"}, "train_precision must be one of"),
     ({"wandb": "yes"}, "wandb must be one of"),
     ({"port": 70000}, "port must be in"),
     ({"device": "tpu"}, "device must be"),
@@ -63,9 +65,13 @@ def test_keys_are_redacted():
 
 def test_training_options_reach_the_trainer_config(tmp_path):
     from aurora.service import _train_config
-    cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2)
+    from aurora.training.trainer import PRECISIONS
+    cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2,
+                      train_precision="bf16")
     t = _train_config(cfg, str(tmp_path), "cpu", 1.0)
     assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
+    assert t.precision == "bf16" and ServeConfig().train_precision == "auto"
+    assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
 
 
 def test_keys_from_environment_and_files(tmp_path, monkeypatch):
