@@ -132,6 +132,9 @@ class DepthController:
             raise ValueError(f"depths must lie in [0, {max_depth}]")
         self._cost: dict[tuple[int, int], float] = {}     # (bucket, depth) -> seconds per round
         self._timings: dict[tuple[int, int], deque] = {}  # the recent timings it is the mean of
+        self._stale: set[tuple[int, int]] = set()         # costs with timings since their mean was taken: taken
+                                                          # when read (a day-0 bucket decodes plainly without
+                                                          # reading its cost, and the engine times every round)
         self._timed: dict[tuple[int, int], int] = {}
         self._yield: dict[int, list[float]] = {}          # depth -> [tokens per row-round EMA, rounds]: realised
         self._buckets: dict[int, _Bucket] = {}
@@ -183,7 +186,8 @@ class DepthController:
     def cost(self, bucket: int, depth: int) -> float | None:
         """Measured; else interpolated between the nearest timed depths around it; else, beyond the deepest
         timed depth, extrapolated from the two deepest timed speculating depths; else None."""
-        return _cost_at(self._timed_costs(bucket), depth)
+        with self._lock:
+            return _cost_at(self._timed_costs(bucket), depth)
 
     def _costs(self, bucket: int) -> dict[int, float]:
         """cost(bucket, d) of every depth that has one, from one pass over the timings (the decision runs before
@@ -192,7 +196,15 @@ class DepthController:
         return {d: c for d in self.depths if (c := _cost_at(pts, d)) is not None}
 
     def _timed_costs(self, bucket: int) -> list[tuple[int, float]]:
-        return sorted((d, v) for (b, d), v in self._cost.items() if b == bucket)
+        return sorted((key[1], self._fresh(key)) for key in list(self._cost) if key[0] == bucket)
+
+    def _fresh(self, key: tuple[int, int]) -> float:
+        if key in self._stale:
+            self._stale.discard(key)
+            recent = self._timings[key]
+            cap = 5 * statistics.median(recent)
+            self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
+        return self._cost[key]
 
     # ------------------------------------------------------------- the decision
     def choose(self, bucket: int) -> int:
@@ -263,10 +275,9 @@ class DepthController:
             return
         with self._lock:
             key = (bucket, depth)
-            recent = self._timings.setdefault(key, deque(maxlen=self.config.cost_window))
-            recent.append(seconds)
-            cap = 5 * statistics.median(recent)
-            self._cost[key] = sum(min(t, cap) for t in recent) / len(recent)
+            self._timings.setdefault(key, deque(maxlen=self.config.cost_window)).append(seconds)
+            self._cost.setdefault(key, seconds)
+            self._stale.add(key)
             self._timed[key] = self._timed.get(key, 0) + 1
 
     def observe_served(self, bucket: int, depth: int, tokens: int, seconds: float) -> None:
