@@ -243,3 +243,26 @@ def test_with_nothing_accepted_a_plain_bucket_stays_plain_even_if_a_deeper_round
     assert [ctl.choose(8) for _ in range(50)] == [0] * 50
     ctl.new_version(2, [0.9] * K)  # a version worth speculating with: the decision moves again
     assert any(ctl.choose(8) > 0 for _ in range(50))
+
+
+def test_a_stale_cheaper_timing_is_retimed_before_a_switch():
+    """A weak draft (about 7 % at position 1) whose speculating rounds cost a little more than they give: plain
+    decoding is best throughout. Every 300 rounds a trainer step beside serving doubles every round's cost for 40
+    rounds. Plain decoding's recent mean then rises above the speculating depths' timings from before the burst;
+    switching on those runs slow speculative rounds through the burst. The decision re-times a depth whose timing
+    is stale before switching to it, and so stays plain: inside the bursts only (re-)timing rounds speculate."""
+    rates = [0.075, 0.03, 0.0, 0.0]
+    base = lambda d: 1.0 + (0.12 + 0.02 * d) * (d > 0)  # noqa: E731
+    assert best_depth(rates, base)[0] == 0
+    ctl = DepthController(K)
+    ctl.new_version(1, rates)
+    rng, chosen = random.Random(0), []
+    burst = lambda r: r % 300 >= 260  # noqa: E731
+    for r in range(3000):
+        d = ctl.choose(8)
+        ctl.observe(8, d, base(d) * (2.0 if burst(r) else 1.0) * (1 + 0.02 * (rng.random() - 0.5)),
+                    _accepted(rng, rates, d, 8))
+        chosen.append(d)
+    in_bursts = sum(d > 0 for r, d in enumerate(chosen) if burst(r))
+    assert in_bursts <= 3 * SpeculationConfig().probe_rounds, in_bursts  # 33 when switches trusted old timings
+    assert sum(d > 0 for d in chosen[500:]) <= 0.01 * 2500
