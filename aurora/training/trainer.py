@@ -108,7 +108,8 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "auto"               # "bf16": forward and backward under bf16 autocast (fp32 master weights and
                                           # optimiser; tensor-core GEMMs and the fused kernel's bf16 path), "fp32",
-                                          # or "auto": bf16 on CUDA, fp32 elsewhere (a CPU has no bf16 speed to gain)
+                                          # or "auto": bf16 on CUDA, fp32 elsewhere (bf16 is fast only on CPUs with
+                                          # bf16 instructions, and at a CPU's duty serving saw no difference)
     torch_threads: int = 1
     duty: float = 1.0                     # while serving is busy, the most of the wall time spent training (it rests
                                           # after each step); below 1 leaves the device (and the GIL) to serving
