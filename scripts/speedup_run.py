@@ -9,7 +9,8 @@ Each `--mode NAME=ARGS` starts `aurora serve ARGS` (the shipped defaults plus AR
 rest of ARGS and the flags Aurora itself would give it (context length, running requests, bf16), then sends `--warmup` requests
 (GSM8K questions, not timed), then the measured stream: `--requests` distinct chat-like prompts (AlpacaEval,
 MT-bench, IFEval, Arena-Hard, in a fixed shuffled order; no prompt is sent twice while the stream is shorter than
-the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the same tokens in every mode), from
+the pool), greedy, `--max-tokens` each with ignore_eos (every request costs the same tokens in every mode; with
+`--max-tokens-spread S` each prompt's own budget, the same in every mode, see `budgets`), from
 `--concurrency` clients. tokens/s per window of `--window` finished requests = the window's completion tokens /
 the time from the previous window's last finish to this one's. `--concurrency 1,4,16` runs the concurrencies
 in that order against one start of each server, each on the next `--requests` prompts of the stream (after its own
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import httpx
 
@@ -115,16 +117,31 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str,
+def budgets(prompts: list[str], max_tokens: int, spread: float) -> list[int]:
+    """Each prompt's max_tokens: `max_tokens` when spread is 0, else uniform in max_tokens * [1 - spread,
+    1 + spread], drawn from the prompt's text (every mode and every run sends a prompt the same budget). Requests
+    of one length all finish together, and a server that never speculates then admits their successors in full
+    groups: a fixed length favours the baseline's prefill in a way real traffic does not."""
+    if not 0 <= spread < 1:
+        raise ValueError("spread must be in [0, 1)")
+    if not spread:
+        return [max_tokens] * len(prompts)
+    return [max(1, round(max_tokens * (1 - spread + 2 * spread * random.Random(zlib.crc32(p.encode())).random())))
+            for p in prompts]
+
+
+async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int], model: str,
                 capture: bool = True) -> list[dict]:
-    """Every prompt once, greedy, `max_tokens` with ignore_eos; one row per request in finishing order (t: seconds
-    from the start). capture False: the requests leave no training sample."""
+    """Every prompt once, greedy, `max_tokens` (one for all, or one per prompt) with ignore_eos; one row per
+    request in finishing order (t: seconds from the start). capture False: the requests leave no training
+    sample."""
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     sem, rows, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(i, text):
             async with sem:
                 r = await client.post("/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+                    "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": limits[i],
                     "temperature": 0, "ignore_eos": True, "capture": capture})
                 t = time.perf_counter() - t0
                 if r.status_code != 200:
@@ -223,7 +240,7 @@ def run_block(a, b: int, name: str, extra: str, segments: list, warm: list, mode
             asyncio.run(drive(url, warm, c, a.max_tokens, model))
             spying = spy(a, name, proc) if name in a.spy.split(",") and b == 0 and c == a.concurrency[0] else None
             t = time.perf_counter()
-            rows = asyncio.run(drive(url, part, c, a.max_tokens, model))
+            rows = asyncio.run(drive(url, part, c, budgets(part, a.max_tokens, a.max_tokens_spread), model))
             wall = time.perf_counter() - t
             if spying is not None:
                 spying.join()
@@ -252,6 +269,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=32)
     ap.add_argument("--concurrency", type=ints, default=[16], help="e.g. 1,4,16: run in this order, one server")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens-spread", type=float, default=0.0,
+                    help="S in [0, 1): each measured request's budget uniform in max_tokens * [1-S, 1+S], fixed "
+                         "per prompt (0: every request max_tokens)")
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--blocks", type=int, default=1,
                     help="split each mode's stream into this many blocks and run the modes' blocks in turn, each on a "
@@ -301,7 +321,8 @@ def main():
         print("\ntrainer at the end of each mode's last server start (warm-up included):\n  " + "\n  ".join(lines))
     for c in a.concurrency:
         runs = {n: summary["modes"][n]["by_concurrency"][c] for n in names}
-        print(f"\ntok/s per window of {a.window} requests (c{c}, {a.max_tokens} tokens, ratio to {base}):")
+        length = f"{a.max_tokens} tokens" + (f" ± {a.max_tokens_spread:.0%}" if a.max_tokens_spread else "")
+        print(f"\ntok/s per window of {a.window} requests (c{c}, {length}, ratio to {base}):")
         print(f"{'window':>12} " + " ".join(f"{n:>22}" for n in names))
         for i, wb in enumerate(runs[base]["windows"]):
             cells = []

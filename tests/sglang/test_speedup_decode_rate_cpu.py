@@ -1,6 +1,7 @@
 """scripts/speedup_run.py's `sglang_decode_rate`: the median of SGLang's own decode throughput lines at one batch
 size, read from a log in SGLang 0.5.17's format (speculative and plain lines); other batch sizes and other lines
-are left out. And `trainer_line`: what each mode's trainer did, printed under the tables."""
+are left out. `trainer_line`: what each mode's trainer did, printed under the tables. `budgets`: each prompt's own
+token budget with --max-tokens-spread."""
 import sys
 from pathlib import Path
 
@@ -33,3 +34,17 @@ def test_the_trainer_line_says_what_the_trainer_did():
         "aurora: 2 steps, 1975 tokens trained (9 of 1664 captured samples), 1 swaps, version 1")
     assert speedup_run.trainer_line("none", {"trainer": None}) is None  # --draft none: no trainer
     assert speedup_run.trainer_line("plain", None) is None              # plain SGLang: no /v1/draft
+
+
+def test_budgets_are_fixed_per_prompt_and_spread_around_max_tokens():
+    import pytest
+
+    prompts = [f"question {i}" for i in range(400)]
+    assert speedup_run.budgets(prompts[:3], 128, 0.0) == [128, 128, 128]
+    b = speedup_run.budgets(prompts, 128, 0.5)
+    assert b == speedup_run.budgets(prompts, 128, 0.5)                     # every mode sends the same budgets
+    assert speedup_run.budgets(prompts[::-1], 128, 0.5) == b[::-1]         # a prompt's, not a position's
+    assert min(b) >= 64 and max(b) <= 192 and len(set(b)) > 50
+    assert abs(sum(b) / len(b) - 128) < 6
+    with pytest.raises(ValueError):
+        speedup_run.budgets(prompts, 128, 1.0)
