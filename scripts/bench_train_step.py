@@ -19,7 +19,7 @@ from aurora.models import hub
 from aurora.models.draft import DraftConfig, new_draft
 from aurora.models.target import TargetModel
 from aurora.sample import Sample
-from aurora.training.trainer import OnlineTrainer, TrainConfig
+from aurora.training.trainer import PRECISIONS, OnlineTrainer, TrainConfig
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -34,7 +34,7 @@ def main():
                     help="each sample's length, cycled: several lengths make the padded batches of real traffic")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the trainer's (auto: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--random-target", action="store_true",
                     help="SmolLM2-135M's shape with random weights (no model files needed: a step's cost does not "
