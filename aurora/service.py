@@ -95,7 +95,7 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
                        duty=cfg.trainer_duty, precision=cfg.train_precision,
-                       resume=cfg.resume, device=str(device))
+                       graphs=cfg.train_graphs, resume=cfg.resume, device=str(device))
 
 
 def _probe_trainer(draft, lm_head, tconf: TrainConfig) -> None:

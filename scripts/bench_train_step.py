@@ -5,6 +5,10 @@ does not depend on their values).
   python scripts/bench_train_step.py --tokens 2000 [--device cuda]
   python scripts/bench_train_step.py --draft-vocab-size 2048 --sample-tokens 128 --tokens 128 512 2048
   python scripts/bench_train_step.py --draft-vocab-size 16384 --sample-tokens 480 130 300 150 250 169 --tokens 1024
+  python scripts/bench_train_step.py --random-target --device cuda --tokens 2048 --steps 6 [--no-graphs]
+
+On CUDA a step replays a CUDA graph per batch shape (the trainer's default): the first step of a shape includes its
+capture, the rest are replays; `--no-graphs` times the eager step.
 
 Peak memory: the process's peak RSS on the CPU; CUDA's max_memory_allocated on a GPU.
 """
@@ -36,6 +40,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the trainer's (auto: bf16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: replay each step's forward and backward as a CUDA graph (the trainer's default)")
     ap.add_argument("--random-target", action="store_true",
                     help="SmolLM2-135M's shape with random weights (no model files needed: a step's cost does not "
                          "depend on the values)")
@@ -48,7 +54,7 @@ def main():
         target = TargetModel.from_pretrained(hub.resolve("smollm2"))
     draft = new_draft(DraftConfig.from_target(target.config, a.draft_vocab_size))
     draft.share_embedding(target.embed_tokens)
-    cfg = TrainConfig(device=a.device, batch_tokens=max(a.tokens), precision=a.precision)
+    cfg = TrainConfig(device=a.device, batch_tokens=max(a.tokens), precision=a.precision, graphs=a.graphs)
     trainer = OnlineTrainer(draft, target.lm_head.weight, cfg, publish=lambda *_: None)
     H = target.config.hidden_size
     cuda = a.device.startswith("cuda")
@@ -60,21 +66,24 @@ def main():
                                   torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool)))
             total += T
         for step in range(a.steps):
-            t = time.perf_counter()
-            trainer.train_step(samples)
+            t, n = time.perf_counter(), trainer.steps
+            trainer._train_batch(samples, fresh=False)  # packed as the trainer packs (by graph shape with graphs)
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t
             peak = (torch.cuda.max_memory_allocated() if cuda
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            print(f"{trainer.precision} {total} tokens, step {step}: {dt:.2f} s, {total / dt:,.0f} tokens/s, "
-                  f"peak memory {peak / 2**30:.2f} GiB")
+            mode = "graphs" if trainer.graphs is not None else "eager"
+            print(f"{trainer.precision} {mode} {total} tokens in {trainer.steps - n} step(s), pass {step}: {dt:.3f} s, "
+                  f"{total / dt:,.0f} tokens/s, peak memory {peak / 2**30:.2f} GiB")
+    if trainer.graphs is not None:
+        print("graphs:", trainer.graphs.stats())
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            trainer.train_step(samples)
+            trainer._train_batch(samples, fresh=False)
             if cuda:
                 torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",

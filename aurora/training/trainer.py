@@ -49,6 +49,7 @@ from aurora.training.buffer import SampleBuffer
 from aurora.training.bounds import MIN_TOKENS, POLICIES, bound_samples, pack
 from aurora.training.checkpoint import read_trainer_state, write_checkpoint
 from aurora.training.faults import KINDS, FaultInjector, NonFiniteLoss, failure_kind
+from aurora.training.graphed import GraphedSteps, pack_length
 from aurora.training.guard import finite_state, simulated_acceptances
 from aurora.training.loss import OBJECTIVES
 from aurora.training.ttt import collate, ttt_loss
@@ -110,6 +111,8 @@ class TrainConfig:
                                           # optimiser; tensor-core GEMMs and the fused kernel's bf16 path), "fp32",
                                           # or "auto": bf16 on CUDA, fp32 elsewhere (bf16 is fast only on CPUs with
                                           # bf16 instructions, and at a CPU's duty serving saw no difference)
+    graphs: bool = True                   # CUDA, samples with the target's final states: each step's forward and
+                                          # backward replayed as a CUDA graph per batch shape (training/graphed.py)
     torch_threads: int = 1
     duty: float = 1.0                     # while serving is busy, the most of the wall time spent training (it rests
                                           # after each step); below 1 leaves the device (and the GIL) to serving
@@ -166,6 +169,12 @@ class OnlineTrainer:
         self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
         self.lm_head = None if target_lm_head is None else target_lm_head.detach().to(self.device)
         self.target_to_draft = draft.target_to_draft()
+        # the built-in engine's samples (the target's final states) on a GPU: a step replays a CUDA graph. Not the
+        # top-K/one-hot targets (their batch assembly reads the device) nor a CPU
+        self.graphs = None
+        if c.graphs and self.device.type == "cuda" and self.lm_head is not None:
+            self.graphs = GraphedSteps(self.master, self.lm_head, c.ttt_length, c.objective, c.step_decay,
+                                       c.reject_weight, c.ttt_position_step, self.target_to_draft, self.device, bf16)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
@@ -347,7 +356,8 @@ class OnlineTrainer:
             with self._stats_lock:
                 self.samples_in_training = len(pending)
         try:
-            for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: it[1][1].num_tokens):
+            size = pack_length(self._batch_tokens) if self.graphs is not None else (lambda n: n)
+            for group in pack(list(enumerate(items)), self._batch_tokens, length=lambda it: size(it[1][1].num_tokens)):
                 self.share.rest(self._stop, self._wake())  # owed from before a restart or a burst (sharing.py)
                 spent = self.share.trained_s
                 with self.share.training():
@@ -389,6 +399,8 @@ class OnlineTrainer:
         self._batch_tokens = max(min(c.min_batch_tokens, c.batch_tokens), self._batch_tokens // 2)
         self._good_steps = 0
         if self.device.type == "cuda":
+            if self.graphs is not None and self.last_failure_kind == "oom":
+                self.graphs.reset()  # their pool too; shapes of the smaller batches are captured again
             torch.cuda.empty_cache()  # the failed step's blocks go back to the device (serving may need them)
         delay = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (n - 1))
         log.warning("trainer backing off %.1f s (failure %d of %d in a row), batch tokens now %d; serving is not "
@@ -417,17 +429,25 @@ class OnlineTrainer:
         """One optimiser step on these samples; raises (without updating) on a non-finite loss or gradient."""
         c = self.config
         t0 = time.perf_counter()
-        batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
         self.faults.check("trainer_oom")
+        keep_grads = self.graphs is not None  # the graphs write into these .grad tensors: zeroed, never dropped
         with self._model_lock:
             self.master.train()
-            with self._autocast():
-                loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length,
-                                                       c.step_decay, c.reject_weight, c.ttt_position_step)
+            graphed = None if self.graphs is None else self.graphs.forward_backward(samples, self._batch_tokens)
+            if graphed is not None:
+                loss, loss_steps, acc_steps, num_tokens = graphed
+            else:
+                batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
+                num_tokens = batch.num_tokens
+                with self._autocast():
+                    loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective,
+                                                           c.ttt_length, c.step_decay, c.reject_weight,
+                                                           c.ttt_position_step)
+                self.optimizer.zero_grad(set_to_none=not keep_grads)
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if graphed is None:
+                loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), c.grad_clip)
             # the step's one host sync: loss, gradient norm and per-step statistics together (on a GPU shared
             # with serving, every sync waits for the GPU's turn)
@@ -436,7 +456,7 @@ class OnlineTrainer:
             loss_f, gnorm_f = stats[0], stats[1]
             loss_steps, acc_steps = stats[2:2 + c.ttt_length], stats[2 + c.ttt_length:]
             if not math.isfinite(loss_f) or not math.isfinite(gnorm_f):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=not keep_grads)
                 raise NonFiniteLoss(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
                                     else f"non-finite gradient norm {gnorm_f}")
             self.optimizer.step()
@@ -446,8 +466,8 @@ class OnlineTrainer:
             a = 0.1 if self.steps else 1.0  # EMA, seeded by the first step
             self.loss_per_step = [(1 - a) * o + a * n for o, n in zip(self.loss_per_step, loss_steps)]
             self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
-            self.tokens_per_second = (1 - a) * self.tokens_per_second + a * batch.num_tokens / dt
-            self.tokens_trained += batch.num_tokens
+            self.tokens_per_second = (1 - a) * self.tokens_per_second + a * num_tokens / dt
+            self.tokens_trained += num_tokens
             self.steps += 1
         return loss_f
 
@@ -664,6 +684,7 @@ class OnlineTrainer:
                     "heldout_accept_by_version": dict(self.heldout_accept_by_version),
                     "tokens_per_second": self.tokens_per_second, "tokens_trained": self.tokens_trained,
                     "precision": self.precision,
+                    "graphs": None if self.graphs is None else self.graphs.stats(),
                     "requests_since_swap": self.requests_since_swap,
                     "finished_requests": self.finished_requests, "sync_every": self.config.sync_every,
                     "sharing": self.share.status()}

@@ -43,6 +43,7 @@ class TTTBatch:
                                  # t+1+k exists (target_mask), the only ones the loss can weigh (found on the host)
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
+    reject_weight: torch.Tensor  # [R] float: 1, or 0 for the padding rows of a fixed-shape batch
     num_tokens: int
     topk: tuple | None = None    # one-hot batches: (ids [B*L, K] target ids, -1 where none; logits [B*L, K];
                                  # lse [B*L]), the target's top K where the samples carry it (aurora/sample.py)
@@ -57,14 +58,23 @@ def trainable(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if s.num_tokens >= 3]
 
 
-def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tensor, device="cpu") -> TTTBatch:
+def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tensor, device="cpu",
+            shape: tuple[int, int] | None = None, reject_rows: int | None = None) -> TTTBatch:
     """Right-pad trainable(samples) into a TTTBatch. target_to_draft [V] long: draft id of each target id, -1 if
-    absent."""
+    absent.
+    shape (B, L) and reject_rows R: a batch of exactly that shape whatever the samples (what a CUDA graph replays,
+    aurora/training/graphed.py): rows past the samples are padding (keys valid, so their attention is finite; no
+    target), every row is a step row and a target row, and the rejected-proposal rows are padded to R at weight 0.
+    Raises ValueError when the samples do not fit."""
     samples = trainable(samples)
     if not samples:
         raise ValueError("no sample with >= 3 tokens")
     K, B = ttt_length, len(samples)
     L = max(s.num_tokens - 1 for s in samples)
+    if shape is not None:
+        if B > shape[0] or L > shape[1]:
+            raise ValueError(f"{B} samples of up to {L} positions do not fit the shape {shape}")
+        B, L = shape
     s0 = samples[0]
     # States kept on the trainer's GPU by its engine are batched there. They were made on the engine's stream and are
     # read here on this thread's: the callers (train_step, the guard) hold the samples until they have read their
@@ -77,6 +87,7 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     one_hot = any(s.target_hidden is None for s in samples)
     th = None if one_hot else torch.zeros(B, L, s0.target_hidden.shape[1], dtype=s0.target_hidden.dtype, device=sdev)
     key_valid = torch.zeros(B, L, dtype=torch.bool)
+    key_valid[len(samples):] = True  # padding rows of a fixed shape: keys to attend, no target (no NaN to mask)
     target_mask = torch.zeros(B, L + K, dtype=torch.bool)
     kt = max((s.target_topk_ids.shape[1] for s in samples if s.target_topk_ids is not None), default=0)
     topk = None
@@ -109,21 +120,33 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 if 0 <= t < n and t + 1 + k < n:
                     rows.append((k, b, t))
                     toks.append(int(target_to_draft[x]))
-    # a batch of unequal lengths is padded to its longest (the trainer packs similar lengths together, and chat
-    # batches still pad about a third): only the step rows with a target pay for the LM head and the divergence,
-    # the largest part of a step
-    step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
-    if not step_rows.numel():  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
-        step_rows = torch.zeros(1, dtype=torch.long)
+    rejected = len(rows)
+    if reject_rows is not None:
+        if rejected > reject_rows:
+            raise ValueError(f"{rejected} rejected-proposal rows do not fit {reject_rows}")
+        rows += [(0, 0, 0)] * (reject_rows - rejected)
+        toks += [0] * (reject_rows - rejected)
+    reject_weight = (torch.arange(len(rows)) < rejected).float()
+    if shape is not None:  # fixed shape: every row (the masks weigh them), so the indices never change
+        step_rows, target_rows = torch.arange(K * B * L), torch.arange(B * L)
+    else:
+        # a batch of unequal lengths is padded to its longest (the trainer packs similar lengths together, and chat
+        # batches still pad about a third): only the step rows with a target pay for the LM head and the
+        # divergence, the largest part of a step
+        step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
+        if not step_rows.numel():  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
+            step_rows = torch.zeros(1, dtype=torch.long)
+        target_rows = target_mask[:, :L].reshape(-1).nonzero().squeeze(1)
     to = _uploader(device)
     return TTTBatch(ids=to(ids), aux=to(aux),
                     positions=torch.arange(L, device=device).expand(B, L), key_valid=to(key_valid),
                     target_hidden=None if th is None else to(th.reshape(B * L, -1)),
                     target_mask=to(target_mask),
-                    target_rows=None if th is None else to(target_mask[:, :L].reshape(-1).nonzero().squeeze(1)),
+                    target_rows=None if th is None else to(target_rows),
                     step_rows=to(step_rows),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
+                    reject_weight=to(reject_weight),
                     num_tokens=sum(s.num_tokens for s in samples),
                     topk=None if topk is None else tuple(to(t.reshape(B * L, *t.shape[2:])) for t in topk))
 
@@ -180,7 +203,9 @@ class TTTAttend:
             i1 = min(T, i0 + self.chunk)
             args = (q[:, :, i0:i1], keys[0][:, :, :i1], values[0][:, :, :i1], self.key_valid, i0,
                     *[kj[:, :, i0:i1] for kj in keys[1:]], *[vj[:, :, i0:i1] for vj in values[1:]])
-            outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args))
+            # no RNG to replay (and saving the CUDA generator's state cannot be captured in a CUDA graph)
+            outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False, preserve_rng_state=False) if recompute
+                        else _attend_chunk(*args))
         return torch.cat(outs, 2).transpose(1, 2)  # [B,T,nh,hd]
 
 
@@ -255,5 +280,5 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     if reject_weight > 0 and batch.reject_rows.numel():
         k, b, t = batch.reject_rows.unbind(1)
         rej = rejection_term(h[k * B * L + b * L + t], draft.lm_head.weight, batch.reject_token)
-        loss = loss + reject_weight * rej.sum() / counts[0]
+        loss = loss + reject_weight * (rej * batch.reject_weight).sum() / counts[0]
     return loss, loss_per_step, acc_per_step

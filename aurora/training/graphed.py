@@ -1,0 +1,195 @@
+"""The trainer's forward and backward as CUDA graphs: one launch per step instead of a thousand.
+
+On a GPU the TTT step is host-bound: a 2,048-token bf16 step of a SmolLM2-sized draft launches about a thousand
+small kernels (K unrolled draft steps, their attention chunks, the fused loss's chunks, and the backward of all
+of it), and its host time exceeds its GPU time several-fold. Beside serving that host time is the trainer thread
+holding the interpreter's lock while the engine thread waits for it, and it is what the duty charges: fewer
+launches mean both more steps for the same duty and less of serving's time taken.
+
+So a step's forward and backward are captured once per batch shape and replayed:
+- Shapes come from a short list (`length_buckets`): a batch of samples of up to n tokens is padded to the
+  smallest bucket length >= n and to `batch_tokens // length` rows (the trainer packs by bucket length, so a
+  batch always fits), and its rejected-proposal rows to a power of two (0 when there are none, as at day 0).
+  Every row is a step row at a fixed shape; the loss's masks weigh the padding 0 (`collate(shape=...)`).
+- A graph reads its inputs from fixed tensors (the batch is copied in) and writes the gradients into the master
+  parameters' `.grad`, which exist before the first capture and are zeroed in place before each replay (never
+  set to None: the graphs hold their addresses). The optimiser, gradient clipping and the finiteness check stay
+  outside the graph, as in the eager step.
+- All graphs share one memory pool; they never run at once (one trainer thread), so the pool holds about one
+  step's activations, resident instead of cached.
+- Captured with capture_begin/end in thread-local mode, as the engine captures its rounds: no device-wide
+  synchronisation, and serving keeps launching on its own streams during a capture.
+- A shape whose capture fails runs eagerly from then on (logged once); a batch that fits no shape (more
+  rejected rows than the cap) runs eagerly too. `stats()` counts both.
+
+This module knows the TTT loss and the draft, not the trainer's scheduling.
+"""
+import logging
+import time
+from dataclasses import fields
+
+import torch
+
+from aurora.models.draft import Eagle3Draft
+from aurora.sample import Sample
+from aurora.training.ttt import TTTBatch, collate, trainable, ttt_loss
+
+log = logging.getLogger(__name__)
+
+
+def length_buckets(batch_tokens: int, smallest: int = 32) -> list[int]:
+    """Padded sample lengths a graph is captured for: batch_tokens, then down by factors of sqrt(2) (rounded up
+    to a multiple of 16) to `smallest`. A sample pads to the next one up: at most 1.5x its tokens from 32 on."""
+    out, x = [], float(batch_tokens)
+    while x >= smallest:
+        out.append(min(batch_tokens, -(-int(round(x)) // 16) * 16))
+        x /= 2 ** 0.5
+    return sorted(set(out))
+
+
+def bucket_length(n: int, buckets: list[int]) -> int:
+    """The smallest bucket >= n (n itself above the largest: such a batch runs eagerly)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
+def pack_length(batch_tokens: int):
+    """The sample length the trainer packs by (aurora/training/bounds.py pack) when it replays graphs: its bucket,
+    so that a group of count x bucket <= batch_tokens fits the shape of batch_tokens // bucket rows."""
+    buckets = length_buckets(batch_tokens)
+    return lambda n: bucket_length(n, buckets)
+
+
+def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int, int] | None:
+    """(rows B, positions L, rejected-proposal rows R) of the graph these samples replay; None: they run eagerly
+    (longer than batch_tokens, or more rejected rows than 4 x batch_tokens). B is batch_tokens // bucket for the
+    trainer's packed groups, more (a power of two) for a larger group handed to train_step directly."""
+    samples = trainable(samples)
+    if not samples:
+        return None
+    n = max(s.num_tokens for s in samples)
+    bucket = bucket_length(n, length_buckets(batch_tokens))
+    if bucket > batch_tokens:
+        return None
+    B = batch_tokens // bucket
+    if len(samples) > B:
+        B = 1 << (len(samples) - 1).bit_length()
+    # an upper bound on the rejected rows collate keeps: at most 2 per round that stopped short
+    rejected = 2 * sum(int((s.accepted < s.proposals.shape[1]).sum()) for s in samples if s.proposals.numel())
+    R = 0 if rejected == 0 else max(64, 1 << (rejected - 1).bit_length())
+    if R > 4 * batch_tokens:
+        return None
+    return B, bucket - 1, R
+
+
+class GraphedSteps:
+    def __init__(self, draft: Eagle3Draft, lm_head: torch.Tensor | None, ttt_length: int, objective: str,
+                 step_decay: float, reject_weight: float, position_step: int, target_to_draft: torch.Tensor,
+                 device: torch.device, bf16: bool, warmup: int = 2):
+        """draft: the trainer's fp32 master (its parameters are updated in place by the optimiser)."""
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.draft, self.lm_head, self.device, self.bf16, self.warmup = draft, lm_head, device, bf16, warmup
+        self.loss_args = (objective, ttt_length, step_decay, reject_weight, position_step)
+        self.ttt_length, self.target_to_draft = ttt_length, target_to_draft
+        self.graphs: dict[tuple, tuple] = {}  # (B, L, R) -> (graph, static batch, (loss, loss_steps, acc_steps))
+        self.failed: set[tuple] = set()
+        self.pool = None
+        self.replays = self.eager = self.captures = 0
+        self.capture_s = 0.0
+
+    # ---- one step ----
+    def forward_backward(self, samples: list[Sample], batch_tokens: int):
+        """The loss's forward and backward for these samples, gradients written into the master's `.grad`
+        (zeroed first). Returns (loss, loss_per_step, acc_per_step, tokens) as device tensors and an int, valid
+        until the next call; None when they must run eagerly (the caller then runs the eager step)."""
+        key = graph_shape(samples, batch_tokens)
+        if key is None or key in self.failed:
+            self.eager += 1
+            return None
+        B, L, R = key
+        batch = collate(samples, self.ttt_length, self.target_to_draft, self.device, shape=(B, L), reject_rows=R)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, batch)
+            if entry is None:
+                self.eager += 1
+                return None
+        graph, static, out = entry
+        _copy_batch(static, batch)
+        self._zero_grads()
+        graph.replay()
+        self.replays += 1
+        return (*out, batch.num_tokens)
+
+    def _loss(self, batch: TTTBatch):
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            return ttt_loss(self.draft, batch, self.lm_head, *self.loss_args)
+
+    def _zero_grads(self):
+        grads = []
+        for p in self.draft.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        torch._foreach_zero_(grads)
+
+    def _capture(self, key: tuple, batch: TTTBatch):
+        t0 = time.perf_counter()
+        static = batch  # the first batch of this shape becomes the graph's input tensors
+        self._zero_grads()
+        current = torch.cuda.current_stream(self.device)
+        # a capture needs a stream other than the default one: the trainer's own, or a side stream joined to it
+        side = current if current != torch.cuda.default_stream(self.device) else torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):  # Triton compiles, autograd and cuBLAS set up, outside the capture
+                    loss, _, _ = self._loss(static)
+                    loss.backward()
+                graph.capture_begin(*(() if self.pool is None else (self.pool,)), capture_error_mode="thread_local")
+                try:
+                    loss, loss_steps, acc_steps = self._loss(static)
+                    loss.backward()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as e:
+            self.failed.add(key)
+            log.warning("trainer step shape %s could not be captured as a CUDA graph (%s: %s); it runs eagerly",
+                        key, type(e).__name__, e)
+            side.synchronize()
+            return None
+        finally:
+            current.wait_stream(side)
+        self.pool = graph.pool()
+        entry = (graph, static, (loss.detach(), loss_steps, acc_steps))
+        self.graphs[key] = entry
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+        log.info("trainer step shape (rows %d, positions %d, rejected rows %d) captured as a CUDA graph in %.2f s",
+                 *key, time.perf_counter() - t0)
+        return entry
+
+    def reset(self) -> None:
+        """Drop every graph and its pool (after an out-of-memory failure: the back-off frees the device)."""
+        self.graphs.clear()
+        self.failed.clear()
+        self.pool = None
+
+    def stats(self) -> dict:
+        return {"graphs": len(self.graphs), "replays": self.replays, "eager_steps": self.eager,
+                "capture_s": round(self.capture_s, 3), "failed_shapes": sorted(self.failed)}
+
+
+_FIXED = {"positions", "step_rows", "target_rows"}  # the same for every batch of a shape (collate(shape=...))
+
+
+def _copy_batch(dst: TTTBatch, src: TTTBatch) -> None:
+    for f in fields(TTTBatch):
+        d, s = getattr(dst, f.name), getattr(src, f.name)
+        if isinstance(d, torch.Tensor) and d is not s and f.name not in _FIXED:
+            d.copy_(s)

@@ -1,0 +1,123 @@
+"""The trainer's graphed step (aurora/training/graphed.py): a fixed-shape batch computes the loss and gradients of
+the plain batch (CPU: the same math the graph replays), the trainer's packing always fits a graph shape, and on a
+GPU replayed steps train the draft as the eager steps do."""
+import random
+
+import pytest
+import torch
+
+from aurora.sample import Sample
+from aurora.training.bounds import pack
+from aurora.training.graphed import bucket_length, graph_shape, length_buckets, pack_length
+from aurora.training.ttt import collate, ttt_loss
+
+from conftest import make_draft
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def varied(samples: list[Sample], t2d: torch.Tensor, seed: int = 0) -> list[Sample]:
+    """Copies cut to different lengths, each with speculative rounds whose proposals the target rejected (in the
+    draft vocabulary and not the token that came), so the rejected-proposal term has rows."""
+    rng, out = random.Random(seed), []
+    in_vocab = (t2d >= 0).nonzero().squeeze(1).tolist()
+    for i, s in enumerate(samples):
+        T = rng.randint(12, s.num_tokens)
+        starts = list(range(s.prompt_len, T - 4, 4))
+        props = [[rng.choice(in_vocab) for _ in range(3)] for _ in starts]
+        for r, st in enumerate(starts):
+            if r % 2:  # every other round: the first guess was right
+                props[r][0] = int(s.token_ids[st + 1])
+        out.append(Sample(f"v{i}", s.token_ids[:T].clone(), s.prompt_len, s.aux_hidden[:T - 1].clone(),
+                          s.target_hidden[:T - 1].clone(), s.loss_mask[:T].clone(),
+                          round_start=torch.tensor(starts, dtype=torch.long),
+                          proposals=torch.tensor(props, dtype=torch.long).reshape(-1, 3),
+                          accepted=torch.tensor([r % 2 for r in range(len(starts))], dtype=torch.long)))
+    return out
+
+
+def loss_and_grads(draft, batch, lm_head, K=3):
+    draft.zero_grad(set_to_none=True)
+    loss, per_step, acc = ttt_loss(draft, batch, lm_head, "fkl", K, 0.8, 0.5)
+    loss.backward()
+    return loss.detach(), per_step, acc, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+
+def test_a_fixed_shape_batch_gives_the_plain_batchs_loss_and_gradients(target, samples):
+    """What a graph replays: the batch padded to a larger fixed shape (more rows, more positions, every row a
+    step row, rejected rows padded at weight 0) gives the loss, per-step statistics and gradients of the batch
+    padded only to its longest sample. A padding row that attended to no key would turn every sum to NaN."""
+    draft = make_draft(target, samples)
+    t2d = draft.target_to_draft()
+    batch_samples = varied(samples[:5], t2d)
+    plain = collate(batch_samples, 3, t2d)
+    assert plain.reject_rows.shape[0] > 4  # the rejected-proposal term is exercised
+    B, L = plain.shape
+    fixed = collate(batch_samples, 3, t2d, shape=(B + 3, L + 9), reject_rows=plain.reject_rows.shape[0] + 7)
+    assert fixed.shape == (B + 3, L + 9) and fixed.step_rows.numel() == 3 * (B + 3) * (L + 9)
+    assert fixed.reject_weight.sum() == plain.reject_rows.shape[0]
+    a, b = loss_and_grads(draft, plain, target.lm_head.weight), loss_and_grads(draft, fixed, target.lm_head.weight)
+    assert torch.isfinite(b[0]) and a[0] > 0
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert a[3].keys() == b[3].keys() and len(a[3]) > 5
+    for n in a[3]:
+        torch.testing.assert_close(a[3][n], b[3][n], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        collate(batch_samples, 3, t2d, shape=(B - 1, L))
+    with pytest.raises(ValueError, match="do not fit"):
+        collate(batch_samples, 3, t2d, shape=(B, L), reject_rows=1)
+
+
+def test_the_trainers_packing_always_fits_a_graph_shape(target, samples):
+    """Packed by bucket length, every group of a buffer batch gets the shape batch_tokens // bucket rows, so a
+    trainer replays one graph per bucket; a bucket pads a sample of 32 tokens or more by at most half."""
+    for batch_tokens in (128, 512, 2048, 2000):
+        buckets = length_buckets(batch_tokens)
+        assert buckets[-1] == batch_tokens and buckets[0] >= 32 and buckets == sorted(buckets)
+        assert all(n <= bucket_length(n, buckets) <= max(48, 1.5 * n) for n in range(1, batch_tokens + 1))
+    draft = make_draft(target, samples)
+    rng = random.Random(1)
+    pool = varied(samples * 3, draft.target_to_draft(), seed=2)
+    for batch_tokens in (128, 256):
+        items = [(i, s) for i, s in enumerate(pool) if s.num_tokens <= batch_tokens]
+        rng.shuffle(items)
+        size = pack_length(batch_tokens)
+        groups = pack(items, batch_tokens, length=lambda it: size(it[1].num_tokens))
+        shapes = set()
+        for g in groups:
+            group = [s for _, s in g]
+            B, L, R = graph_shape(group, batch_tokens)
+            assert B == batch_tokens // size(max(s.num_tokens for s in group)) >= len(group)
+            collate(group, 3, draft.target_to_draft(), shape=(B, L), reject_rows=R)  # fits, or raises
+            shapes.add((B, L))
+        assert len(shapes) < len(groups)  # shapes repeat: graphs are reused
+    big = varied(samples[:40], draft.target_to_draft())
+    assert graph_shape(big, 128)[0] == 64  # more samples than the packer gives: the next power of two
+    assert graph_shape([samples[0]], 16) is None  # longer than the batch: eager
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_steps_train_the_draft_as_eager_steps_do(target, samples, precision):
+    """Two trainers from the same draft, one replaying CUDA graphs and one eager, take the same steps over batches
+    of several shapes (rejected rows included): the same losses and the same weights after, within the rounding of
+    different reduction orders. The graphs are captured once per shape and replayed after."""
+    from aurora.training import OnlineTrainer, TrainConfig
+
+    tr = {g: OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                           TrainConfig(lr=1e-2, warmup_steps=1, ttt_length=3, batch_tokens=256, precision=precision,
+                                       graphs=g, device="cuda"), lambda *_: None)
+          for g in (True, False)}
+    assert tr[False].graphs is None and tr[True].graphs is not None
+    pool = varied(samples, tr[True].target_to_draft, seed=4)
+    batches = [pool[0:6], pool[6:9], pool[9:15], pool[0:6], pool[15:16], pool[6:9]]
+    losses = {g: [t.train_step(b) for b in batches] for g, t in tr.items()}
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), **tol)
+    for (n, p), q in zip(tr[True].master.named_parameters(), tr[False].master.parameters()):
+        torch.testing.assert_close(p, q, **tol, msg=n)
+    st = tr[True].graphs.stats()
+    assert st["replays"] == len(batches) and st["eager_steps"] == 0 and st["failed_shapes"] == []
+    assert 2 <= st["graphs"] < len(batches)
+    assert tr[True].status()["graphs"]["replays"] == len(batches)
