@@ -169,10 +169,10 @@ class OnlineTrainer:
         self._scratch = self._fp32_copy(draft).requires_grad_(False)  # scores the live draft in the guard
         self.lm_head = None if target_lm_head is None else target_lm_head.detach().to(self.device)
         self.target_to_draft = draft.target_to_draft()
-        # the built-in engine's samples (the target's final states) on a GPU: a step replays a CUDA graph. Not the
-        # top-K/one-hot targets (their batch assembly reads the device) nor a CPU
+        # samples with the target's final states on a GPU: a step replays a CUDA graph. Not the top-K/one-hot
+        # targets (their batch assembly reads the device), nor a CPU, nor a drained share (it synchronises per module)
         self.graphs = None
-        if c.graphs and self.device.type == "cuda" and self.lm_head is not None:
+        if c.graphs and self.device.type == "cuda" and self.lm_head is not None and not self.share.drain:
             self.graphs = GraphedSteps(self.master, self.lm_head, c.ttt_length, c.objective, c.step_decay,
                                        c.reject_weight, c.ttt_position_step, self.target_to_draft, self.device, bf16)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
