@@ -1,6 +1,7 @@
 """Time and peak memory of one trainer step: SmolLM2's EAGLE3 draft over its full 49,152-token vocabulary (or
 `--draft-vocab-size N`, the CPU default 2,048), TTT length 4, a batch of `--tokens` tokens (random states: the cost
-does not depend on their values).
+does not depend on their values), each sample's first quarter a prompt without a target (as chat traffic has).
+A pass trains the batch as the trainer does: packed into steps of at most the largest `--tokens`.
 
   python scripts/bench_train_step.py --tokens 2000 [--device cuda]
   python scripts/bench_train_step.py --draft-vocab-size 2048 --sample-tokens 128 --tokens 128 512 2048
@@ -63,7 +64,7 @@ def main():
         while not samples or total + a.sample_tokens[len(samples) % len(a.sample_tokens)] <= tokens:
             T = a.sample_tokens[len(samples) % len(a.sample_tokens)]
             samples.append(Sample(f"s{len(samples)}", torch.randint(0, target.config.vocab_size, (T,)), T // 4,
-                                  torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.ones(T, dtype=torch.bool)))
+                                  torch.randn(T - 1, 3 * H), torch.randn(T - 1, H), torch.arange(T) >= T // 4))
             total += T
         for step in range(a.steps):
             t, n = time.perf_counter(), trainer.steps
