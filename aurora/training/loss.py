@@ -39,7 +39,7 @@ def target_distribution(target_hidden: torch.Tensor, lm_head: torch.Tensor, draf
     N, Vd = target_hidden.shape[0], draft_to_target.numel()
     hidden = target_hidden if rows is None else target_hidden[rows]
     t2d = torch.zeros(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
-    t2d[draft_to_target] = True
+    t2d.index_fill_(0, draft_to_target, True)  # not an index_put of a host scalar: no host copy (CUDA graphs)
     parts = []
     for s in range(0, hidden.shape[0], chunk_rows):
         full = (hidden[s:s + chunk_rows].to(lm_head.dtype) @ lm_head.t()).float()  # [c, V]
