@@ -116,11 +116,16 @@ def test_graphed_steps_train_the_draft_as_eager_steps_do(target, samples, precis
     losses = {g: [t.train_step(b) for b in batches] for g, t in tr.items()}
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), **tol)
-    # the weights moved the same way: in bf16 the two row sets' different rounding compounds over six AdamW
-    # steps at lr 1e-2, so the difference is weighed against how far the weights moved
+    # the weights moved the same way. In bf16 the two row sets round differently, and AdamW turns a small gradient
+    # difference into a full-size step where a weight's gradient is near 0: the updates are compared by direction
     for (n, p), q in zip(tr[True].master.named_parameters(), tr[False].master.parameters()):
-        moved = (q - start[n]).norm()
-        assert moved > 0 and (p - q).norm() / moved < (1e-3 if precision == "fp32" else 0.1), n
+        graphed, eager = (p - start[n]).flatten(), (q - start[n]).flatten()
+        assert eager.norm() > 0, n
+        if precision == "fp32":
+            assert (graphed - eager).norm() / eager.norm() < 1e-3, n
+        else:
+            cos = torch.nn.functional.cosine_similarity(graphed, eager, dim=0)
+            assert cos > 0.9, (n, float(cos))
     st = tr[True].graphs.stats()
     assert st["replays"] == len(batches) and st["eager_steps"] == 0 and st["failed_shapes"] == []
     assert 2 <= st["graphs"] < len(batches)
