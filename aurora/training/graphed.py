@@ -7,10 +7,11 @@ holding the interpreter's lock while the engine thread waits for it, and it is w
 launches mean both more steps for the same duty and less of serving's time taken.
 
 So a step's forward and backward are captured once per batch shape and replayed:
-- Shapes come from a short list (`length_buckets`): a batch of samples of up to n tokens is padded to the
-  smallest bucket length >= n and to `batch_tokens // length` rows (the trainer packs by bucket length, so a
-  batch always fits), and its rejected-proposal rows to a power of two (0 when there are none, as at day 0).
-  Every row is a step row at a fixed shape; the loss's masks weigh the padding 0 (`collate(shape=...)`).
+- Shapes come from short lists: a batch of samples of up to n tokens is padded to the smallest bucket length
+  >= n (`length_buckets`) and to `batch_tokens // length` rows (the trainer packs by bucket length, so a batch
+  always fits); its step rows (those with a target: only they pay for the LM head and the divergence, the
+  largest part of a step), target rows and rejected-proposal rows are padded to a `row_bucket` each, the padding
+  at weight 0 (`collate(shape=..., pad_rows=...)`). One graph per combination, captured when first met.
 - A graph reads its inputs from fixed tensors (the batch is copied in) and writes the gradients into the master
   parameters' `.grad`, which exist before the first capture and are zeroed in place before each replay (never
   set to None: the graphs hold their addresses). The optimiser, gradient clipping and the finiteness check stay
@@ -19,8 +20,8 @@ So a step's forward and backward are captured once per batch shape and replayed:
   step's activations, resident instead of cached.
 - Captured with capture_begin/end in thread-local mode, as the engine captures its rounds: no device-wide
   synchronisation, and serving keeps launching on its own streams during a capture.
-- A shape whose capture fails runs eagerly from then on (logged once); a batch that fits no shape (more
-  rejected rows than the cap) runs eagerly too. `stats()` counts both.
+- A shape whose capture fails runs eagerly from then on (logged once); a batch that fits no shape (a sample
+  longer than the batch) runs eagerly too. `stats()` counts both.
 
 This module knows the TTT loss and the draft, not the trainer's scheduling.
 """
@@ -62,10 +63,21 @@ def pack_length(batch_tokens: int):
     return lambda n: bucket_length(n, buckets)
 
 
-def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int, int] | None:
-    """(rows B, positions L, rejected-proposal rows R) of the graph these samples replay; None: they run eagerly
-    (longer than batch_tokens, or more rejected rows than 4 x batch_tokens). B is batch_tokens // bucket for the
-    trainer's packed groups, more (a power of two) for a larger group handed to train_step directly."""
+def row_bucket(n: int) -> int:
+    """The padded count of a batch's step, target or rejected-proposal rows: 0 for none, else the smallest of
+    64 x sqrt(2)^i (rounded up to a multiple of 16) that holds n: at most 1.5x the rows, few distinct counts."""
+    if n <= 0:
+        return 0
+    x = 64.0
+    while -(-int(round(x)) // 16) * 16 < n:
+        x *= 2 ** 0.5
+    return -(-int(round(x)) // 16) * 16
+
+
+def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int] | None:
+    """(rows B, positions L) of the batch these samples pad to; None: they run eagerly (a sample longer than
+    batch_tokens). B is batch_tokens // bucket for the trainer's packed groups, more (a power of two) for a larger
+    group handed to train_step directly."""
     samples = trainable(samples)
     if not samples:
         return None
@@ -76,12 +88,7 @@ def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int, int
     B = batch_tokens // bucket
     if len(samples) > B:
         B = 1 << (len(samples) - 1).bit_length()
-    # an upper bound on the rejected rows collate keeps: at most 2 per round that stopped short
-    rejected = 2 * sum(int((s.accepted < s.proposals.shape[1]).sum()) for s in samples if s.proposals.numel())
-    R = 0 if rejected == 0 else max(64, 1 << (rejected - 1).bit_length())
-    if R > 4 * batch_tokens:
-        return None
-    return B, bucket - 1, R
+    return B, bucket - 1
 
 
 class GraphedSteps:
@@ -94,7 +101,8 @@ class GraphedSteps:
         self.draft, self.lm_head, self.device, self.bf16, self.warmup = draft, lm_head, device, bf16, warmup
         self.loss_args = (objective, ttt_length, step_decay, reject_weight, position_step)
         self.ttt_length, self.target_to_draft = ttt_length, target_to_draft
-        self.graphs: dict[tuple, tuple] = {}  # (B, L, R) -> (graph, static batch, (loss, loss_steps, acc_steps))
+        self.graphs: dict[tuple, tuple] = {}  # (B, L, step rows, target rows, rejected rows) -> (graph, static
+                                              # batch, (loss, loss_steps, acc_steps))
         self.failed: set[tuple] = set()
         self.pool = None
         self.replays = self.eager = self.captures = 0
@@ -105,12 +113,15 @@ class GraphedSteps:
         """The loss's forward and backward for these samples, gradients written into the master's `.grad`
         (zeroed first). Returns (loss, loss_per_step, acc_per_step, tokens) as device tensors and an int, valid
         until the next call; None when they must run eagerly (the caller then runs the eager step)."""
-        key = graph_shape(samples, batch_tokens)
-        if key is None or key in self.failed:
+        shape = graph_shape(samples, batch_tokens)
+        if shape is None:
             self.eager += 1
             return None
-        B, L, R = key
-        batch = collate(samples, self.ttt_length, self.target_to_draft, self.device, shape=(B, L), reject_rows=R)
+        batch = collate(samples, self.ttt_length, self.target_to_draft, self.device, shape=shape, pad_rows=row_bucket)
+        key = (*shape, batch.step_rows.numel(), batch.target_rows.numel(), batch.reject_rows.shape[0])
+        if key in self.failed:
+            self.eager += 1
+            return None
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, batch)
@@ -170,8 +181,8 @@ class GraphedSteps:
         self.graphs[key] = entry
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
-        log.info("trainer step shape (rows %d, positions %d, rejected rows %d) captured as a CUDA graph in %.2f s",
-                 *key, time.perf_counter() - t0)
+        log.info("trainer step shape (rows %d, positions %d; step rows %d, target rows %d, rejected rows %d) "
+                 "captured as a CUDA graph in %.2f s", *key, time.perf_counter() - t0)
         return entry
 
     def reset(self) -> None:
@@ -185,7 +196,7 @@ class GraphedSteps:
                 "capture_s": round(self.capture_s, 3), "failed_shapes": sorted(self.failed)}
 
 
-_FIXED = {"positions", "step_rows", "target_rows"}  # the same for every batch of a shape (collate(shape=...))
+_FIXED = {"positions"}  # the same for every batch of a shape (an expanded view: it cannot be copied into)
 
 
 def _copy_batch(dst: TTTBatch, src: TTTBatch) -> None:

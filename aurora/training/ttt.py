@@ -41,9 +41,10 @@ class TTTBatch:
                                       # loss and the guard read (found on the host: no device sync); None one-hot
     step_rows: torch.Tensor      # [R] long: the rows k*B*L + b*L + t of the K unrolled steps whose target row
                                  # t+1+k exists (target_mask), the only ones the loss can weigh (found on the host)
+    step_weight: torch.Tensor | None  # [R] float: 1, or 0 for the padding of a fixed-shape batch (None: all 1)
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
-    reject_weight: torch.Tensor  # [R] float: 1, or 0 for the padding rows of a fixed-shape batch
+    reject_weight: torch.Tensor  # [R] float: 1, or 0 for the padding of a fixed-shape batch
     num_tokens: int
     topk: tuple | None = None    # one-hot batches: (ids [B*L, K] target ids, -1 where none; logits [B*L, K];
                                  # lse [B*L]), the target's top K where the samples carry it (aurora/sample.py)
@@ -59,13 +60,14 @@ def trainable(samples: list[Sample]) -> list[Sample]:
 
 
 def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tensor, device="cpu",
-            shape: tuple[int, int] | None = None, reject_rows: int | None = None) -> TTTBatch:
+            shape: tuple[int, int] | None = None, pad_rows=None) -> TTTBatch:
     """Right-pad trainable(samples) into a TTTBatch. target_to_draft [V] long: draft id of each target id, -1 if
     absent.
-    shape (B, L) and reject_rows R: a batch of exactly that shape whatever the samples (what a CUDA graph replays,
-    aurora/training/graphed.py): rows past the samples are padding (keys valid, so their attention is finite; no
-    target), every row is a step row and a target row, and the rejected-proposal rows are padded to R at weight 0.
-    Raises ValueError when the samples do not fit."""
+    shape (B, L) and pad_rows (a count -> a count >= it): a batch whose every tensor has a size from a short list,
+    what a CUDA graph replays (aurora/training/graphed.py). Rows past the samples are padding (keys valid, so their
+    attention is finite; no target); the step, target and rejected-proposal rows are padded to pad_rows(count) with
+    row 0 at weight 0 (a target row is only read where a step row of weight > 0 points). Raises ValueError when
+    the samples do not fit the shape."""
     samples = trainable(samples)
     if not samples:
         raise ValueError("no sample with >= 3 tokens")
@@ -120,35 +122,38 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                 if 0 <= t < n and t + 1 + k < n:
                     rows.append((k, b, t))
                     toks.append(int(target_to_draft[x]))
-    rejected = len(rows)
-    if reject_rows is not None:
-        if rejected > reject_rows:
-            raise ValueError(f"{rejected} rejected-proposal rows do not fit {reject_rows}")
-        rows += [(0, 0, 0)] * (reject_rows - rejected)
-        toks += [0] * (reject_rows - rejected)
+    # a batch of unequal lengths is padded to its longest (the trainer packs similar lengths together, and chat
+    # batches still pad about a third): only the step rows with a target pay for the LM head and the divergence,
+    # the largest part of a step
+    step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
+    target_rows = target_mask[:, :L].reshape(-1).nonzero().squeeze(1)
+    rejected, real_steps = len(rows), step_rows.numel()
+    step_weight = None
+    if pad_rows is not None:
+        rows += [(0, 0, 0)] * (pad_rows(rejected) - rejected) if rejected else []
+        toks += [0] * (len(rows) - len(toks))
+        step_rows = _padded(step_rows, pad_rows(max(real_steps, 1)))
+        step_weight = (torch.arange(step_rows.numel()) < real_steps).float()
+        target_rows = _padded(target_rows, pad_rows(max(target_rows.numel(), 1)))
+    elif not real_steps:  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
+        step_rows = torch.zeros(1, dtype=torch.long)
     reject_weight = (torch.arange(len(rows)) < rejected).float()
-    if shape is not None:  # fixed shape: every row (the masks weigh them), so the indices never change
-        step_rows, target_rows = torch.arange(K * B * L), torch.arange(B * L)
-    else:
-        # a batch of unequal lengths is padded to its longest (the trainer packs similar lengths together, and chat
-        # batches still pad about a third): only the step rows with a target pay for the LM head and the
-        # divergence, the largest part of a step
-        step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
-        if not step_rows.numel():  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
-            step_rows = torch.zeros(1, dtype=torch.long)
-        target_rows = target_mask[:, :L].reshape(-1).nonzero().squeeze(1)
     to = _uploader(device)
     return TTTBatch(ids=to(ids), aux=to(aux),
                     positions=torch.arange(L, device=device).expand(B, L), key_valid=to(key_valid),
                     target_hidden=None if th is None else to(th.reshape(B * L, -1)),
                     target_mask=to(target_mask),
                     target_rows=None if th is None else to(target_rows),
-                    step_rows=to(step_rows),
+                    step_rows=to(step_rows), step_weight=None if step_weight is None else to(step_weight),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
                     reject_weight=to(reject_weight),
                     num_tokens=sum(s.num_tokens for s in samples),
                     topk=None if topk is None else tuple(to(t.reshape(B * L, *t.shape[2:])) for t in topk))
+
+
+def _padded(index: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([index, index.new_zeros(n - index.numel())])
 
 
 def _uploader(device):
@@ -271,10 +276,13 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     weight = (masks * (decay / counts)[:, None, None]).reshape(-1)       # [K*B*L]
     h = torch.cat([draft.norm(hk) for hk, _ in steps]).reshape(-1, steps[0][0].shape[-1])  # step-major rows
     rows = batch.step_rows  # every row of weight > 0 among them: the sums below are those over all K*B*L rows
-    loss, div, match = divergence(h[rows], draft.lm_head.weight, tdist.logits, target_rows(batch, K)[rows],
-                                  weight[rows], objective)
+    w, m = weight[rows], masks.reshape(-1)[rows]
+    if batch.step_weight is not None:  # a fixed-shape batch's padding rows (row 0 again) count nothing
+        w, m = w * batch.step_weight, m * batch.step_weight
+    loss, div, match = divergence(h[rows], draft.lm_head.weight, tdist.logits, target_rows(batch, K)[rows], w,
+                                  objective)
     B, L = batch.shape
-    step, m = rows // (B * L), masks.reshape(-1)[rows]
+    step = rows // (B * L)
     loss_per_step = masks.new_zeros(K).index_add_(0, step, div.detach() * m) / counts
     acc_per_step = masks.new_zeros(K).index_add_(0, step, match.float() * m) / counts
     if reject_weight > 0 and batch.reject_rows.numel():

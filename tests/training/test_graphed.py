@@ -8,7 +8,7 @@ import torch
 
 from aurora.sample import Sample
 from aurora.training.bounds import pack
-from aurora.training.graphed import bucket_length, graph_shape, length_buckets, pack_length
+from aurora.training.graphed import bucket_length, graph_shape, length_buckets, pack_length, row_bucket
 from aurora.training.ttt import collate, ttt_loss
 
 from conftest import make_draft
@@ -44,18 +44,23 @@ def loss_and_grads(draft, batch, lm_head, K=3):
 
 
 def test_a_fixed_shape_batch_gives_the_plain_batchs_loss_and_gradients(target, samples):
-    """What a graph replays: the batch padded to a larger fixed shape (more rows, more positions, every row a
-    step row, rejected rows padded at weight 0) gives the loss, per-step statistics and gradients of the batch
-    padded only to its longest sample. A padding row that attended to no key would turn every sum to NaN."""
+    """What a graph replays: the batch padded to a larger fixed shape (more rows, more positions) with its step,
+    target and rejected rows padded by repeating row 0 at weight 0, gives the loss, per-step statistics and
+    gradients of the batch padded only to its longest sample. A padding row that attended to no key would turn
+    every sum to NaN; a padding step row that counted would count row 0 again."""
     draft = make_draft(target, samples)
     t2d = draft.target_to_draft()
     batch_samples = varied(samples[:5], t2d)
+    batch_samples[0].loss_mask[1:] = True  # row 0, the padding's, is a step row of weight > 0 itself
     plain = collate(batch_samples, 3, t2d)
-    assert plain.reject_rows.shape[0] > 4  # the rejected-proposal term is exercised
+    assert plain.reject_rows.shape[0] > 4 and plain.step_rows[0] == 0  # both padded row sets are exercised
     B, L = plain.shape
-    fixed = collate(batch_samples, 3, t2d, shape=(B + 3, L + 9), reject_rows=plain.reject_rows.shape[0] + 7)
-    assert fixed.shape == (B + 3, L + 9) and fixed.step_rows.numel() == 3 * (B + 3) * (L + 9)
+    fixed = collate(batch_samples, 3, t2d, shape=(B + 3, L + 9), pad_rows=lambda n: n + 37)
+    assert fixed.shape == (B + 3, L + 9)
+    for name in ("step_rows", "target_rows", "reject_rows"):
+        assert getattr(fixed, name).shape[0] == getattr(plain, name).shape[0] + 37, name
     assert fixed.reject_weight.sum() == plain.reject_rows.shape[0]
+    assert fixed.step_weight.sum() == plain.step_rows.numel() and plain.step_weight is None
     a, b = loss_and_grads(draft, plain, target.lm_head.weight), loss_and_grads(draft, fixed, target.lm_head.weight)
     assert torch.isfinite(b[0]) and a[0] > 0
     for x, y in zip(a[:3], b[:3]):
@@ -66,16 +71,20 @@ def test_a_fixed_shape_batch_gives_the_plain_batchs_loss_and_gradients(target, s
     with pytest.raises(ValueError, match="do not fit"):
         collate(batch_samples, 3, t2d, shape=(B - 1, L))
     with pytest.raises(ValueError, match="do not fit"):
-        collate(batch_samples, 3, t2d, shape=(B, L), reject_rows=1)
+        collate(batch_samples, 3, t2d, shape=(B, L - 1))
 
 
 def test_the_trainers_packing_always_fits_a_graph_shape(target, samples):
     """Packed by bucket length, every group of a buffer batch gets the shape batch_tokens // bucket rows, so a
-    trainer replays one graph per bucket; a bucket pads a sample of 32 tokens or more by at most half."""
+    trainer replays one graph per bucket; a bucket pads a sample of 32 tokens or more, or a row set of 64 rows or
+    more, by at most half."""
     for batch_tokens in (128, 512, 2048, 2000):
         buckets = length_buckets(batch_tokens)
         assert buckets[-1] == batch_tokens and buckets[0] >= 32 and buckets == sorted(buckets)
         assert all(n <= bucket_length(n, buckets) <= max(48, 1.5 * n) for n in range(1, batch_tokens + 1))
+    assert row_bucket(0) == 0 and row_bucket(1) == 64
+    assert all(n <= row_bucket(n) <= max(64, 1.5 * n) and row_bucket(n) % 16 == 0 for n in range(1, 40000))
+    assert len({row_bucket(n) for n in range(1, 40000)}) <= 20
     draft = make_draft(target, samples)
     rng = random.Random(1)
     pool = varied(samples * 3, draft.target_to_draft(), seed=2)
@@ -87,10 +96,10 @@ def test_the_trainers_packing_always_fits_a_graph_shape(target, samples):
         shapes = set()
         for g in groups:
             group = [s for _, s in g]
-            B, L, R = graph_shape(group, batch_tokens)
+            B, L = graph_shape(group, batch_tokens)
             assert B == batch_tokens // size(max(s.num_tokens for s in group)) >= len(group)
-            collate(group, 3, draft.target_to_draft(), shape=(B, L), reject_rows=R)  # fits, or raises
-            shapes.add((B, L))
+            b = collate(group, 3, draft.target_to_draft(), shape=(B, L), pad_rows=row_bucket)  # fits, or raises
+            shapes.add((B, L, b.step_rows.numel(), b.target_rows.numel(), b.reject_rows.shape[0]))
         assert len(shapes) < len(groups)  # shapes repeat: graphs are reused
     big = varied(samples[:40], draft.target_to_draft())
     assert graph_shape(big, 128)[0] == 64  # more samples than the packer gives: the next power of two
