@@ -6,7 +6,7 @@ A pass trains the batch as the trainer does: packed into steps of at most the la
   python scripts/bench_train_step.py --tokens 2000 [--device cuda]
   python scripts/bench_train_step.py --draft-vocab-size 2048 --sample-tokens 128 --tokens 128 512 2048
   python scripts/bench_train_step.py --draft-vocab-size 16384 --sample-tokens 480 130 300 150 250 169 --tokens 1024
-  python scripts/bench_train_step.py --random-target --device cuda --tokens 2048 --steps 6 [--no-graphs]
+  python scripts/bench_train_step.py --random-target --device cuda --tokens 2048 --steps 6 [--no-graphs] [--sms 33]
 
 On CUDA a step replays a CUDA graph per batch shape (the trainer's default): the first step of a shape includes its
 capture, the rest are replays; `--no-graphs` times the eager step.
@@ -24,6 +24,7 @@ from aurora.models import hub
 from aurora.models.draft import DraftConfig, new_draft
 from aurora.models.target import TargetModel
 from aurora.sample import Sample
+from aurora.sharing import DeviceShare
 from aurora.training.trainer import PRECISIONS, OnlineTrainer, TrainConfig
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -43,6 +44,9 @@ def main():
                     help="the trainer's (auto: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA: replay each step's forward and backward as a CUDA graph (the trainer's default)")
+    ap.add_argument("--sms", type=int, default=0,
+                    help="CUDA: run the steps in a green context of this many SMs, as beside a server "
+                         "(`aurora serve --trainer-sms`, default a quarter of the GPU's); 0: every SM")
     ap.add_argument("--random-target", action="store_true",
                     help="SmolLM2-135M's shape with random weights (no model files needed: a step's cost does not "
                          "depend on the values)")
@@ -59,6 +63,8 @@ def main():
     trainer = OnlineTrainer(draft, target.lm_head.weight, cfg, publish=lambda *_: None)
     H = target.config.hidden_size
     cuda = a.device.startswith("cuda")
+    if cuda and a.sms:
+        torch.cuda.set_stream(DeviceShare(sms=a.sms).trainer_stream(torch.device(a.device)))
     for tokens in a.tokens:
         samples, total = [], 0
         while not samples or total + a.sample_tokens[len(samples) % len(a.sample_tokens)] <= tokens:
