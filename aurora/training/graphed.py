@@ -94,11 +94,14 @@ def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int] | N
 class GraphedSteps:
     def __init__(self, draft: Eagle3Draft, lm_head: torch.Tensor | None, ttt_length: int, objective: str,
                  step_decay: float, reject_weight: float, position_step: int, target_to_draft: torch.Tensor,
-                 device: torch.device, bf16: bool, warmup: int = 2):
-        """draft: the trainer's fp32 master (its parameters are updated in place by the optimiser)."""
+                 device: torch.device, bf16: bool, warmup: int = 2, max_graphs: int = 64):
+        """draft: the trainer's fp32 master (its parameters are updated in place by the optimiser). max_graphs:
+        each graph keeps its batch's input tensors (about 10 MB at 2,048 tokens of SmolLM2); shapes met after
+        that many run eagerly."""
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.draft, self.lm_head, self.device, self.bf16, self.warmup = draft, lm_head, device, bf16, warmup
+        self.max_graphs = max_graphs
         self.loss_args = (objective, ttt_length, step_decay, reject_weight, position_step)
         self.ttt_length, self.target_to_draft = ttt_length, target_to_draft
         self.graphs: dict[tuple, tuple] = {}  # (B, L, step rows, target rows, rejected rows) -> (graph, static
@@ -119,15 +122,12 @@ class GraphedSteps:
             return None
         batch = collate(samples, self.ttt_length, self.target_to_draft, self.device, shape=shape, pad_rows=row_bucket)
         key = (*shape, batch.step_rows.numel(), batch.target_rows.numel(), batch.reject_rows.shape[0])
-        if key in self.failed:
+        entry = self.graphs.get(key)
+        if entry is None and key not in self.failed and len(self.graphs) < self.max_graphs:
+            entry = self._capture(key, batch)
+        if entry is None:
             self.eager += 1
             return None
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(key, batch)
-            if entry is None:
-                self.eager += 1
-                return None
         graph, static, out = entry
         _copy_batch(static, batch)
         self._zero_grads()

@@ -1,6 +1,7 @@
 """The trainer's graphed step (aurora/training/graphed.py): a fixed-shape batch computes the loss and gradients of
 the plain batch (CPU: the same math the graph replays), the trainer's packing always fits a graph shape, and on a
 GPU replayed steps train the draft as the eager steps do."""
+import math
 import random
 
 import pytest
@@ -139,3 +140,8 @@ def test_graphed_steps_train_the_draft_as_eager_steps_do(target, samples, precis
     assert st["replays"] == len(batches) and st["eager_steps"] == 0 and st["failed_shapes"] == []
     assert 2 <= st["graphs"] < len(batches)
     assert tr[True].status()["graphs"]["replays"] == len(batches)
+    # past max_graphs a new shape runs eagerly, and still trains
+    g = tr[True].graphs
+    g.max_graphs = st["graphs"]
+    assert math.isfinite(tr[True].train_step(pool[20:40])) and g.stats()["eager_steps"] == 1
+    assert g.stats()["graphs"] == st["graphs"]
