@@ -285,8 +285,8 @@ class LLMEngine:
                     self._fail(seq, e)
             if self.draft is not None:
                 self.speculation.observe(bucket, depth, None, [n_acc[s.row] for s in running])
-                if not self.runner.captured:  # costed once the next round starts (_time_last_round)
-                    self._last_round = (bucket, depth, t0, round_end, committed)
+                if not (self.runner.captured or self.runner.caught_up):  # costed once the next round starts
+                    self._last_round = (bucket, depth, t0, round_end, committed)  # (_time_last_round)
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time

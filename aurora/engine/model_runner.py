@@ -104,7 +104,7 @@ class ModelRunner:
                 self.pf_dh = torch.zeros(R, draft.config.hidden_size, dtype=dt, device=dev)
         self.graphs: dict = {}
         self.graph_pool = None
-        self.captured = False
+        self.captured = self.caught_up = False
         self.out_tokens = torch.zeros(S, lookahead + 1, dtype=torch.long, device=dev)
         self.out_n = torch.zeros(S, dtype=torch.long, device=dev)
         self.out_props = torch.zeros(S, lookahead, dtype=torch.long, device=dev)
@@ -499,7 +499,8 @@ class ModelRunner:
     def round(self, B: int, max_cached: int, filtering: bool, greedy_only: bool, depth: int | None = None):
         """Run one decoding round of `depth` (default: the full lookahead; 0 = plain decoding) for rows 0..B-1.
         max_cached: longest committed length among them. Returns host copies (tokens [B,d+1], n_acc [B],
-        proposals [B,d]). `captured` tells whether this call captured a CUDA graph (its time is no round's)."""
+        proposals [B,d]). `captured` tells whether this call captured a CUDA graph, `caught_up` whether it first
+        extended a lagging draft (either way its time is not the depth's)."""
         d = (self.k if self.draft is not None else 0) if depth is None else depth
         if d not in self.depths():
             raise ValueError(f"depth {d} not in {self.depths()}")
@@ -509,7 +510,11 @@ class ModelRunner:
         self._greedy_only = greedy_only
         fn = self._round_fn(d)
         self.captured = False
-        if d > 0 and self.lazy_draft:
+        # the first speculative round after plain ones also extends the draft over what those skipped: a cost of
+        # switching, not of the depth (timed with the round, it made the first depth probed look several times
+        # dearer than the next, and deeper depths extrapolated from those two look no dearer than the second)
+        self.caught_up = d > 0 and self.lazy_draft and any(self.lag[:B])
+        if self.caught_up:
             self._catch_up(B)
         if self.use_graphs:
             key = (Bp, self._keys, filtering, greedy_only, d)

@@ -8,7 +8,9 @@ The controller picks the d that maximises E_d / c(B, d) from two things it measu
   `cost_window` timings, each clipped at 5x their median. A mean, because under a trainer's load on the same GPU
   round times are bimodal (most fast, some very slow) and throughput follows the mean, which a median misjudges;
   clipped, because a round that overlaps a stall elsewhere in the process (e.g. a checkpoint write) can take a
-  hundred times its cost. Rounds that captured a CUDA graph are not timed. A depth not yet timed at a bucket
+  hundred times its cost. Rounds that captured a CUDA graph are not timed, nor a speculative round that first
+  caught the draft up over the positions plain rounds skipped (a cost of switching, paid once, not of its
+  depth). A depth not yet timed at a bucket
   is interpolated between the nearest timed depths on either side (a round of depth d runs d-1 more draft
   steps and verifies d+1 tokens, so cost grows about linearly in d once speculating); beyond the deepest timed
   one it is extrapolated from the two deepest speculating depths only (the step from plain decoding to depth 1

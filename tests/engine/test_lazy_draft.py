@@ -49,3 +49,33 @@ def test_depth_zero_leaves_the_draft_untouched(tiny_target_dir):
     assert torch.count_nonzero(eng.runner.dcache.k) == 0
     _, _, eng, _ = _run(tiny_target_dir, False, [0], 1, 4)
     assert torch.count_nonzero(eng.runner.dcache.k) > 0
+
+
+def test_a_round_that_catches_the_draft_up_is_not_timed_as_its_depth(tiny_target_dir):
+    """The catch-up is the cost of switching from plain decoding, not of the depth: the round that pays it is
+    left out of the depth's cost (as a round that captured a CUDA graph is), every other round is timed."""
+    schedule = [0, 0, 2, 2, 2, 0, 0, 1, 1, 0]
+    timed, caught = [], []
+    cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
+    eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=3), EngineConfig(max_batch=4, max_model_len=128, lookahead=3))
+    depths = itertools.cycle(schedule)
+    eng.speculation.choose = lambda bucket: next(depths)
+    observe_cost = eng.speculation.observe_cost
+    eng.speculation.observe_cost = lambda b, d, s: (timed.append(d), observe_cost(b, d, s))
+    run_round = eng.runner.round
+
+    def round_(*a, **k):
+        out = run_round(*a, **k)
+        caught.append(eng.runner.caught_up)
+        return out
+    eng.runner.round = round_
+    for i in range(4):
+        eng.add_request([(3 * i + j) % 90 + 1 for j in range(5 + 3 * i)],
+                        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    assert sum(caught) >= 4  # every switch from plain to speculating caught up
+    rounds = [d for d, c in zip(itertools.cycle(schedule), caught)]
+    assert all(d > 0 for d, c in zip(rounds, caught) if c)
+    # each round is timed once the next one starts; the last round is timed at its own end
+    assert sorted(timed) == sorted(d for d, c in zip(rounds, caught) if not c)
