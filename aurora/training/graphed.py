@@ -1,10 +1,11 @@
 """The trainer's forward and backward as CUDA graphs: one launch per step instead of a thousand.
 
-On a GPU the TTT step is host-bound: a 2,048-token bf16 step of a SmolLM2-sized draft launches about a thousand
-small kernels (K unrolled draft steps, their attention chunks, the fused loss's chunks, and the backward of all
-of it), and its host time exceeds its GPU time several-fold. Beside serving that host time is the trainer thread
-holding the interpreter's lock while the engine thread waits for it, and it is what the duty charges: fewer
-launches mean both more steps for the same duty and less of serving's time taken.
+Alone on a GPU the eager TTT step is host-bound: a 2,048-token bf16 step of a SmolLM2-sized draft launches about a
+thousand small kernels (K unrolled draft steps, their attention chunks, the fused loss's chunks, and the backward
+of all of it), and its host time exceeds its GPU time several-fold; replayed, it takes about half the time
+(results/training/). Beside a server the trainer's kernels get a share of the SMs (aurora/sharing.py), and in the
+default quarter the step turned GPU-bound: there the graphs added no steps (results/speedup/), but their host
+time, which the engine thread would wait for under the interpreter's lock, is gone.
 
 So a step's forward and backward are captured once per batch shape and replayed:
 - Shapes come from short lists: a batch of samples of up to n tokens is padded to the smallest bucket length
