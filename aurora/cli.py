@@ -61,7 +61,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "train_precision": "the trainer's compute: bf16 (autocast, fp32 master weights), fp32, or auto (bf16 on CUDA, "
                        "fp32 on a CPU)",
     "train_graphs": "CUDA: replay each trainer step's forward and backward as a CUDA graph per batch shape (samples "
-                    "with the target's final states; --no-train-graphs: eager steps)",
+                    "with the target's final states; a trainer on one of SGLang's GPUs steps eagerly regardless; "
+                    "--no-train-graphs: eager steps)",
     "lr": "draft learning rate (AdamW peak, after warm-up)",
     "sync_every": "finished requests between draft hot-swaps",
     "sample_rate": "fraction of finished requests captured for training, in (0, 1]",

@@ -98,6 +98,17 @@ def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> Tr
                        graphs=cfg.train_graphs, resume=cfg.resume, device=str(device))
 
 
+def _sglang_train_config(cfg: ServeConfig, ckpt: str, device) -> TrainConfig:
+    """The trainer's config beside SGLang (whose engine samples at admission). A trainer on one of SGLang's GPUs
+    steps eagerly: a replayed graph queues a whole step at once, and the GPU time-slices between the trainer's
+    context and SGLang's processes, so a scheduler's round could wait out the step (not measured either way)."""
+    tconf = _train_config(cfg, ckpt, device, sample_rate=1.0)
+    if tconf.graphs and shares_gpu(str(device), cfg.tp_size, cfg.sglang_args):
+        log.info("trainer on one of SGLang's GPUs (%s): eager steps, not CUDA graphs", device)
+        tconf = dataclasses.replace(tconf, graphs=False)
+    return tconf
+
+
 def _probe_trainer(draft, lm_head, tconf: TrainConfig) -> None:
     """One step and one guard pass of a throw-away trainer at the largest batches the real one will form (its own
     fp32 copy: the live draft is untouched). On a GPU this also compiles the trainer's kernels (Triton's JIT of the
@@ -321,7 +332,7 @@ class Service:
             draft.share_embedding(hub.load_embedding(target_dir).to(device=dev, dtype=torch.bfloat16))
             if final:  # the trainer recomputes the target's logits from its final states (aurora/sample.py)
                 lm_head = hub.load_lm_head(target_dir).to(device=dev, dtype=torch.bfloat16)
-            tconf = _train_config(cfg, ckpt, dev, sample_rate=1.0)  # SGLangEngine samples at admission
+            tconf = _sglang_train_config(cfg, ckpt, dev)
             mem_fraction = _sglang_memory_fraction(cfg, draft, lm_head, tconf, dev)
             if mem_fraction is None and dev.type == "cuda":  # the split probed nothing: compile the kernels anyway
                 _probe_trainer(draft, lm_head, tconf)

@@ -94,8 +94,8 @@ class ServeConfig:
     train_precision: str = "auto"      # the trainer's compute: bf16 autocast over fp32 master weights, fp32, or auto
                                        # (bf16 on CUDA, fp32 on a CPU)
     train_graphs: bool = True          # CUDA, samples with the target's final states: each trainer step's forward and
-                                       # backward replayed as a CUDA graph per batch shape (eager, a step mostly
-                                       # waits on its launches)
+                                       # backward replayed as a CUDA graph per batch shape (eager, a step alone
+                                       # mostly waits on its launches); never for a trainer on SGLang's GPU
     lr: float | None = None            # AdamW peak rate (after warm-up); None = DEVICE_DEFAULTS
     sync_every: int | None = None      # finished requests between draft hot-swaps; None = DEVICE_DEFAULTS
     sample_rate: float = 1.0           # fraction of finished requests captured for training

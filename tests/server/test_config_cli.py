@@ -74,6 +74,20 @@ def test_training_options_reach_the_trainer_config(tmp_path):
     assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
 
 
+def test_trainer_graphs_are_off_only_where_the_trainer_shares_sglangs_gpu(tmp_path):
+    """Beside SGLang a trainer on one of its GPUs steps eagerly (the GPU time-slices the two processes); on a GPU
+    of its own, or beside the built-in engine, it replays graphs unless told not to."""
+    from aurora.service import _sglang_train_config, _train_config
+
+    cfg = ServeConfig(engine="sglang", tp_size=2)
+    assert not _sglang_train_config(cfg, str(tmp_path), "cuda:1").graphs
+    assert _sglang_train_config(cfg, str(tmp_path), "cuda:2").graphs
+    assert _sglang_train_config(ServeConfig(engine="sglang", sglang_args="--base-gpu-id 1"), str(tmp_path),
+                                "cuda:0").graphs
+    assert _train_config(ServeConfig(), str(tmp_path), "cuda:0", 1.0).graphs
+    assert not _train_config(ServeConfig(train_graphs=False), str(tmp_path), "cuda:0", 1.0).graphs
+
+
 def test_keys_from_environment_and_files(tmp_path, monkeypatch):
     monkeypatch.setenv("AURORA_API_KEY", "from-env")
     monkeypatch.setenv("AURORA_ADMIN_KEY", "admin-env")
