@@ -148,7 +148,7 @@ class LLMEngine:
         self.request_errors = 0  # requests failed alone by an exception in their own work
         self.fault_seed = _fault_seed()
         self._last_depth = 0  # the first speculative round catches the draft up
-        self._last_round: tuple | None = None  # (bucket, depth, start, end, committed tokens), not yet costed
+        self._last_round: tuple | None = None  # (bucket, depth, start, end, committed tokens, timed), not yet costed
         self._excluded = 0.0  # seconds since the last round that were no round's doing (exclude_from_round)
         # where the engine thread's step time goes (AsyncEngine adds its idle wait), so that a stream served over
         # HTTP and one driven in-process can be told apart by prefill calls, rounds and idle time (front_cost.py)
@@ -285,8 +285,9 @@ class LLMEngine:
                     self._fail(seq, e)
             if self.draft is not None:
                 self.speculation.observe(bucket, depth, None, [n_acc[s.row] for s in running])
-                if not (self.runner.captured or self.runner.caught_up):  # costed once the next round starts
-                    self._last_round = (bucket, depth, t0, round_end, committed)  # (_time_last_round)
+                if not self.runner.captured:  # costed once the next round starts (_time_last_round); a round
+                    # that caught the draft up counts in what serving delivered, but its time is not the depth's
+                    self._last_round = (bucket, depth, t0, round_end, committed, not self.runner.caught_up)
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             outputs.append(self.finish(seq))
         if not self.scheduler.running:  # no next round follows at once: the last one costs its own time
@@ -312,14 +313,16 @@ class LLMEngine:
         prefill in between (`until`): the host bookkeeping, token delivery and whatever else the process does
         meanwhile (a trainer's Python and kernels, the HTTP front) are part of what a depth costs, and differ
         by depth. until None: the round's own time (serving went idle after it). What the round delivered, over
-        the whole time to `next_start` (prefill included), feeds the controller's guard rail."""
+        the whole time to `next_start` (prefill included), feeds the controller's guard rail, also for a round
+        that caught the draft up (untimed: a cost of switching, which the guard rail must see)."""
         if self._last_round is None:
             self._excluded = 0.0
             return
-        bucket, depth, start, end, committed = self._last_round
+        bucket, depth, start, end, committed, timed = self._last_round
         self._last_round, gap, self._excluded = None, self._excluded, 0.0
-        cost = max((until if until is not None else end) - start - gap, end - start)
-        self.speculation.observe_cost(bucket, depth, cost)
+        if timed:
+            self.speculation.observe_cost(bucket, depth, max((until if until is not None else end) - start - gap,
+                                                             end - start))
         if next_start is not None:
             self.speculation.observe_served(bucket, depth, committed, max(next_start - start - gap, end - start))
 

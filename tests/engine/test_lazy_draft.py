@@ -53,15 +53,18 @@ def test_depth_zero_leaves_the_draft_untouched(tiny_target_dir):
 
 def test_a_round_that_catches_the_draft_up_is_not_timed_as_its_depth(tiny_target_dir):
     """The catch-up is the cost of switching from plain decoding, not of the depth: the round that pays it is
-    left out of the depth's cost (as a round that captured a CUDA graph is), every other round is timed."""
+    left out of the depth's cost (as a round that captured a CUDA graph is), every other round is timed. What
+    serving delivered counts every round, the catch-up's included (the guard rail must see switching's cost)."""
     schedule = [0, 0, 2, 2, 2, 0, 0, 1, 1, 0]
-    timed, caught = [], []
+    timed, caught, served = [], [], []
     cfg = DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir))
     eng = LLMEngine(tiny_target_dir, new_draft(cfg, seed=3), EngineConfig(max_batch=4, max_model_len=128, lookahead=3))
     depths = itertools.cycle(schedule)
     eng.speculation.choose = lambda bucket: next(depths)
     observe_cost = eng.speculation.observe_cost
     eng.speculation.observe_cost = lambda b, d, s: (timed.append(d), observe_cost(b, d, s))
+    observe_served = eng.speculation.observe_served
+    eng.speculation.observe_served = lambda b, d, n, s: (served.append(d), observe_served(b, d, n, s))
     run_round = eng.runner.round
 
     def round_(*a, **k):
@@ -79,3 +82,4 @@ def test_a_round_that_catches_the_draft_up_is_not_timed_as_its_depth(tiny_target
     assert all(d > 0 for d, c in zip(rounds, caught) if c)
     # each round is timed once the next one starts; the last round is timed at its own end
     assert sorted(timed) == sorted(d for d, c in zip(rounds, caught) if not c)
+    assert sorted(served) == sorted(rounds[:-1])  # every round but the last, which no next round follows
