@@ -181,7 +181,7 @@ def test_a_training_turn_between_rounds_is_no_rounds_cost():
 
     eng = LLMEngine.__new__(LLMEngine)  # the timing bookkeeping alone, no model
     eng.speculation, eng._excluded = DepthController(4), 0.0
-    eng._last_round = (8, 2, 10.0, 10.1, 16)  # bucket 8, depth 2: started at 10.0, ended 10.1, 16 tokens
+    eng._last_round = (8, 2, 10.0, 10.1, 16, True)  # bucket 8, depth 2: started at 10.0, ended 10.1, 16 tokens, timed
     eng.exclude_from_round(0.5)               # then the trainer's turn held the cores for 0.5 s
     eng._time_last_round(10.65, 10.70)        # the next step's prefill ran 10.65..10.70
     assert abs(eng.speculation.cost(8, 2) - 0.15) < 1e-9
