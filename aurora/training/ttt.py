@@ -41,7 +41,8 @@ class TTTBatch:
                                       # loss and the guard read (found on the host: no device sync); None one-hot
     step_rows: torch.Tensor      # [R] long: the rows k*B*L + b*L + t of the K unrolled steps whose target row
                                  # t+1+k exists (target_mask), the only ones the loss can weigh (found on the host)
-    step_weight: torch.Tensor | None  # [R] float: 1, or 0 for the padding of a fixed-shape batch (None: all 1)
+    step_weight: torch.Tensor    # [R] float: 1, or 0 for padding (row 0 again: a batch with no step row, or a
+                                 # fixed-shape batch's padding)
     reject_rows: torch.Tensor    # [R, 3] (step, b, t) rows that proposed a rejected token
     reject_token: torch.Tensor   # [R] draft id of the rejected token
     reject_weight: torch.Tensor  # [R] float: 1, or 0 for the padding of a fixed-shape batch
@@ -127,16 +128,15 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
     # the largest part of a step
     step_rows = torch.stack([target_mask[:, 1 + k:1 + k + L] for k in range(K)]).reshape(-1).nonzero().squeeze(1)
     target_rows = target_mask[:, :L].reshape(-1).nonzero().squeeze(1)
+    # each row set is padded with row 0 at weight 0: to pad_rows(count) for a fixed shape, and the step rows always
+    # to at least one (with nothing to learn here, that row keeps the loss a graph of the draft)
+    pad = pad_rows or (lambda n: n)
     rejected, real_steps = len(rows), step_rows.numel()
-    step_weight = None
-    if pad_rows is not None:
-        rows += [(0, 0, 0)] * (pad_rows(rejected) - rejected) if rejected else []
-        toks += [0] * (len(rows) - len(toks))
-        step_rows = _padded(step_rows, pad_rows(max(real_steps, 1)))
-        step_weight = (torch.arange(step_rows.numel()) < real_steps).float()
-        target_rows = _padded(target_rows, pad_rows(max(target_rows.numel(), 1)))
-    elif not real_steps:  # nothing to learn here: one row at weight 0 keeps the loss a graph of the draft
-        step_rows = torch.zeros(1, dtype=torch.long)
+    rows += [(0, 0, 0)] * (pad(rejected) - rejected)
+    toks += [0] * (len(rows) - len(toks))
+    step_rows = _padded(step_rows, pad(max(real_steps, 1)))
+    target_rows = _padded(target_rows, pad(target_rows.numel()))
+    step_weight = (torch.arange(step_rows.numel()) < real_steps).float()
     reject_weight = (torch.arange(len(rows)) < rejected).float()
     to = _uploader(device)
     return TTTBatch(ids=to(ids), aux=to(aux),
@@ -144,7 +144,7 @@ def collate(samples: list[Sample], ttt_length: int, target_to_draft: torch.Tenso
                     target_hidden=None if th is None else to(th.reshape(B * L, -1)),
                     target_mask=to(target_mask),
                     target_rows=None if th is None else to(target_rows),
-                    step_rows=to(step_rows), step_weight=None if step_weight is None else to(step_weight),
+                    step_rows=to(step_rows), step_weight=to(step_weight),
                     reject_rows=to(torch.tensor(rows, dtype=torch.long).reshape(-1, 3)),
                     reject_token=to(torch.tensor(toks, dtype=torch.long)),
                     reject_weight=to(reject_weight),
@@ -276,9 +276,7 @@ def ttt_loss(draft: Eagle3Draft, batch: TTTBatch, lm_head: torch.Tensor, objecti
     weight = (masks * (decay / counts)[:, None, None]).reshape(-1)       # [K*B*L]
     h = torch.cat([draft.norm(hk) for hk, _ in steps]).reshape(-1, steps[0][0].shape[-1])  # step-major rows
     rows = batch.step_rows  # every row of weight > 0 among them: the sums below are those over all K*B*L rows
-    w, m = weight[rows], masks.reshape(-1)[rows]
-    if batch.step_weight is not None:  # a fixed-shape batch's padding rows (row 0 again) count nothing
-        w, m = w * batch.step_weight, m * batch.step_weight
+    w, m = weight[rows] * batch.step_weight, masks.reshape(-1)[rows] * batch.step_weight  # padding counts nothing
     loss, div, match = divergence(h[rows], draft.lm_head.weight, tdist.logits, target_rows(batch, K)[rows], w,
                                   objective)
     B, L = batch.shape

@@ -61,7 +61,7 @@ def test_a_fixed_shape_batch_gives_the_plain_batchs_loss_and_gradients(target, s
     for name in ("step_rows", "target_rows", "reject_rows"):
         assert getattr(fixed, name).shape[0] == getattr(plain, name).shape[0] + 37, name
     assert fixed.reject_weight.sum() == plain.reject_rows.shape[0]
-    assert fixed.step_weight.sum() == plain.step_rows.numel() and plain.step_weight is None
+    assert fixed.step_weight.sum() == plain.step_rows.numel() == plain.step_weight.sum()
     a, b = loss_and_grads(draft, plain, target.lm_head.weight), loss_and_grads(draft, fixed, target.lm_head.weight)
     assert torch.isfinite(b[0]) and a[0] > 0
     for x, y in zip(a[:3], b[:3]):
