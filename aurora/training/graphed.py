@@ -24,7 +24,7 @@ So a step's forward and backward are captured once per batch shape and replayed:
 - A shape whose capture fails runs eagerly from then on (logged once); a batch that fits no shape (a sample
   longer than the batch) runs eagerly too. `stats()` counts both.
 
-This module knows the TTT loss and the draft, not the trainer's scheduling.
+This module knows the TTT batch and the draft, not the loss's settings nor the trainer's scheduling.
 """
 import logging
 import time
@@ -34,7 +34,7 @@ import torch
 
 from aurora.models.draft import Eagle3Draft
 from aurora.sample import Sample
-from aurora.training.ttt import TTTBatch, collate, trainable, ttt_loss
+from aurora.training.ttt import TTTBatch, collate, trainable
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +93,21 @@ def graph_shape(samples: list[Sample], batch_tokens: int) -> tuple[int, int] | N
 
 
 class GraphedSteps:
-    def __init__(self, draft: Eagle3Draft, lm_head: torch.Tensor | None, ttt_length: int, objective: str,
-                 step_decay: float, reject_weight: float, position_step: int, target_to_draft: torch.Tensor,
-                 device: torch.device, bf16: bool, warmup: int = 2, max_graphs: int = 64):
-        """draft: the trainer's fp32 master (its parameters are updated in place by the optimiser). max_graphs:
-        each graph keeps its batch's input tensors (about 10 MB at 2,048 tokens of SmolLM2); shapes met after
-        that many run eagerly."""
+    def __init__(self, draft: Eagle3Draft, loss, ttt_length: int, target_to_draft: torch.Tensor,
+                 device: torch.device, warmup: int = 2, max_graphs: int = 64):
+        """draft: the trainer's fp32 master (its parameters are updated in place by the optimiser). loss(batch,
+        cache): the trainer's TTT loss of a batch, under its autocast (cache False: a capture cannot keep autocast's
+        cast weights). max_graphs: each graph keeps its batch's input tensors (about 10 MB at 2,048 tokens of
+        SmolLM2); shapes met after that many run eagerly."""
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.draft, self.lm_head, self.device, self.bf16, self.warmup = draft, lm_head, device, bf16, warmup
-        self.max_graphs = max_graphs
-        self.loss_args = (objective, ttt_length, step_decay, reject_weight, position_step)
+        self.draft, self.loss, self.device, self.warmup, self.max_graphs = draft, loss, device, warmup, max_graphs
         self.ttt_length, self.target_to_draft = ttt_length, target_to_draft
         self.graphs: dict[tuple, tuple] = {}  # (B, L, step rows, target rows, rejected rows) -> (graph, static
                                               # batch, (loss, loss_steps, acc_steps))
         self.failed: set[tuple] = set()
         self.pool = None
-        self.replays = self.eager = self.captures = 0
+        self.replays = self.eager = 0
         self.capture_s = 0.0
 
     # ---- one step ----
@@ -136,10 +134,6 @@ class GraphedSteps:
         self.replays += 1
         return (*out, batch.num_tokens)
 
-    def _loss(self, batch: TTTBatch):
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            return ttt_loss(self.draft, batch, self.lm_head, *self.loss_args)
-
     def _zero_grads(self):
         grads = []
         for p in self.draft.parameters():
@@ -161,11 +155,11 @@ class GraphedSteps:
         try:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):  # Triton compiles, autograd and cuBLAS set up, outside the capture
-                    loss, _, _ = self._loss(static)
+                    loss, _, _ = self.loss(static, cache=False)
                     loss.backward()
                 graph.capture_begin(*(() if self.pool is None else (self.pool,)), capture_error_mode="thread_local")
                 try:
-                    loss, loss_steps, acc_steps = self._loss(static)
+                    loss, loss_steps, acc_steps = self.loss(static, cache=False)
                     loss.backward()
                 finally:
                     graph.capture_end()
@@ -180,7 +174,6 @@ class GraphedSteps:
         self.pool = graph.pool()
         entry = (graph, static, (loss.detach(), loss_steps, acc_steps))
         self.graphs[key] = entry
-        self.captures += 1
         self.capture_s += time.perf_counter() - t0
         log.info("trainer step shape (rows %d, positions %d; step rows %d, target rows %d, rejected rows %d) "
                  "captured as a CUDA graph in %.2f s", *key, time.perf_counter() - t0)

@@ -173,8 +173,7 @@ class OnlineTrainer:
         # targets (their batch assembly reads the device), nor a CPU, nor a drained share (it synchronises per module)
         self.graphs = None
         if c.graphs and self.device.type == "cuda" and self.lm_head is not None and not self.share.drain:
-            self.graphs = GraphedSteps(self.master, self.lm_head, c.ttt_length, c.objective, c.step_decay,
-                                       c.reject_weight, c.ttt_position_step, self.target_to_draft, self.device, bf16)
+            self.graphs = GraphedSteps(self.master, self._loss, c.ttt_length, self.target_to_draft, self.device)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
@@ -439,10 +438,7 @@ class OnlineTrainer:
             else:
                 batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
                 num_tokens = batch.num_tokens
-                with self._autocast():
-                    loss, loss_steps, acc_steps = ttt_loss(self.master, batch, self.lm_head, c.objective,
-                                                           c.ttt_length, c.step_decay, c.reject_weight,
-                                                           c.ttt_position_step)
+                loss, loss_steps, acc_steps = self._loss(batch)
                 self.optimizer.zero_grad(set_to_none=not keep_grads)
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
@@ -646,9 +642,17 @@ class OnlineTrainer:
                     n += s.num_tokens
         return tokens
 
-    def _autocast(self):
-        """The draft's forward (and so its backward) in bf16 where `precision` says so; a no-op context in fp32."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+    def _autocast(self, cache: bool = True):
+        """The draft's forward (and so its backward) in bf16 where `precision` says so; a no-op context in fp32.
+        cache False: no cast weights kept across the region (a CUDA graph capture)."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=cache)
+
+    def _loss(self, batch, cache: bool = True):
+        """The master's TTT loss of a batch (loss, per-step loss, per-step accuracy), under `_autocast`."""
+        c = self.config
+        with self._autocast(cache):
+            return ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length, c.step_decay,
+                            c.reject_weight, c.ttt_position_step)
 
     def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:
         copy = Eagle3Draft(draft.config)
