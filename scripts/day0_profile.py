@@ -24,9 +24,10 @@ from front_cost import free_memory, in_process  # noqa: E402
 from aurora.prompts import chat_ids, load_prompts  # noqa: E402
 
 
-def closed_loop(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> int:
-    """Drive the LLMEngine in this thread: `concurrency` requests at a time, a finished one replaced by the next
-    prompt. Returns the completion tokens."""
+def closed_loop(engine, share, prompts: list[list[int]], concurrency: int, max_tokens: int) -> int:
+    """Drive the LLMEngine in this thread as its own thread drives it when serving (each step inside
+    `share.serving()`, so that the trainer sees a busy server and keeps to its duty): `concurrency` requests at a
+    time, a finished one replaced by the next prompt. Returns the completion tokens."""
     from aurora.engine.sequence import SamplingParams
 
     todo, live, tokens = list(prompts), 0, 0
@@ -35,7 +36,9 @@ def closed_loop(engine, prompts: list[list[int]], concurrency: int, max_tokens: 
         while todo and live < concurrency:
             engine.add_request(todo.pop(0), params)
             live += 1
-        for o in engine.step():
+        with share.serving():
+            outputs = engine.step()
+        for o in outputs:
             if o.finished:
                 live -= 1
                 tokens += len(o.output_ids)
@@ -46,23 +49,27 @@ def profile_mode(serve_args: str, texts: list[str], warm: list[str], concurrency
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from aurora.engine.async_engine import use_serving_stream
+
     service = in_process(serve_args)
     service.engine.shutdown()  # its thread stops; the engine is driven from here, where the profiler sees its ops
-    engine = service.engine.engine
+    engine, share = service.engine.engine, service.engine.share
+    use_serving_stream(engine)
     cuda = engine.runner.device.type == "cuda"
     try:
-        closed_loop(engine, chat_ids(engine.tokenizer, warm), concurrency, max_tokens)
+        closed_loop(engine, share, chat_ids(engine.tokenizer, warm), concurrency, max_tokens)
         prompts = chat_ids(engine.tokenizer, texts)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         steps0 = engine.time["steps"]
+        trained0 = service.trainer.status().get("steps", 0) if service.trainer is not None else 0
         t = time.perf_counter()
         with profile(activities=acts) as prof:
-            tokens = closed_loop(engine, prompts, concurrency, max_tokens)
+            tokens = closed_loop(engine, share, prompts, concurrency, max_tokens)
             if cuda:
                 torch.cuda.synchronize()
         wall = time.perf_counter() - t
         steps = max(engine.time["steps"] - steps0, 1)
-        trainer = service.trainer.status() if service.trainer is not None else {}
+        trained = service.trainer.status().get("steps", 0) - trained0 if service.trainer is not None else None
     finally:
         service.shutdown()
         del service, engine
@@ -71,7 +78,7 @@ def profile_mode(serve_args: str, texts: list[str], warm: list[str], concurrency
     kernels = {e.key: e.self_device_time_total / steps for e in ev if e.self_device_time_total > 0}
     host = {e.key: e.self_cpu_time_total / steps for e in ev if e.self_cpu_time_total > 0}
     return {"steps": steps, "wall_ms": 1e3 * wall / steps, "tokens": tokens, "device_us": sum(kernels.values()),
-            "kernels": kernels, "host": host, "trainer_steps": trainer.get("steps")}
+            "kernels": kernels, "host": host, "trainer_steps": trained}
 
 
 def differences(base: dict, other: dict, top: int) -> list[tuple[str, float, float]]:
@@ -99,7 +106,7 @@ def main():
                                   a.max_tokens)
         r = runs[name]
         print(f"{name}: {r['steps']} steps, {r['wall_ms']:.3f} ms per step (profiled), device busy "
-              f"{r['device_us'] / 1e3:.3f} ms per step, {r['tokens']} tokens, trainer steps {r['trainer_steps']}",
+              f"{r['device_us'] / 1e3:.3f} ms per step, {r['tokens']} tokens, trainer steps while profiled {r['trainer_steps']}",
               flush=True)
     base_name = modes[0][0]
     base = runs[base_name]

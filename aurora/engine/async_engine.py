@@ -120,13 +120,7 @@ class AsyncEngine:
     # ------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         eng = self.engine
-        dev = eng.runner.device
-        if dev.type == "cuda" and eng.config.priority_stream:
-            # every engine kernel goes to one high-priority stream (a too-low number maps to the highest priority);
-            # it first waits for the set-up work queued on the default stream
-            stream = torch.cuda.Stream(dev, priority=-100)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            torch.cuda.set_stream(stream)
+        use_serving_stream(eng)
         while True:
             while True:
                 try:
@@ -188,6 +182,16 @@ class AsyncEngine:
             o = eng.finish(seq)
             outs.append(o)
         return outs
+
+
+def use_serving_stream(eng: LLMEngine) -> None:
+    """In the calling thread, every engine kernel goes to one high-priority stream (a too-low number maps to the
+    highest priority), which first waits for the set-up work queued on the default stream."""
+    dev = eng.runner.device
+    if dev.type == "cuda" and eng.config.priority_stream:
+        stream = torch.cuda.Stream(dev, priority=-100)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        torch.cuda.set_stream(stream)
 
 
 class _Stream:
