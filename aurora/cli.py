@@ -66,8 +66,8 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "lr": "draft learning rate (AdamW peak, after warm-up)",
     "sync_every": "finished requests between draft hot-swaps",
     "sample_rate": "fraction of finished requests captured for training, in (0, 1]",
-    "capture_pacing": "engine sglang: capture fewer requests while the trainer leaves over 128 captured samples "
-                      "unread (or half the buffer's bytes); sample_rate is the ceiling, the rate is in /v1/draft",
+    "capture_pacing": "capture fewer requests while the trainer leaves over 128 captured samples unread (or half "
+                      "the buffer's bytes); sample_rate is the ceiling, the rate is in /v1/draft",
     "buffer_samples": "capture buffer capacity in samples (the oldest are dropped first)",
     "buffer_gib": "capture buffer's memory bound in GiB (host memory; the GPU's when the built-in engine's trainer "
                   "trains on the engine's GPU)",

@@ -88,10 +88,11 @@ def _initial_draft(cfg: ServeConfig, target_config, ckpt: str):
     return load_draft(path), path
 
 
-def _train_config(cfg: ServeConfig, ckpt: str, device, sample_rate: float) -> TrainConfig:
+def _train_config(cfg: ServeConfig, ckpt: str, device) -> TrainConfig:
+    """The trainer keeps every sample it is offered: either engine samples requests when they arrive."""
     cfg, _ = cfg.for_device(torch.device(device).type)  # a no-op on a config from_config has completed
     return TrainConfig(objective=cfg.objective, lr=cfg.lr, ttt_length=cfg.lookahead, sync_every=cfg.sync_every,
-                       sample_rate=sample_rate, buffer_samples=cfg.buffer_samples,
+                       buffer_samples=cfg.buffer_samples,
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
                        duty=cfg.trainer_duty, precision=cfg.train_precision,
@@ -102,7 +103,7 @@ def _sglang_train_config(cfg: ServeConfig, ckpt: str, device) -> TrainConfig:
     """The trainer's config beside SGLang (whose engine samples at admission). A trainer on one of SGLang's GPUs
     steps eagerly: a replayed graph queues a whole step at once, and the GPU time-slices between the trainer's
     context and SGLang's processes, so a scheduler's round could wait out the step (not measured either way)."""
-    tconf = _train_config(cfg, ckpt, device, sample_rate=1.0)
+    tconf = _train_config(cfg, ckpt, device)
     if tconf.graphs and shares_gpu(str(device), cfg.tp_size, cfg.sglang_args):
         log.info("trainer on one of SGLang's GPUs (%s): eager steps, not CUDA graphs", device)
         tconf = dataclasses.replace(tconf, graphs=False)
@@ -199,6 +200,8 @@ class Service:
 
     def _attach(self, trainer: OnlineTrainer) -> None:
         self.trainer = trainer
+        if self.config is not None and self.config.capture_pacing:
+            self.engine.pacer = CapturePacer(trainer.buffer)
         self.engine.set_callbacks(trainer.add_sample, lambda seq: trainer.request_finished())
         trainer.start(unguarded=None if self.config is None else _scratch_prior(self.config))
 
@@ -239,7 +242,8 @@ class Service:
         if draft is None:
             return cls(AsyncEngine(engine, _served_name(cfg)), None, cfg)
         dev = engine.runner.device if cfg.trainer_device == "auto" else torch.device(cfg.trainer_device)
-        tconf = _train_config(cfg, ckpt, dev, cfg.sample_rate)
+        tconf = _train_config(cfg, ckpt, dev)
+        engine.sample_rate = cfg.sample_rate
         share = _device_share(cfg, dev, engine.runner.device, tconf.duty,
                               lambda: served_speedup(engine.speculation.snapshot()))
         if share.turns:  # the trainer has the cores to itself during its turns
@@ -371,8 +375,6 @@ class Service:
                                 speedup=lambda: served_speedup(engine.speculation()))
             trainer = OnlineTrainer(draft, lm_head, tconf, engine.swap_draft, share)
         service = cls(engine, trainer, cfg)
-        if service.trainer is not None and cfg.capture_pacing:
-            engine.pacer = CapturePacer(service.trainer.buffer)
         engine.supervise(hang_s=cfg.sglang_hang_timeout_s, max_restarts=cfg.sglang_max_restarts,
                          draft_for_restart=lambda: service._restart_draft(draft_dir))
         return service

@@ -87,7 +87,20 @@ class AsyncEngine:
                  engine_time=dict(self.engine.time, idle_s=self.idle_s))
         if self.engine.draft is not None:
             s["speculation"] = self.engine.speculation.snapshot()
+        if self.engine.on_sample is not None:
+            pacer = self.engine.pacer
+            s["capture"] = dict(admitted=self.engine.capture_admitted, sample_rate=self.engine.sample_rate,
+                                **(pacer.status() if pacer is not None else {}))
         return s
+
+    @property
+    def pacer(self):
+        return self.engine.pacer
+
+    @pacer.setter
+    def pacer(self, pacer) -> None:
+        """Capture less while the trainer leaves samples unread (aurora/training/pacing.py); set by the service."""
+        self.engine.pacer = pacer
 
     def health(self) -> dict:
         """ok: the engine thread runs and its latest step did not fail. Per-request failures (one request's

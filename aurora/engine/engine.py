@@ -139,6 +139,11 @@ class LLMEngine:
             log.info("captured %d CUDA graphs (rounds: batch x context x depth; prefills: rows x length; greedy) "
                      "in %.1f s", n, time.perf_counter() - t0)
         self.on_sample: Callable[[Sample], None] | None = None       # a captured request's training sample
+        # which requests leave a sample, decided when each arrives (an unsampled one costs no copy at its finish):
+        # sample_rate, times pacer.rate() where the service sets a pacer (aurora/training/pacing.py)
+        self.sample_rate, self.pacer = 1.0, None
+        self._capture_rng = random.Random(0)
+        self.capture_admitted = 0  # requests marked for capture
         self.on_finished: Callable[[Sequence], None] | None = None   # every finished request
         self._samples: list[Sample] = []  # finished requests' samples whose state copies are still in flight
         self._pending_swap: tuple[dict, int, list[float] | None, threading.Event] | None = None
@@ -167,9 +172,15 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; this engine's context allows {limit - 1}")
         seq = Sequence(list(prompt_ids), params, request_id)
         seq.draft_version = self.draft_version
+        seq.capture = params.capture and self.runner.capture and self._sampled()
+        self.capture_admitted += seq.capture
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _sampled(self) -> bool:
+        rate = self.sample_rate * (self.pacer.rate() if self.pacer is not None else 1.0)
+        return rate >= 1.0 or self._capture_rng.random() < rate
 
     def abort(self, request_id: str) -> None:
         self._aborts.add(request_id)  # applied at the next step, in the engine's own thread
@@ -387,7 +398,7 @@ class LLMEngine:
     def finish(self, seq: Sequence) -> RequestOutput:
         """Take a sequence out (finished, aborted or failed): capture its sample, free its row, report it."""
         rows_used = seq.row >= 0
-        if (rows_used and seq.params.capture and self.on_sample is not None and self.runner.capture
+        if (rows_used and seq.capture and self.on_sample is not None
                 and seq.finish_reason != "error"):  # a failed request's rounds may be half-recorded
             try:  # handed over after the next step's sync (_hand_over): no wait for the copy here, between rounds
                 self._samples.append(self._make_sample(seq))

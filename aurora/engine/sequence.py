@@ -104,6 +104,7 @@ class Sequence:
     error: str | None = None       # why the request failed (finish_reason "error")
     arrival: float = field(default_factory=time.monotonic)
     queue_time: float | None = None  # seconds from arrival to admission into a batch row
+    capture: bool = True           # leaves a training sample: decided when the request arrives (LLMEngine.add_request)
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):

@@ -99,7 +99,7 @@ class ServeConfig:
     lr: float | None = None            # AdamW peak rate (after warm-up); None = DEVICE_DEFAULTS
     sync_every: int | None = None      # finished requests between draft hot-swaps; None = DEVICE_DEFAULTS
     sample_rate: float = 1.0           # fraction of finished requests captured for training
-    capture_pacing: bool = True        # engine sglang: capture less while the trainer leaves captured samples
+    capture_pacing: bool = True        # capture less while the trainer leaves captured samples
                                        # unread (training/pacing.py); sample_rate is then the ceiling
     buffer_samples: int = 4096         # capacity of the capture buffer (oldest dropped first)
     buffer_gib: float = 2.0            # and its memory bound (a 4k-token MiniMax sample holds ~74 MB of states): host

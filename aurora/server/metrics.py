@@ -86,20 +86,21 @@ class StatusCollector:
             yield spent
             yield _counter("aurora_engine_prefill_calls", "prefill forwards (requests admitted together share one)",
                            t.get("prefill_calls"))
-        cap = s.get("capture")
-        if cap:  # engine sglang: rows from SGLang's schedulers that never became a sample, by reason
+        cap = s.get("capture") or {}
+        if "bytes" in cap:  # engine sglang: rows from SGLang's schedulers that never became a sample, by reason
             dropped = CounterMetricFamily("aurora_capture_dropped", "captured requests dropped", labels=["reason"])
             for reason in ("incomplete", "gap", "cached", "aborted"):
                 dropped.add_metric([reason], _num(cap.get(f"dropped_{reason}")))
             dropped.add_metric(["sender_queue_full"], _num(cap.get("sender_dropped")))
             yield dropped
-            yield _counter("aurora_capture_admitted", "requests sent to SGLang marked for capture", cap.get("admitted"))
             yield _gauge("aurora_capture_in_flight", "captured requests not yet a sample or a counted drop",
                          cap.get("in_flight"))
             yield _counter("aurora_capture_bytes", "bytes of captured hidden states received", cap.get("bytes"))
-            if "capture_rate" in cap:  # training/pacing.py: the share of requests captured now, times sample_rate
-                yield _gauge("aurora_capture_rate", "fraction of admitted requests captured (pacing x sample_rate)",
-                             cap["capture_rate"] * cap.get("sample_rate", 1.0))
+        if "capture_rate" in cap:  # training/pacing.py: the share of requests captured now, times sample_rate
+            yield _gauge("aurora_capture_rate", "fraction of admitted requests captured (pacing x sample_rate)",
+                         cap["capture_rate"] * cap.get("sample_rate", 1.0))
+        if "admitted" in cap:  # either engine: capture is decided when a request arrives
+            yield _counter("aurora_capture_admitted", "requests marked for capture when admitted", cap["admitted"])
         spec = s.get("speculation")
         if spec and spec.get("buckets"):  # the depth decision (aurora/engine/speculation.py), on either engine
             yield from self._speculation(spec["buckets"])

@@ -1,12 +1,12 @@
 """How much of the served traffic to capture: as much as the trainer will read, not what the buffer will drop.
 
-Capturing a request costs serving (on SGLang: aux-state copies and the wire, 18–21 KB per token at MiniMax M2.5's
-shape, results/minimax_dummy/). When traffic outruns the trainer, the fresh queue fills and the buffer drops what it
-cannot hold, so those captures bought nothing. The pacer watches the fresh queue's fill, the fuller of its sample
-count and its bytes against the buffer's bounds. Once a second, above `high` it lowers the capture fraction by
-`step`, down to `floor`; below `low` it raises it by the same step, up to 1. A trainer that keeps up leaves the
-queue near empty, and everything is captured. A trainer that rests while serving is busy, or cannot keep up,
-settles the fraction near what it reads.
+Capturing a request costs serving: on SGLang the aux-state copies and the wire (per-token bytes at MiniMax M2.5's
+shape: results/minimax_dummy/), on the built-in engine its states' copies when it finishes. When traffic outruns the
+trainer, the fresh queue fills and the buffer drops what it cannot hold, so those captures bought nothing. The pacer
+watches the fresh queue's fill, the fuller of its sample count and its bytes against the buffer's bounds. Once a
+second, above `high` it lowers the capture fraction by `step`, down to `floor`; below `low` it raises it by the same
+step, up to 1. A trainer that keeps up leaves the queue near empty, and everything is captured. A trainer that rests
+while serving is busy, or cannot keep up, settles the fraction near what it reads.
 
 The queue's count is also measured against `backlog` samples (default 256: at the default trainer duty on a GPU,
 roughly half a minute of the trainer's reading), whichever bound is nearer: the buffer's own bounds (4,096 samples,

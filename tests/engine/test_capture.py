@@ -53,6 +53,38 @@ def test_a_sample_is_handed_over_after_the_next_step_and_never_left_behind(tiny_
     assert [s.num_tokens for s in samples] == [4, 11]
 
 
+def test_requests_are_sampled_for_capture_when_they_arrive(tiny_target_dir):
+    """sample_rate times the pacer's rate decides, when a request arrives, whether it leaves a sample: the others
+    cost no copy at their finish. A request that opts out never leaves one."""
+    class Pacer:
+        value = 1.0
+
+        def rate(self):
+            return self.value
+
+    draft = new_draft(DraftConfig.from_target(AutoConfig.from_pretrained(tiny_target_dir)), seed=5)
+    eng = LLMEngine(tiny_target_dir, draft, EngineConfig(max_batch=4, max_model_len=128, lookahead=3,
+                                                         dtype="float32"))
+    samples = []
+    eng.on_sample = samples.append
+    eng.sample_rate, eng.pacer = 0.5, Pacer()
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    seqs = [eng.add_request([i % 90 + 1, 7], params, f"half{i}") for i in range(40)]
+    eng.pacer.value = 0.0
+    seqs += [eng.add_request([5, 6], params, f"paced{i}") for i in range(5)]
+    eng.sample_rate = eng.pacer.value = 1.0
+    seqs.append(eng.add_request([5, 6], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                                       capture=False), "opted_out"))
+    seqs.append(eng.add_request([5, 6], params, "all"))
+    while eng.has_work():
+        eng.step()
+    marked = {s.request_id for s in seqs if s.capture}
+    assert sorted(s.request_id for s in samples) == sorted(marked) and eng.capture_admitted == len(marked)
+    half = {r for r in marked if r.startswith("half")}
+    assert 10 <= len(half) <= 30  # about half of 40 (a seeded draw)
+    assert "all" in marked and "opted_out" not in marked and not any(r.startswith("paced") for r in marked)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU the engine copies a sample's states "
                     "into host memory either way (the tests above check those copies against Hugging Face)")
 def test_samples_kept_on_the_gpu_equal_host_ones_and_batch_alike(tiny_target_dir):

@@ -68,7 +68,7 @@ def test_training_options_reach_the_trainer_config(tmp_path):
     from aurora.training.trainer import PRECISIONS
     cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2,
                       train_precision="bf16")
-    t = _train_config(cfg, str(tmp_path), "cpu", 1.0)
+    t = _train_config(cfg, str(tmp_path), "cpu")
     assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
     assert t.precision == "bf16" and ServeConfig().train_precision == "auto"
     assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
@@ -84,8 +84,8 @@ def test_trainer_graphs_are_off_only_where_the_trainer_shares_sglangs_gpu(tmp_pa
     assert _sglang_train_config(cfg, str(tmp_path), "cuda:2").graphs
     assert _sglang_train_config(ServeConfig(engine="sglang", sglang_args="--base-gpu-id 1"), str(tmp_path),
                                 "cuda:0").graphs
-    assert _train_config(ServeConfig(), str(tmp_path), "cuda:0", 1.0).graphs
-    assert not _train_config(ServeConfig(train_graphs=False), str(tmp_path), "cuda:0", 1.0).graphs
+    assert _train_config(ServeConfig(), str(tmp_path), "cuda:0").graphs
+    assert not _train_config(ServeConfig(train_graphs=False), str(tmp_path), "cuda:0").graphs
 
 
 def test_keys_from_environment_and_files(tmp_path, monkeypatch):

@@ -139,6 +139,9 @@ def test_metrics_and_draft(real):
     assert samples[("aurora_engine_prefill_calls_total", ())] >= t["prefill_calls"]
     if cfg.draft is not None:
         assert "aurora_train_loss" in names
+        # capture is decided when a request arrives; the request above was marked (a trainer reads every sample)
+        assert httpx.get(url + "/v1/draft").json()["capture"]["admitted"] >= 1
+        assert samples[("aurora_capture_admitted_total", ())] >= 1
         r = httpx.post(url + "/v1/draft/save", headers={"Authorization": "Bearer admin"}, timeout=120)
         assert r.status_code == 200, r.text
 
