@@ -125,7 +125,7 @@ def main():
     args = ap.parse_args()
     settings = parse_grid(args.grid)
     cfg = ServeConfig(target=args.target, draft="scratch", lookahead=args.lookahead, sync_every=10 ** 9,
-                      adaptive_depth=False, draft_vocab_size=0,
+                      adaptive_depth=False, draft_vocab_size=0, capture_pacing=False,  # every request is a sample
                       device=args.device, max_batch=args.concurrency, run_dir=tempfile.mkdtemp(prefix="sweep-"),
                       wandb="disabled")
     service = Service.from_config(cfg)
@@ -144,6 +144,9 @@ def main():
         eval_pools[d] = ids[len(ids) - args.eval:]
     t0 = time.perf_counter()
     asyncio.run(serve(service, {"train": train_pool, **eval_pools}, args.max_tokens, args.concurrency, True))
+    deadline = time.monotonic() + 60  # a finished request's sample is handed over one engine step after its output
+    while eng.has_work() and time.monotonic() < deadline:
+        time.sleep(0.01)
     train = [kept[f"train-{i}"] for i in range(len(train_pool))]
     heldout = {d: [kept[f"{d}-{i}"] for i in range(len(pool))] for d, pool in eval_pools.items()}
     print(f"captured {len(train)} training samples ({sum(s.num_tokens for s in train)} tokens) and "
