@@ -10,6 +10,7 @@ or, where the engine captured them, from the target's K most likely tokens with 
 log-sum-exp over the whole vocabulary (target_topk_*: SGLang's verify logits, a row per verified position;
 positions without them, such as prompt positions, stay one-hot).
 """
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -66,3 +67,9 @@ class Sample:
                                                           self.loss_mask, self.round_start, self.proposals,
                                                           self.accepted, *(getattr(self, f) for f in TOPK_FIELDS))
                    if t is not None)
+
+
+def sampled(rng: random.Random, sample_rate: float, pacer=None) -> bool:
+    """Whether an arriving request will leave a sample (either engine decides at admission, so an unsampled one
+    costs serving no copy): with chance sample_rate times the capture pacer's rate (aurora/training/pacing.py)."""
+    return rng.random() < sample_rate * (pacer.rate() if pacer is not None else 1.0)

@@ -24,7 +24,7 @@ from aurora.engine.speculation import DepthController, SpeculationConfig
 from aurora.engine.stats import EngineStats
 from aurora.models.draft import Eagle3Draft
 from aurora.models.target import TargetModel
-from aurora.sample import Sample
+from aurora.sample import Sample, sampled
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward (batch x longest prompt)
 log = logging.getLogger(__name__)
@@ -172,15 +172,12 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; this engine's context allows {limit - 1}")
         seq = Sequence(list(prompt_ids), params, request_id)
         seq.draft_version = self.draft_version
-        seq.capture = params.capture and self.runner.capture and self._sampled()
+        seq.capture = params.capture and self.runner.capture and sampled(self._capture_rng, self.sample_rate,
+                                                                          self.pacer)
         self.capture_admitted += seq.capture
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
-
-    def _sampled(self) -> bool:
-        rate = self.sample_rate * (self.pacer.rate() if self.pacer is not None else 1.0)
-        return rate >= 1.0 or self._capture_rng.random() < rate
 
     def abort(self, request_id: str) -> None:
         self._aborts.add(request_id)  # applied at the next step, in the engine's own thread

@@ -29,6 +29,7 @@ import httpx
 from aurora.engine.sequence import (JSON_SCHEMA, LOGIT_BIAS, LOGPROBS, PENALTIES, RequestOutput, SamplingParams,
                                      accept_length)
 from aurora.engine.stats import EngineStats
+from aurora.sample import sampled
 from aurora.sglang_engine.capture import CaptureCollector
 from aurora.sglang_engine.launch import LOADER, SGLangServer
 from aurora.sglang_engine.plugin.loader import flatten
@@ -202,7 +203,7 @@ class SGLangEngine:
                              f"max_model_len {self.max_model_len}")
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         capture = (self.collector is not None and params.capture and self.on_sample is not None
-                   and self._rng.random() < self.sample_rate * (self.pacer.rate() if self.pacer else 1.0))
+                   and sampled(self._rng, self.sample_rate, self.pacer))
         # decided at admission: an unsampled request's rows are never copied or sent
         rid = ("c-" if capture else "n-") + request_id
         if capture:
