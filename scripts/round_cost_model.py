@@ -4,6 +4,13 @@ and the speedup it projects for the full model against accept length (CPU; reads
   python scripts/round_cost_model.py results/minimax_dummy/h200_L4_L10_warm_2026-12-04/minimax_dummy_L{4,10}.json \
       --out results/minimax_dummy/h200_L4_L10_warm_2026-12-04/projection
 
+  python scripts/round_cost_model.py --profiles 4=L4/profile.json 6=L6/profile.json --native-mode eagle --out OUT
+
+The second form splits the round into its parts from scripts/sglang_profile.py runs at two or more layer counts
+(modes: `plain`, SGLang alone; `d4`, Aurora at the fixed lookahead; `eagle`, SGLang's own EAGLE3 at that lookahead):
+the target step, one draft step, the draft extend, the verify and scheduling, per round and fitted in L, and
+Aurora's share of the round (d4 against eagle); every other profiled mode's round in target steps beside them.
+
 Inputs, per run (L layers) and concurrency c in {1, 16}, all served tok/s through Aurora's HTTP route:
   T(L, c)    = c / tok_s(target only)                      the time of one target decode step
   R_d(L, c)  = c * accept / tok_s(depth d pinned)          the time of one round at depth d (the sweep's phases:
@@ -115,6 +122,76 @@ def projection(mdl: dict, K: int, layers: int, tp: int, weight_scale: float, all
     return out
 
 
+def profiled(specs: list[str]) -> dict:
+    """{L: {tag: summary}} from scripts/sglang_profile.py's profile.json files, given as "L=PATH" (several files
+    for one layer count are merged; tags are "<mode>_c<C>")."""
+    out = {}
+    for spec in specs:
+        L, _, path = spec.partition("=")
+        with open(path) as f:
+            res = json.load(f)["result"]
+        out.setdefault(int(L), {}).update({t: v for t, v in res.items() if "round_ms" in v})
+    return out
+
+
+def split_model(prof: dict, target_mode: str, round_mode: str, K: int, native_mode: str = "") -> dict:
+    """The round of `round_mode` (lookahead K) split into its parts, per layer count and concurrency, each part
+    fitted linearly in L: the target step (`target_mode`'s plain decode round), the draft's steps (the draft span
+    / K: one step), the draft extend, the verify (the rest of run_batch) and scheduling (the round outside
+    run_batch); with `native_mode` (SGLang's own EAGLE3 at the same lookahead, no Aurora), Aurora's share of the
+    round. Host times of SGLang's scheduler thread per round, from its torch profiler (sglang_profile.stages)."""
+    from sglang_profile import stages  # scripts/ is on the path of a script run from it
+
+    layers = sorted(prof)
+    rows, parts = {}, ("round", "scheduling", "draft_step", "draft_extend", "verify", "gpu_busy")
+    for L in layers:
+        for c in (1, 16):
+            t, r = prof[L].get(f"{target_mode}_c{c}"), prof[L].get(f"{round_mode}_c{c}")
+            if t is None or r is None:
+                continue
+            st = stages(r)
+            row = {"target_step": t["round_ms"], "target_gpu_busy": t["gpu_busy_ms"], **st,
+                   "draft_step": st["draft"] / K}
+            n = prof[L].get(f"{native_mode}_c{c}") if native_mode else None
+            if n is not None:
+                row["native_round"] = n["round_ms"]
+                row["aurora_share"] = st["round"] - n["round_ms"]
+            row["others_in_target_steps"] = {tag.rsplit("_c", 1)[0]: v["round_ms"] / t["round_ms"]
+                                             for tag, v in prof[L].items() if tag.endswith(f"_c{c}")}
+            rows.setdefault(L, {})[c] = row
+    lines = {}
+    if len(layers) >= 2:
+        for c in (1, 16):
+            if all(c in rows.get(L, {}) for L in layers):
+                for part in ("target_step", *parts, *(("aurora_share",) if native_mode else ())):
+                    if all(part in rows[L][c] for L in layers):
+                        lines.setdefault(part, {})[c] = fit(layers, [rows[L][c][part] for L in layers])
+    return {"layers": layers, "rows": rows, "lines_ms": lines}
+
+
+def print_split(sm: dict, K: int) -> None:
+    print(f"\nthe round at lookahead {K}, host ms per round from SGLang's profiler (in target steps)")
+    print("| layers | c | target step | round | scheduling | draft step (x{K}) | draft extend | verify | GPU busy | "
+          "Aurora's share |".replace("{K}", str(K)))
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for L, per_c in sm["rows"].items():
+        for c, r in per_c.items():
+            T = r["target_step"]
+            share = f"{r['aurora_share']:.3f}" if "aurora_share" in r else ""
+            print(f"| {L} | {c} | {T:.3f} | {r['round']:.3f} ({r['round'] / T:.2f}) | {r['scheduling']:.3f} | "
+                  f"{r['draft_step']:.3f} | {r['draft_extend']:.3f} | {r['verify']:.3f} | {r['gpu_busy']:.3f} | "
+                  f"{share} |")
+    for L, per_c in sm["rows"].items():
+        for c, r in per_c.items():
+            print(f"  L{L} c{c}: every mode's round in target steps: "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in r["others_in_target_steps"].items()))
+    if sm["lines_ms"]:
+        print("fitted lines, ms = fixed + per layer x L")
+        for part, per_c in sm["lines_ms"].items():
+            for c, (f, sl) in per_c.items():
+                print(f"  {part:14s} c{c:<3d} {f:7.3f} + {sl:.4f} x L")
+
+
 def plot(proj: dict, path: str, title: str) -> None:
     import matplotlib
 
@@ -142,7 +219,12 @@ def plot(proj: dict, path: str, title: str) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="minimax_dummy_L<N>.json files, two or more layer counts")
+    ap.add_argument("runs", nargs="*", help="minimax_dummy_L<N>.json files, two or more layer counts")
+    ap.add_argument("--profiles", nargs="+", default=[], metavar="L=PATH",
+                    help="sglang_profile.py profile.json files per layer count: split the round into its parts")
+    ap.add_argument("--target-mode", default="plain", help="--profiles: the mode that decodes with the target alone")
+    ap.add_argument("--round-mode", default="d4", help="--profiles: the mode at the fixed lookahead")
+    ap.add_argument("--native-mode", default="", help="--profiles: SGLang's own EAGLE3 at the same lookahead")
     ap.add_argument("--lookahead", type=int, default=4, help="the configured lookahead K the sweep pinned")
     ap.add_argument("--layers", type=int, default=62, help="the full model's layers")
     ap.add_argument("--tp", type=int, default=4)
@@ -154,6 +236,15 @@ def main():
     ap.add_argument("--out", default="", help="folder for projection.json and projection.png")
     a = ap.parse_args()
     K = a.lookahead
+    if a.profiles:
+        sm = split_model(profiled(a.profiles), a.target_mode, a.round_mode, K, a.native_mode)
+        print_split(sm, K)
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "round_split.json"), "w") as f:
+                json.dump({"inputs": a.profiles, "lookahead": K, **sm}, f, indent=1)
+        if not a.runs:
+            return
     meas = measurements(a.runs)
     mdl = model(meas, K)
     accepts = [float(x) for x in a.accepts.split(",")]

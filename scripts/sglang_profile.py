@@ -8,7 +8,7 @@ Modes as in speedup_run.py (`@sglang ARGS`: plain SGLang; else `aurora serve ARG
 log). Load goes straight to SGLang's /generate: `C` clients, each request a distinct random token-id prompt
 (`--prompt-len`, ids below 32,000: valid for every target here) and `--max-tokens` new tokens with ignore_eos, so
 the profiled window is steady decoding at C running requests. Request ids start with "c-", so Aurora's plugin
-captures them as it captures served traffic. Per round the table gives: wall time, GPU busy time (union of kernels
+captures them as it captures served traffic (`--uncaptured`: "n-", not captured). Per round the table gives: wall time, GPU busy time (union of kernels
 and copies), kernel and graph launches, SGLang's stage annotations (draft, verify, draft_extend), and with
 `--stack` the inclusive time of each Python function of the scheduler thread (Aurora's wrappers among them; the
 Python tracer slows every call, so read that column for shares, not for absolute time), and the GPU time of each
@@ -53,18 +53,19 @@ def sglang_url(mode_args: str, port: int, log_path: str) -> str:
 
 
 async def load(url: str, concurrency: int, prompt_len: int, max_tokens: int, stop: asyncio.Event,
-               route: str = "generate", model: str | None = None) -> list[float]:
+               route: str = "generate", model: str | None = None, rid_prefix: str = "c-") -> list[float]:
     """Closed-loop clients until `stop`; returns the completion time of every finished request. route "generate":
     SGLang's /generate, one response; "generate_stream": the same as Aurora's SGLang engine sends it for a
     non-streaming request (streamed, an output every NONSTREAM_INTERVAL tokens, read line by line); "openai": `url`'s /v1/completions (token-id prompts) with
-    `model`, one response."""
+    `model`, one response. `rid_prefix` "c-": Aurora's plugin captures the requests for training, "n-": it does
+    not (aurora/sglang_engine/engine.py)."""
     rng, done = random.Random(concurrency), []
 
     async def client(h, c):
         i = 0
         while not stop.is_set():
             ids = [rng.randrange(100, 32000) for _ in range(prompt_len)]
-            body = {"input_ids": ids, "rid": f"c-prof-{c}-{i}-{time.monotonic_ns()}",
+            body = {"input_ids": ids, "rid": f"{rid_prefix}prof-{c}-{i}-{time.monotonic_ns()}",
                     "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
             if route == "generate_stream":
                 body.update(stream=True)
@@ -154,7 +155,8 @@ async def rate(url: str, concurrency: int, a, route: str, model: str | None = No
     spy_summary of a py-spy record of `spy_pid` (default `pid`) over the window is written there; of another
     process than `pid`, with every thread apart and idle samples kept."""
     stop = asyncio.Event()
-    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.rate_tokens, stop, route, model))
+    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.rate_tokens, stop, route, model,
+                                       "n-" if a.uncaptured else "c-"))
     await asyncio.sleep(a.settle)
     t0, c0 = time.perf_counter(), cpu_s(pid) if pid else 0.0
     spying = None
@@ -181,7 +183,8 @@ async def rate(url: str, concurrency: int, a, route: str, model: str | None = No
 async def profile_once(url: str, concurrency: int, a, out_dir: str, stack: bool) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stop = asyncio.Event()
-    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.max_tokens, stop))
+    loader = asyncio.create_task(load(url, concurrency, a.prompt_len, a.max_tokens, stop,
+                                       rid_prefix="n-" if a.uncaptured else "c-"))
     await asyncio.sleep(a.settle)
     async with httpx.AsyncClient(base_url=url, timeout=600) as h:
         r = await h.post("/start_profile", json={"output_dir": out_dir, "num_steps": a.steps,
@@ -244,6 +247,20 @@ def summarise(trace: str, steps: int) -> dict:
             "python_ms": {k: ms(v) for k, v in sorted(python.items(), key=lambda kv: -kv[1])[:60]}}
 
 
+def stages(summary: dict) -> dict:
+    """A round's host time (ms) split by SGLang's own spans: `scheduling` (the round outside run_batch: choosing
+    the batch, processing the previous batch's results, receiving requests), `draft` (the draft's steps),
+    `draft_extend` (the draft's forward over the accepted tokens), `verify` (the rest of run_batch: the target's
+    verify forward, or a plain round's decode forward, with its preparation, sampling and Aurora's capture hooks).
+    Host time of the scheduler thread: a wait on the GPU counts where the thread waits (with the overlap scheduler,
+    often in result processing); where GPU busy < round, the host sets the pace."""
+    ann = summary["annotations_ms"]
+    run_batch = ann.get("scheduler.run_batch", 0.0)
+    draft, extend = ann.get("draft", 0.0), ann.get("draft_extend", 0.0)
+    return {"round": summary["round_ms"], "scheduling": summary["round_ms"] - run_batch, "draft": draft,
+            "draft_extend": extend, "verify": run_batch - draft - extend, "gpu_busy": summary["gpu_busy_ms"]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", action="append", required=True, help="NAME=ARGS, as in speedup_run.py")
@@ -260,6 +277,8 @@ def main():
     p.add_argument("--spy-scheduler", action="store_true",
                    help="py-spy SGLang's scheduler process during the /generate timing")
     p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
+    p.add_argument("--uncaptured", action="store_true", help="/generate requests that Aurora's plugin does not "
+                   "capture (rid n-...; default c-...: every request captured, as a sample rate of 1)")
     p.add_argument("--out", default="results/sglang/profile")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -267,7 +286,12 @@ def main():
     for spec in a.mode:
         name, _, args = spec.partition("=")
         port, log_path = free_port(), os.path.join(a.out, f"{name}_server.log")
-        proc = start_server(args, port, log_path)
+        try:
+            proc = start_server(args, port, log_path)
+        except (RuntimeError, TimeoutError) as e:  # a mode that cannot start must not lose the others
+            result[name] = {"error": repr(e)}
+            print(f"{name}: FAILED to start: {e!r}", flush=True)
+            continue
         try:
             url = sglang_url(args, port, log_path)
             for c in [int(x) for x in a.concurrency.split(",")]:
@@ -300,11 +324,16 @@ def main():
             stop_server(proc)
         with open(os.path.join(a.out, "profile.json"), "w") as f:
             json.dump({"args": vars(a), "result": result}, f, indent=1)
-    print("\n| mode | round ms | GPU busy ms | launches / round |\n|---|---|---|---|")
+    print("\n| mode | round ms | GPU busy ms | launches / round | scheduling | draft | verify and the rest of the "
+          "batch | draft extend |\n|---|---|---|---|---|---|---|---|")
     for tag, s in result.items():
+        if "error" in s:
+            print(f"| {tag} | failed: {s['error'][:100]} |")
         if "round_ms" not in s:
             continue
-        print(f"| {tag} | {s['round_ms']:.3f} | {s['gpu_busy_ms']:.3f} | {sum(s['launches_per_round'].values()):.0f} |")
+        p = stages(s)
+        print(f"| {tag} | {s['round_ms']:.3f} | {s['gpu_busy_ms']:.3f} | {sum(s['launches_per_round'].values()):.0f} | "
+              f"{p['scheduling']:.3f} | {p['draft']:.3f} | {p['verify']:.3f} | {p['draft_extend']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -72,14 +72,21 @@ def free_port() -> int:
 
 
 def plain_sglang_command(args: str, port: int) -> list[str]:
-    """`@sglang ARGS`: SGLang's own server on the target Aurora serves by default, started as Aurora starts it
-    without a draft (launch.server_command), ARGS appended."""
+    """`@sglang ARGS`: SGLang's own server, started as Aurora starts it without a draft (launch.server_command),
+    ARGS appended; on the target Aurora serves by default, or on `--model-path DIR` when ARGS name one (a local
+    directory, e.g. MiniMax M2.5's shape with dummy weights)."""
     from aurora.models import hub
     from aurora.server.config import ServeConfig
     from aurora.sglang_engine.launch import server_command
 
-    cfg = ServeConfig(engine="sglang", draft=None, sglang_args=args)
-    return server_command(cfg, hub.resolve(cfg.target), None, port)
+    words = shlex.split(args)
+    target = None
+    if "--model-path" in words:
+        i = words.index("--model-path")
+        target = words[i + 1]
+        del words[i:i + 2]
+    cfg = ServeConfig(engine="sglang", draft=None, sglang_args=shlex.join(words))
+    return server_command(cfg, target or hub.resolve(cfg.target), None, port)
 
 
 def start_server(args: str, port: int, log_path: str, timeout: float = 900.0) -> subprocess.Popen:

@@ -59,3 +59,40 @@ def test_the_script_writes_its_table_plot_and_json(tmp_path):
 def test_one_layer_count_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="two or more layer counts"):
         rcm.model(rcm.measurements([_run(tmp_path, 4)]), K=4)
+
+
+def _profile(tmp_path, L, name):
+    """A profile.json as scripts/sglang_profile.py writes it, from per-round parts linear in L (ms)."""
+    def summary(sched, draft, extend, verify):
+        run_batch = draft + extend + verify
+        ann = {"scheduler.run_batch": run_batch, "draft": draft, "draft_extend": extend} if draft else \
+            {"scheduler.run_batch": run_batch}
+        return {"round_ms": sched + run_batch, "gpu_busy_ms": 0.5 * (sched + run_batch), "annotations_ms": ann,
+                "launches_per_round": {}}
+    res = {}
+    for c in (1, 16):
+        res[f"plain_c{c}"] = summary(0.5, 0, 0, 1.0 + 0.1 * c * L / 16)
+        res[f"d4_c{c}"] = summary(0.8, 4 * 0.3, 0.4, 1.5 + 0.2 * L)
+        res[f"eagle_c{c}"] = summary(0.6, 4 * 0.3, 0.4, 1.4 + 0.2 * L)
+    res["broken"] = {"error": "RuntimeError('server exited')"}
+    path = tmp_path / name
+    path.write_text(json.dumps({"result": res}))
+    return f"{L}={path}"
+
+
+def test_the_round_split_recovers_each_part_and_fits_it_in_layers(tmp_path):
+    specs = [_profile(tmp_path, L, f"p{L}.json") for L in (4, 6)]
+    sm = rcm.split_model(rcm.profiled(specs), "plain", "d4", K=4, native_mode="eagle")
+    r = sm["rows"][6][16]
+    assert r["draft_step"] == pytest.approx(0.3) and r["draft_extend"] == pytest.approx(0.4)
+    assert r["verify"] == pytest.approx(1.5 + 1.2) and r["scheduling"] == pytest.approx(0.8)
+    assert r["target_step"] == pytest.approx(0.5 + 1.0 + 0.6)
+    assert r["aurora_share"] == pytest.approx(0.2 + 0.1)  # scheduling 0.8 vs 0.6, verify +0.1
+    assert r["others_in_target_steps"]["d4"] == pytest.approx(r["round"] / r["target_step"])
+    assert sm["lines_ms"]["verify"][16] == pytest.approx((1.5, 0.2))
+    assert sm["lines_ms"]["draft_step"][1] == pytest.approx((0.3, 0.0), abs=1e-9)
+    out = tmp_path / "split"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "round_cost_model.py"), "--profiles", *specs,
+                          "--native-mode", "eagle", "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "| 6 | 16 |" in res.stdout and "draft_step" in res.stdout
+    assert json.loads((out / "round_split.json").read_text())["lookahead"] == 4
