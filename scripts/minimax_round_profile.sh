@@ -16,7 +16,10 @@
 # capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
 # SGLang's static memory is sized from the card: the dummy weights (~7.34 GB a layer, 2.95 GB embedding, LM head
 # and draft) + 8 GB of KV cache; the rest is left to Aurora's trainer (~17 GB) and CUDA graphs.
+# RATE_S (default 5): seconds of served tok/s at /generate per concurrency before the profile, 0 to skip;
+# SETTLE_S (default 5): seconds of load before each timing.
 set -euo pipefail
+RATE_S=${RATE_S:-5} SETTLE_S=${SETTLE_S:-5}
 L=${1:?layers}; OUT=${2:?out dir}; shift 2
 D=/tmp/minimax-dummy/L$L
 [ -f "$D/target/config.json" ] || python -m aurora.models.minimax_dummy --layers "$L" --out "$D"
@@ -38,6 +41,7 @@ for m in "$@"; do
     day0_verify) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA $DRAFT_LOAD'" ;;
     *) echo "unknown mode $m" >&2; exit 2 ;;
   esac
-  python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --settle 5 --prompt-len 128 --max-tokens 1024 \
-    --rate-s 5 --rate-tokens 64 --routes generate "${flags[@]}" --out "$OUT/$m" --mode "$m=$args" || true
+  [ "$RATE_S" = 0 ] || flags+=(--rate-s "$RATE_S" --rate-tokens 64 --routes generate)
+  python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --settle "$SETTLE_S" --prompt-len 128 \
+    --max-tokens 1024 "${flags[@]}" --out "$OUT/$m" --mode "$m=$args" || true
 done
