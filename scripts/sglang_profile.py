@@ -8,8 +8,9 @@ Modes as in speedup_run.py (`@sglang ARGS`: plain SGLang; else `aurora serve ARG
 log). Load goes straight to SGLang's /generate: `C` clients, each request a distinct random token-id prompt
 (`--prompt-len`, ids below 32,000: valid for every target here) and `--max-tokens` new tokens with ignore_eos, so
 the profiled window is steady decoding at C running requests. Request ids start with "c-", so Aurora's plugin
-captures them as it captures served traffic (`--uncaptured`: "n-", not captured). Per round the table gives: wall time, GPU busy time (union of kernels
-and copies), kernel and graph launches, SGLang's stage annotations (draft, verify, draft_extend), and with
+captures them as it captures served traffic (`--uncaptured`: "n-", not captured). Per round the table gives: wall
+time, GPU busy time (union of kernels and copies), kernel and graph launches, the round's host time split by
+SGLang's stage annotations (draft, draft_extend; see `stages`), and with
 `--stack` the inclusive time of each Python function of the scheduler thread (Aurora's wrappers among them; the
 Python tracer slows every call, so read that column for shares, not for absolute time), and the GPU time of each
 kernel or copy by name.
@@ -283,6 +284,11 @@ def main():
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     result = {}
+
+    def write(result: dict) -> None:
+        with open(os.path.join(a.out, "profile.json"), "w") as f:
+            json.dump({"args": vars(a), "result": result}, f, indent=1)
+
     for spec in a.mode:
         name, _, args = spec.partition("=")
         port, log_path = free_port(), os.path.join(a.out, f"{name}_server.log")
@@ -291,6 +297,7 @@ def main():
         except (RuntimeError, TimeoutError) as e:  # a mode that cannot start must not lose the others
             result[name] = {"error": repr(e)}
             print(f"{name}: FAILED to start: {e!r}", flush=True)
+            write(result)
             continue
         try:
             url = sglang_url(args, port, log_path)
@@ -322,8 +329,7 @@ def main():
                           f"{dict(list(s['kernels_ms'].items())[:6])}", flush=True)
         finally:
             stop_server(proc)
-        with open(os.path.join(a.out, "profile.json"), "w") as f:
-            json.dump({"args": vars(a), "result": result}, f, indent=1)
+        write(result)
     print("\n| mode | round ms | GPU busy ms | launches / round | scheduling | draft | verify and the rest of the "
           "batch | draft extend |\n|---|---|---|---|---|---|---|---|")
     for tag, s in result.items():
