@@ -4,12 +4,14 @@ and the speedup it projects for the full model against accept length (CPU; reads
   python scripts/round_cost_model.py results/minimax_dummy/h200_L4_L10_warm_2026-12-04/minimax_dummy_L{4,10}.json \
       --out results/minimax_dummy/h200_L4_L10_warm_2026-12-04/projection
 
-  python scripts/round_cost_model.py --profiles 4=L4/profile.json 6=L6/profile.json --native-mode eagle --out OUT
+  python scripts/round_cost_model.py --profiles 4=L4/plain/profile.json 4=L4/d4/profile.json 4=L4/eagle/profile.json \
+      10=L10/plain/profile.json 10=L10/d4/profile.json 10=L10/eagle/profile.json --native-mode eagle --out OUT
 
 The second form splits the round into its parts from scripts/sglang_profile.py runs at two or more layer counts
-(modes: `plain`, SGLang alone; `d4`, Aurora at the fixed lookahead; `eagle`, SGLang's own EAGLE3 at that lookahead):
-the target step, one draft step, the draft extend, the verify and scheduling, per round and fitted in L, and
-Aurora's share of the round (d4 against eagle); every other profiled mode's round in target steps beside them.
+(scripts/minimax_round_profile.sh writes one profile.json per mode; modes: `plain`, SGLang alone; `d4`, Aurora at
+the fixed lookahead; `eagle`, SGLang's own EAGLE3 at that lookahead): the target step, one draft step, the draft
+extend, the verify and scheduling, per round and fitted in L, and Aurora's share of the round (d4 against eagle);
+every other profiled mode's round in target steps beside them.
 
 Inputs, per run (L layers) and concurrency c in {1, 16}, all served tok/s through Aurora's HTTP route:
   T(L, c)    = c / tok_s(target only)                      the time of one target decode step
@@ -171,8 +173,8 @@ def split_model(prof: dict, target_mode: str, round_mode: str, K: int, native_mo
 
 def print_split(sm: dict, K: int) -> None:
     print(f"\nthe round at lookahead {K}, host ms per round from SGLang's profiler (in target steps)")
-    print("| layers | c | target step | round | scheduling | draft step (x{K}) | draft extend | verify | GPU busy | "
-          "Aurora's share |".replace("{K}", str(K)))
+    print(f"| layers | c | target step | round | scheduling | draft step (x{K}) | draft extend | verify | GPU busy | "
+          "Aurora's share |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for L, per_c in sm["rows"].items():
         for c, r in per_c.items():
