@@ -87,7 +87,6 @@ class TrainConfig:
     guard_share: float = 0.25             # the most of the trainer's time its guard passes may take: a due swap
                                           # waits, training on, until the steps since the last swap took
                                           # (1 - share) / share times the last guard pass; 1 = never wait
-    sample_rate: float = 1.0              # fraction of offered samples kept
     buffer_samples: int = 4096
     buffer_bytes: int = 2 << 30
     buffer_policy: str = "drop_oldest"
@@ -133,8 +132,8 @@ class TrainConfig:
             raise ValueError("duty must be in (0, 1]")
         if not 0 < self.guard_share <= 1:
             raise ValueError("guard_share must be in (0, 1]")
-        if not 0 < self.step_decay <= 1 or not 0 < self.sample_rate <= 1:
-            raise ValueError("step_decay and sample_rate must be in (0, 1]")
+        if not 0 < self.step_decay <= 1:
+            raise ValueError("step_decay must be in (0, 1]")
         if self.keep_versions < 2:
             raise ValueError("keep_versions must be >= 2 (rollback needs the previous version)")
         if self.resume and not self.checkpoint_dir:
@@ -179,7 +178,6 @@ class OnlineTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
         self.buffer = SampleBuffer(c.buffer_samples, c.buffer_bytes, c.buffer_policy, c.heldout_every, c.heldout_size,
                                    c.replay_passes, c.seed)
-        self._rng = random.Random(c.seed)
         self._model_lock = threading.RLock()    # master weights + optimiser
         self._publish_lock = threading.RLock()  # one publish/rollback at a time
         self._stats_lock = threading.Lock()     # counters read by status()
@@ -212,9 +210,8 @@ class OnlineTrainer:
 
     # ---- serving-side API: cheap, never blocks on training ----
     def add_sample(self, sample: Sample) -> bool:
-        """Offer a finished request's sample. Returns False if sampled out, invalid, or dropped by the buffer."""
-        if self.config.sample_rate < 1.0 and self._rng.random() >= self.config.sample_rate:
-            return False
+        """Offer a finished request's sample (the engine chose which requests leave one, when they arrived:
+        aurora.sample.sampled). Returns False if invalid, or dropped by the buffer."""
         cfg = self.master.config
         one_hot = self.lm_head is None  # then samples must come without final states, else with matching ones
         if sample.aux_hidden.shape[-1] != 3 * cfg.target_hidden_size or (sample.target_hidden is None) != one_hot \

@@ -1,4 +1,5 @@
-"""Day-0 vocabulary from samples (counted under the loss mask) and the sample-rate gate."""
+"""Day-0 vocabulary from samples (counted under the loss mask), and invalid samples refused. Which requests leave a
+sample is the engine's choice at admission (tests/engine/test_capture.py)."""
 import torch
 
 from aurora.training import OnlineTrainer, TrainConfig, vocab_from_samples
@@ -15,11 +16,10 @@ def test_vocab_counts_only_trained_tokens():
     assert (torch.arange(2) + d2t).tolist() == [3, 5]
 
 
-def test_sample_rate_and_invalid_samples(target, samples):
+def test_every_offered_sample_is_kept_and_invalid_ones_refused(target, samples):
     tr = OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
-                       TrainConfig(sample_rate=0.25, heldout_every=0), lambda s, v, acc: None)
-    kept = sum(tr.add_sample(samples[i % len(samples)]) for i in range(400))
-    assert 60 < kept < 140 and tr.status()["samples_captured"] == kept
-    tr.config.sample_rate = 1.0
+                       TrainConfig(heldout_every=0), lambda s, v, acc: None)
+    kept = sum(tr.add_sample(samples[i % len(samples)]) for i in range(40))
+    assert kept == 40 and tr.status()["samples_captured"] == kept
     assert not tr.add_sample(sample(0, H=8))  # wrong hidden size: refused, counted, never reaches training
     assert tr.status()["samples_invalid"] == 1
