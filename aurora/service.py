@@ -338,8 +338,11 @@ class Service:
                 lm_head = hub.load_lm_head(target_dir).to(device=dev, dtype=torch.bfloat16)
             tconf = _sglang_train_config(cfg, ckpt, dev)
             mem_fraction = _sglang_memory_fraction(cfg, draft, lm_head, tconf, dev)
-            if mem_fraction is None and dev.type == "cuda":  # the split probed nothing: compile the kernels anyway
-                _probe_trainer(draft, lm_head, tconf)
+            if mem_fraction is None and dev.type == "cuda":  # the split probed nothing: compile the kernels anyway,
+                # and hand back what the probe reserved: SGLang counts memory held by other processes at its start
+                # against --mem-fraction-static, so blocks cached here would come out of its KV cache
+                peak = measure_peak(dev, lambda: _probe_trainer(draft, lm_head, tconf))
+                log.info("trainer's probe step and guard pass reserved %.1f GiB at peak on %s", peak / 2**30, dev)
         adaptive = None
         if swap_dir is not None and drives_depth(cfg, draft_dir):
             write_acceptance(swap_dir, 0, _initial_acceptance(cfg, ckpt))  # version 0's prior, inside SGLang

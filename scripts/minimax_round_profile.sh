@@ -15,7 +15,10 @@
 # The day0 modes capture every request as well (the load goes to SGLang's /generate, past Aurora's sample rate and
 # capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
 # SGLang's static memory is sized from the card: the dummy weights (~7.34 GB a layer, 2.95 GB embedding, LM head
-# and draft) + 8 GB of KV cache; the rest is left to Aurora's trainer (~17 GB) and CUDA graphs.
+# and draft) + 8 GB of KV cache; the rest is left to Aurora's trainer (~17 GB) and CUDA graphs. SGLang counts what
+# other processes hold when it starts against its fraction, and an Aurora mode's own process holds ~11.3 GB by then
+# (the trainer's draft and its probe step: SGLang logged 78.45 against 67.11 GB free before the weights, 6 layers
+# on an H100, where the fraction without it left no KV cache), so Aurora modes add AURORA_GB (default 12).
 # RATE_S (default 5): seconds of served tok/s at /generate per concurrency before the profile, 0 to skip;
 # SETTLE_S (default 5): seconds of load before each timing.
 set -euo pipefail
@@ -23,9 +26,11 @@ RATE_S=${RATE_S:-5} SETTLE_S=${SETTLE_S:-5}
 L=${1:?layers}; OUT=${2:?out dir}; shift 2
 D=/tmp/minimax-dummy/L$L
 [ -f "$D/target/config.json" ] || python -m aurora.models.minimax_dummy --layers "$L" --out "$D"
-FRAC=$(python -c "import torch; print(round((7.34 * $L + 2.95 + 8) / (torch.cuda.mem_get_info()[1] / 1e9), 3))")
-SA="--load-format dummy --skip-tokenizer-init --attention-backend triton --sampling-backend pytorch \
---cuda-graph-max-bs 16 --mem-fraction-static $FRAC"
+frac() { python -c "import torch; print(round(($1) / (torch.cuda.mem_get_info()[1] / 1e9), 3))"; }
+FRAC=$(frac "7.34 * $L + 2.95 + 8") FRAC_A=$(frac "7.34 * $L + 2.95 + 8 + ${AURORA_GB:-12}")
+SA0="--load-format dummy --skip-tokenizer-init --attention-backend triton --sampling-backend pytorch \
+--cuda-graph-max-bs 16"
+SA="$SA0 --mem-fraction-static $FRAC" SA_A="$SA0 --mem-fraction-static $FRAC_A"
 DRAFT_LOAD="--speculative-draft-load-format safetensors"
 EAGLE="--speculative-algorithm EAGLE3 --speculative-draft-model-path $D/draft --speculative-num-steps 4 \
 --speculative-eagle-topk 1 --speculative-num-draft-tokens 5 $DRAFT_LOAD"
@@ -35,10 +40,10 @@ for m in "$@"; do
   case $m in
     plain) args="@sglang --model-path $D/target --max-running-requests 16 $SA" ;;
     eagle) args="@sglang --model-path $D/target --max-running-requests 16 $SA $EAGLE" ;;
-    d4) args="$AURORA --no-adaptive-depth --sglang-args='$SA $DRAFT_LOAD'"; flags=(--uncaptured) ;;
-    d4_capture) args="$AURORA --no-adaptive-depth --sglang-args='$SA $DRAFT_LOAD'" ;;
-    day0) args="$AURORA --sglang-args='$SA $DRAFT_LOAD'" ;;
-    day0_verify) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA $DRAFT_LOAD'" ;;
+    d4) args="$AURORA --no-adaptive-depth --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
+    d4_capture) args="$AURORA --no-adaptive-depth --sglang-args='$SA_A $DRAFT_LOAD'" ;;
+    day0) args="$AURORA --sglang-args='$SA_A $DRAFT_LOAD'" ;;
+    day0_verify) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA_A $DRAFT_LOAD'" ;;
     *) echo "unknown mode $m" >&2; exit 2 ;;
   esac
   [ "$RATE_S" = 0 ] || flags+=(--rate-s "$RATE_S" --rate-tokens 64 --routes generate)

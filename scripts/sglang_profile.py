@@ -23,6 +23,7 @@ scheduler thread's round goes, its waits on the GPU among it). `--rate-only` ski
 <out>/profile.json.
 """
 import argparse
+import ast
 import asyncio
 import glob
 import gzip
@@ -30,6 +31,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 from collections import Counter, defaultdict
 
@@ -264,7 +266,7 @@ def stages(summary: dict) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", action="append", required=True, help="NAME=ARGS, as in speedup_run.py")
+    p.add_argument("--mode", action="append", default=[], help="NAME=ARGS, as in speedup_run.py")
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -280,14 +282,26 @@ def main():
     p.add_argument("--stack", action="store_true", help="also a profile with the Python tracer on")
     p.add_argument("--uncaptured", action="store_true", help="/generate requests that Aurora's plugin does not "
                    "capture (rid n-...; default c-...: every request captured, as a sample rate of 1)")
+    p.add_argument("--keep-traces", action="store_true", help="keep each profile's trace folder (<out>/<tag>/); "
+                   "by default it is removed once summarised into profile.json")
+    p.add_argument("--from-log", metavar="LOG", help="no run: rebuild <out>/profile.json from the summary lines a "
+                   "run printed (its log), for a run whose profile.json was lost")
     p.add_argument("--out", default="results/sglang/profile")
     a = p.parse_args()
+    if not a.mode and not a.from_log:
+        p.error("give --mode NAME=ARGS (one or more) or --from-log LOG")
     os.makedirs(a.out, exist_ok=True)
     result = {}
 
     def write(result: dict) -> None:
         with open(os.path.join(a.out, "profile.json"), "w") as f:
             json.dump({"args": vars(a), "result": result}, f, indent=1)
+
+    if a.from_log:
+        with open(a.from_log, errors="replace") as f:
+            write(from_log(f.read()))
+        print_table(json.load(open(os.path.join(a.out, "profile.json")))["result"])
+        return
 
     for spec in a.mode:
         name, _, args = spec.partition("=")
@@ -324,12 +338,42 @@ def main():
                     tag = f"{name}_c{c}" + ("_stack" if stack else "")
                     trace = asyncio.run(profile_once(url, c, a, os.path.join(a.out, tag), stack))
                     result[tag] = s = summarise(trace, a.steps)
-                    print(f"{tag:24s} round {s['round_ms']:.3f} ms  gpu busy {s['gpu_busy_ms']:.3f} ms  "
-                          f"launches {sum(s['launches_per_round'].values()):.0f}  {s['annotations_ms']}\n  kernels "
-                          f"{dict(list(s['kernels_ms'].items())[:6])}", flush=True)
+                    if not a.keep_traces:
+                        shutil.rmtree(os.path.join(a.out, tag), ignore_errors=True)
+                    write(result)  # each profile as it lands: a run cut short keeps what it measured
+                    print(summary_line(tag, s), flush=True)
         finally:
             stop_server(proc)
         write(result)
+    print_table(result)
+
+
+def summary_line(tag: str, s: dict) -> str:
+    """One profile as the run prints it (two lines); from_log reads them back."""
+    return (f"{tag:24s} round {s['round_ms']:.3f} ms  gpu busy {s['gpu_busy_ms']:.3f} ms  "
+            f"launches {sum(s['launches_per_round'].values()):.0f}  {s['annotations_ms']}\n  kernels "
+            f"{dict(list(s['kernels_ms'].items())[:6])}")
+
+
+def from_log(text: str) -> dict:
+    """The summaries a run printed ("<tag> round R ms  gpu busy G ms  launches N  {spans}" and "  kernels {...}"),
+    as profile.json holds them: round, GPU busy, the annotation spans and the top kernels as printed; launches as
+    their total (the log does not split them by kind); a failed mode's error."""
+    out = {}
+    for m in re.finditer(r"^(\S+)\s+round ([\d.]+) ms  gpu busy ([\d.]+) ms  launches (\d+)  (\{.*\})\n"
+                         r"  kernels (\{.*\})$", text, re.M):
+        tag, round_ms, busy, launches, spans, kernels = m.groups()
+        out[tag] = {"round_ms": float(round_ms), "gpu_busy_ms": float(busy),
+                    "launches_per_round": {"all": float(launches)}, "annotations_ms": ast.literal_eval(spans),
+                    "kernels_ms": ast.literal_eval(kernels), "python_ms": {}, "from_log": True}
+    for m in re.finditer(r"^(\S+): FAILED to start: (.*)$", text, re.M):
+        out[m.group(1)] = {"error": m.group(2)}
+    if not out:
+        raise SystemExit("no profile summary lines in that log")
+    return out
+
+
+def print_table(result: dict) -> None:
     print("\n| mode | round ms | GPU busy ms | launches / round | scheduling | draft | verify and the rest of the "
           "batch | draft extend |\n|---|---|---|---|---|---|---|---|")
     for tag, s in result.items():

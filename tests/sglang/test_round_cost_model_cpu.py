@@ -96,3 +96,23 @@ def test_the_round_split_recovers_each_part_and_fits_it_in_layers(tmp_path):
                           "--native-mode", "eagle", "--out", str(out)], capture_output=True, text=True, check=True)
     assert "| 6 | 16 |" in res.stdout and "draft_step" in res.stdout
     assert json.loads((out / "round_split.json").read_text())["lookahead"] == 4
+
+
+def test_a_lost_profile_is_rebuilt_from_the_lines_the_run_printed(tmp_path):
+    import sglang_profile as sp
+
+    s = {"round_ms": 7.452, "gpu_busy_ms": 3.647, "launches_per_round": {"cudaLaunchKernel": 56.0, "cudaGraphLaunch": 3.0},
+         "annotations_ms": {"scheduler.run_batch": 6.2704, "draft_extend": 1.5929, "draft": 1.0659},
+         "kernels_ms": {f"k{i}": 0.1 * i for i in range(8)}}
+    log = tmp_path / "run.log"
+    log.write_text("$ aurora serve ...\nready in 90 s\n" + sp.summary_line("d4_c16", s) + "\n"
+                   + "bad: FAILED to start: RuntimeError('server exited with 1')\n")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "sglang_profile.py"), "--from-log", str(log), "--out",
+                    str(tmp_path / "p")], capture_output=True, text=True, check=True)
+    res = json.loads((tmp_path / "p" / "profile.json").read_text())["result"]
+    r = res["d4_c16"]
+    assert (r["round_ms"], r["gpu_busy_ms"]) == (7.452, 3.647) and r["launches_per_round"] == {"all": 59.0}
+    assert r["annotations_ms"] == s["annotations_ms"] and len(r["kernels_ms"]) == 6  # the six it printed
+    assert sp.stages(r) == sp.stages(s) and "error" in res["bad"]
+    with pytest.raises(SystemExit, match="no profile summary"):
+        sp.from_log("nothing here")
