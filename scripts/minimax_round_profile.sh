@@ -12,6 +12,8 @@
 #                decode step (plugin/plain_round.py)
 #   day0_verify  the same with a depth-0 round as SGLang's one-token verify (--no-sglang-plain-depth0)
 #   d4_capture   d4 with every request captured (the trainer learns from them meanwhile)
+#   day0_nc, day0_verify_nc   day0 and day0_verify with the requests not captured: nothing reaches the trainer, so
+#                these separate the depth-0 round's own cost from capture's and the trainer's
 # The day0 modes capture every request as well (the load goes to SGLang's /generate, past Aurora's sample rate and
 # capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
 # SGLang's static memory is sized from the card: the dummy weights (~7.34 GB a layer, 2.95 GB embedding, LM head
@@ -44,6 +46,8 @@ for m in "$@"; do
     d4_capture) args="$AURORA --no-adaptive-depth --sglang-args='$SA_A $DRAFT_LOAD'" ;;
     day0) args="$AURORA --sglang-args='$SA_A $DRAFT_LOAD'" ;;
     day0_verify) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA_A $DRAFT_LOAD'" ;;
+    day0_nc) args="$AURORA --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
+    day0_verify_nc) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
     *) echo "unknown mode $m" >&2; exit 2 ;;
   esac
   [ "$RATE_S" = 0 ] || flags+=(--rate-s "$RATE_S" --rate-tokens 64 --routes generate)
