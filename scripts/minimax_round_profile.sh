@@ -18,9 +18,10 @@
 # capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
 # SGLang's static memory is sized from the card: the dummy weights (~7.34 GB a layer, 2.95 GB embedding, LM head
 # and draft) + 8 GB of KV cache; the rest is left to Aurora's trainer (~17 GB) and CUDA graphs. SGLang counts what
-# other processes hold when it starts against its fraction, and an Aurora mode's own process holds ~11.3 GB by then
-# (the trainer's draft and its probe step: SGLang logged 78.45 against 67.11 GB free before the weights, 6 layers
-# on an H100, where the fraction without it left no KV cache), so Aurora modes add AURORA_GB (default 12).
+# other processes hold when it starts against its fraction, and an Aurora mode's own process held 11.3 GB by then
+# at 44ef131 (SGLang logged 78.45 against 67.11 GB free before the weights, 6 layers on an H100, and the fraction
+# without it left no KV cache; most of it was the trainer probe's cached blocks, handed back since), so Aurora
+# modes add AURORA_GB (default 12).
 # RATE_S (default 5): seconds of served tok/s at /generate per concurrency before the profile, 0 to skip;
 # SETTLE_S (default 5): seconds of load before each timing.
 set -euo pipefail

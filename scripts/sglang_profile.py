@@ -299,8 +299,9 @@ def main():
 
     if a.from_log:
         with open(a.from_log, errors="replace") as f:
-            write(from_log(f.read()))
-        print_table(json.load(open(os.path.join(a.out, "profile.json")))["result"])
+            result = from_log(f.read())
+        write(result)
+        print_table(result)
         return
 
     for spec in a.mode:
