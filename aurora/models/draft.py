@@ -235,3 +235,42 @@ def new_draft(cfg: DraftConfig, dtype=torch.float32, device="cpu", seed: int = 0
         if cfg.draft_vocab_size == cfg.vocab_size:
             draft.t2d.fill_(True)
     return draft.to(device=device, dtype=dtype)
+
+
+def init_from_target_layer(draft: Eagle3Draft, layer: nn.Module, final_norm: nn.Module,
+                           lm_head_weight: torch.Tensor) -> Eagle3Draft:
+    """Start a day-0 draft as the target's own decoder `layer` (the one its highest aux state enters,
+    `target.layers[aux_layers[-1]]`) followed by the target's final norm and LM head: an early exit.
+
+    fc passes the highest aux state through unchanged; the midlayer's attention reads only the hidden half of its
+    input (the embedding half's columns are zero) with the layer's q/k/v/o weights, and its norms and MLP are the
+    layer's; the head is the target's final norm and the LM head rows of the draft vocabulary (set the vocabulary
+    map first). At step 0 the draft then computes exactly what the target's layer computes on that state, over the
+    same context, and reads the next token off it, skipping the layers after it; training moves it from there.
+    Llama-shaped layers only (no q/k norm, no biases): the draft has neither."""
+    c = draft.config
+    attn, mlp = layer.self_attn, layer.mlp
+    if c.hidden_size != c.target_hidden_size:
+        raise ValueError("init from a target layer needs the draft's hidden size equal to the target's")
+    if getattr(attn, "q_norm", None) is not None or any(
+            getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        raise ValueError("init from a target layer supports Llama-shaped layers (no q/k norm, no biases)")
+    H, m, dev = c.hidden_size, draft.midlayer, draft.fc.weight.device
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, 2 * H:].copy_(torch.eye(H))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w = getattr(m.self_attn, name).weight
+            w.zero_()
+            w[:, H:].copy_(getattr(attn, name).weight)
+        m.self_attn.o_proj.weight.copy_(attn.o_proj.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(m.mlp, name).weight.copy_(getattr(mlp, name).weight)
+        m.input_layernorm.weight.fill_(1.0)
+        m.hidden_norm.weight.copy_(layer.input_layernorm.weight)
+        m.post_attention_layernorm.weight.copy_(layer.post_attention_layernorm.weight)
+        draft.norm.weight.copy_(final_norm.weight)
+        rows = torch.arange(c.draft_vocab_size, device=draft.d2t.device) + draft.d2t
+        draft.lm_head.weight.copy_(lm_head_weight.to(dev)[rows.to(dev)])
+    return draft

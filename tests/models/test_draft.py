@@ -174,3 +174,44 @@ def test_minimax_m25_draft_checkpoint_written_as_sglang_loads(tmp_path):
     assert hf["hidden_size"] == 3072 and hf["vocab_size"] == 200064 and hf["num_hidden_layers"] == 1
     back = load_draft(str(tmp_path / "minimax-draft"), dtype=torch.bfloat16)
     assert torch.equal(back.d2t, d2t) and torch.equal(back.lm_head.weight, draft.lm_head.weight)
+
+
+def test_a_draft_started_from_a_target_layer_is_that_layers_early_exit_in_hugging_face(tmp_path):
+    """init_from_target_layer: the draft's step 0 over a context equals Hugging Face's own model read off after
+    the layer that the highest aux state enters (its final norm and LM head on hidden_states[a + 1]), on the
+    draft vocabulary's rows."""
+    from transformers import LlamaForCausalLM
+
+    from aurora.engine.kv_cache import SlotKVCache, block_mask
+    from aurora.models.draft import init_from_target_layer
+    from aurora.models.target import TargetModel
+
+    torch.manual_seed(0)
+    tc = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5)
+    hf = LlamaForCausalLM(tc).eval()
+    with torch.no_grad():  # norms away from 1, so that copying the wrong one shows
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    target = TargetModel.from_pretrained(str(tmp_path))
+    a = target.aux_layers
+    d = new_draft(DraftConfig.from_target(tc, draft_vocab_size=40), seed=3)
+    d.set_vocab_map(*build_vocab_map(torch.arange(96).flip(0).float(), 40))  # a map that is not the identity
+    init_from_target_layer(d, target.layers[a[-1]], target.norm, target.lm_head.weight)
+    d.share_embedding(target.embed_tokens)
+    T = 7
+    ids = torch.randint(0, 96, (1, T))
+    with torch.no_grad():
+        hs = hf(ids, output_hidden_states=True).hidden_states
+        ref = hf.lm_head(hf.model.norm(hs[a[-1] + 1]))[..., d.d2t + torch.arange(40)]
+        cache = SlotKVCache(1, 1, 16, tc.num_key_value_heads, 8, torch.float32, "cpu")
+        pos = torch.arange(T)[None]
+        tree = torch.ones(1, T, T, dtype=torch.bool).tril()
+        g = d.project(torch.cat([hs[i] for i in a], dim=-1))
+        _, logits = d(ids.roll(-1, 1), g, pos, cache.attend(0, pos, block_mask(torch.tensor([0]), tree, 16)))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+    qwen = LlamaConfig(**{**tc.to_dict(), "attention_bias": True})
+    with pytest.raises(ValueError, match="Llama-shaped"):
+        init_from_target_layer(d, LlamaForCausalLM(qwen).model.layers[0], target.norm, target.lm_head.weight)
