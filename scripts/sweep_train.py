@@ -14,9 +14,7 @@ Grid keys: lr, epochs, vocab (0 = the target's vocabulary), batch (tokens per st
 head (random | target: the LM head starts as the target's rows for the draft vocabulary, folded with the
 target's final norm), reject (weight of the rejected-proposal term), train (the first N training samples, in
 --domain order; 0 = all: a data-scaling curve, e.g. `--domain chat instruct arena --grid train=196,392,785,0`),
-seed (the draft's initialisation and the epochs' shuffle), init (random | layer: the draft starts as the
-target's decoder layer that its highest aux state enters, with the target's final norm and LM head, an early exit;
-aurora/models/draft.py init_from_target_layer; epochs=0 scores it untrained), targets (dist: the target's distribution from its
+seed (the draft's initialisation and the epochs' shuffle), targets (dist: the target's distribution from its
 final states | onehot: its own next token only, what SGLang samples carry by default | topkN: its N most likely
 tokens at completion positions, one-hot at prompt positions, what SGLang samples carry with
 --sglang-capture-topk N), prompt (1: prompt positions are
@@ -35,7 +33,7 @@ import time
 import torch
 
 from aurora.engine.sequence import SamplingParams
-from aurora.models.draft import init_from_target_layer, new_draft
+from aurora.models.draft import new_draft
 from aurora.prompts import chat_ids, load_prompts
 from aurora.server.config import ServeConfig
 from aurora.service import Service
@@ -45,9 +43,9 @@ from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
 DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1,
-            "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served", "init": "random"}
+            "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served"}
 CHOICES = {"head": ("random", "target"), "targets": ("dist", "onehot"), "positions": ("served", "fixed"),
-           "prompt": (0, 1), "init": ("random", "layer")}
+           "prompt": (0, 1)}
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -180,9 +178,6 @@ def main():
         if st["head"] == "target":
             with torch.no_grad():
                 draft.lm_head.weight.copy_(fold[torch.arange(dcfg.draft_vocab_size, device=dev) + draft.d2t])
-        if st["init"] == "layer":  # the whole draft as the target's layer after its highest aux state, head included
-            t = eng.target
-            init_from_target_layer(draft, t.layers[t.aux_layers[-1]], t.norm, t.lm_head.weight)
         draft.share_embedding(eng.target.embed_tokens)
         tconf = TrainConfig(lr=st["lr"], warmup_steps=st["warmup"], batch_tokens=st["batch"],
                             reject_weight=st["reject"], ttt_length=args.lookahead, device=str(dev),
