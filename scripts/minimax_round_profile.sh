@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SGLang's decoding round at MiniMax M2.5's shape (dummy weights, L layers), profiled mode by mode on one GPU with
-# scripts/sglang_profile.py (SGLang's torch profiler over 40 steady decode rounds at c1 and c16, served tok/s at
-# SGLang's /generate), for scripts/round_cost_model.py --profiles (GPU machine, after scripts/device/setup.sh):
+# scripts/sglang_profile.py (SGLang's torch profiler over 40 steady decode rounds at c16, then c1: a server's first
+# profile after its start has read slow; served tok/s at SGLang's /generate), for round_cost_model.py --profiles
+# (GPU machine, after scripts/device/setup.sh):
 #   scripts/device/env.sh bash scripts/minimax_round_profile.sh L OUT MODE...
 # Modes:
 #   plain        sglang.launch_server with the target alone
@@ -52,6 +53,6 @@ for m in "$@"; do
     *) echo "unknown mode $m" >&2; exit 2 ;;
   esac
   [ "$RATE_S" = 0 ] || flags+=(--rate-s "$RATE_S" --rate-tokens 64 --routes generate)
-  python scripts/sglang_profile.py --concurrency 1,16 --steps 40 --settle "$SETTLE_S" --prompt-len 128 \
+  python scripts/sglang_profile.py --concurrency 16,1 --steps 40 --settle "$SETTLE_S" --prompt-len 128 \
     --max-tokens 1024 "${flags[@]}" --out "$OUT/$m" --mode "$m=$args" || true
 done
