@@ -95,6 +95,7 @@ def _train_config(cfg: ServeConfig, ckpt: str, device) -> TrainConfig:
                        buffer_samples=cfg.buffer_samples,
                        buffer_bytes=int(cfg.buffer_gib * 2**30), replay_passes=cfg.replay_passes,
                        reject_weight=cfg.reject_weight, batch_tokens=cfg.train_batch_tokens, checkpoint_dir=ckpt,
+                       train_steps=cfg.train_ttt_steps,
                        duty=cfg.trainer_duty, precision=cfg.train_precision,
                        graphs=cfg.train_graphs, resume=cfg.resume, device=str(device))
 

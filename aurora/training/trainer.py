@@ -79,6 +79,8 @@ class TrainConfig:
     ttt_length: int = 4
     step_decay: float = 0.8
     ttt_position_step: int = 1            # TTT step k at rotary position t + k (as served); 0 only for A/B sweeps
+    train_steps: int = 0                  # TTT steps trained per position, 1..ttt_length; 0 = ttt_length. The guard
+                                          # still predicts all ttt_length positions
     reject_weight: float = 0.1
     batch_tokens: int = 2048
     sync_every: int = 800                 # finished requests between publishes
@@ -117,6 +119,10 @@ class TrainConfig:
                                           # after each step); below 1 leaves the device (and the GIL) to serving
     seed: int = 0
 
+    @property
+    def steps_trained(self) -> int:
+        return self.train_steps or self.ttt_length
+
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
@@ -130,6 +136,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 < self.duty <= 1:
             raise ValueError("duty must be in (0, 1]")
+        if not 0 <= self.train_steps <= self.ttt_length:
+            raise ValueError(f"train_steps must be in [0, ttt_length={self.ttt_length}] (0: ttt_length)")
         if not 0 < self.guard_share <= 1:
             raise ValueError("guard_share must be in (0, 1]")
         if not 0 < self.step_decay <= 1:
@@ -172,7 +180,7 @@ class OnlineTrainer:
         # targets (their batch assembly reads the device), nor a CPU, nor a drained share (it synchronises per module)
         self.graphs = None
         if c.graphs and self.device.type == "cuda" and self.lm_head is not None and not self.share.drain:
-            self.graphs = GraphedSteps(self.master, self._loss, c.ttt_length, self.target_to_draft, self.device)
+            self.graphs = GraphedSteps(self.master, self._loss, c.steps_trained, self.target_to_draft, self.device)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
@@ -198,7 +206,7 @@ class OnlineTrainer:
         self.faults = FaultInjector.from_env(c.faults)
         if self.faults.active:
             log.warning("trainer fault injection is on: %s", self.faults.spec)
-        self.loss_per_step, self.acc_per_step = [0.0] * c.ttt_length, [0.0] * c.ttt_length
+        self.loss_per_step, self.acc_per_step = [0.0] * c.steps_trained, [0.0] * c.steps_trained
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
         self.acceptance: list[float] | None = None  # the held-out prediction of the version last published
         # accept length each published version was predicted on the held-out samples at its guard pass (the
@@ -433,7 +441,7 @@ class OnlineTrainer:
             if graphed is not None:
                 loss, loss_steps, acc_steps, num_tokens = graphed
             else:
-                batch = collate(samples, c.ttt_length, self.target_to_draft, self.device)
+                batch = collate(samples, c.steps_trained, self.target_to_draft, self.device)
                 num_tokens = batch.num_tokens
                 loss, loss_steps, acc_steps = self._loss(batch)
                 self.optimizer.zero_grad(set_to_none=not keep_grads)
@@ -447,7 +455,7 @@ class OnlineTrainer:
             stats = torch.cat([torch.stack([loss.detach().float(), gnorm.float()]), loss_steps.float(),
                                acc_steps.float()]).tolist()
             loss_f, gnorm_f = stats[0], stats[1]
-            loss_steps, acc_steps = stats[2:2 + c.ttt_length], stats[2 + c.ttt_length:]
+            loss_steps, acc_steps = stats[2:2 + c.steps_trained], stats[2 + c.steps_trained:]
             if not math.isfinite(loss_f) or not math.isfinite(gnorm_f):
                 self.optimizer.zero_grad(set_to_none=not keep_grads)
                 raise NonFiniteLoss(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
@@ -648,7 +656,7 @@ class OnlineTrainer:
         """The master's TTT loss of a batch (loss, per-step loss, per-step accuracy), under `_autocast`."""
         c = self.config
         with self._autocast(cache):
-            return ttt_loss(self.master, batch, self.lm_head, c.objective, c.ttt_length, c.step_decay,
+            return ttt_loss(self.master, batch, self.lm_head, c.objective, c.steps_trained, c.step_decay,
                             c.reject_weight, c.ttt_position_step)
 
     def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:

@@ -44,6 +44,7 @@ def test_yaml_then_flags(tmp_path):
     ({"sglang_capture_topk": 8, "sglang_capture_final": True}, "leave sglang_capture_topk at 0"),
     ({"sglang_capture_final": "yes"}, "sglang_capture_final must be true or false"),
     ({"admission_wait": -1}, "admission_wait must be an integer >= 0"),
+    ({"train_ttt_steps": 5}, "train_ttt_steps must be an integer in [0, lookahead=4]"),
     ({"admission_wait": 2, "engine": "sglang"}, "admission_wait is a built-in engine setting"),
 ])
 def test_invalid(kwargs, message):
@@ -67,9 +68,10 @@ def test_training_options_reach_the_trainer_config(tmp_path):
     from aurora.service import _train_config
     from aurora.training.trainer import PRECISIONS
     cfg = ServeConfig(buffer_gib=0.5, train_batch_tokens=1024, buffer_samples=64, replay_passes=2,
-                      train_precision="bf16")
+                      train_precision="bf16", train_ttt_steps=1)
     t = _train_config(cfg, str(tmp_path), "cpu")
     assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
+    assert (t.ttt_length, t.steps_trained) == (4, 1) and _train_config(ServeConfig(), "", "cpu").steps_trained == 4
     assert t.precision == "bf16" and ServeConfig().train_precision == "auto"
     assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
 

@@ -55,3 +55,28 @@ def test_bf16_precision_trains_fp32_master_weights_with_the_fp32_gradient(target
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(q.dtype == torch.float32 for s in tr["bf16"].optimizer.state.values() for q in s.values()
                if torch.is_tensor(q) and q.dim())
+
+
+def test_training_fewer_ttt_steps_trains_those_steps_only_and_the_guard_still_predicts_every_position(target,
+                                                                                                     samples):
+    """train_steps=1 with ttt_length 3: a step moves the weights exactly as a trainer whose TTT length is 1 does
+    (the same batch, seed and rate); its per-step statistics have one entry; the guard's simulation still scores
+    all 3 positions."""
+    from aurora.training import OnlineTrainer, TrainConfig
+
+    from conftest import make_draft
+
+    def trainer(**kw):
+        return OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                             TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32", **kw), lambda *_: None)
+    short, one, full = trainer(ttt_length=3, train_steps=1), trainer(ttt_length=1), trainer(ttt_length=3)
+    for t in (short, one, full):
+        t.train_step(samples[:16])
+    for a, b, c in zip(short.master.parameters(), one.master.parameters(), full.master.parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(short.master.parameters(), full.master.parameters()))
+    assert len(short.status()["loss_per_step"]) == 1 and len(full.status()["loss_per_step"]) == 3
+    predicted = short._simulate([None], samples[16:24])[0]
+    assert len(predicted["step_accept"]) == 3
+    with pytest.raises(ValueError, match="train_steps"):
+        TrainConfig(ttt_length=3, train_steps=4)
