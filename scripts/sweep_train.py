@@ -19,8 +19,8 @@ final states | onehot: its own next token only, what SGLang samples carry by def
 tokens at completion positions, one-hot at prompt positions, what SGLang samples carry with
 --sglang-capture-topk N), prompt (1: prompt positions are
 trained too, as the built-in engine captures them | 0: completion positions only), positions (served: TTT step k
-at rotary position t+k, as serving runs it | fixed: every step at t), ttt (TTT steps trained per position; 0 =
---lookahead, as the trainer runs). Held-out scores are reported per domain,
+at rotary position t+k, as serving runs it | fixed: every step at t), ttt (TTT steps trained per position, as
+`aurora serve --train-ttt-steps`; 0 = --lookahead). Held-out scores are reported per domain,
 and each setting's mean and spread over its seeds at the end. The engine serves the held-out prompts at its
 full lookahead (no depth decision), so its accept length is the draft's, measured.
 """
@@ -181,7 +181,8 @@ def main():
                 draft.lm_head.weight.copy_(fold[torch.arange(dcfg.draft_vocab_size, device=dev) + draft.d2t])
         draft.share_embedding(eng.target.embed_tokens)
         tconf = TrainConfig(lr=st["lr"], warmup_steps=st["warmup"], batch_tokens=st["batch"],
-                            reject_weight=st["reject"], ttt_length=st["ttt"] or args.lookahead, device=str(dev),
+                            reject_weight=st["reject"], ttt_length=args.lookahead, train_steps=st["ttt"],
+                            device=str(dev),
                             ttt_position_step=1 if st["positions"] == "served" else 0)
         trainer = OnlineTrainer(draft, None if st["targets"] != "dist" else lm_head, tconf,
                                 lambda sd, v, acc: service.engine.swap_draft(sd, v, acc).wait(60))
