@@ -13,10 +13,10 @@
 #                decode step (plugin/plain_round.py)
 #   day0_verify  the same with a depth-0 round as SGLang's one-token verify (--no-sglang-plain-depth0)
 #   d4_capture   d4 with every request captured (the trainer learns from them meanwhile)
-#   day0_nc, day0_verify_nc   day0 and day0_verify with the requests not captured: nothing reaches the trainer, so
-#                these separate the depth-0 round's own cost from capture's and the trainer's
-# The day0 modes capture every request as well (the load goes to SGLang's /generate, past Aurora's sample rate and
-# capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
+#   <mode>_nc    that mode with the requests not captured (day0_nc, day0_verify_nc): nothing reaches the trainer,
+#                so these separate the depth-0 round's own cost from capture's and the trainer's
+# day0, day0_verify and d4_capture capture every request (the load goes to SGLang's /generate, past Aurora's sample
+# rate and capture pacing: a sample rate of 1). One sglang_profile.py run per mode: OUT/<mode>/profile.json.
 # SGLang's static memory is sized from the card: the dummy weights (~7.34 GB a layer, 2.95 GB embedding, LM head
 # and draft) + 8 GB of KV cache; the rest is left to Aurora's trainer (~17 GB) and CUDA graphs. SGLang counts what
 # other processes hold when it starts against its fraction, and an Aurora mode's own process held 11.3 GB by then
@@ -41,15 +41,14 @@ EAGLE="--speculative-algorithm EAGLE3 --speculative-draft-model-path $D/draft --
 AURORA="--config configs/minimax-m2.5-dummy.yaml --target $D/target --draft $D/draft"
 for m in "$@"; do
   flags=()
-  case $m in
+  [ "${m%_nc}" = "$m" ] || flags=(--uncaptured)
+  case ${m%_nc} in
     plain) args="@sglang --model-path $D/target --max-running-requests 16 $SA" ;;
     eagle) args="@sglang --model-path $D/target --max-running-requests 16 $SA $EAGLE" ;;
     d4) args="$AURORA --no-adaptive-depth --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
     d4_capture) args="$AURORA --no-adaptive-depth --sglang-args='$SA_A $DRAFT_LOAD'" ;;
     day0) args="$AURORA --sglang-args='$SA_A $DRAFT_LOAD'" ;;
     day0_verify) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA_A $DRAFT_LOAD'" ;;
-    day0_nc) args="$AURORA --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
-    day0_verify_nc) args="$AURORA --no-sglang-plain-depth0 --sglang-args='$SA_A $DRAFT_LOAD'"; flags=(--uncaptured) ;;
     *) echo "unknown mode $m" >&2; exit 2 ;;
   esac
   [ "$RATE_S" = 0 ] || flags+=(--rate-s "$RATE_S" --rate-tokens 64 --routes generate)
