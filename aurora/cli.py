@@ -74,8 +74,10 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "replay_passes": "times each captured sample is trained on (fresh samples first)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "train_batch_tokens": "tokens per trainer step (at least one sample)",
-    "train_ttt_steps": "TTT steps trained per position, 1..lookahead; 0 (default): lookahead. Fewer steps make a "
-                       "trainer step cheaper; the guard still predicts every position",
+    "train_ttt_steps": "TTT steps trained per position, 1..lookahead; 0 (default): lookahead; auto: one step, and "
+                       "one more each time the share of rounds that would reach the next position (the product of "
+                       "the trained steps' accuracies) passes 0.2. Fewer steps make a trainer step cheaper; the "
+                       "guard still predicts every position",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
     "trainer_duty": "while serving is busy, the most of the wall time the trainer spends training, in (0, 1]: it "
                     "rests after each step (idle serving lets it train freely). Default 0.1; on a CPU serving and "
@@ -136,8 +138,18 @@ class _Formatter(argparse.HelpFormatter):
 
 def _flag_type(t):
     if isinstance(t, types.UnionType):  # `int | None` -> int: None comes from the default or 'none'
-        t = next(a for a in t.__args__ if a is not type(None))
+        args = [a for a in t.__args__ if a is not type(None)]
+        if set(args) == {int, str}:  # a count or a word (`--train-ttt-steps auto`)
+            return _int_or_word
+        t = args[0]
     return _parse_bool if t is bool else t
+
+
+def _int_or_word(s: str) -> int | str:
+    try:
+        return int(s)
+    except ValueError:
+        return s
 
 
 def _parse_bool(s: str) -> bool:
@@ -166,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML file of ServeConfig fields (flags override it)")
     for f in fields(ServeConfig):
         t = _flag_type(f.type)
-        nullable = isinstance(f.type, types.UnionType)
+        nullable = isinstance(f.type, types.UnionType) and type(None) in f.type.__args__
         flag = f"--{f.name.replace('_', '-')}"
         shown = "" if f.default in (MISSING, None, "") else f" [default: {f.default}]"
         if f.name in DEVICE_DEFAULTS["cpu"]:

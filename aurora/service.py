@@ -117,7 +117,9 @@ def _probe_trainer(draft, lm_head, tconf: TrainConfig) -> None:
     fused loss and the guard's) before serving starts: compiled under load instead, the first steps' compile counts
     against the trainer's duty (aurora/sharing.py), which then rests nine times as long, and a day-0 server barely
     trained for its first thousands of requests."""
-    conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="")
+    # at every TTT step the real trainer may train ("auto" grows to them), so the probe's peak bounds its steps'
+    conf = dataclasses.replace(tconf, resume=False, checkpoint_dir=None, faults="",
+                               train_steps=0 if tconf.train_steps == "auto" else tconf.train_steps)
     trainer = OnlineTrainer(draft, lm_head, conf, lambda state, version, acceptance: None)
     trainer_probe(trainer, 3 * draft.config.target_hidden_size, draft.config.vocab_size)
 

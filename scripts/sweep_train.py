@@ -20,7 +20,8 @@ tokens at completion positions, one-hot at prompt positions, what SGLang samples
 --sglang-capture-topk N), prompt (1: prompt positions are
 trained too, as the built-in engine captures them | 0: completion positions only), positions (served: TTT step k
 at rotary position t+k, as serving runs it | fixed: every step at t), ttt (TTT steps trained per position, as
-`aurora serve --train-ttt-steps`; 0 = --lookahead). Held-out scores are reported per domain,
+`aurora serve --train-ttt-steps`; 0 = --lookahead; auto = grown from one), reach (with ttt=auto: the share of
+rounds reaching the next step at which it joins training). The last column is the TTT steps trained at the end. Held-out scores are reported per domain,
 and each setting's mean and spread over its seeds at the end. The engine serves the held-out prompts at its
 full lookahead (no depth decision), so its accept length is the draft's, measured.
 """
@@ -44,7 +45,8 @@ from aurora.training.trainer import OnlineTrainer, TrainConfig
 from aurora.training.vocab import vocab_from_samples
 
 DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1,
-            "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served", "ttt": 0}
+            "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served", "ttt": 0,
+            "reach": 0.2}
 CHOICES = {"head": ("random", "target"), "targets": ("dist", "onehot"), "positions": ("served", "fixed"),
            "prompt": (0, 1)}
 
@@ -60,7 +62,8 @@ def parse_grid(items: list[str]) -> list[dict]:
         if key not in DEFAULTS or not values:
             raise SystemExit(f"bad --grid item {item!r}: use key=v1,v2 with key in {sorted(DEFAULTS)}")
         kind = type(DEFAULTS[key])
-        axes[key] = [kind(float(v)) if kind is int else kind(v) for v in values.split(",")]
+        axes[key] = [v if key == "ttt" and v == "auto" else kind(float(v)) if kind is int else kind(v)
+                     for v in values.split(",")]
         if key in CHOICES and any(v not in CHOICES[key] and not _topk(key, v) for v in axes[key]):
             raise SystemExit(f"bad --grid item {item!r}: {key} is one of {CHOICES[key]}")
     keys = list(axes)
@@ -182,6 +185,7 @@ def main():
         draft.share_embedding(eng.target.embed_tokens)
         tconf = TrainConfig(lr=st["lr"], warmup_steps=st["warmup"], batch_tokens=st["batch"],
                             reject_weight=st["reject"], ttt_length=args.lookahead, train_steps=st["ttt"],
+                            grow_reach=st["reach"],
                             device=str(dev),
                             ttt_position_step=1 if st["positions"] == "served" else 0)
         trainer = OnlineTrainer(draft, None if st["targets"] != "dist" else lm_head, tconf,
@@ -199,7 +203,7 @@ def main():
         rows.append((name, scores[args.domain[0]][0], measured.get(args.domain[0])))
         cells = "".join(f" {r:6.3f}/{p:5.3f}/{'-' if d not in measured else f'{measured[d]:.3f}':>5s}"
                         for d, (r, p) in scores.items())
-        print(f"{name:84s} {tokens:9d} {train_s:8.1f}{cells}", flush=True)
+        print(f"{name:84s} {tokens:9d} {train_s:8.1f}{cells} k={trainer.ttt_steps}", flush=True)
     service.shutdown()
     groups: dict[str, list] = {}
     for name, replayed, engine in rows:

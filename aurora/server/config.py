@@ -112,8 +112,9 @@ class ServeConfig:
                                          # DEVICE_DEFAULTS (2048 on a CPU, the full vocabulary on CUDA)
     vocab_warmup_requests: int | None = None
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
-    train_ttt_steps: int = 0           # TTT steps trained per position, 1..lookahead; 0 = lookahead (EAGLE3's
-                                       # training); the guard still predicts every position
+    train_ttt_steps: int | str = 0     # TTT steps trained per position, 1..lookahead; 0 = lookahead (EAGLE3's
+                                       # training); "auto" = grown with the draft (TrainConfig.train_steps); the
+                                       # guard still predicts every position
     train_batch_tokens: int | None = None  # tokens per trainer step (at least one sample); None = DEVICE_DEFAULTS:
                                            # on a GPU larger steps launch fewer, bigger kernels; on a CPU a step's
                                            # cost grows with its tokens and serving waits out each one: short
@@ -175,8 +176,9 @@ class ServeConfig:
         _check(self.draft_vocab_size is None or (_is_int(self.draft_vocab_size) and self.draft_vocab_size >= 0),
                f"draft_vocab_size must be an integer >= 0 (0 = the target's vocabulary), "
                f"got {self.draft_vocab_size!r}")
-        _check(_is_int(self.train_ttt_steps) and 0 <= self.train_ttt_steps <= self.lookahead,
-               f"train_ttt_steps must be an integer in [0, lookahead={self.lookahead}] (0: lookahead), "
+        _check(self.train_ttt_steps == "auto" or (_is_int(self.train_ttt_steps)
+                                                  and 0 <= self.train_ttt_steps <= self.lookahead),
+               f"train_ttt_steps must be auto or an integer in [0, lookahead={self.lookahead}] (0: lookahead), "
                f"got {self.train_ttt_steps!r}")
         _check(_is_int(self.admission_wait) and self.admission_wait >= 0,
                f"admission_wait must be an integer >= 0, got {self.admission_wait!r}")

@@ -188,6 +188,8 @@ class StatusCollector:
         yield _gauge("aurora_trainer_batch_tokens", "tokens per trainer step now (halved while backing off)",
                      t.get("batch_tokens"))
         yield _gauge("aurora_trainer_tokens_per_second", "tokens trained per second", t.get("tokens_per_second"))
+        yield _gauge("aurora_train_ttt_steps", "TTT steps trained per position now (grows with --train-ttt-steps auto)",
+                     t.get("ttt_steps"))
         yield _counter("aurora_trainer_tokens_total", "tokens trained (replays included)", t.get("tokens_trained"))
         yield _gauge("aurora_buffer_samples", "samples waiting in the capture buffer", t.get("buffer_size"))
         yield _gauge("aurora_buffer_bytes", "host memory held by the capture buffer's samples", t.get("buffer_bytes"))

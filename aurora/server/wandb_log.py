@@ -38,7 +38,7 @@ def flatten_status(status: dict) -> dict:
     if trainer is not None:
         for k in ("state", "version", "steps", "samples_captured", "samples_dropped", "buffer_size", "swaps",
                   "swaps_refused", "swaps_deferred", "failures", "last_error", "tokens_per_second", "tokens_trained",
-                  "requests_since_swap"):
+                  "requests_since_swap", "ttt_steps"):
             row[f"train/{k}"] = trainer.get(k)
         by_version = trainer.get("heldout_accept_by_version") or {}  # int keys, or JSON's str
         row["train/heldout_accept_length"] = by_version.get(trainer.get("version"),

@@ -79,8 +79,12 @@ class TrainConfig:
     ttt_length: int = 4
     step_decay: float = 0.8
     ttt_position_step: int = 1            # TTT step k at rotary position t + k (as served); 0 only for A/B sweeps
-    train_steps: int = 0                  # TTT steps trained per position, 1..ttt_length; 0 = ttt_length. The guard
+    train_steps: int | str = 0            # TTT steps trained per position, 1..ttt_length; 0 = ttt_length; "auto" =
+                                          # one at first, grown with the draft (OnlineTrainer._grow). The guard
                                           # still predicts all ttt_length positions
+    grow_reach: float = 0.2               # "auto": step k+1 joins once this share of rounds would reach it
+    grow_after: int = 20                  # "auto": optimiser steps at k steps before k+1 may join (the per-step
+                                          # accuracies are EMAs that settle in about 10 steps)
     reject_weight: float = 0.1
     batch_tokens: int = 2048
     sync_every: int = 800                 # finished requests between publishes
@@ -121,7 +125,8 @@ class TrainConfig:
 
     @property
     def steps_trained(self) -> int:
-        return self.train_steps or self.ttt_length
+        """The TTT steps a fresh trainer trains (with "auto", the trainer grows them)."""
+        return 1 if self.train_steps == "auto" else self.train_steps or self.ttt_length
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -136,8 +141,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 < self.duty <= 1:
             raise ValueError("duty must be in (0, 1]")
-        if not 0 <= self.train_steps <= self.ttt_length:
-            raise ValueError(f"train_steps must be in [0, ttt_length={self.ttt_length}] (0: ttt_length)")
+        if self.train_steps != "auto" and not (isinstance(self.train_steps, int)
+                                               and 0 <= self.train_steps <= self.ttt_length):
+            raise ValueError(f"train_steps must be auto or in [0, ttt_length={self.ttt_length}] (0: ttt_length)")
+        if not 0 < self.grow_reach <= 1 or self.grow_after < 1:
+            raise ValueError("grow_reach must be in (0, 1] and grow_after >= 1")
         if not 0 < self.guard_share <= 1:
             raise ValueError("guard_share must be in (0, 1]")
         if not 0 < self.step_decay <= 1:
@@ -178,9 +186,10 @@ class OnlineTrainer:
         self.target_to_draft = draft.target_to_draft()
         # samples with the target's final states on a GPU: a step replays a CUDA graph. Not the top-K/one-hot
         # targets (their batch assembly reads the device), nor a CPU, nor a drained share (it synchronises per module)
+        self.ttt_steps, self._grown_at = c.steps_trained, 0  # TTT steps trained now; optimiser steps when they grew
         self.graphs = None
         if c.graphs and self.device.type == "cuda" and self.lm_head is not None and not self.share.drain:
-            self.graphs = GraphedSteps(self.master, self._loss, c.steps_trained, self.target_to_draft, self.device)
+            self.graphs = GraphedSteps(self.master, self._loss, self.ttt_steps, self.target_to_draft, self.device)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps)))
@@ -206,7 +215,7 @@ class OnlineTrainer:
         self.faults = FaultInjector.from_env(c.faults)
         if self.faults.active:
             log.warning("trainer fault injection is on: %s", self.faults.spec)
-        self.loss_per_step, self.acc_per_step = [0.0] * c.steps_trained, [0.0] * c.steps_trained
+        self.loss_per_step, self.acc_per_step = [0.0] * self.ttt_steps, [0.0] * self.ttt_steps
         self.tokens_per_second, self.tokens_trained = 0.0, 0  # tokens_trained: replays included, since start
         self.acceptance: list[float] | None = None  # the held-out prediction of the version last published
         # accept length each published version was predicted on the held-out samples at its guard pass (the
@@ -441,7 +450,7 @@ class OnlineTrainer:
             if graphed is not None:
                 loss, loss_steps, acc_steps, num_tokens = graphed
             else:
-                batch = collate(samples, c.steps_trained, self.target_to_draft, self.device)
+                batch = collate(samples, self.ttt_steps, self.target_to_draft, self.device)
                 num_tokens = batch.num_tokens
                 loss, loss_steps, acc_steps = self._loss(batch)
                 self.optimizer.zero_grad(set_to_none=not keep_grads)
@@ -455,7 +464,7 @@ class OnlineTrainer:
             stats = torch.cat([torch.stack([loss.detach().float(), gnorm.float()]), loss_steps.float(),
                                acc_steps.float()]).tolist()
             loss_f, gnorm_f = stats[0], stats[1]
-            loss_steps, acc_steps = stats[2:2 + c.steps_trained], stats[2 + c.steps_trained:]
+            loss_steps, acc_steps = stats[2:2 + self.ttt_steps], stats[2 + self.ttt_steps:]
             if not math.isfinite(loss_f) or not math.isfinite(gnorm_f):
                 self.optimizer.zero_grad(set_to_none=not keep_grads)
                 raise NonFiniteLoss(f"non-finite loss {loss_f}" if not math.isfinite(loss_f)
@@ -464,13 +473,34 @@ class OnlineTrainer:
             self.scheduler.step()
         dt = time.perf_counter() - t0
         with self._stats_lock:
-            a = 0.1 if self.steps else 1.0  # EMA, seeded by the first step
-            self.loss_per_step = [(1 - a) * o + a * n for o, n in zip(self.loss_per_step, loss_steps)]
-            self.acc_per_step = [(1 - a) * o + a * n for o, n in zip(self.acc_per_step, acc_steps)]
+            a = 0.1 if self.steps else 1.0  # EMA, seeded by the first step (a step that just joined: by its first)
+            ema = lambda old, new: [n if i >= len(old) else (1 - a) * old[i] + a * n for i, n in enumerate(new)]
+            self.loss_per_step, self.acc_per_step = ema(self.loss_per_step, loss_steps), ema(self.acc_per_step, acc_steps)
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * num_tokens / dt
             self.tokens_trained += num_tokens
             self.steps += 1
+        self._grow()
         return loss_f
+
+    def _grow(self) -> None:
+        """train_steps "auto": TTT step k+1 joins once the share of rounds that would reach it (the product of
+        steps 1..k's running top-1 accuracies) passes grow_reach. Each trained step costs a draft forward and
+        backward per token, and serving's chain stops at the first rejection: while the draft's first positions
+        seldom accept, a later position's training is paid in full for rounds that rarely get there, and fewer
+        steps learned more per request and per trainer second (results/online/cpu_ttt_steps_120_chat_2026-12-08/).
+        Steps only join (a dip in accuracy keeps them): each change recaptures the step's CUDA graphs."""
+        c = self.config
+        if c.train_steps != "auto" or self.ttt_steps >= c.ttt_length or self.steps - self._grown_at < c.grow_after:
+            return
+        reach = math.prod(self.acc_per_step[:self.ttt_steps])
+        if reach < c.grow_reach:
+            return
+        self.ttt_steps, self._grown_at = self.ttt_steps + 1, self.steps
+        if self.graphs is not None:
+            self.graphs.reset()
+            self.graphs.ttt_length = self.ttt_steps
+        log.info("trainer: TTT steps trained now %d of %d (%.2f of rounds would reach step %d, at optimiser step %d)",
+                 self.ttt_steps, c.ttt_length, reach, self.ttt_steps, self.steps)
 
     # ---- publishing ----
     def swap_now(self) -> int | None:
@@ -605,7 +635,8 @@ class OnlineTrainer:
                      "acceptance": self.acceptance, "heldout_accept_by_version": self.heldout_accept_by_version,
                      "counters": {k: getattr(self, k) for k in ("version", "steps", "swaps", "swaps_refused",
                                                                  "failures", "finished_requests")},
-                     "sharing": {"step_s": self.share.step_s, "owed_s": self.share.owed_s}}
+                     "sharing": {"step_s": self.share.step_s, "owed_s": self.share.owed_s},
+                     "ttt_steps": self.ttt_steps}
             write_checkpoint(path, self.master, self.engine_dtype, state)
         return path
 
@@ -624,6 +655,11 @@ class OnlineTrainer:
         sharing = state.get("sharing") or {}  # what the trainer before the restart owed serving (sharing.py)
         self.share.step_s = float(sharing.get("step_s", 0.0))
         self.share.owe(sharing.get("owed_s", 0.0))
+        if self.config.train_steps == "auto":  # the steps it had grown to (absent before "auto": start again at 1)
+            self.ttt_steps = max(1, min(self.config.ttt_length, int(state.get("ttt_steps", 1))))
+            self._grown_at = self.steps
+            if self.graphs is not None:
+                self.graphs.ttt_length = self.ttt_steps
         return True
 
     def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:
@@ -656,7 +692,7 @@ class OnlineTrainer:
         """The master's TTT loss of a batch (loss, per-step loss, per-step accuracy), under `_autocast`."""
         c = self.config
         with self._autocast(cache):
-            return ttt_loss(self.master, batch, self.lm_head, c.objective, c.steps_trained, c.step_decay,
+            return ttt_loss(self.master, batch, self.lm_head, c.objective, self.ttt_steps, c.step_decay,
                             c.reject_weight, c.ttt_position_step)
 
     def _fp32_copy(self, draft: Eagle3Draft) -> Eagle3Draft:
@@ -677,6 +713,7 @@ class OnlineTrainer:
                        **self.samples_dropped_trainer}
             return {"state": state, "version": self.version, "steps": self.steps,
                     "loss_per_step": list(self.loss_per_step), "acc_per_step": list(self.acc_per_step),
+                    "ttt_steps": self.ttt_steps, "ttt_length": self.config.ttt_length,
                     "samples_captured": self.buffer.captured, "samples_dropped": self.buffer.dropped,
                     "samples_invalid": self.samples_invalid, "buffer_size": self.buffer.size,
                     "buffer_bytes": self.buffer.bytes, "heldout_size": len(self.buffer.heldout()),

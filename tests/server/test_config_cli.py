@@ -44,7 +44,8 @@ def test_yaml_then_flags(tmp_path):
     ({"sglang_capture_topk": 8, "sglang_capture_final": True}, "leave sglang_capture_topk at 0"),
     ({"sglang_capture_final": "yes"}, "sglang_capture_final must be true or false"),
     ({"admission_wait": -1}, "admission_wait must be an integer >= 0"),
-    ({"train_ttt_steps": 5}, "train_ttt_steps must be an integer in [0, lookahead=4]"),
+    ({"train_ttt_steps": 5}, "train_ttt_steps must be auto or an integer in [0, lookahead=4]"),
+    ({"train_ttt_steps": "grow"}, "train_ttt_steps must be auto or an integer"),
     ({"admission_wait": 2, "engine": "sglang"}, "admission_wait is a built-in engine setting"),
 ])
 def test_invalid(kwargs, message):
@@ -74,6 +75,11 @@ def test_training_options_reach_the_trainer_config(tmp_path):
     assert (t.ttt_length, t.steps_trained) == (4, 1) and _train_config(ServeConfig(), "", "cpu").steps_trained == 4
     assert t.precision == "bf16" and ServeConfig().train_precision == "auto"
     assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
+    # `--train-ttt-steps auto` parses as the word, a count as an int, and "auto" reaches the trainer
+    parse = lambda v: build_parser().parse_args(["serve", "--train-ttt-steps", v]).train_ttt_steps  # noqa: E731
+    assert (parse("auto"), parse("2")) == ("auto", 2)
+    auto = _train_config(ServeConfig(train_ttt_steps="auto"), "", "cpu")
+    assert (auto.train_steps, auto.steps_trained) == ("auto", 1)
 
 
 def test_trainer_graphs_are_off_only_where_the_trainer_shares_sglangs_gpu(tmp_path):

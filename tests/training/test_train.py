@@ -1,4 +1,6 @@
 """Training on samples of a tiny random target lowers the loss and raises simulated acceptance."""
+import copy
+
 import pytest
 import torch
 
@@ -80,3 +82,43 @@ def test_training_fewer_ttt_steps_trains_those_steps_only_and_the_guard_still_pr
     assert len(predicted["step_accept"]) == 3
     with pytest.raises(ValueError, match="train_steps"):
         TrainConfig(ttt_length=3, train_steps=4)
+
+
+def test_auto_ttt_steps_grow_as_the_trained_steps_accuracies_pass_the_reach(target, samples, tmp_path):
+    """train_steps="auto": a fresh trainer trains one TTT step; step k+1 joins once grow_after optimiser steps have
+    passed at k and the product of steps 1..k's running accuracies is at least grow_reach; after joining, a step
+    moves the weights exactly as a trainer fixed at that many steps does from the same state; at a reach no draft
+    attains it stays at one; a resumed trainer keeps the steps it had grown to."""
+    from aurora.training import OnlineTrainer, TrainConfig
+
+    from conftest import make_draft
+
+    def trainer(**kw):
+        return OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                             TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32", ttt_length=3, **kw),
+                             lambda *_: None)
+    auto = trainer(train_steps="auto", grow_after=2, grow_reach=1e-6, checkpoint_dir=str(tmp_path))
+    never = trainer(train_steps="auto", grow_after=1, grow_reach=1.0)
+    batch = samples[:16]
+    grown = []
+    for i in range(6):
+        if i == 2:  # auto has just grown to 2 steps: a trainer fixed at 2 from the same state steps the same
+            fixed = trainer(train_steps=2)
+            fixed.master.load_state_dict(auto.master.state_dict())
+            fixed.optimizer.load_state_dict(copy.deepcopy(auto.optimizer.state_dict()))  # else the moments alias
+            fixed.train_step(batch)
+        auto.train_step(batch)
+        never.train_step(batch)
+        if i == 2:
+            for a, b in zip(auto.master.parameters(), fixed.master.parameters()):
+                torch.testing.assert_close(a, b)
+        grown.append(auto.ttt_steps)
+    assert grown == [1, 2, 2, 3, 3, 3]  # at optimiser steps 2 and 4 (grow_after 2), then capped at ttt_length
+    assert len(auto.status()["loss_per_step"]) == 3 and auto.status()["ttt_steps"] == 3
+    assert all(a > 0 for a in auto.acc_per_step)  # every step's accuracy was above the tiny reach
+    assert never.ttt_steps == 1 and len(never.status()["acc_per_step"]) == 1
+    auto.save()
+    resumed = trainer(train_steps="auto", checkpoint_dir=str(tmp_path), resume=True)
+    assert resumed.ttt_steps == 3 and trainer(train_steps=1, checkpoint_dir=str(tmp_path), resume=True).ttt_steps == 1
+    with pytest.raises(ValueError, match="train_steps must be auto"):
+        TrainConfig(train_steps="grow")
