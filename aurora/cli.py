@@ -74,10 +74,10 @@ _HELP = {  # one line per ServeConfig field (a test checks that none is missing)
     "replay_passes": "times each captured sample is trained on (fresh samples first)",
     "reject_weight": "weight of the loss term that lowers the draft's probability of rejected proposals",
     "train_batch_tokens": "tokens per trainer step (at least one sample)",
-    "train_ttt_steps": "TTT steps trained per position, 1..lookahead; 0 (default): lookahead; auto: one step, and "
-                       "one more each time the share of rounds that would reach the next position (the product of "
-                       "the trained steps' accuracies) passes 0.2. Fewer steps make a trainer step cheaper; the "
-                       "guard still predicts every position",
+    "train_ttt_steps": "TTT steps trained per position: auto (default) trains one step, and one more each time the "
+                       "share of rounds that would reach the next position (the product of the trained steps' "
+                       "accuracies) passes 0.1; N in 1..lookahead trains N; 0 trains the lookahead (EAGLE3's "
+                       "training). Fewer steps make a trainer step cheaper; the guard still predicts every position",
     "trainer_device": "where the trainer runs: auto (the engine's device), cpu, cuda or cuda:N",
     "trainer_duty": "while serving is busy, the most of the wall time the trainer spends training, in (0, 1]: it "
                     "rests after each step (idle serving lets it train freely). Default 0.1; on a CPU serving and "

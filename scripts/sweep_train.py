@@ -46,7 +46,7 @@ from aurora.training.vocab import vocab_from_samples
 
 DEFAULTS = {"lr": 3e-4, "epochs": 3, "vocab": 0, "batch": 2048, "warmup": 20, "head": "random", "reject": 0.1,
             "train": 0, "seed": 1, "targets": "dist", "prompt": 1, "positions": "served", "ttt": 0,
-            "reach": 0.2}
+            "reach": 0.1}
 CHOICES = {"head": ("random", "target"), "targets": ("dist", "onehot"), "positions": ("served", "fixed"),
            "prompt": (0, 1)}
 

@@ -82,7 +82,7 @@ class TrainConfig:
     train_steps: int | str = 0            # TTT steps trained per position, 1..ttt_length; 0 = ttt_length; "auto" =
                                           # one at first, grown with the draft (OnlineTrainer._grow). The guard
                                           # still predicts all ttt_length positions
-    grow_reach: float = 0.2               # "auto": step k+1 joins once this share of rounds would reach it
+    grow_reach: float = 0.1               # "auto": step k+1 joins once this share of rounds would reach it
     grow_after: int = 20                  # "auto": optimiser steps at k steps before k+1 may join (the per-step
                                           # accuracies are EMAs that settle in about 10 steps)
     reject_weight: float = 0.1

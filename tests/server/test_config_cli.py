@@ -72,13 +72,14 @@ def test_training_options_reach_the_trainer_config(tmp_path):
                       train_precision="bf16", train_ttt_steps=1)
     t = _train_config(cfg, str(tmp_path), "cpu")
     assert (t.buffer_bytes, t.batch_tokens, t.buffer_samples, t.replay_passes) == (1 << 29, 1024, 64, 2)
-    assert (t.ttt_length, t.steps_trained) == (4, 1) and _train_config(ServeConfig(), "", "cpu").steps_trained == 4
+    assert (t.ttt_length, t.steps_trained) == (4, 1)
+    assert _train_config(ServeConfig(train_ttt_steps=0), "", "cpu").steps_trained == 4
     assert t.precision == "bf16" and ServeConfig().train_precision == "auto"
     assert config.PRECISIONS == PRECISIONS  # the flag's choices are the trainer's
     # `--train-ttt-steps auto` parses as the word, a count as an int, and "auto" reaches the trainer
     parse = lambda v: build_parser().parse_args(["serve", "--train-ttt-steps", v]).train_ttt_steps  # noqa: E731
     assert (parse("auto"), parse("2")) == ("auto", 2)
-    auto = _train_config(ServeConfig(train_ttt_steps="auto"), "", "cpu")
+    auto = _train_config(ServeConfig(), "", "cpu")  # the default
     assert (auto.train_steps, auto.steps_trained) == ("auto", 1)
 
 
