@@ -21,8 +21,9 @@ tokens at completion positions, one-hot at prompt positions, what SGLang samples
 trained too, as the built-in engine captures them | 0: completion positions only), positions (served: TTT step k
 at rotary position t+k, as serving runs it | fixed: every step at t), ttt (TTT steps trained per position, as
 `aurora serve --train-ttt-steps`; 0 = --lookahead; auto = grown from one), reach (with ttt=auto: the share of
-rounds reaching the next step at which it joins training). The last column is the TTT steps trained at the end. Held-out scores are reported per domain,
-and each setting's mean and spread over its seeds at the end. The engine serves the held-out prompts at its
+rounds reaching the next step at which it joins training). A row's last column (k=) is the TTT steps it trained
+at the end. Held-out scores are reported per domain, and each setting's mean and spread over its seeds at the
+end. The engine serves the held-out prompts at its
 full lookahead (no depth decision), so its accept length is the draft's, measured.
 """
 import argparse

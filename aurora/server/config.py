@@ -113,10 +113,9 @@ class ServeConfig:
     vocab_warmup_requests: int | None = None
     reject_weight: float = 0.1         # weight of the term that lowers q(x) for drafts the target rejected
     train_ttt_steps: int | str = "auto"  # TTT steps trained per position, 1..lookahead; 0 = lookahead (EAGLE3's
-                                         # training); "auto" = one, grown with the draft (OnlineTrainer._grow):
-                                         # as accurate as either fixed count at 57 % of the trainer time of the
-                                         # lookahead's on the CPU (results/online/cpu_ttt_auto_120_chat_2026-12-08/);
-                                         # the guard still predicts every position
+                                         # training); "auto" = one, grown with the draft (OnlineTrainer._grow;
+                                         # results/online/cpu_ttt_auto_120_chat_2026-12-08/); the guard still
+                                         # predicts every position
     train_batch_tokens: int | None = None  # tokens per trainer step (at least one sample); None = DEVICE_DEFAULTS:
                                            # on a GPU larger steps launch fewer, bigger kernels; on a CPU a step's
                                            # cost grows with its tokens and serving waits out each one: short

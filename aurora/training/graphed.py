@@ -179,8 +179,11 @@ class GraphedSteps:
                  "captured as a CUDA graph in %.2f s", *key, time.perf_counter() - t0)
         return entry
 
-    def reset(self) -> None:
-        """Drop every graph and its pool (after an out-of-memory failure: the back-off frees the device)."""
+    def reset(self, ttt_length: int | None = None) -> None:
+        """Drop every graph and its pool: after an out-of-memory failure (the back-off frees the device), or when
+        the trainer trains another number of TTT steps (ttt_length; the shapes are captured again)."""
+        if ttt_length is not None:
+            self.ttt_length = ttt_length
         self.graphs.clear()
         self.failed.clear()
         self.pool = None

@@ -474,8 +474,10 @@ class OnlineTrainer:
         dt = time.perf_counter() - t0
         with self._stats_lock:
             a = 0.1 if self.steps else 1.0  # EMA, seeded by the first step (a step that just joined: by its first)
-            ema = lambda old, new: [n if i >= len(old) else (1 - a) * old[i] + a * n for i, n in enumerate(new)]
-            self.loss_per_step, self.acc_per_step = ema(self.loss_per_step, loss_steps), ema(self.acc_per_step, acc_steps)
+            ema = lambda old, new: [n if i >= len(old) else (1 - a) * old[i] + a * n  # noqa: E731
+                                    for i, n in enumerate(new)]
+            self.loss_per_step = ema(self.loss_per_step, loss_steps)
+            self.acc_per_step = ema(self.acc_per_step, acc_steps)
             self.tokens_per_second = (1 - a) * self.tokens_per_second + a * num_tokens / dt
             self.tokens_trained += num_tokens
             self.steps += 1
@@ -497,8 +499,7 @@ class OnlineTrainer:
             return
         self.ttt_steps, self._grown_at = self.ttt_steps + 1, self.steps
         if self.graphs is not None:
-            self.graphs.reset()
-            self.graphs.ttt_length = self.ttt_steps
+            self.graphs.reset(self.ttt_steps)
         log.info("trainer: TTT steps trained now %d of %d (%.2f of rounds would reach step %d, at optimiser step %d)",
                  self.ttt_steps, c.ttt_length, reach, self.ttt_steps, self.steps)
 
@@ -659,7 +660,7 @@ class OnlineTrainer:
             self.ttt_steps = max(1, min(self.config.ttt_length, int(state.get("ttt_steps", 1))))
             self._grown_at = self.steps
             if self.graphs is not None:
-                self.graphs.ttt_length = self.ttt_steps
+                self.graphs.reset(self.ttt_steps)
         return True
 
     def train_epochs(self, samples: list[Sample], epochs: int, seed: int = 0, max_tokens: int | None = None) -> int:

@@ -145,3 +145,23 @@ def test_graphed_steps_train_the_draft_as_eager_steps_do(target, samples, precis
     g.max_graphs = st["graphs"]
     assert math.isfinite(tr[True].train_step(pool[20:40])) and g.stats()["eager_steps"] == 1
     assert g.stats()["graphs"] == st["graphs"]
+
+
+@cuda
+def test_graphed_steps_are_captured_again_as_the_ttt_steps_grow(target, samples):
+    """train_steps="auto" with graphs: each time a TTT step joins, the graphs are dropped and captured for the new
+    unroll, and the graphed trainer grows and steps as the eager one does (the same losses, the same count)."""
+    from aurora.training import OnlineTrainer, TrainConfig
+
+    tr = {g: OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                           TrainConfig(lr=1e-2, warmup_steps=1, ttt_length=3, batch_tokens=256, precision="fp32",
+                                       graphs=g, device="cuda", train_steps="auto", grow_after=2, grow_reach=1e-6),
+                           lambda *_: None)
+          for g in (True, False)}
+    batch = varied(samples, tr[True].target_to_draft, seed=4)[0:6]
+    losses = {g: [t.train_step(batch) for _ in range(6)] for g, t in tr.items()}
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+    assert tr[True].ttt_steps == tr[False].ttt_steps == 3
+    st = tr[True].graphs.stats()
+    assert st["replays"] == 6 and st["eager_steps"] == 0 and st["graphs"] == 1  # one shape since the last growth
+    assert tr[True].graphs.ttt_length == 3
