@@ -59,18 +59,25 @@ def test_bf16_precision_trains_fp32_master_weights_with_the_fp32_gradient(target
                if torch.is_tensor(q) and q.dim())
 
 
+def _fp32_trainer(target, samples, **kw):
+    """A trainer of a fresh draft at lr 1e-2 with a one-step warm-up, fp32 (its steps compare exactly)."""
+    from aurora.training import OnlineTrainer, TrainConfig
+
+    from conftest import make_draft
+
+    return OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
+                         TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32", **kw), lambda *_: None)
+
+
 def test_training_fewer_ttt_steps_trains_those_steps_only_and_the_guard_still_predicts_every_position(target,
                                                                                                      samples):
     """train_steps=1 with ttt_length 3: a step moves the weights exactly as a trainer whose TTT length is 1 does
     (the same batch, seed and rate); its per-step statistics have one entry; the guard's simulation still scores
     all 3 positions."""
-    from aurora.training import OnlineTrainer, TrainConfig
-
-    from conftest import make_draft
+    from aurora.training import TrainConfig
 
     def trainer(**kw):
-        return OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
-                             TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32", **kw), lambda *_: None)
+        return _fp32_trainer(target, samples, **kw)
     short, one, full = trainer(ttt_length=3, train_steps=1), trainer(ttt_length=1), trainer(ttt_length=3)
     for t in (short, one, full):
         t.train_step(samples[:16])
@@ -89,14 +96,10 @@ def test_auto_ttt_steps_grow_as_the_trained_steps_accuracies_pass_the_reach(targ
     passed at k and the product of steps 1..k's running accuracies is at least grow_reach; after joining, a step
     moves the weights exactly as a trainer fixed at that many steps does from the same state; at a reach no draft
     attains it stays at one; a resumed trainer keeps the steps it had grown to."""
-    from aurora.training import OnlineTrainer, TrainConfig
-
-    from conftest import make_draft
+    from aurora.training import TrainConfig
 
     def trainer(**kw):
-        return OnlineTrainer(make_draft(target, samples), target.lm_head.weight,
-                             TrainConfig(lr=1e-2, warmup_steps=1, precision="fp32", ttt_length=3, **kw),
-                             lambda *_: None)
+        return _fp32_trainer(target, samples, ttt_length=3, **kw)
     auto = trainer(train_steps="auto", grow_after=2, grow_reach=1e-6, checkpoint_dir=str(tmp_path))
     never = trainer(train_steps="auto", grow_after=1, grow_reach=1.0)
     batch = samples[:16]
