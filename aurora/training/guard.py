@@ -65,6 +65,7 @@ def _summary(total: dict) -> dict:
             "served_greedy_accept_length": total["verified"] / max(total["rounds"], 1),
             "completion_tokens": total["tokens"], "verify_tokens": total["verified"], "rounds": total["rounds"],
             "served_greedy_step_accept": (total["hit"] / total["tried"].clamp_min(1)).tolist(),
+            "served_greedy_step_hit": total["hit"].tolist(), "served_greedy_step_tried": total["tried"].tolist(),
             "step_accept": (total["step_sum"] / total["step_count"].clamp_min(1)).tolist(),
             "positions": total["positions"]}
 
@@ -131,6 +132,15 @@ def _walk_rounds(hits: torch.Tensor, samples: list[Sample], K: int) -> tuple[int
                 a += 1
             m, rounds = m + a + 1, rounds + 1
     return tokens, verified, rounds, tried, hit
+
+
+def predicted_acceptance(sim: dict, pseudo_rounds: float) -> list[float]:
+    """The per-position acceptance a new version starts serving from (the engine's depth decision reads it before
+    a speculative round has been paid for): the served-greedy walk's hits over its tries plus `pseudo_rounds`
+    tries that accepted nothing. A held-out set of a few requests (after a restart it holds only that start's
+    samples) then predicts little, and one of thousands of rounds reads as measured."""
+    return [h / (t + pseudo_rounds) if t + pseudo_rounds > 0 else 0.0
+            for h, t in zip(sim["served_greedy_step_hit"], sim["served_greedy_step_tried"])]
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:

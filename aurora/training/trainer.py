@@ -50,7 +50,7 @@ from aurora.training.bounds import MIN_TOKENS, POLICIES, bound_samples, pack
 from aurora.training.checkpoint import read_trainer_state, write_checkpoint
 from aurora.training.faults import KINDS, FaultInjector, NonFiniteLoss, failure_kind
 from aurora.training.graphed import GraphedSteps, pack_length
-from aurora.training.guard import finite_state, simulated_acceptances
+from aurora.training.guard import finite_state, predicted_acceptance, simulated_acceptances
 from aurora.training.loss import OBJECTIVES
 from aurora.training.ttt import collate, ttt_loss
 
@@ -108,6 +108,8 @@ class TrainConfig:
     max_sample_tokens: int | None = None  # longer samples are split or skipped; None = batch_tokens
     long_sample_policy: str = "split"     # "split" into windows or "skip"
     guard_chunk_tokens: int = 2048        # padded tokens per batch of the guard's held-out pass
+    predict_pseudo_rounds: float = 16.0   # a version's predicted acceptance per position counts this many held-out
+                                          # rounds that accepted nothing beside the real ones (guard.predicted_acceptance)
     faults: str | None = None             # fault injection (faults.py); None = the AURORA_FAULT variable
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -136,7 +138,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("warmup_steps", "weight_decay", "reject_weight", "min_samples_before_train", "guard_margin",
-                     "backoff_initial_s", "backoff_max_s"):
+                     "predict_pseudo_rounds", "backoff_initial_s", "backoff_max_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 < self.duty <= 1:
@@ -569,7 +571,7 @@ class OnlineTrainer:
         self.last_guard = f"held-out accept_length candidate {cand:.3f} vs live {live:.3f}"
         if cand < live - self.config.guard_margin:
             return self.last_guard, None, cand
-        return None, sim["served_greedy_step_accept"], cand
+        return None, predicted_acceptance(sim, self.config.predict_pseudo_rounds), cand
 
     def _simulate(self, states: list[dict], samples: list[Sample]) -> list[dict]:
         """The states' simulated acceptance on the samples, the target's side computed once for all."""

@@ -71,6 +71,27 @@ def test_guard_refuses_nan_and_bad_candidates(target, trained, heldout):
                                                         2: pytest.approx(want, rel=1e-4)}
 
 
+@pytest.mark.parametrize("held", [16, 1])
+def test_the_published_prediction_counts_its_held_out_rounds(target, trained, heldout, held):
+    """What a version brings the depth decision is the served-greedy walk's hits over its tries plus 16 tries
+    that accepted nothing: a set of thousands of rounds reads as measured, one request's few rounds predict
+    less (after a restart the held-out set holds only that start's samples)."""
+    train, state, _ = trained
+    published = []
+    tr, engine = make_trainer(target, train, heldout[:held])
+    tr._publish_fn = lambda sd, v, acc: published.append(acc)
+    tr.master.load_state_dict(state)
+    tr._history = [(0, tr._snapshot())]
+    assert tr.swap_now() == 1
+    alone = make_draft(target, train, seed=3)
+    alone.load_state_dict(state, strict=False)
+    want = simulated_acceptance(alone.float(), heldout[:held], tr.lm_head, 3, tr.target_to_draft)
+    raw, tried = want["served_greedy_step_accept"], want["served_greedy_step_tried"]
+    assert published[0] == pytest.approx([a * t / (t + 16) for a, t in zip(raw, tried)], rel=1e-4)
+    shrink = published[0][0] / raw[0]
+    assert raw[0] > 0.1 and (shrink > 0.9 if held == 16 else shrink < 0.7)
+
+
 def test_sync_every_publishes_from_thread_and_rollback(target, samples):
     tr, engine = make_trainer(target, samples, sync_every=3, min_samples_before_train=4, batch_tokens=200)
     initial = tr._history[-1][1]
