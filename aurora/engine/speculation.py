@@ -22,10 +22,12 @@ The controller picks the d that maximises E_d / c(B, d) from two things it measu
   before a speculative round has been paid for, updated by what the version's rounds realise.
 
 Hysteresis: a bucket leaves its current depth only for one predicted `switch_margin` faster, and not within
-`min_dwell` rounds of its last switch; and only on a timing of the new depth at most `stale_after` rounds old, else
-that depth is timed afresh first (its older timings dropped): while a trainer step runs beside serving every
-round slows, and the current depth's recent mean against another depth's timing from before would switch on the
-difference in conditions, not in depths. Every `reprobe_every` rounds of a bucket the neighbours of its depth
+`min_dwell` rounds of its last switch; and only on timings of both depths taken one after the other just before:
+the new depth is timed for `probe_rounds` rounds, then the current one, the older timings of both dropped, and the
+switch is decided on those alone. A round's cost moves by more than the margins at stake (a server's first rounds
+run slow; a trainer step beside serving slows every round while it runs; the rows' lengths and the machine's speed
+move), and a switch is considered exactly when the two depths' timings disagree, so timings from different moments
+would switch on the difference in conditions, not in depths. Every `reprobe_every` rounds of a bucket the neighbours of its depth
 (among the depths the engine runs) are timed again for a round (their costs drift as caches grow), when they
 are predicted within `reprobe_window` of the current choice.
 
@@ -64,15 +66,12 @@ class SpeculationConfig:
     served_window: int = 512      # rounds over which the delivered tokens/s per (bucket, depth) is averaged
     veto_after: int = 64          # delivered-rate observations each side needs before a depth can be vetoed
     veto_rounds: int = 4096       # rounds a vetoed depth stays out of the choice at its bucket
-    stale_after: int = 4          # a depth last timed more than this many rounds of its bucket ago is timed again
-                                  # (probe_rounds) before the bucket switches to it: a switch is decided on
-                                  # timings from the same moment (serving's conditions change within rounds)
 
     def __post_init__(self):
         if not 0 <= self.switch_margin < 1 or not 0 <= self.forget < 1:
             raise ValueError("switch_margin and forget must be in [0, 1)")
         for name in ("min_dwell", "probe_rounds", "reprobe_every", "cost_window", "served_window", "veto_after",
-                     "veto_rounds", "stale_after"):
+                     "veto_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.prior_weight <= 0 or self.reprobe_window < 0:
@@ -129,6 +128,7 @@ class _Bucket:
         self.probe: list[int] = []  # depths queued for timing, one round each
         self.chosen: dict[int, int] = {}  # depth -> rounds run at it
         self.vetoed: dict[int, int] = {}  # depth -> the round of this bucket until which it is not chosen
+        self.paired: tuple[int, int] | None = None  # (from, to) just timed one after the other: a switch may follow
 
 
 class DepthController:
@@ -144,7 +144,6 @@ class DepthController:
                                                           # when read (a day-0 bucket decodes plainly without
                                                           # reading its cost, and the engine times every round)
         self._timed: dict[tuple[int, int], int] = {}
-        self._timed_round: dict[tuple[int, int], int] = {}  # (bucket, depth) -> the bucket's round last timed
         self._yield: dict[int, list[float]] = {}          # depth -> [tokens per row-round EMA, rounds]: realised
         self._buckets: dict[int, _Bucket] = {}
         self._lock = threading.Lock()                     # choose/observe in the engine thread, snapshot anywhere
@@ -256,14 +255,18 @@ class DepthController:
                 b.since_switch = 0
             if best != cur and b.since_switch >= self.config.min_dwell and \
                     speed[best] > speed[cur] * (1 + self.config.switch_margin):
-                if b.rounds - self._timed_round.get((bucket, best), 0) > self.config.stale_after:
-                    # its timings come from other conditions (a trainer step beside serving slows every round
-                    # while it runs): drop them, time it afresh, and decide on those
-                    self._timings.get((bucket, best), []).clear()
-                    b.probe.extend([best] * self.config.probe_rounds)
+                if b.paired != (cur, best):
+                    # the two depths' timings come from different moments (a server's first rounds, a trainer
+                    # step beside serving, the rows' lengths): drop both, time the new depth and then the current
+                    # one, and decide on those alone
+                    for d in (best, cur):
+                        self._timings.get((bucket, d), []).clear()
+                    b.probe.extend([best] * self.config.probe_rounds + [cur] * self.config.probe_rounds)
+                    b.paired = (cur, best)
                     return b.probe.pop(0)
                 cur = best
                 b.since_switch = 0
+            b.paired = None
             b.depth = cur
             b.since_switch += 1
             if b.rounds % self.config.reprobe_every == 0:
@@ -293,8 +296,6 @@ class DepthController:
             self._timings.setdefault(key, deque(maxlen=self.config.cost_window)).append(seconds)
             self._cost.setdefault(key, seconds)
             self._stale.add(key)
-            b = self._buckets.get(bucket)
-            self._timed_round[key] = b.rounds if b is not None else 0
             self._timed[key] = self._timed.get(key, 0) + 1
 
     def observe_served(self, bucket: int, depth: int, tokens: int, seconds: float) -> None:

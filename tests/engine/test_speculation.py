@@ -245,6 +245,27 @@ def test_with_nothing_accepted_a_plain_bucket_stays_plain_even_if_a_deeper_round
     assert any(ctl.choose(8) > 0 for _ in range(50))
 
 
+@pytest.mark.parametrize("cold,rounds", [(0.3, 1.0), (0.6, 2.0), (1.0, 3.0)])
+def test_a_switch_is_decided_on_both_depths_timed_one_after_the_other(cold, rounds):
+    """A server's first rounds run slow (seen on the CPU after a resumed start, and at a new batch bucket). A weak draft (9 % at position 1) whose depth-1 round costs 12 % more than a plain one
+    never pays. Plain decoding is timed in the first, slow rounds; depth 1, probed just after, looked cheaper, the
+    bucket switched and kept speculating until the next re-probe of plain decoding 256 rounds later (every round
+    but the first 30 in this simulation, before both were timed one after the other before a switch)."""
+    rates = [0.09, 0.0, 0.0, 0.0]
+    base = lambda d: 1.0 + (0.12 + 0.1 * d) * (d > 0)  # noqa: E731
+    assert best_depth(rates, base)[0] == 0
+    for seed in range(3):
+        ctl = DepthController(K)
+        ctl.new_version(1, rates)
+        rng, chosen = random.Random(seed), []
+        for r in range(300):
+            slow = 1 + cold * np.exp(-r / rounds)
+            d = ctl.choose(8)
+            ctl.observe(8, d, base(d) * slow * (1 + 0.02 * (rng.random() - 0.5)), _accepted(rng, rates, d, 8))
+            chosen.append(d)
+        assert sum(d > 0 for d in chosen[30:]) <= 2 * SpeculationConfig().probe_rounds, chosen
+
+
 def test_a_stale_cheaper_timing_is_retimed_before_a_switch():
     """A weak draft (about 7 % at position 1) whose speculating rounds cost a little more than they give: plain
     decoding is best throughout. Every 300 rounds a trainer step beside serving doubles every round's cost for 40
