@@ -27,9 +27,9 @@ the new depth is timed for `probe_rounds` rounds, then the current one, the olde
 switch is decided on those alone. A round's cost moves by more than the margins at stake (a server's first rounds
 run slow; a trainer step beside serving slows every round while it runs; the rows' lengths and the machine's speed
 move), and a switch is considered exactly when the two depths' timings disagree, so timings from different moments
-would switch on the difference in conditions, not in depths. Every `reprobe_every` rounds of a bucket the neighbours of its depth
-(among the depths the engine runs) are timed again for a round (their costs drift as caches grow), when they
-are predicted within `reprobe_window` of the current choice.
+would switch on the difference in conditions, not in depths. Every `reprobe_every` rounds of a bucket the
+neighbours of its depth (among the depths the engine runs) are timed again for a round (their costs drift as caches
+grow), when they are predicted within `reprobe_window` of the current choice.
 
 A guard rail on what serving delivers: every round also reports its committed tokens and the wall time from its
 start to the next round's start with everything in between (admissions' prefill included), decayed over about

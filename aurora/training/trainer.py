@@ -108,8 +108,9 @@ class TrainConfig:
     max_sample_tokens: int | None = None  # longer samples are split or skipped; None = batch_tokens
     long_sample_policy: str = "split"     # "split" into windows or "skip"
     guard_chunk_tokens: int = 2048        # padded tokens per batch of the guard's held-out pass
-    predict_pseudo_rounds: float = 16.0   # a version's predicted acceptance per position counts this many held-out
-                                          # rounds that accepted nothing beside the real ones (guard.predicted_acceptance)
+    predict_pseudo_rounds: float = 16.0   # a version's predicted acceptance per position counts this many
+                                          # held-out rounds that accepted nothing beside the real ones
+                                          # (guard.predicted_acceptance)
     faults: str | None = None             # fault injection (faults.py); None = the AURORA_FAULT variable
     checkpoint_dir: str | None = None
     resume: bool = False

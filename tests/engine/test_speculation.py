@@ -247,10 +247,11 @@ def test_with_nothing_accepted_a_plain_bucket_stays_plain_even_if_a_deeper_round
 
 @pytest.mark.parametrize("cold,rounds", [(0.3, 1.0), (0.6, 2.0), (1.0, 3.0)])
 def test_a_switch_is_decided_on_both_depths_timed_one_after_the_other(cold, rounds):
-    """A server's first rounds run slow (seen on the CPU after a resumed start, and at a new batch bucket). A weak draft (9 % at position 1) whose depth-1 round costs 12 % more than a plain one
-    never pays. Plain decoding is timed in the first, slow rounds; depth 1, probed just after, looked cheaper, the
-    bucket switched and kept speculating until the next re-probe of plain decoding 256 rounds later (every round
-    but the first 30 in this simulation, before both were timed one after the other before a switch)."""
+    """A server's first rounds run slow (seen on the CPU after a resumed start). A weak draft (9 % at position 1)
+    whose depth-1 round costs 12 % more than a plain one never pays. Plain decoding was timed in the first, slow
+    rounds; depth 1, probed just after, looked cheaper, the bucket switched and kept speculating until the next
+    re-probe of plain decoding 256 rounds later (every round but the first 30 in this simulation, before both
+    depths were timed one after the other before a switch)."""
     rates = [0.09, 0.0, 0.0, 0.0]
     base = lambda d: 1.0 + (0.12 + 0.1 * d) * (d > 0)  # noqa: E731
     assert best_depth(rates, base)[0] == 0
