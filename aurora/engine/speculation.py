@@ -129,6 +129,8 @@ class _Bucket:
         self.chosen: dict[int, int] = {}  # depth -> rounds run at it
         self.vetoed: dict[int, int] = {}  # depth -> the round of this bucket until which it is not chosen
         self.paired: tuple[int, int] | None = None  # (from, to) just timed one after the other: a switch may follow
+        self.switches = 0                 # decided switches (probes and their returns not counted)
+        self.last_switch: dict | None = None  # what the last one was decided on (snapshot)
 
 
 class DepthController:
@@ -264,6 +266,11 @@ class DepthController:
                     b.probe.extend([best] * self.config.probe_rounds + [cur] * self.config.probe_rounds)
                     b.paired = (cur, best)
                     return b.probe.pop(0)
+                b.switches += 1
+                b.last_switch = {"round": b.rounds, "from": cur, "to": best,
+                                 "round_ms": {d: round(known[d] * 1e3, 4) for d in (cur, best)},
+                                 "acceptance": [round(a, 4) for a in rates],
+                                 "predicted_gain": round(speed[best] / speed[cur], 4)}
                 cur = best
                 b.since_switch = 0
             b.paired = None
@@ -359,6 +366,7 @@ class DepthController:
                     "delivered_tok_s": {d: round(v[0] / v[1], 1) for (bb, d), v in sorted(self._served.items())
                                         if bb == bucket and v[1] > 0},
                     "vetoed": {d: until - b.rounds for d, until in b.vetoed.items() if until > b.rounds},
+                    "switches": b.switches, "last_switch": b.last_switch,
                     "realised_speedup": None if realised is None else round(realised, 4)}
             return {"adaptive": self.config.adaptive, "version": self.version, "depths": self.depths,
                     "predicted_acceptance": None if self._prior is None else [round(a, 4) for a in self._prior],

@@ -73,6 +73,16 @@ def test_converges_to_the_best_fixed_depth(rates, slope):
     late = chosen[-500:]
     achieved = sum(expected_tokens(rates, d) for d in late) / sum(cost(d) for d in late)
     assert achieved >= 0.95 * speed[best], (best, np.bincount(late, minlength=K + 1), achieved, speed)
+    b = ctl.snapshot()["buckets"][8]
+    if not best:
+        assert b["switches"] == 0 and b["last_switch"] is None
+    else:  # a switch is shown with what it was decided on
+        last = b["last_switch"]
+        assert b["switches"] >= 1 and last["from"] != last["to"]
+        assert last["predicted_gain"] > 1 + SpeculationConfig().switch_margin
+        assert last["predicted_gain"] == pytest.approx(
+            expected_tokens(last["acceptance"], last["to"]) / last["round_ms"][last["to"]]
+            / (expected_tokens(last["acceptance"], last["from"]) / last["round_ms"][last["from"]]), rel=1e-3)
 
 
 def test_wrong_prediction_is_corrected_by_observed_rounds():
