@@ -1,5 +1,6 @@
 """Training on samples of a tiny random target lowers the loss and raises simulated acceptance."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -76,8 +77,7 @@ def test_training_fewer_ttt_steps_trains_those_steps_only_and_the_guard_still_pr
     all 3 positions."""
     from aurora.training import TrainConfig
 
-    def trainer(**kw):
-        return _fp32_trainer(target, samples, **kw)
+    trainer = functools.partial(_fp32_trainer, target, samples)
     short, one, full = trainer(ttt_length=3, train_steps=1), trainer(ttt_length=1), trainer(ttt_length=3)
     for t in (short, one, full):
         t.train_step(samples[:16])
@@ -98,8 +98,7 @@ def test_auto_ttt_steps_grow_as_the_trained_steps_accuracies_pass_the_reach(targ
     attains it stays at one; a resumed trainer keeps the steps it had grown to."""
     from aurora.training import TrainConfig
 
-    def trainer(**kw):
-        return _fp32_trainer(target, samples, ttt_length=3, **kw)
+    trainer = functools.partial(_fp32_trainer, target, samples, ttt_length=3)
     auto = trainer(train_steps="auto", grow_after=2, grow_reach=1e-6, checkpoint_dir=str(tmp_path))
     never = trainer(train_steps="auto", grow_after=1, grow_reach=1.0)
     batch = samples[:16]
